@@ -1,0 +1,455 @@
+//! Hugging Face PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Where PEFT puts the wrapped model in adapter keys.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// An error reading a PEFT adapter folder.
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// the file
+        path: PathBuf,
+        /// the OS error
+        #[source]
+        source: std::io::Error,
+    },
+    /// Only a pickled adapter_model.bin is present.
+    #[error("{path}: adapter_model.bin is a Python pickle, which lorafold does not load; convert it with PEFT (`model.save_pretrained(dir, safe_serialization=True)`) to adapter_model.safetensors")]
+    PickleAdapter {
+        /// the .bin file
+        path: PathBuf,
+    },
+    /// adapter_config.json is malformed or says something we cannot honour.
+    #[error("{path}: {problem}")]
+    Config {
+        /// the config file
+        path: PathBuf,
+        /// what is wrong
+        problem: String,
+    },
+    /// A tensor in adapter_model.safetensors is missing, malformed or inconsistent.
+    #[error("{path}: tensor '{tensor}': {problem}")]
+    Tensor {
+        /// the safetensors file
+        path: PathBuf,
+        /// the tensor
+        tensor: String,
+        /// what is wrong
+        problem: String,
+    },
+    /// adapter_model.safetensors is not a valid safetensors file.
+    #[error("{path}: not a valid safetensors file: {problem}")]
+    Safetensors {
+        /// the file
+        path: PathBuf,
+        /// what is wrong
+        problem: String,
+    },
+}
+
+/// The fields of `adapter_config.json` that change the math.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeftConfig {
+    /// `peft_type` ("LORA").
+    pub peft_type: String,
+    /// Default rank.
+    pub r: u64,
+    /// Default alpha.
+    pub lora_alpha: f64,
+    /// Scale alpha/sqrt(r) instead of alpha/r.
+    pub use_rslora: bool,
+    /// Weight-decomposed LoRA.
+    pub use_dora: bool,
+    /// The delta is stored transposed (GPT-2 Conv1D layers).
+    pub fan_in_fan_out: bool,
+    /// Per-module rank overrides: (regex, r), in file order; first match wins.
+    pub rank_pattern: Vec<(String, u64)>,
+    /// Per-module alpha overrides: (regex, alpha), in file order; first match wins.
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// Module names or a regex that LoRA was applied to.
+    pub target_modules: Vec<String>,
+    /// Modules saved as full tensors that replace the base's.
+    pub modules_to_save: Vec<String>,
+    /// `lora_bias`: lora_B has a bias.
+    pub lora_bias: bool,
+    /// `init_lora_weights` as written ("true", "pissa", "olora", "loftq", ...).
+    pub init_lora_weights: String,
+    /// `use_qalora`.
+    pub use_qalora: bool,
+    /// `base_model_name_or_path`, informational.
+    pub base_model: Option<String>,
+}
+
+impl PeftConfig {
+    /// Parse the text of an `adapter_config.json`; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<PeftConfig, PeftError> {
+        let bad = |problem: String| PeftError::Config { path: path.to_path_buf(), problem };
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| bad("expected a JSON object".into()))?;
+        let peft_type = obj.get("peft_type").and_then(Value::as_str).unwrap_or("LORA").to_string();
+        if peft_type != "LORA" {
+            return Err(bad(format!("peft_type is {peft_type}; only LORA adapters are supported")));
+        }
+        let r = obj.get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or_else(|| bad("missing or invalid 'r'".into()))?;
+        let lora_alpha = match obj.get("lora_alpha") {
+            None | Some(Value::Null) => 8.0, // PEFT's default
+            Some(a) => a.as_f64().ok_or_else(|| bad(format!("'lora_alpha' is not a number: {a}")))?,
+        };
+        let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let strings = |k: &str| -> Vec<String> {
+            match obj.get(k) {
+                Some(Value::String(s)) => vec![s.clone()],
+                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+                _ => Vec::new(),
+            }
+        };
+        let pattern = |k: &str| -> Result<Vec<(String, f64)>, PeftError> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::Object(m)) => m
+                    .iter()
+                    .map(|(p, v)| {
+                        v.as_f64().map(|x| (p.clone(), x)).ok_or_else(|| bad(format!("'{k}' entry '{p}' is not a number")))
+                    })
+                    .collect(),
+                Some(other) => Err(bad(format!("'{k}' should be an object, got {other}"))),
+            }
+        };
+        let rank_pattern: Vec<(String, u64)> = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(p, r)| {
+                if r >= 1.0 && r.fract() == 0.0 {
+                    Ok((p, r as u64))
+                } else {
+                    Err(bad(format!("rank_pattern entry '{p}' is not a positive integer")))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let alpha_pattern = pattern("alpha_pattern")?;
+        for p in rank_pattern.iter().map(|(p, _)| p).chain(alpha_pattern.iter().map(|(p, _)| p)) {
+            module_regex(p).map_err(|e| bad(format!("pattern '{p}' is not a regex we can use: {e}")))?;
+        }
+        let init_lora_weights = match obj.get("init_lora_weights") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Bool(b)) => b.to_string(),
+            _ => "true".to_string(),
+        };
+        Ok(PeftConfig {
+            peft_type,
+            r,
+            lora_alpha,
+            use_rslora: flag("use_rslora"),
+            use_dora: flag("use_dora"),
+            fan_in_fan_out: flag("fan_in_fan_out"),
+            rank_pattern,
+            alpha_pattern,
+            target_modules: strings("target_modules"),
+            modules_to_save: strings("modules_to_save"),
+            lora_bias: flag("lora_bias"),
+            init_lora_weights,
+            use_qalora: flag("use_qalora"),
+            base_model: obj.get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string),
+        })
+    }
+
+    /// The alpha for `module` (a path such as "model.layers.1.self_attn.v_proj").
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        first_match(&self.alpha_pattern, module).unwrap_or(self.lora_alpha)
+    }
+
+    /// The scale s for `module` at its actual rank `r`: alpha/r, or alpha/sqrt(r) with rsLoRA.
+    pub fn scale_for(&self, module: &str, r: u64) -> f64 {
+        let alpha = self.alpha_for(module);
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// The configured rank for `module` (rank_pattern, else r).
+    pub fn rank_for(&self, module: &str) -> u64 {
+        first_match(&self.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// Initialisations that assume a modified base (PiSSA, OLoRA, LoftQ, QA-LoRA), if any.
+    pub fn modified_base_init(&self) -> Option<String> {
+        let init = self.init_lora_weights.to_ascii_lowercase();
+        if ["pissa", "olora", "loftq", "corda", "eva"].iter().any(|p| init.starts_with(p)) {
+            Some(format!("init_lora_weights = {}", self.init_lora_weights))
+        } else if self.use_qalora {
+            Some("use_qalora = true".into())
+        } else {
+            None
+        }
+    }
+}
+
+// PEFT's get_pattern_key: re.match(rf"(.*\.)?({k})$", name).
+fn module_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$"))
+}
+
+fn first_match<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
+    patterns
+        .iter()
+        .find(|(p, _)| module_regex(p).is_ok_and(|re| re.is_match(module)))
+        .map(|(_, v)| *v)
+}
+
+/// Whether a LoRA module wraps a Linear or an Embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleKind {
+    /// lora_A.weight [r, in], lora_B.weight [out, r]
+    Linear,
+    /// lora_embedding_A [r, vocab], lora_embedding_B [dim, r]
+    Embedding,
+}
+
+/// One adapted module with its resolved rank and scale.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoraModule {
+    /// Module path without the PEFT prefix ("model.layers.0.self_attn.q_proj").
+    pub path: String,
+    /// Linear or Embedding.
+    pub kind: ModuleKind,
+    /// Actual rank (rows of A).
+    pub rank: u64,
+    /// Alpha after alpha_pattern.
+    pub alpha: f64,
+    /// The scale s applied to B A.
+    pub scale: f64,
+    /// Input features (columns of A; vocabulary for embeddings).
+    pub in_features: u64,
+    /// Output features (rows of B; width for embeddings).
+    pub out_features: u64,
+    /// Has a DoRA magnitude vector.
+    pub dora: bool,
+    /// Has lora_B.bias.
+    pub bias: bool,
+    /// safetensors dtype of A ("F32", "BF16", "F16").
+    pub dtype: String,
+    /// Safetensors key of A.
+    pub key_a: String,
+    /// Safetensors key of B.
+    pub key_b: String,
+}
+
+/// A full tensor that the adapter saves to replace the base's (modules_to_save).
+#[derive(Debug, Clone, Serialize)]
+pub struct SavedTensor {
+    /// Key without the PEFT prefix ("lm_head.weight").
+    pub name: String,
+    /// Safetensors key.
+    pub key: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// dtype.
+    pub dtype: String,
+}
+
+/// A PEFT LoRA adapter folder, its tensors mapped.
+pub struct PeftAdapter {
+    /// The folder.
+    pub dir: PathBuf,
+    /// The safetensors file.
+    pub tensors_path: PathBuf,
+    /// The parsed config.
+    pub config: PeftConfig,
+    /// Adapted modules, sorted by path.
+    pub modules: Vec<LoraModule>,
+    /// Full tensors that replace the base's.
+    pub saved: Vec<SavedTensor>,
+    map: Mmap,
+}
+
+impl std::fmt::Debug for PeftAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeftAdapter").field("dir", &self.dir).field("modules", &self.modules.len()).finish()
+    }
+}
+
+const SUFFIXES: &[(&str, ModuleKind, &str)] = &[
+    (".lora_A.weight", ModuleKind::Linear, "A"),
+    (".lora_B.weight", ModuleKind::Linear, "B"),
+    (".lora_B.bias", ModuleKind::Linear, "bias"),
+    (".lora_embedding_A", ModuleKind::Embedding, "A"),
+    (".lora_embedding_B", ModuleKind::Embedding, "B"),
+    (".lora_magnitude_vector", ModuleKind::Linear, "m"),
+    (".lora_magnitude_vector.weight", ModuleKind::Linear, "m"),
+];
+
+impl PeftAdapter {
+    /// Read the config and map the tensors of the adapter in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<PeftAdapter, PeftError> {
+        let dir = dir.as_ref().to_path_buf();
+        let config_path = dir.join("adapter_config.json");
+        let tensors_path = dir.join("adapter_model.safetensors");
+        if !tensors_path.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(PeftError::PickleAdapter { path: dir.join("adapter_model.bin") });
+        }
+        let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io { path: config_path.clone(), source })?;
+        let config = PeftConfig::parse(&text, &config_path)?;
+        let io = |source| PeftError::Io { path: tensors_path.clone(), source };
+        let file = std::fs::File::open(&tensors_path).map_err(io)?;
+        // SAFETY: read-only map; the adapter file is not modified while we hold it.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let (modules, saved) = {
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| PeftError::Safetensors { path: tensors_path.clone(), problem: e.to_string() })?;
+            collect_modules(&st, &config, &tensors_path)?
+        };
+        Ok(PeftAdapter { dir, tensors_path, config, modules, saved, map })
+    }
+
+    /// The adapter's tensors, zero-copy over the map.
+    pub fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.map).expect("validated at open")
+    }
+
+    /// Total adapter parameters (A, B, bias, magnitude; not saved full tensors).
+    pub fn lora_parameters(&self) -> u64 {
+        let st = self.tensors();
+        st.iter()
+            .filter(|(k, _)| SUFFIXES.iter().any(|(s, _, _)| k.ends_with(s)))
+            .map(|(_, v)| v.shape().iter().product::<usize>() as u64)
+            .sum()
+    }
+}
+
+fn collect_modules(
+    st: &SafeTensors<'_>,
+    config: &PeftConfig,
+    path: &Path,
+) -> Result<(Vec<LoraModule>, Vec<SavedTensor>), PeftError> {
+    let bad = |tensor: &str, problem: String| PeftError::Tensor { path: path.to_path_buf(), tensor: tensor.into(), problem };
+    let mut module_paths = BTreeSet::new();
+    let mut saved = Vec::new();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    for key in &names {
+        let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
+            return Err(bad(key, format!("key does not start with '{KEY_PREFIX}', so this is not a PEFT adapter")));
+        };
+        match SUFFIXES.iter().find(|(s, _, _)| rest.ends_with(s)) {
+            Some((s, _, _)) => {
+                module_paths.insert(rest[..rest.len() - s.len()].to_string());
+            }
+            None => {
+                let v = st.tensor(key).expect("listed name");
+                saved.push(SavedTensor {
+                    name: rest.to_string(),
+                    key: key.clone(),
+                    shape: v.shape().to_vec(),
+                    dtype: format!("{:?}", v.dtype()),
+                });
+            }
+        }
+    }
+    let mut modules = Vec::new();
+    for m in module_paths {
+        let get = |suffix: &str| st.tensor(&format!("{KEY_PREFIX}{m}{suffix}")).ok();
+        let (kind, a, b, key_a, key_b) = if let (Some(a), Some(b)) = (get(".lora_A.weight"), get(".lora_B.weight")) {
+            (ModuleKind::Linear, a, b, ".lora_A.weight", ".lora_B.weight")
+        } else if let (Some(a), Some(b)) = (get(".lora_embedding_A"), get(".lora_embedding_B")) {
+            (ModuleKind::Embedding, a, b, ".lora_embedding_A", ".lora_embedding_B")
+        } else {
+            let which = if get(".lora_A.weight").is_some() || get(".lora_embedding_A").is_some() { "B" } else { "A" };
+            return Err(bad(&format!("{KEY_PREFIX}{m}"), format!("module has no lora_{which} tensor")));
+        };
+        let key_a = format!("{KEY_PREFIX}{m}{key_a}");
+        let key_b = format!("{KEY_PREFIX}{m}{key_b}");
+        for (k, v) in [(&key_a, &a), (&key_b, &b)] {
+            if v.shape().len() != 2 {
+                return Err(bad(k, format!("expected 2 dimensions, got shape {:?}", v.shape())));
+            }
+            if !matches!(v.dtype(), safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16) {
+                return Err(bad(k, format!("dtype {:?} is not supported (f32, f16, bf16 are)", v.dtype())));
+            }
+        }
+        let (rank, in_features) = (a.shape()[0] as u64, a.shape()[1] as u64);
+        let (out_features, b_rank) = (b.shape()[0] as u64, b.shape()[1] as u64);
+        if b_rank != rank {
+            return Err(bad(&key_b, format!("has rank {b_rank} but lora_A {:?} has rank {rank}", a.shape())));
+        }
+        let configured = config.rank_for(&m);
+        if configured != rank {
+            return Err(bad(&key_a, format!("has rank {rank} but adapter_config.json gives this module r = {configured}")));
+        }
+        let dora = get(".lora_magnitude_vector").or_else(|| get(".lora_magnitude_vector.weight"));
+        if let Some(mv) = &dora {
+            if mv.shape().iter().product::<usize>() as u64 != out_features {
+                return Err(bad(
+                    &format!("{KEY_PREFIX}{m}.lora_magnitude_vector"),
+                    format!("magnitude has shape {:?}, expected [{out_features}]", mv.shape()),
+                ));
+            }
+        }
+        modules.push(LoraModule {
+            kind,
+            rank,
+            alpha: config.alpha_for(&m),
+            scale: config.scale_for(&m, rank),
+            in_features,
+            out_features,
+            dora: dora.is_some(),
+            bias: get(".lora_B.bias").is_some(),
+            dtype: format!("{:?}", a.dtype()),
+            key_a,
+            key_b,
+            path: m,
+        });
+    }
+    Ok((modules, saved))
+}
+
+/// What `lorafold inspect` reports about a PEFT adapter folder.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeftSummary {
+    /// The folder.
+    pub path: String,
+    /// The parsed config.
+    pub config: PeftConfig,
+    /// Base model named in the config.
+    pub base_model: Option<String>,
+    /// Distinct target module names ("q_proj", "v_proj").
+    pub targets: Vec<String>,
+    /// dtypes of the adapter tensors.
+    pub dtypes: Vec<String>,
+    /// Adapter parameters.
+    pub parameters: u64,
+    /// Every adapted module.
+    pub modules: Vec<LoraModule>,
+    /// Full tensors saved to replace the base's.
+    pub saved: Vec<SavedTensor>,
+}
+
+impl PeftSummary {
+    /// Describe `adapter`.
+    pub fn of(adapter: &PeftAdapter) -> PeftSummary {
+        let targets: BTreeSet<String> =
+            adapter.modules.iter().map(|m| m.path.rsplit('.').next().unwrap_or(&m.path).to_string()).collect();
+        let dtypes: BTreeSet<String> = adapter.modules.iter().map(|m| m.dtype.clone()).collect();
+        PeftSummary {
+            path: adapter.dir.display().to_string(),
+            base_model: adapter.config.base_model.clone(),
+            config: adapter.config.clone(),
+            targets: targets.into_iter().collect(),
+            dtypes: dtypes.into_iter().collect(),
+            parameters: adapter.lora_parameters(),
+            modules: adapter.modules.clone(),
+            saved: adapter.saved.clone(),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! GGUF: llama.cpp's model file format, read over a memory map.
+
+pub mod dtype;
+pub mod reader;
+pub mod value;
+
+pub use dtype::GgmlType;
+pub use reader::{FormatError, GgufError, GgufFile, TensorInfo, DEFAULT_ALIGNMENT, GGUF_MAGIC};
+pub use value::{MetadataArray, MetadataValue, ValueType};

@@ -1,0 +1,588 @@
+//! A GGUF v2/v3 reader over a memory map: every count and length is checked
+//! against the bytes that remain before it is trusted.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use super::dtype::GgmlType;
+use super::value::{MetadataArray, MetadataValue, ValueType};
+
+/// The four bytes every GGUF file starts with.
+pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
+/// Tensor data alignment when `general.alignment` is absent.
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// The most dimensions a ggml tensor has.
+pub const MAX_DIMS: usize = 4;
+/// Nesting bound for arrays of arrays; deeper files are refused rather than
+/// risking the stack on a hostile file.
+pub const MAX_ARRAY_DEPTH: usize = 8;
+
+// Smallest encodings, used to refuse counts the remaining bytes cannot hold
+// before looping over them: a key (u64 length) + type tag + a 1-byte value,
+// and a tensor info (u64 name length + u32 n_dims + u32 type + u64 offset).
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
+
+/// What is wrong with a file, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatError {
+    /// Byte offset in the file where the problem was found.
+    pub offset: u64,
+    /// The key or tensor being read, if any ("key 'general.name'", "tensor 'blk.0.attn_q.weight'").
+    pub context: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.context {
+            Some(c) => write!(f, "at byte {}, {}: {}", self.offset, c, self.problem),
+            None => write!(f, "at byte {}: {}", self.offset, self.problem),
+        }
+    }
+}
+
+impl std::error::Error for FormatError {}
+
+/// An error opening or reading a GGUF file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The file could not be opened, sized or mapped.
+    #[error("{path}: {source}")]
+    Io {
+        /// the file
+        path: String,
+        /// the OS error
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a well-formed GGUF file.
+    #[error("{path}: {error}")]
+    Format {
+        /// the file
+        path: String,
+        /// what is wrong and where
+        #[source]
+        error: FormatError,
+    },
+}
+
+/// One tensor's entry in the GGUF tensor-info table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Tensor name ("blk.0.attn_q.weight").
+    pub name: String,
+    n_dims: usize,
+    ne: [u64; MAX_DIMS],
+    /// Element type.
+    pub ggml_type: GgmlType,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+    /// Bytes of data.
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    /// Dimensions in ggml order (`ne`: innermost first; the reverse of torch's shape).
+    pub fn dims(&self) -> &[u64] {
+        &self.ne[..self.n_dims]
+    }
+
+    /// Shape in torch order (outermost first).
+    pub fn shape(&self) -> Vec<u64> {
+        self.dims().iter().rev().copied().collect()
+    }
+
+    /// Number of elements.
+    pub fn n_elements(&self) -> u64 {
+        self.dims().iter().product()
+    }
+}
+
+enum Storage {
+    Mapped(Mmap),
+    Heap(Vec<u8>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Heap(v) => v,
+        }
+    }
+}
+
+struct MetaEntry {
+    key: Range<usize>,
+    vtype: ValueType,
+    value: Range<usize>,
+}
+
+/// A parsed GGUF file whose tensor data stays in the memory map.
+pub struct GgufFile {
+    path: String,
+    storage: Storage,
+    version: u32,
+    alignment: u64,
+    data_offset: u64,
+    entries: Vec<MetaEntry>,
+    sorted_keys: Vec<usize>,
+    tensors: Vec<TensorInfo>,
+}
+
+impl GgufFile {
+    /// Map and parse the file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let io = |source| GgufError::Io { path: shown.clone(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let storage = if len == 0 {
+            Storage::Heap(Vec::new())
+        } else {
+            // SAFETY: the map is read-only; like every mmap reader we rely on
+            // the file not being truncated underneath us while it is open.
+            Storage::Mapped(unsafe { Mmap::map(&file) }.map_err(io)?)
+        };
+        GgufFile::parse(shown, storage)
+    }
+
+    /// Parse a GGUF image held in memory; `label` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, label: impl Into<String>) -> Result<GgufFile, GgufError> {
+        GgufFile::parse(label.into(), Storage::Heap(bytes))
+    }
+
+    fn parse(path: String, storage: Storage) -> Result<GgufFile, GgufError> {
+        match Layout::parse(storage.bytes()) {
+            Ok(l) => {
+                let mut sorted_keys: Vec<usize> = (0..l.entries.len()).collect();
+                let b = storage.bytes();
+                sorted_keys.sort_by(|&x, &y| b[l.entries[x].key.clone()].cmp(&b[l.entries[y].key.clone()]));
+                Ok(GgufFile {
+                    path,
+                    storage,
+                    version: l.version,
+                    alignment: l.alignment,
+                    data_offset: l.data_offset,
+                    entries: l.entries,
+                    sorted_keys,
+                    tensors: l.tensors,
+                })
+            }
+            Err(error) => Err(GgufError::Format { path, error }),
+        }
+    }
+
+    /// The path (or label) the file was opened from.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// GGUF format version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Tensor data alignment (`general.alignment`, default 32).
+    pub fn alignment(&self) -> u64 {
+        self.alignment
+    }
+
+    /// Offset of the tensor data section from the start of the file.
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+
+    /// Size of the whole file in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.storage.bytes().len() as u64
+    }
+
+    /// Number of metadata entries.
+    pub fn metadata_len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Metadata entries in file order.
+    pub fn metadata(&self) -> impl Iterator<Item = (&str, MetadataValue<'_>)> + '_ {
+        self.entries.iter().map(|e| self.entry(e))
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &str) -> Option<MetadataValue<'_>> {
+        let b = self.storage.bytes();
+        self.sorted_keys
+            .binary_search_by(|&i| b[self.entries[i].key.clone()].cmp(key.as_bytes()))
+            .ok()
+            .map(|i| self.entry(&self.entries[self.sorted_keys[i]]).1)
+    }
+
+    /// `key` as a string, if present and a string.
+    pub fn get_str(&self, key: &str) -> Option<Cow<'_, str>> {
+        match self.get(key)? {
+            MetadataValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// `key` as an unsigned integer, if present and a non-negative integer.
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        self.get(key)?.as_u64()
+    }
+
+    /// `key` as a float, if present and numeric.
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        self.get(key)?.as_f64()
+    }
+
+    /// Tensor infos in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor named `name`, if present.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The tensor's data, borrowed from the map (bounds were checked at open).
+    pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        let start = (self.data_offset + info.offset) as usize;
+        &self.storage.bytes()[start..start + info.n_bytes as usize]
+    }
+
+    fn entry(&self, e: &MetaEntry) -> (&str, MetadataValue<'_>) {
+        let b = self.storage.bytes();
+        let key = std::str::from_utf8(&b[e.key.clone()]).expect("keys were checked to be UTF-8 at open");
+        (key, decode_validated(e.vtype, &b[e.value.clone()]).0)
+    }
+}
+
+impl fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("metadata", &self.entries.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// Decode one value whose encoding the reader already checked; returns the value
+/// and the bytes it used.
+pub(crate) fn decode_validated(vtype: ValueType, bytes: &[u8]) -> (MetadataValue<'_>, usize) {
+    fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
+        b[..N].try_into().expect("validated length")
+    }
+    use MetadataValue as V;
+    match vtype {
+        ValueType::U8 => (V::U8(bytes[0]), 1),
+        ValueType::I8 => (V::I8(bytes[0] as i8), 1),
+        ValueType::Bool => (V::Bool(bytes[0] != 0), 1),
+        ValueType::U16 => (V::U16(u16::from_le_bytes(arr(bytes))), 2),
+        ValueType::I16 => (V::I16(i16::from_le_bytes(arr(bytes))), 2),
+        ValueType::U32 => (V::U32(u32::from_le_bytes(arr(bytes))), 4),
+        ValueType::I32 => (V::I32(i32::from_le_bytes(arr(bytes))), 4),
+        ValueType::F32 => (V::F32(f32::from_le_bytes(arr(bytes))), 4),
+        ValueType::U64 => (V::U64(u64::from_le_bytes(arr(bytes))), 8),
+        ValueType::I64 => (V::I64(i64::from_le_bytes(arr(bytes))), 8),
+        ValueType::F64 => (V::F64(f64::from_le_bytes(arr(bytes))), 8),
+        ValueType::String => {
+            let n = u64::from_le_bytes(arr(bytes)) as usize;
+            let s = std::str::from_utf8(&bytes[8..8 + n]).expect("strings were checked to be UTF-8 at open");
+            (V::String(Cow::Borrowed(s)), 8 + n)
+        }
+        ValueType::Array => {
+            let mut cur = Cursor { bytes, pos: 0, base: 0 };
+            cur.skip_value(ValueType::Array, 0, &|| None).expect("arrays were checked at open");
+            let elem = ValueType::from_id(u32::from_le_bytes(arr(bytes))).expect("checked at open");
+            let len = u64::from_le_bytes(arr(&bytes[4..])) as usize;
+            let used = cur.pos;
+            (V::Array(MetadataArray::Encoded { elem, len, bytes: &bytes[12..used] }), used)
+        }
+    }
+}
+
+/// Reads little-endian fields, refusing any read past the end.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    /// Offset of `bytes[0]` in the file, for error messages.
+    base: u64,
+}
+
+type Ctx<'c> = dyn Fn() -> Option<String> + 'c;
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+
+    fn err(&self, at: usize, ctx: &Ctx, problem: String) -> FormatError {
+        FormatError { offset: self.base + at as u64, context: ctx(), problem }
+    }
+
+    fn take(&mut self, n: u64, what: &str, ctx: &Ctx) -> Result<&'a [u8], FormatError> {
+        if n > self.remaining() {
+            return Err(self.err(
+                self.pos,
+                ctx,
+                format!("{what} needs {n} bytes but the file ends {} bytes later", self.remaining()),
+            ));
+        }
+        let s = &self.bytes[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn u32(&mut self, what: &str, ctx: &Ctx) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.take(4, what, ctx)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self, what: &str, ctx: &Ctx) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(self.take(8, what, ctx)?.try_into().unwrap()))
+    }
+
+    /// A GGUF string; returns its byte range within `bytes`.
+    fn string(&mut self, what: &str, ctx: &Ctx) -> Result<Range<usize>, FormatError> {
+        let at = self.pos;
+        let len = self.u64(&format!("length of {what}"), ctx)?;
+        if len > self.remaining() {
+            return Err(self.err(
+                at,
+                ctx,
+                format!("{what} claims {len} bytes but only {} remain in the file", self.remaining()),
+            ));
+        }
+        let start = self.pos;
+        let s = self.take(len, what, ctx)?;
+        if let Err(e) = std::str::from_utf8(s) {
+            return Err(self.err(start + e.valid_up_to(), ctx, format!("{what} is not valid UTF-8")));
+        }
+        Ok(start..self.pos)
+    }
+
+    fn value_type(&mut self, what: &str, ctx: &Ctx) -> Result<ValueType, FormatError> {
+        let at = self.pos;
+        let id = self.u32(what, ctx)?;
+        ValueType::from_id(id).ok_or_else(|| self.err(at, ctx, format!("unknown {what} {id} (known: 0-12)")))
+    }
+
+    /// Check and step over one encoded value of type `vtype`.
+    fn skip_value(&mut self, vtype: ValueType, depth: usize, ctx: &Ctx) -> Result<(), FormatError> {
+        if let Some(n) = vtype.fixed_size() {
+            let at = self.pos;
+            let b = self.take(n as u64, &format!("a {} value", vtype.name()), ctx)?;
+            if vtype == ValueType::Bool && b[0] > 1 {
+                return Err(self.err(at, ctx, format!("bool value {} is neither 0 nor 1", b[0])));
+            }
+            return Ok(());
+        }
+        if vtype == ValueType::String {
+            self.string("string value", ctx)?;
+            return Ok(());
+        }
+        if depth >= MAX_ARRAY_DEPTH {
+            return Err(self.err(self.pos, ctx, format!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels")));
+        }
+        let at = self.pos;
+        let elem = self.value_type("array element type", ctx)?;
+        let count = self.u64("array length", ctx)?;
+        let min_each = elem.fixed_size().map(|n| n as u64).unwrap_or(if elem == ValueType::String { 8 } else { 12 });
+        match count.checked_mul(min_each) {
+            Some(need) if need <= self.remaining() => {}
+            _ => {
+                return Err(self.err(
+                    at,
+                    ctx,
+                    format!(
+                        "array of {count} {} values needs at least {} bytes but only {} remain in the file",
+                        elem.name(),
+                        count.saturating_mul(min_each),
+                        self.remaining()
+                    ),
+                ))
+            }
+        }
+        if let Some(n) = elem.fixed_size() {
+            self.take(count * n as u64, "array data", ctx)?;
+            if elem == ValueType::Bool {
+                let data = &self.bytes[self.pos - count as usize..self.pos];
+                if let Some(i) = data.iter().position(|&b| b > 1) {
+                    return Err(self.err(self.pos - count as usize + i, ctx, format!("bool array element {i} is neither 0 nor 1")));
+                }
+            }
+        } else {
+            // Each element consumes at least `min_each` bytes, so this loop is
+            // bounded by the file's size, whatever `count` claims.
+            for _ in 0..count {
+                self.skip_value(elem, depth + 1, ctx)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Layout {
+    version: u32,
+    alignment: u64,
+    data_offset: u64,
+    entries: Vec<MetaEntry>,
+    tensors: Vec<TensorInfo>,
+}
+
+impl Layout {
+    fn parse(bytes: &[u8]) -> Result<Layout, FormatError> {
+        let mut cur = Cursor { bytes, pos: 0, base: 0 };
+        let none: &Ctx = &|| None;
+        let magic = cur.take(4, "the magic number", none)?;
+        if magic != GGUF_MAGIC {
+            return Err(cur.err(0, none, format!("not a GGUF file: starts with {magic:02x?}, expected \"GGUF\"")));
+        }
+        let version = cur.u32("the version", none)?;
+        match version {
+            2 | 3 => {}
+            1 => return Err(cur.err(4, none, "GGUF v1 is not supported (v2 and v3 are)".into())),
+            v if matches!(v.swap_bytes(), 1..=3) => {
+                return Err(cur.err(4, none, "big-endian GGUF is not supported".into()));
+            }
+            v => return Err(cur.err(4, none, format!("unsupported GGUF version {v} (v2 and v3 are supported)"))),
+        }
+        let n_tensors = cur.u64("the tensor count", none)?;
+        let n_kv = cur.u64("the metadata count", none)?;
+        let need = n_kv
+            .checked_mul(MIN_KV_BYTES)
+            .and_then(|a| n_tensors.checked_mul(MIN_TENSOR_INFO_BYTES).and_then(|b| a.checked_add(b)));
+        if need.is_none_or(|n| n > cur.remaining()) {
+            return Err(cur.err(
+                8,
+                none,
+                format!(
+                    "header claims {n_tensors} tensors and {n_kv} metadata entries, more than the {} bytes that follow can hold",
+                    cur.remaining()
+                ),
+            ));
+        }
+
+        let mut entries = Vec::new();
+        let mut seen_keys = HashSet::new();
+        let mut alignment = DEFAULT_ALIGNMENT;
+        for i in 0..n_kv {
+            let entry_ctx = move || Some(format!("metadata entry {i}"));
+            let key_at = cur.pos;
+            let key = cur.string("key", &entry_ctx)?;
+            let key_str = std::str::from_utf8(&bytes[key.clone()]).expect("checked by string()");
+            let ctx = || Some(format!("key '{key_str}'"));
+            if !seen_keys.insert(key_str) {
+                return Err(cur.err(key_at, &ctx, "duplicate key".into()));
+            }
+            let vtype = cur.value_type("value type", &ctx)?;
+            let start = cur.pos;
+            cur.skip_value(vtype, 0, &ctx)?;
+            if key_str == "general.alignment" {
+                alignment = match decode_validated(vtype, &bytes[start..cur.pos]).0 {
+                    MetadataValue::U32(a) if a.is_power_of_two() => a as u64,
+                    other => {
+                        return Err(cur.err(start, &ctx, format!("alignment must be a u32 power of two, got {other}")))
+                    }
+                };
+            }
+            entries.push(MetaEntry { key, vtype, value: start..cur.pos });
+        }
+
+        let mut tensors = Vec::new();
+        let mut seen_names = HashSet::new();
+        for i in 0..n_tensors {
+            let at = cur.pos;
+            let idx_ctx = move || Some(format!("tensor info {i}"));
+            let name = cur.string("tensor name", &idx_ctx)?;
+            let name = std::str::from_utf8(&bytes[name]).expect("checked by string()");
+            let ctx = || Some(format!("tensor '{name}'"));
+            if !seen_names.insert(name) {
+                return Err(cur.err(at, &ctx, "duplicate tensor name".into()));
+            }
+            let dims_at = cur.pos;
+            let n_dims = cur.u32("dimension count", &ctx)? as usize;
+            if n_dims > MAX_DIMS {
+                return Err(cur.err(dims_at, &ctx, format!("{n_dims} dimensions, at most {MAX_DIMS} are allowed")));
+            }
+            let mut ne = [1u64; MAX_DIMS];
+            for d in ne.iter_mut().take(n_dims) {
+                *d = cur.u64("dimension", &ctx)?;
+                if *d > i64::MAX as u64 {
+                    return Err(cur.err(cur.pos - 8, &ctx, format!("dimension {d} is out of range")));
+                }
+            }
+            let type_at = cur.pos;
+            let type_id = cur.u32("tensor type", &ctx)?;
+            let ggml_type = GgmlType::from_id(type_id)
+                .ok_or_else(|| cur.err(type_at, &ctx, format!("unknown ggml type id {type_id}")))?;
+            let offset = cur.u64("data offset", &ctx)?;
+            let n_elements = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            let n_elements = match n_elements {
+                Some(n) if n <= i64::MAX as u64 => n,
+                _ => return Err(cur.err(dims_at, &ctx, format!("dimensions {:?} overflow the element count", &ne[..n_dims]))),
+            };
+            if ne[0] % ggml_type.block_size() != 0 {
+                return Err(cur.err(
+                    dims_at,
+                    &ctx,
+                    format!("row length {} is not a multiple of {ggml_type}'s block size {}", ne[0], ggml_type.block_size()),
+                ));
+            }
+            let n_bytes = ggml_type
+                .bytes_for(n_elements)
+                .ok_or_else(|| cur.err(dims_at, &ctx, "data size overflows".into()))?;
+            tensors.push(TensorInfo { name: name.to_owned(), n_dims, ne, ggml_type, offset, n_bytes });
+        }
+
+        let end_of_infos = cur.pos as u64;
+        let data_offset = end_of_infos.div_ceil(alignment) * alignment;
+        let file_len = bytes.len() as u64;
+        if !tensors.is_empty() && data_offset > file_len {
+            return Err(cur.err(cur.pos, none, format!("file ends before the tensor data section at byte {data_offset}")));
+        }
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by_key(|&i| tensors[i].offset);
+        let mut prev_end = 0u64;
+        let mut prev_name: Option<&str> = None;
+        for &i in &order {
+            let t = &tensors[i];
+            let ctx = || Some(format!("tensor '{}'", t.name));
+            let at = (end_of_infos as usize).min(bytes.len());
+            if t.offset % alignment != 0 {
+                return Err(cur.err(at, &ctx, format!("data offset {} is not a multiple of the alignment {alignment}", t.offset)));
+            }
+            let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
+            if end.is_none_or(|e| e > file_len) {
+                return Err(cur.err(
+                    at,
+                    &ctx,
+                    format!(
+                        "data ({} bytes at data offset {}) runs past the end of the file ({file_len} bytes)",
+                        t.n_bytes, t.offset
+                    ),
+                ));
+            }
+            if t.offset < prev_end {
+                return Err(cur.err(
+                    at,
+                    &ctx,
+                    format!("data overlaps tensor '{}'", prev_name.unwrap_or_default()),
+                ));
+            }
+            prev_end = t.offset + t.n_bytes;
+            prev_name = Some(&t.name);
+        }
+        Ok(Layout { version, alignment, data_offset, entries, tensors })
+    }
+}

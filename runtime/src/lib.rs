@@ -1,0 +1,5 @@
+//! lorafold's device side: memory-mapped GGUF models, attachable LoRA adapters,
+//! generation and measurement.
+
+pub mod gguf;
+pub mod summary;

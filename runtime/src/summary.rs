@@ -1,0 +1,240 @@
+//! What `lorafold inspect` reports about a GGUF model or adapter.
+
+use serde::Serialize;
+
+use crate::gguf::{GgufFile, MetadataValue};
+
+/// A GGUF file described for people and pipelines.
+#[derive(Debug, Clone, Serialize)]
+pub struct GgufSummary {
+    /// The file.
+    pub path: String,
+    /// GGUF version.
+    pub version: u32,
+    /// File size in bytes.
+    pub file_size: u64,
+    /// `general.type`: "model" (the default) or "adapter".
+    pub kind: String,
+    /// `general.architecture`.
+    pub architecture: Option<String>,
+    /// `general.name`.
+    pub name: Option<String>,
+    /// The architecture's hyperparameters.
+    pub hyperparameters: Hyperparameters,
+    /// The tokenizer, if the file carries one.
+    pub tokenizer: Option<TokenizerSummary>,
+    /// LoRA adapter facts, for `general.type = adapter`.
+    pub adapter: Option<AdapterSummary>,
+    /// Every tensor in file order.
+    pub tensors: Vec<TensorSummary>,
+    /// Totals over all tensors.
+    pub totals: TensorTotals,
+    /// Tensor count and bytes per ggml type, in order of first appearance.
+    pub by_type: Vec<TypeTotals>,
+    /// Every metadata key with a short rendering of its value (arrays as type and length).
+    pub metadata: Vec<(String, String)>,
+}
+
+/// The llama.cpp hyperparameters, read from `<arch>.*` keys.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Hyperparameters {
+    /// `<arch>.block_count`
+    pub block_count: Option<u64>,
+    /// `<arch>.context_length`
+    pub context_length: Option<u64>,
+    /// `<arch>.embedding_length`
+    pub embedding_length: Option<u64>,
+    /// `<arch>.feed_forward_length`
+    pub feed_forward_length: Option<u64>,
+    /// `<arch>.attention.head_count`
+    pub head_count: Option<u64>,
+    /// `<arch>.attention.head_count_kv`
+    pub head_count_kv: Option<u64>,
+    /// `<arch>.rope.dimension_count`
+    pub rope_dimension_count: Option<u64>,
+    /// `<arch>.rope.freq_base`
+    pub rope_freq_base: Option<f64>,
+    /// `<arch>.attention.layer_norm_rms_epsilon`
+    pub rms_norm_eps: Option<f64>,
+    /// `<arch>.vocab_size`, or the tokenizer's vocabulary size.
+    pub vocab_size: Option<u64>,
+}
+
+/// The tokenizer carried as `tokenizer.ggml.*` metadata.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizerSummary {
+    /// `tokenizer.ggml.model` ("gpt2", "llama").
+    pub model: Option<String>,
+    /// `tokenizer.ggml.pre`, the pre-tokenizer ("smollm", "llama-bpe").
+    pub pre: Option<String>,
+    /// Number of tokens.
+    pub vocab_size: usize,
+    /// Number of BPE merges.
+    pub merges: usize,
+    /// Special token ids: ("bos", 1), ("eos", 2), ...
+    pub special_ids: Vec<(String, u64)>,
+    /// Whether a chat template is present.
+    pub chat_template: bool,
+}
+
+/// Facts about a GGUF LoRA adapter.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterSummary {
+    /// `adapter.type` ("lora").
+    pub adapter_type: Option<String>,
+    /// `adapter.lora.alpha`.
+    pub alpha: Option<f64>,
+    /// Smallest and largest rank over the adapted tensors.
+    pub rank: Option<(u64, u64)>,
+    /// Base tensor names that the adapter changes.
+    pub targets: Vec<String>,
+}
+
+/// One tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorSummary {
+    /// Name.
+    pub name: String,
+    /// ggml type name.
+    pub ggml_type: String,
+    /// Dimensions in ggml order (ne).
+    pub dims: Vec<u64>,
+    /// Elements.
+    pub n_elements: u64,
+    /// Bytes of data.
+    pub n_bytes: u64,
+}
+
+/// Totals over a set of tensors.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorTotals {
+    /// Tensors.
+    pub n_tensors: usize,
+    /// Elements (parameters).
+    pub n_elements: u64,
+    /// Bytes of tensor data.
+    pub n_bytes: u64,
+    /// 8 * bytes / elements.
+    pub bits_per_weight: f64,
+}
+
+/// Totals for one ggml type.
+#[derive(Debug, Clone, Serialize)]
+pub struct TypeTotals {
+    /// ggml type name.
+    pub ggml_type: String,
+    /// Tensors of this type.
+    pub n_tensors: usize,
+    /// Elements of this type.
+    pub n_elements: u64,
+    /// Bytes of this type.
+    pub n_bytes: u64,
+}
+
+const SPECIAL_IDS: &[&str] = &["bos", "eos", "unknown", "padding", "separator", "eot", "eom", "mask"];
+
+impl GgufSummary {
+    /// Describe `file`.
+    pub fn of(file: &GgufFile) -> GgufSummary {
+        let arch = file.get_str("general.architecture").map(|s| s.into_owned());
+        let a = |k: &str| format!("{}.{k}", arch.as_deref().unwrap_or("_"));
+        let tokenizer = file.get("tokenizer.ggml.tokens").map(|tokens| TokenizerSummary {
+            model: file.get_str("tokenizer.ggml.model").map(|s| s.into_owned()),
+            pre: file.get_str("tokenizer.ggml.pre").map(|s| s.into_owned()),
+            vocab_size: tokens.as_array().map_or(0, |t| t.len()),
+            merges: file.get("tokenizer.ggml.merges").and_then(|m| m.as_array().map(|m| m.len())).unwrap_or(0),
+            special_ids: SPECIAL_IDS
+                .iter()
+                .filter_map(|s| file.get_u64(&format!("tokenizer.ggml.{s}_token_id")).map(|id| (s.to_string(), id)))
+                .collect(),
+            chat_template: file.get("tokenizer.chat_template").is_some(),
+        });
+        let hyperparameters = Hyperparameters {
+            block_count: file.get_u64(&a("block_count")),
+            context_length: file.get_u64(&a("context_length")),
+            embedding_length: file.get_u64(&a("embedding_length")),
+            feed_forward_length: file.get_u64(&a("feed_forward_length")),
+            head_count: file.get_u64(&a("attention.head_count")),
+            head_count_kv: file.get_u64(&a("attention.head_count_kv")),
+            rope_dimension_count: file.get_u64(&a("rope.dimension_count")),
+            rope_freq_base: file.get_f64(&a("rope.freq_base")),
+            rms_norm_eps: file.get_f64(&a("attention.layer_norm_rms_epsilon")),
+            vocab_size: file.get_u64(&a("vocab_size")).or(tokenizer.as_ref().map(|t| t.vocab_size as u64)),
+        };
+        let kind = file.get_str("general.type").map_or("model".to_string(), |s| s.into_owned());
+        let adapter = (kind == "adapter").then(|| {
+            let lora_a: Vec<_> = file.tensors().iter().filter(|t| t.name.ends_with(".lora_a")).collect();
+            let ranks = lora_a.iter().filter_map(|t| t.dims().get(1).copied());
+            AdapterSummary {
+                adapter_type: file.get_str("adapter.type").map(|s| s.into_owned()),
+                alpha: file.get_f64("adapter.lora.alpha"),
+                rank: ranks.clone().min().zip(ranks.max()),
+                targets: lora_a.iter().map(|t| t.name.trim_end_matches(".lora_a").to_string()).collect(),
+            }
+        });
+        let tensors: Vec<TensorSummary> = file
+            .tensors()
+            .iter()
+            .map(|t| TensorSummary {
+                name: t.name.clone(),
+                ggml_type: t.ggml_type.name().to_string(),
+                dims: t.dims().to_vec(),
+                n_elements: t.n_elements(),
+                n_bytes: t.n_bytes,
+            })
+            .collect();
+        let mut by_type: Vec<TypeTotals> = Vec::new();
+        for t in &tensors {
+            let i = match by_type.iter().position(|b| b.ggml_type == t.ggml_type) {
+                Some(i) => i,
+                None => {
+                    by_type.push(TypeTotals { ggml_type: t.ggml_type.clone(), n_tensors: 0, n_elements: 0, n_bytes: 0 });
+                    by_type.len() - 1
+                }
+            };
+            by_type[i].n_tensors += 1;
+            by_type[i].n_elements += t.n_elements;
+            by_type[i].n_bytes += t.n_bytes;
+        }
+        let n_elements = tensors.iter().map(|t| t.n_elements).sum();
+        let n_bytes = tensors.iter().map(|t| t.n_bytes).sum();
+        GgufSummary {
+            path: file.path().to_string(),
+            version: file.version(),
+            file_size: file.file_size(),
+            kind,
+            architecture: arch.clone(),
+            name: file.get_str("general.name").map(|s| s.into_owned()),
+            hyperparameters,
+            tokenizer,
+            adapter,
+            totals: TensorTotals {
+                n_tensors: tensors.len(),
+                n_elements,
+                n_bytes,
+                bits_per_weight: bits_per_weight(n_bytes, n_elements),
+            },
+            tensors,
+            by_type,
+            metadata: file.metadata().map(|(k, v)| (k.to_string(), short(&v))).collect(),
+        }
+    }
+}
+
+/// 8 * bytes / elements, or 0 for no elements.
+pub fn bits_per_weight(n_bytes: u64, n_elements: u64) -> f64 {
+    if n_elements == 0 {
+        0.0
+    } else {
+        8.0 * n_bytes as f64 / n_elements as f64
+    }
+}
+
+fn short(v: &MetadataValue<'_>) -> String {
+    match v {
+        MetadataValue::String(s) if s.chars().count() > 60 => {
+            format!("{:?}... ({} bytes)", s.chars().take(60).collect::<String>(), s.len())
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,51 @@
+//! `lorafold`: the command line over lorafold-converter and lorafold-runtime.
+
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+/// Ship LoRA-fine-tuned LLMs to devices.
+#[derive(Parser)]
+#[command(name = "lorafold", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a GGUF model or adapter, a PEFT adapter folder, or a safetensors file / HF model folder.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() {
+    #[cfg(unix)]
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line, skipping causes whose text the
+/// message already includes (our library errors embed their source).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
