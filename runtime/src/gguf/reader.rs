@@ -2,7 +2,6 @@
 //! against the bytes that remain before it is trusted.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
@@ -135,6 +134,7 @@ pub struct GgufFile {
     entries: Vec<MetaEntry>,
     sorted_keys: Vec<usize>,
     tensors: Vec<TensorInfo>,
+    sorted_tensors: Vec<usize>,
 }
 
 impl GgufFile {
@@ -162,21 +162,17 @@ impl GgufFile {
 
     fn parse(path: String, storage: Storage) -> Result<GgufFile, GgufError> {
         match Layout::parse(storage.bytes()) {
-            Ok(l) => {
-                let mut sorted_keys: Vec<usize> = (0..l.entries.len()).collect();
-                let b = storage.bytes();
-                sorted_keys.sort_by(|&x, &y| b[l.entries[x].key.clone()].cmp(&b[l.entries[y].key.clone()]));
-                Ok(GgufFile {
-                    path,
-                    storage,
-                    version: l.version,
-                    alignment: l.alignment,
-                    data_offset: l.data_offset,
-                    entries: l.entries,
-                    sorted_keys,
-                    tensors: l.tensors,
-                })
-            }
+            Ok(l) => Ok(GgufFile {
+                path,
+                version: l.version,
+                alignment: l.alignment,
+                data_offset: l.data_offset,
+                entries: l.entries,
+                sorted_keys: l.sorted_keys,
+                tensors: l.tensors,
+                sorted_tensors: l.sorted_tensors,
+                storage,
+            }),
             Err(error) => Err(GgufError::Format { path, error }),
         }
     }
@@ -250,7 +246,10 @@ impl GgufFile {
 
     /// The tensor named `name`, if present.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.sorted_tensors
+            .binary_search_by(|&i| self.tensors[i].name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.tensors[self.sorted_tensors[i]])
     }
 
     /// The tensor's data, borrowed from the map (bounds were checked at open).
@@ -437,7 +436,9 @@ struct Layout {
     alignment: u64,
     data_offset: u64,
     entries: Vec<MetaEntry>,
+    sorted_keys: Vec<usize>,
     tensors: Vec<TensorInfo>,
+    sorted_tensors: Vec<usize>,
 }
 
 impl Layout {
@@ -473,18 +474,15 @@ impl Layout {
             ));
         }
 
-        let mut entries = Vec::new();
-        let mut seen_keys = HashSet::new();
+        // Both counts were checked against the bytes that follow, so these
+        // reservations are bounded by the file's size.
+        let mut entries = Vec::with_capacity(n_kv as usize);
         let mut alignment = DEFAULT_ALIGNMENT;
         for i in 0..n_kv {
             let entry_ctx = move || Some(format!("metadata entry {i}"));
-            let key_at = cur.pos;
             let key = cur.string("key", &entry_ctx)?;
             let key_str = std::str::from_utf8(&bytes[key.clone()]).expect("checked by string()");
             let ctx = || Some(format!("key '{key_str}'"));
-            if !seen_keys.insert(key_str) {
-                return Err(cur.err(key_at, &ctx, "duplicate key".into()));
-            }
             let vtype = cur.value_type("value type", &ctx)?;
             let start = cur.pos;
             cur.skip_value(vtype, 0, &ctx)?;
@@ -499,17 +497,20 @@ impl Layout {
             entries.push(MetaEntry { key, vtype, value: start..cur.pos });
         }
 
-        let mut tensors = Vec::new();
-        let mut seen_names = HashSet::new();
+        let sorted_keys = sorted_unique(&entries, |e| &bytes[e.key.clone()]).map_err(|i| {
+            let key = String::from_utf8_lossy(&bytes[entries[i].key.clone()]).into_owned();
+            cur.err(entries[i].key.start - 8, &|| Some(format!("key '{key}'")), "duplicate key".into())
+        })?;
+
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut name_starts = Vec::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
             let at = cur.pos;
+            name_starts.push(at);
             let idx_ctx = move || Some(format!("tensor info {i}"));
             let name = cur.string("tensor name", &idx_ctx)?;
             let name = std::str::from_utf8(&bytes[name]).expect("checked by string()");
             let ctx = || Some(format!("tensor '{name}'"));
-            if !seen_names.insert(name) {
-                return Err(cur.err(at, &ctx, "duplicate tensor name".into()));
-            }
             let dims_at = cur.pos;
             let n_dims = cur.u32("dimension count", &ctx)? as usize;
             if n_dims > MAX_DIMS {
@@ -544,6 +545,10 @@ impl Layout {
                 .ok_or_else(|| cur.err(dims_at, &ctx, "data size overflows".into()))?;
             tensors.push(TensorInfo { name: name.to_owned(), n_dims, ne, ggml_type, offset, n_bytes });
         }
+
+        let sorted_tensors = sorted_unique(&tensors, |t| t.name.as_bytes()).map_err(|i| {
+            cur.err(name_starts[i], &|| Some(format!("tensor '{}'", tensors[i].name)), "duplicate tensor name".into())
+        })?;
 
         let end_of_infos = cur.pos as u64;
         let data_offset = end_of_infos.div_ceil(alignment) * alignment;
@@ -583,6 +588,17 @@ impl Layout {
             prev_end = t.offset + t.n_bytes;
             prev_name = Some(&t.name);
         }
-        Ok(Layout { version, alignment, data_offset, entries, tensors })
+        Ok(Layout { version, alignment, data_offset, entries, sorted_keys, tensors, sorted_tensors })
+    }
+}
+
+/// Indices of `items` sorted by `key`, or the index of the later of the first
+/// two items found with equal keys.
+fn sorted_unique<'a, T>(items: &'a [T], key: impl Fn(&'a T) -> &'a [u8]) -> Result<Vec<usize>, usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| key(&items[a]).cmp(key(&items[b])).then(a.cmp(&b)));
+    match order.windows(2).find(|w| key(&items[w[0]]) == key(&items[w[1]])) {
+        Some(w) => Err(w[1]),
+        None => Ok(order),
     }
 }
