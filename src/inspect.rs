@@ -54,7 +54,9 @@ fn load(path: &Path) -> Result<Report> {
     }
     let mut magic = [0u8; 4];
     let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let n = f.read(&mut magic).with_context(|| format!("{}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("{}", path.display()))?;
     if n == 4 && magic == GGUF_MAGIC {
         let file = GgufFile::open(path)?;
         return Ok(Report::Gguf(GgufSummary::of(&file)));
@@ -69,7 +71,12 @@ fn load(path: &Path) -> Result<Report> {
 }
 
 fn print_gguf(s: &GgufSummary) {
-    println!("{}  (GGUF v{}, {})", s.path, s.version, human_bytes(s.file_size));
+    println!(
+        "{}  (GGUF v{}, {})",
+        s.path,
+        s.version,
+        human_bytes(s.file_size)
+    );
     println!("  kind          {}", s.kind);
     if let Some(a) = &s.architecture {
         println!("  architecture  {a}");
@@ -96,7 +103,11 @@ fn print_gguf(s: &GgufSummary) {
         }
     }
     if let Some(t) = &s.tokenizer {
-        let ids: Vec<String> = t.special_ids.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let ids: Vec<String> = t
+            .special_ids
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!(
             "  tokenizer     {} (pre {}), {} tokens, {} merges, {}{}",
             t.model.as_deref().unwrap_or("?"),
@@ -104,7 +115,11 @@ fn print_gguf(s: &GgufSummary) {
             t.vocab_size,
             t.merges,
             ids.join(" "),
-            if t.chat_template { ", chat template" } else { "" }
+            if t.chat_template {
+                ", chat template"
+            } else {
+                ""
+            }
         );
     }
     if let Some(a) = &s.adapter {
@@ -112,14 +127,27 @@ fn print_gguf(s: &GgufSummary) {
             "  adapter       {} alpha {} rank {} on {} tensors",
             a.adapter_type.as_deref().unwrap_or("?"),
             a.alpha.map_or("?".into(), |v| v.to_string()),
-            a.rank.map_or("?".into(), |(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") }),
+            a.rank.map_or("?".into(), |(lo, hi)| if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }),
             a.targets.len()
         );
     }
     println!();
-    println!("  {:<40} {:<8} {:>22} {:>12}", "tensor", "type", "dims (ne)", "bytes");
+    println!(
+        "  {:<40} {:<8} {:>22} {:>12}",
+        "tensor", "type", "dims (ne)", "bytes"
+    );
     for t in &s.tensors {
-        println!("  {:<40} {:<8} {:>22} {:>12}", t.name, t.ggml_type, format!("{:?}", t.dims), t.n_bytes);
+        println!(
+            "  {:<40} {:<8} {:>22} {:>12}",
+            t.name,
+            t.ggml_type,
+            format!("{:?}", t.dims),
+            t.n_bytes
+        );
     }
     println!();
     for b in &s.by_type {
@@ -155,9 +183,16 @@ fn print_peft(s: &PeftSummary) {
         println!("  saved         {}", c.modules_to_save.join(", "));
     }
     println!("  dtype         {}", s.dtypes.join(", "));
-    println!("  parameters    {}  in {} modules", s.parameters, s.modules.len());
+    println!(
+        "  parameters    {}  in {} modules",
+        s.parameters,
+        s.modules.len()
+    );
     println!();
-    println!("  {:<48} {:<9} {:>4} {:>7} {:>9} {:>11} {:>5}", "module", "kind", "r", "alpha", "scale", "out x in", "DoRA");
+    println!(
+        "  {:<48} {:<9} {:>4} {:>7} {:>9} {:>11} {:>5}",
+        "module", "kind", "r", "alpha", "scale", "out x in", "DoRA"
+    );
     for m in &s.modules {
         println!(
             "  {:<48} {:<9} {:>4} {:>7} {:>9.6} {:>11} {:>5}",
@@ -193,11 +228,25 @@ fn print_safetensors(s: &SafetensorsSummary) {
         );
     }
     println!();
-    println!("  {:<56} {:<5} {:>16} {:>12}", "tensor", "dtype", "shape", "bytes");
+    println!(
+        "  {:<56} {:<5} {:>16} {:>12}",
+        "tensor", "dtype", "shape", "bytes"
+    );
     for t in &s.tensors {
-        println!("  {:<56} {:<5} {:>16} {:>12}", t.name, t.dtype, format!("{:?}", t.shape), t.n_bytes);
+        println!(
+            "  {:<56} {:<5} {:>16} {:>12}",
+            t.name,
+            t.dtype,
+            format!("{:?}", t.shape),
+            t.n_bytes
+        );
     }
-    println!("  total {} tensors, {} weights, {}", s.tensors.len(), s.n_elements, human_bytes(s.n_bytes));
+    println!(
+        "  total {} tensors, {} weights, {}",
+        s.tensors.len(),
+        s.n_elements,
+        human_bytes(s.n_bytes)
+    );
 }
 
 fn opt(v: Option<u64>) -> String {

@@ -8,7 +8,9 @@ use std::cell::Cell;
 
 use common::Rng;
 use lorafold_converter::GgufWriter;
-use lorafold_runtime::gguf::{GgmlType, GgufError, GgufFile, MetadataArray, MetadataValue, ValueType};
+use lorafold_runtime::gguf::{
+    GgmlType, GgufError, GgufFile, MetadataArray, MetadataValue, ValueType,
+};
 
 /// Counts the live and peak heap bytes of the current thread while armed.
 struct CountingAlloc;
@@ -54,7 +56,9 @@ fn parse_counted(bytes: &[u8]) -> (Result<(), String>, isize) {
     LIVE.with(|l| l.set(0));
     PEAK.with(|p| p.set(0));
     ARMED.with(|a| a.set(true));
-    let result = GgufFile::from_bytes(input, "sample.gguf").map(|_| ()).map_err(|e| e.to_string());
+    let result = GgufFile::from_bytes(input, "sample.gguf")
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     ARMED.with(|a| a.set(false));
     (result, PEAK.with(|p| p.get()))
 }
@@ -81,17 +85,26 @@ fn sample() -> Vec<u8> {
         ("t.u64", u64::MAX.into()),
         ("t.i64", i64::MIN.into()),
         ("t.f64", std::f64::consts::PI.into()),
-        ("t.strings", MetadataValue::string_array(["a", "", "ünï", "<|im_end|>"])),
+        (
+            "t.strings",
+            MetadataValue::string_array(["a", "", "ünï", "<|im_end|>"]),
+        ),
         (
             "t.u32s",
-            MetadataValue::Array(MetadataArray::Owned { elem: ValueType::U32, items: (0..5u32).map(Into::into).collect() }),
+            MetadataValue::Array(MetadataArray::Owned {
+                elem: ValueType::U32,
+                items: (0..5u32).map(Into::into).collect(),
+            }),
         ),
         (
             "t.nested",
             MetadataValue::Array(MetadataArray::Owned {
                 elem: ValueType::Array,
                 items: vec![
-                    MetadataValue::Array(MetadataArray::Owned { elem: ValueType::I16, items: vec![1i16.into(), (-2i16).into()] }),
+                    MetadataValue::Array(MetadataArray::Owned {
+                        elem: ValueType::I16,
+                        items: vec![1i16.into(), (-2i16).into()],
+                    }),
                     MetadataValue::string_array(["x", "yz"]),
                 ],
             }),
@@ -111,7 +124,10 @@ fn sample() -> Vec<u8> {
     }
     let mut s = w.start().unwrap();
     let mut rng = Rng::new(1);
-    while let Some((name, t, dims)) = s.next_tensor().map(|(n, t, d)| (n.to_string(), t, d.to_vec())) {
+    while let Some((name, t, dims)) = s
+        .next_tensor()
+        .map(|(n, t, d)| (n.to_string(), t, d.to_vec()))
+    {
         let n = t.bytes_for(dims.iter().product()).unwrap();
         let data: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
         s.write_tensor(&name, &data).unwrap();
@@ -137,10 +153,20 @@ fn sample_reads_back_every_value_type() {
     assert_eq!(f.get_str("t.string").as_deref(), Some("héllo ✓"));
     assert_eq!(f.get("t.u64"), Some(MetadataValue::U64(u64::MAX)));
     assert_eq!(f.get("t.i64"), Some(MetadataValue::I64(i64::MIN)));
-    assert_eq!(f.get("t.f64"), Some(MetadataValue::F64(std::f64::consts::PI)));
-    let strings: Vec<_> = f.get("t.strings").unwrap().as_array().unwrap().strings().unwrap().map(|s| s.into_owned()).collect();
+    assert_eq!(
+        f.get("t.f64"),
+        Some(MetadataValue::F64(std::f64::consts::PI))
+    );
+    let strings = f.get_strings("t.strings").unwrap();
     assert_eq!(strings, ["a", "", "ünï", "<|im_end|>"]);
-    let u32s: Vec<_> = f.get("t.u32s").unwrap().as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let u32s: Vec<_> = f
+        .get("t.u32s")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     assert_eq!(u32s, [0, 1, 2, 3, 4]);
     let nested = f.get("t.nested").unwrap();
     let outer: Vec<_> = nested.as_array().unwrap().iter().collect();
@@ -149,7 +175,18 @@ fn sample_reads_back_every_value_type() {
     assert_eq!(first, [MetadataValue::I16(1), MetadataValue::I16(-2)]);
     let second: Vec<_> = outer[1].as_array().unwrap().strings().unwrap().collect();
     assert_eq!(second, ["x", "yz"]);
-    let names: Vec<_> = f.tensors().iter().map(|t| (t.name.as_str(), t.ggml_type.name(), t.dims().to_vec(), t.n_bytes)).collect();
+    let names: Vec<_> = f
+        .tensors()
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.ggml_type.name(),
+                t.dims().to_vec(),
+                t.n_bytes,
+            )
+        })
+        .collect();
     assert_eq!(
         names,
         [
@@ -160,10 +197,18 @@ fn sample_reads_back_every_value_type() {
         ]
     );
     let last = &f.tensors()[3];
-    assert_eq!(f.data_offset() + last.offset + last.n_bytes, bytes.len() as u64, "no trailing padding");
+    assert_eq!(
+        f.data_offset() + last.offset + last.n_bytes,
+        bytes.len() as u64,
+        "no trailing padding"
+    );
     let (ok, peak) = parse_counted(&bytes);
     ok.unwrap();
-    assert!(peak <= bytes.len() as isize, "parsing allocated {peak} bytes for a {}-byte file", bytes.len());
+    assert!(
+        peak <= bytes.len() as isize,
+        "parsing allocated {peak} bytes for a {}-byte file",
+        bytes.len()
+    );
 }
 
 #[test]
@@ -173,17 +218,25 @@ fn every_truncation_is_an_error() {
         let (result, peak) = parse_counted(&bytes[..cut]);
         let msg = result.expect_err(&format!("truncated at {cut} was accepted"));
         assert!(msg.starts_with("sample.gguf: at byte "), "cut {cut}: {msg}");
-        assert!(peak <= bytes.len() as isize, "cut {cut}: allocated {peak} bytes");
+        assert!(
+            peak <= bytes.len() as isize,
+            "cut {cut}: allocated {peak} bytes"
+        );
     }
 }
 
 fn header_end(bytes: &[u8]) -> usize {
-    GgufFile::from_bytes(bytes.to_vec(), "x").unwrap().data_offset() as usize
+    GgufFile::from_bytes(bytes.to_vec(), "x")
+        .unwrap()
+        .data_offset() as usize
 }
 
 /// Locate the first occurrence of `needle` after `from`.
 fn find(bytes: &[u8], needle: &[u8]) -> usize {
-    bytes.windows(needle.len()).position(|w| w == needle).unwrap_or_else(|| panic!("{needle:?} not in sample"))
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in sample"))
 }
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -213,13 +266,41 @@ fn targeted_corruptions_name_the_problem() {
     type Edit = Box<dyn Fn(&mut Vec<u8>)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
         ("bad magic", Box::new(|b| b[0] = b'X'), "not a GGUF file"),
-        ("version 1", Box::new(|b| put_u32(b, 4, 1)), "GGUF v1 is not supported"),
-        ("version 7", Box::new(|b| put_u32(b, 4, 7)), "unsupported GGUF version 7"),
-        ("big endian", Box::new(|b| put_u32(b, 4, 3u32.swap_bytes())), "big-endian"),
-        ("huge tensor count", Box::new(|b| put_u64(b, 8, 1 << 60)), "header claims 1152921504606846976 tensors"),
-        ("huge kv count", Box::new(|b| put_u64(b, 16, u64::MAX)), "metadata entries, more than"),
-        ("one kv too many", Box::new(|b| put_u64(b, 16, 18)), "tensor info 0"),
-        ("one tensor too many", Box::new(|b| put_u64(b, 8, 5)), "tensor info 4"),
+        (
+            "version 1",
+            Box::new(|b| put_u32(b, 4, 1)),
+            "GGUF v1 is not supported",
+        ),
+        (
+            "version 7",
+            Box::new(|b| put_u32(b, 4, 7)),
+            "unsupported GGUF version 7",
+        ),
+        (
+            "big endian",
+            Box::new(|b| put_u32(b, 4, 3u32.swap_bytes())),
+            "big-endian",
+        ),
+        (
+            "huge tensor count",
+            Box::new(|b| put_u64(b, 8, 1 << 60)),
+            "header claims 1152921504606846976 tensors",
+        ),
+        (
+            "huge kv count",
+            Box::new(|b| put_u64(b, 16, u64::MAX)),
+            "metadata entries, more than",
+        ),
+        (
+            "one kv too many",
+            Box::new(|b| put_u64(b, 16, 18)),
+            "tensor info 0",
+        ),
+        (
+            "one tensor too many",
+            Box::new(|b| put_u64(b, 8, 5)),
+            "tensor info 4",
+        ),
         (
             "key length past the end",
             Box::new(|b| {
@@ -389,9 +470,15 @@ fn targeted_corruptions_name_the_problem() {
         edit(&mut b);
         let (result, peak) = parse_counted(&b);
         let msg = result.expect_err(&format!("{what}: accepted"));
-        assert!(msg.contains(expect), "{what}: message was {msg:?}, expected it to contain {expect:?}");
+        assert!(
+            msg.contains(expect),
+            "{what}: message was {msg:?}, expected it to contain {expect:?}"
+        );
         assert!(msg.starts_with("sample.gguf: at byte "), "{what}: {msg}");
-        assert!(peak <= good.len() as isize, "{what}: allocated {peak} bytes");
+        assert!(
+            peak <= good.len() as isize,
+            "{what}: allocated {peak} bytes"
+        );
     }
     assert!(he < good.len());
 }
@@ -413,7 +500,9 @@ fn deeply_nested_arrays_are_refused_not_recursed() {
     }
     b.extend_from_slice(&[0u8; 16]);
     let (result, _) = parse_counted(&b);
-    assert!(result.unwrap_err().contains("key 'general.x': arrays nested deeper than 8 levels"));
+    assert!(result
+        .unwrap_err()
+        .contains("key 'general.x': arrays nested deeper than 8 levels"));
 }
 
 #[test]
@@ -434,7 +523,11 @@ fn random_header_corruption_never_panics_or_overallocates() {
                 _ => rng.next_u64() as u8,
             };
         }
-        let cut = if i % 3 == 0 { rng.below(b.len() as u64 + 1) as usize } else { b.len() };
+        let cut = if i % 3 == 0 {
+            rng.below(b.len() as u64 + 1) as usize
+        } else {
+            b.len()
+        };
         let (result, peak) = parse_counted(&b[..cut]);
         match result {
             Ok(()) => accepted += 1,
@@ -443,7 +536,11 @@ fn random_header_corruption_never_panics_or_overallocates() {
                 refused += 1
             }
         }
-        assert!(peak <= good.len() as isize, "case {i}: allocated {peak} bytes for a {}-byte file", good.len());
+        assert!(
+            peak <= good.len() as isize,
+            "case {i}: allocated {peak} bytes for a {}-byte file",
+            good.len()
+        );
     }
     // Most edits hit a count, length, type or name; some only change a value.
     assert!(refused > 2000, "refused {refused}, accepted {accepted}");
@@ -460,5 +557,8 @@ fn missing_and_empty_files_are_errors() {
     let empty = dir.path().join("empty.gguf");
     std::fs::write(&empty, b"").unwrap();
     let e = GgufFile::open(&empty).unwrap_err().to_string();
-    assert!(e.contains("empty.gguf: at byte 0: the magic number needs 4 bytes"), "{e}");
+    assert!(
+        e.contains("empty.gguf: at byte 0: the magic number needs 4 bytes"),
+        "{e}"
+    );
 }

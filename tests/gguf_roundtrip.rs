@@ -43,21 +43,33 @@ fn smollm2_round_trips_through_our_writer() {
     let b: Vec<_> = out.metadata().collect();
     assert_eq!(a, b);
     // The vocabulary decodes to the same strings (not just the same bytes).
-    let vocab: Vec<String> = out.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap().strings().unwrap().map(|s| s.into_owned()).collect();
+    let vocab = out.get_strings("tokenizer.ggml.tokens").unwrap();
     assert_eq!(vocab.len(), 49152);
     assert_eq!(vocab[1], "<|im_start|>");
     assert_eq!(vocab[2], "<|im_end|>");
     // Every tensor: name, type, dims and data.
     assert_eq!(src.tensors().len(), out.tensors().len());
     for (x, y) in src.tensors().iter().zip(out.tensors()) {
-        assert_eq!((&x.name, x.ggml_type, x.dims()), (&y.name, y.ggml_type, y.dims()));
-        assert!(src.tensor_data(x) == out.tensor_data(y), "tensor {} differs", x.name);
+        assert_eq!(
+            (&x.name, x.ggml_type, x.dims()),
+            (&y.name, y.ggml_type, y.dims())
+        );
+        assert!(
+            src.tensor_data(x) == out.tensor_data(y),
+            "tensor {} differs",
+            x.name
+        );
     }
     // SmolLM2's file was written by llama.cpp in the same canonical layout, so
     // the whole file comes back byte for byte.
     let original = std::fs::read(src_path).unwrap();
     let copy = std::fs::read(&out_path).unwrap();
-    assert!(original == copy, "files differ (sizes {} and {})", original.len(), copy.len());
+    assert!(
+        original == copy,
+        "files differ (sizes {} and {})",
+        original.len(),
+        copy.len()
+    );
 
     // llama.cpp's reader lists the same tensors, types and shapes in both.
     let theirs_src = common::run_python(LIST_TENSORS, &[src_path]);
@@ -66,7 +78,18 @@ fn smollm2_round_trips_through_our_writer() {
     let ours: String = out
         .tensors()
         .iter()
-        .map(|t| format!("{} {} {}\n", t.name, t.ggml_type, t.dims().iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")))
+        .map(|t| {
+            format!(
+                "{} {} {}\n",
+                t.name,
+                t.ggml_type,
+                t.dims()
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        })
         .collect();
     assert_eq!(theirs_out, format!("{ours}keys 33\n"));
 }

@@ -111,28 +111,52 @@ impl GgufWriter {
     /// Add a metadata entry. `general.alignment` also sets the data alignment.
     pub fn add_metadata(&mut self, key: &str, value: &MetadataValue<'_>) -> Result<(), WriteError> {
         if !self.keys.insert(key.to_string()) {
-            return Err(WriteError::DuplicateKey { path: self.dest.clone(), key: key.into() });
+            return Err(WriteError::DuplicateKey {
+                path: self.dest.clone(),
+                key: key.into(),
+            });
         }
         if key == "general.alignment" {
             match value {
                 MetadataValue::U32(a) if a.is_power_of_two() => self.alignment = *a as u64,
-                other => return Err(WriteError::BadAlignment { path: self.dest.clone(), value: other.to_string() }),
+                other => {
+                    return Err(WriteError::BadAlignment {
+                        path: self.dest.clone(),
+                        value: other.to_string(),
+                    })
+                }
             }
         }
         encode_str(key, &mut self.kv);
-        self.kv.extend_from_slice(&(value.value_type() as u32).to_le_bytes());
+        self.kv
+            .extend_from_slice(&(value.value_type() as u32).to_le_bytes());
         value.encode(&mut self.kv);
         Ok(())
     }
 
     /// Declare a tensor with dimensions in ggml order (ne). Data must later be
     /// written in declaration order.
-    pub fn add_tensor(&mut self, name: &str, ggml_type: GgmlType, dims: &[u64]) -> Result<(), WriteError> {
-        let bad = |problem: String| WriteError::BadTensor { path: self.dest.clone(), name: name.into(), problem };
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        ggml_type: GgmlType,
+        dims: &[u64],
+    ) -> Result<(), WriteError> {
+        let bad = |problem: String| WriteError::BadTensor {
+            path: self.dest.clone(),
+            name: name.into(),
+            problem,
+        };
         if dims.len() > lorafold_runtime::gguf::reader::MAX_DIMS {
-            return Err(bad(format!("{} dimensions, at most 4 are allowed", dims.len())));
+            return Err(bad(format!(
+                "{} dimensions, at most 4 are allowed",
+                dims.len()
+            )));
         }
-        if dims.first().is_some_and(|&d| d % ggml_type.block_size() != 0) {
+        if dims
+            .first()
+            .is_some_and(|&d| d % ggml_type.block_size() != 0)
+        {
             return Err(bad(format!(
                 "row length {} is not a multiple of {ggml_type}'s block size {}",
                 dims[0],
@@ -147,8 +171,17 @@ impl GgufWriter {
         if !self.names.insert(name.to_string()) {
             return Err(bad("declared twice".into()));
         }
-        let offset = self.tensors.last().map_or(0, |t| align(t.offset + t.n_bytes, self.alignment));
-        self.tensors.push(DeclaredTensor { name: name.into(), ggml_type, dims: dims.to_vec(), n_bytes, offset });
+        let offset = self
+            .tensors
+            .last()
+            .map_or(0, |t| align(t.offset + t.n_bytes, self.alignment));
+        self.tensors.push(DeclaredTensor {
+            name: name.into(),
+            ggml_type,
+            dims: dims.to_vec(),
+            n_bytes,
+            offset,
+        });
         Ok(())
     }
 
@@ -166,8 +199,15 @@ impl GgufWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let file_name = self.dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let io = |source| WriteError::Io { path: self.dest.clone(), source };
+        let file_name = self
+            .dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let io = |source| WriteError::Io {
+            path: self.dest.clone(),
+            source,
+        };
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{file_name}."))
             .suffix(".partial")
@@ -193,7 +233,15 @@ impl GgufWriter {
         if !self.tensors.is_empty() {
             head.resize(align(head.len() as u64, self.alignment) as usize, 0);
         }
-        let mut stream = GgufStream { dest: self.dest, tmp, out, tensors: self.tensors, next: 0, alignment: self.alignment, written: 0 };
+        let mut stream = GgufStream {
+            dest: self.dest,
+            tmp,
+            out,
+            tensors: self.tensors,
+            next: 0,
+            alignment: self.alignment,
+            written: 0,
+        };
         stream.put(&head)?;
         Ok(stream)
     }
@@ -215,7 +263,9 @@ pub struct GgufStream {
 impl GgufStream {
     /// Name, type and dims (ggml order) of the tensor whose data comes next.
     pub fn next_tensor(&self) -> Option<(&str, GgmlType, &[u64])> {
-        self.tensors.get(self.next).map(|t| (t.name.as_str(), t.ggml_type, t.dims.as_slice()))
+        self.tensors
+            .get(self.next)
+            .map(|t| (t.name.as_str(), t.ggml_type, t.dims.as_slice()))
     }
 
     /// Write the data of the next declared tensor, which must be `name`.
@@ -228,13 +278,23 @@ impl GgufStream {
             });
         };
         if t.name != name {
-            return Err(WriteError::OutOfOrder { path: self.dest.clone(), expected: t.name.clone(), got: name.into() });
+            return Err(WriteError::OutOfOrder {
+                path: self.dest.clone(),
+                expected: t.name.clone(),
+                got: name.into(),
+            });
         }
         if data.len() as u64 != t.n_bytes {
             return Err(WriteError::BadTensor {
                 path: self.dest.clone(),
                 name: name.into(),
-                problem: format!("{} bytes of data given, {} {} needs {}", data.len(), t.ggml_type, fmt_dims(&t.dims), t.n_bytes),
+                problem: format!(
+                    "{} bytes of data given, {} {} needs {}",
+                    data.len(),
+                    t.ggml_type,
+                    format!("{:?}", t.dims),
+                    t.n_bytes
+                ),
             });
         }
         let pad = align(t.n_bytes, self.alignment) - t.n_bytes;
@@ -253,7 +313,10 @@ impl GgufStream {
             });
         }
         let dest = self.dest.clone();
-        let io = |source| WriteError::Io { path: dest.clone(), source };
+        let io = |source| WriteError::Io {
+            path: dest.clone(),
+            source,
+        };
         self.out.flush().map_err(io)?;
         self.out.get_ref().sync_data().map_err(io)?;
         self.tmp.persist(&self.dest).map_err(|e| io(e.error))?;
@@ -261,7 +324,10 @@ impl GgufStream {
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
-        self.out.write_all(bytes).map_err(|source| WriteError::Io { path: self.dest.clone(), source })?;
+        self.out.write_all(bytes).map_err(|source| WriteError::Io {
+            path: self.dest.clone(),
+            source,
+        })?;
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -269,8 +335,4 @@ impl GgufStream {
 
 fn align(n: u64, alignment: u64) -> u64 {
     n.div_ceil(alignment) * alignment
-}
-
-fn fmt_dims(dims: &[u64]) -> String {
-    format!("{dims:?}")
 }

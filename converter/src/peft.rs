@@ -93,23 +93,44 @@ pub struct PeftConfig {
 impl PeftConfig {
     /// Parse the text of an `adapter_config.json`; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<PeftConfig, PeftError> {
-        let bad = |problem: String| PeftError::Config { path: path.to_path_buf(), problem };
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| bad("expected a JSON object".into()))?;
-        let peft_type = obj.get("peft_type").and_then(Value::as_str).unwrap_or("LORA").to_string();
+        let bad = |problem: String| PeftError::Config {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("expected a JSON object".into()))?;
+        let peft_type = obj
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("LORA")
+            .to_string();
         if peft_type != "LORA" {
-            return Err(bad(format!("peft_type is {peft_type}; only LORA adapters are supported")));
+            return Err(bad(format!(
+                "peft_type is {peft_type}; only LORA adapters are supported"
+            )));
         }
-        let r = obj.get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or_else(|| bad("missing or invalid 'r'".into()))?;
+        let r = obj
+            .get("r")
+            .and_then(Value::as_u64)
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad("missing or invalid 'r'".into()))?;
         let lora_alpha = match obj.get("lora_alpha") {
             None | Some(Value::Null) => 8.0, // PEFT's default
-            Some(a) => a.as_f64().ok_or_else(|| bad(format!("'lora_alpha' is not a number: {a}")))?,
+            Some(a) => a
+                .as_f64()
+                .ok_or_else(|| bad(format!("'lora_alpha' is not a number: {a}")))?,
         };
         let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
         let strings = |k: &str| -> Vec<String> {
             match obj.get(k) {
                 Some(Value::String(s)) => vec![s.clone()],
-                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect(),
                 _ => Vec::new(),
             }
         };
@@ -119,7 +140,9 @@ impl PeftConfig {
                 Some(Value::Object(m)) => m
                     .iter()
                     .map(|(p, v)| {
-                        v.as_f64().map(|x| (p.clone(), x)).ok_or_else(|| bad(format!("'{k}' entry '{p}' is not a number")))
+                        v.as_f64()
+                            .map(|x| (p.clone(), x))
+                            .ok_or_else(|| bad(format!("'{k}' entry '{p}' is not a number")))
                     })
                     .collect(),
                 Some(other) => Err(bad(format!("'{k}' should be an object, got {other}"))),
@@ -131,13 +154,20 @@ impl PeftConfig {
                 if r >= 1.0 && r.fract() == 0.0 {
                     Ok((p, r as u64))
                 } else {
-                    Err(bad(format!("rank_pattern entry '{p}' is not a positive integer")))
+                    Err(bad(format!(
+                        "rank_pattern entry '{p}' is not a positive integer"
+                    )))
                 }
             })
             .collect::<Result<_, _>>()?;
         let alpha_pattern = pattern("alpha_pattern")?;
-        for p in rank_pattern.iter().map(|(p, _)| p).chain(alpha_pattern.iter().map(|(p, _)| p)) {
-            module_regex(p).map_err(|e| bad(format!("pattern '{p}' is not a regex we can use: {e}")))?;
+        for p in rank_pattern
+            .iter()
+            .map(|(p, _)| p)
+            .chain(alpha_pattern.iter().map(|(p, _)| p))
+        {
+            module_regex(p)
+                .map_err(|e| bad(format!("pattern '{p}' is not a regex we can use: {e}")))?;
         }
         let init_lora_weights = match obj.get("init_lora_weights") {
             Some(Value::String(s)) => s.clone(),
@@ -158,7 +188,10 @@ impl PeftConfig {
             lora_bias: flag("lora_bias"),
             init_lora_weights,
             use_qalora: flag("use_qalora"),
-            base_model: obj.get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string),
+            base_model: obj
+                .get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 
@@ -185,7 +218,10 @@ impl PeftConfig {
     /// Initialisations that assume a modified base (PiSSA, OLoRA, LoftQ, QA-LoRA), if any.
     pub fn modified_base_init(&self) -> Option<String> {
         let init = self.init_lora_weights.to_ascii_lowercase();
-        if ["pissa", "olora", "loftq", "corda", "eva"].iter().any(|p| init.starts_with(p)) {
+        if ["pissa", "olora", "loftq", "corda", "eva"]
+            .iter()
+            .any(|p| init.starts_with(p))
+        {
             Some(format!("init_lora_weights = {}", self.init_lora_weights))
         } else if self.use_qalora {
             Some("use_qalora = true".into())
@@ -276,7 +312,10 @@ pub struct PeftAdapter {
 
 impl std::fmt::Debug for PeftAdapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeftAdapter").field("dir", &self.dir).field("modules", &self.modules.len()).finish()
+        f.debug_struct("PeftAdapter")
+            .field("dir", &self.dir)
+            .field("modules", &self.modules.len())
+            .finish()
     }
 }
 
@@ -297,20 +336,37 @@ impl PeftAdapter {
         let config_path = dir.join("adapter_config.json");
         let tensors_path = dir.join("adapter_model.safetensors");
         if !tensors_path.exists() && dir.join("adapter_model.bin").exists() {
-            return Err(PeftError::PickleAdapter { path: dir.join("adapter_model.bin") });
+            return Err(PeftError::PickleAdapter {
+                path: dir.join("adapter_model.bin"),
+            });
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io { path: config_path.clone(), source })?;
+        let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
         let config = PeftConfig::parse(&text, &config_path)?;
-        let io = |source| PeftError::Io { path: tensors_path.clone(), source };
+        let io = |source| PeftError::Io {
+            path: tensors_path.clone(),
+            source,
+        };
         let file = std::fs::File::open(&tensors_path).map_err(io)?;
         // SAFETY: read-only map; the adapter file is not modified while we hold it.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let (modules, saved) = {
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| PeftError::Safetensors { path: tensors_path.clone(), problem: e.to_string() })?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| PeftError::Safetensors {
+                path: tensors_path.clone(),
+                problem: e.to_string(),
+            })?;
             collect_modules(&st, &config, &tensors_path)?
         };
-        Ok(PeftAdapter { dir, tensors_path, config, modules, saved, map })
+        Ok(PeftAdapter {
+            dir,
+            tensors_path,
+            config,
+            modules,
+            saved,
+            map,
+        })
     }
 
     /// The adapter's tensors, zero-copy over the map.
@@ -333,14 +389,21 @@ fn collect_modules(
     config: &PeftConfig,
     path: &Path,
 ) -> Result<(Vec<LoraModule>, Vec<SavedTensor>), PeftError> {
-    let bad = |tensor: &str, problem: String| PeftError::Tensor { path: path.to_path_buf(), tensor: tensor.into(), problem };
+    let bad = |tensor: &str, problem: String| PeftError::Tensor {
+        path: path.to_path_buf(),
+        tensor: tensor.into(),
+        problem,
+    };
     let mut module_paths = BTreeSet::new();
     let mut saved = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     for key in &names {
         let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
-            return Err(bad(key, format!("key does not start with '{KEY_PREFIX}', so this is not a PEFT adapter")));
+            return Err(bad(
+                key,
+                format!("key does not start with '{KEY_PREFIX}', so this is not a PEFT adapter"),
+            ));
         };
         match SUFFIXES.iter().find(|(s, _, _)| rest.ends_with(s)) {
             Some((s, _, _)) => {
@@ -360,39 +423,80 @@ fn collect_modules(
     let mut modules = Vec::new();
     for m in module_paths {
         let get = |suffix: &str| st.tensor(&format!("{KEY_PREFIX}{m}{suffix}")).ok();
-        let (kind, a, b, key_a, key_b) = if let (Some(a), Some(b)) = (get(".lora_A.weight"), get(".lora_B.weight")) {
+        let (kind, a, b, key_a, key_b) = if let (Some(a), Some(b)) =
+            (get(".lora_A.weight"), get(".lora_B.weight"))
+        {
             (ModuleKind::Linear, a, b, ".lora_A.weight", ".lora_B.weight")
         } else if let (Some(a), Some(b)) = (get(".lora_embedding_A"), get(".lora_embedding_B")) {
-            (ModuleKind::Embedding, a, b, ".lora_embedding_A", ".lora_embedding_B")
+            (
+                ModuleKind::Embedding,
+                a,
+                b,
+                ".lora_embedding_A",
+                ".lora_embedding_B",
+            )
         } else {
-            let which = if get(".lora_A.weight").is_some() || get(".lora_embedding_A").is_some() { "B" } else { "A" };
-            return Err(bad(&format!("{KEY_PREFIX}{m}"), format!("module has no lora_{which} tensor")));
+            let which = if get(".lora_A.weight").is_some() || get(".lora_embedding_A").is_some() {
+                "B"
+            } else {
+                "A"
+            };
+            return Err(bad(
+                &format!("{KEY_PREFIX}{m}"),
+                format!("module has no lora_{which} tensor"),
+            ));
         };
         let key_a = format!("{KEY_PREFIX}{m}{key_a}");
         let key_b = format!("{KEY_PREFIX}{m}{key_b}");
         for (k, v) in [(&key_a, &a), (&key_b, &b)] {
             if v.shape().len() != 2 {
-                return Err(bad(k, format!("expected 2 dimensions, got shape {:?}", v.shape())));
+                return Err(bad(
+                    k,
+                    format!("expected 2 dimensions, got shape {:?}", v.shape()),
+                ));
             }
-            if !matches!(v.dtype(), safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16) {
-                return Err(bad(k, format!("dtype {:?} is not supported (f32, f16, bf16 are)", v.dtype())));
+            if !matches!(
+                v.dtype(),
+                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+            ) {
+                return Err(bad(
+                    k,
+                    format!(
+                        "dtype {:?} is not supported (f32, f16, bf16 are)",
+                        v.dtype()
+                    ),
+                ));
             }
         }
         let (rank, in_features) = (a.shape()[0] as u64, a.shape()[1] as u64);
         let (out_features, b_rank) = (b.shape()[0] as u64, b.shape()[1] as u64);
         if b_rank != rank {
-            return Err(bad(&key_b, format!("has rank {b_rank} but lora_A {:?} has rank {rank}", a.shape())));
+            return Err(bad(
+                &key_b,
+                format!(
+                    "has rank {b_rank} but lora_A {:?} has rank {rank}",
+                    a.shape()
+                ),
+            ));
         }
         let configured = config.rank_for(&m);
         if configured != rank {
-            return Err(bad(&key_a, format!("has rank {rank} but adapter_config.json gives this module r = {configured}")));
+            return Err(bad(
+                &key_a,
+                format!(
+                    "has rank {rank} but adapter_config.json gives this module r = {configured}"
+                ),
+            ));
         }
         let dora = get(".lora_magnitude_vector").or_else(|| get(".lora_magnitude_vector.weight"));
         if let Some(mv) = &dora {
             if mv.shape().iter().product::<usize>() as u64 != out_features {
                 return Err(bad(
                     &format!("{KEY_PREFIX}{m}.lora_magnitude_vector"),
-                    format!("magnitude has shape {:?}, expected [{out_features}]", mv.shape()),
+                    format!(
+                        "magnitude has shape {:?}, expected [{out_features}]",
+                        mv.shape()
+                    ),
                 ));
             }
         }
@@ -438,8 +542,11 @@ pub struct PeftSummary {
 impl PeftSummary {
     /// Describe `adapter`.
     pub fn of(adapter: &PeftAdapter) -> PeftSummary {
-        let targets: BTreeSet<String> =
-            adapter.modules.iter().map(|m| m.path.rsplit('.').next().unwrap_or(&m.path).to_string()).collect();
+        let targets: BTreeSet<String> = adapter
+            .modules
+            .iter()
+            .map(|m| m.path.rsplit('.').next().unwrap_or(&m.path).to_string())
+            .collect();
         let dtypes: BTreeSet<String> = adapter.modules.iter().map(|m| m.dtype.clone()).collect();
         PeftSummary {
             path: adapter.dir.display().to_string(),

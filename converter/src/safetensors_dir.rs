@@ -93,12 +93,20 @@ pub struct ModelConfigSummary {
 impl ModelConfigSummary {
     /// Read the headline fields from config.json text.
     pub fn parse(text: &str, path: &Path) -> Result<ModelConfigSummary, SafetensorsError> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| SafetensorsError::Invalid { path: path.to_path_buf(), problem: format!("not valid JSON: {e}") })?;
+        let v: Value = serde_json::from_str(text).map_err(|e| SafetensorsError::Invalid {
+            path: path.to_path_buf(),
+            problem: format!("not valid JSON: {e}"),
+        })?;
         let u = |k: &str| v.get(k).and_then(Value::as_u64);
         Ok(ModelConfigSummary {
-            model_type: v.get("model_type").and_then(Value::as_str).map(str::to_string),
-            architecture: v.pointer("/architectures/0").and_then(Value::as_str).map(str::to_string),
+            model_type: v
+                .get("model_type")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            architecture: v
+                .pointer("/architectures/0")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             hidden_size: u("hidden_size"),
             intermediate_size: u("intermediate_size"),
             num_hidden_layers: u("num_hidden_layers"),
@@ -111,7 +119,11 @@ impl ModelConfigSummary {
                 .and_then(Value::as_f64),
             rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool),
-            dtype: v.get("torch_dtype").or_else(|| v.get("dtype")).and_then(Value::as_str).map(str::to_string),
+            dtype: v
+                .get("torch_dtype")
+                .or_else(|| v.get("dtype"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 }
@@ -127,14 +139,26 @@ pub fn model_files(path: &Path) -> Result<Vec<PathBuf>, SafetensorsError> {
         return Ok(vec![single]);
     }
     let index = path.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|source| SafetensorsError::Io { path: index.clone(), source })?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| SafetensorsError::Invalid { path: index.clone(), problem: format!("not valid JSON: {e}") })?;
-    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| SafetensorsError::Invalid {
+    let text = std::fs::read_to_string(&index).map_err(|source| SafetensorsError::Io {
         path: index.clone(),
-        problem: "no weight_map object".into(),
+        source,
     })?;
-    let mut shards: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+    let v: Value = serde_json::from_str(&text).map_err(|e| SafetensorsError::Invalid {
+        path: index.clone(),
+        problem: format!("not valid JSON: {e}"),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| SafetensorsError::Invalid {
+            path: index.clone(),
+            problem: "no weight_map object".into(),
+        })?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
     shards.sort();
     shards.dedup();
     Ok(shards.into_iter().map(|s| path.join(s)).collect())
@@ -145,7 +169,10 @@ pub fn with_safetensors<T>(
     path: &Path,
     f: impl FnOnce(&SafeTensors<'_>) -> T,
 ) -> Result<T, SafetensorsError> {
-    let io = |source| SafetensorsError::Io { path: path.to_path_buf(), source };
+    let io = |source| SafetensorsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: read-only map of a file we do not modify.
     let map = unsafe { Mmap::map(&file) }.map_err(io)?;
@@ -162,7 +189,10 @@ impl SafetensorsSummary {
         let files = model_files(path)?;
         let mut tensors = Vec::new();
         for f in &files {
-            let shown = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let shown = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             with_safetensors(f, |st| {
                 for (name, v) in st.iter() {
                     tensors.push(SafetensorInfo {
@@ -176,10 +206,17 @@ impl SafetensorsSummary {
             })?;
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        let config_path = if path.is_dir() { Some(path.join("config.json")) } else { None };
+        let config_path = if path.is_dir() {
+            Some(path.join("config.json"))
+        } else {
+            None
+        };
         let config = match config_path.filter(|p| p.is_file()) {
             Some(p) => {
-                let text = std::fs::read_to_string(&p).map_err(|source| SafetensorsError::Io { path: p.clone(), source })?;
+                let text = std::fs::read_to_string(&p).map_err(|source| SafetensorsError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
                 Some(ModelConfigSummary::parse(&text, &p)?)
             }
             None => None,
@@ -188,7 +225,10 @@ impl SafetensorsSummary {
             path: path.display().to_string(),
             files: files.iter().map(|f| f.display().to_string()).collect(),
             config,
-            n_elements: tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum(),
+            n_elements: tensors
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum(),
             n_bytes: tensors.iter().map(|t| t.n_bytes).sum(),
             tensors,
         })

@@ -4,14 +4,18 @@ use lorafold_converter::{GgufWriter, WriteError};
 use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataValue};
 
 fn entries(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
 
 fn two_tensor_writer(dest: &std::path::Path) -> GgufWriter {
     let mut w = GgufWriter::new(dest);
-    w.add_metadata("general.architecture", &"llama".into()).unwrap();
+    w.add_metadata("general.architecture", &"llama".into())
+        .unwrap();
     w.add_tensor("x", GgmlType::F32, &[3]).unwrap();
     w.add_tensor("y", GgmlType::Q8_0, &[32, 2]).unwrap();
     w
@@ -23,7 +27,8 @@ fn layout_is_aligned_and_readable() {
     let dest = dir.path().join("m.gguf");
     let mut s = two_tensor_writer(&dest).start().unwrap();
     assert_eq!(s.next_tensor().map(|t| t.0), Some("x"));
-    s.write_tensor("x", &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]).unwrap();
+    s.write_tensor("x", &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+        .unwrap();
     s.write_tensor("y", &[7u8; 68]).unwrap();
     let size = s.finish().unwrap();
     let bytes = std::fs::read(&dest).unwrap();
@@ -36,7 +41,10 @@ fn layout_is_aligned_and_readable() {
     assert_eq!(f.version(), 3);
     assert_eq!(f.data_offset(), 160);
     assert_eq!(f.tensor("y").unwrap().offset, 32);
-    assert_eq!(f.tensor_data(f.tensor("x").unwrap()), &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    assert_eq!(
+        f.tensor_data(f.tensor("x").unwrap()),
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    );
     assert_eq!(f.get_str("general.architecture").as_deref(), Some("llama"));
     assert_eq!(entries(dir.path()), ["m.gguf"]);
 }
@@ -62,7 +70,11 @@ fn abandoned_stream_leaves_nothing() {
     let dest = dir.path().join("m.gguf");
     let mut s = two_tensor_writer(&dest).start().unwrap();
     s.write_tensor("x", &[0u8; 12]).unwrap();
-    assert_eq!(entries(dir.path()).len(), 1, "the partial file exists while writing");
+    assert_eq!(
+        entries(dir.path()).len(),
+        1,
+        "the partial file exists while writing"
+    );
     assert!(!dest.exists());
     drop(s);
     assert!(entries(dir.path()).is_empty());
@@ -76,7 +88,10 @@ fn wrong_size_names_tensor_and_file_and_keeps_old_output() {
     let mut s = two_tensor_writer(&dest).start().unwrap();
     let e = s.write_tensor("x", &[0u8; 11]).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("m.gguf: tensor 'x': 11 bytes of data given, F32 [3] needs 12"), "{msg}");
+    assert!(
+        msg.contains("m.gguf: tensor 'x': 11 bytes of data given, F32 [3] needs 12"),
+        "{msg}"
+    );
     drop(s);
     assert_eq!(std::fs::read(&dest).unwrap(), b"previous release");
     assert_eq!(entries(dir.path()), ["m.gguf"]);
@@ -87,22 +102,41 @@ fn order_completeness_and_declarations_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("m.gguf");
     let mut s = two_tensor_writer(&dest).start().unwrap();
-    assert!(matches!(s.write_tensor("y", &[0u8; 68]), Err(WriteError::OutOfOrder { .. })));
+    assert!(matches!(
+        s.write_tensor("y", &[0u8; 68]),
+        Err(WriteError::OutOfOrder { .. })
+    ));
     s.write_tensor("x", &[0u8; 12]).unwrap();
     let e = s.finish().unwrap_err();
-    assert!(e.to_string().contains("1 declared tensors were never written, starting with 'y'"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("1 declared tensors were never written, starting with 'y'"),
+        "{e}"
+    );
     assert!(entries(dir.path()).is_empty());
 
     let mut w = GgufWriter::new(&dest);
     w.add_metadata("k", &1u32.into()).unwrap();
-    assert!(matches!(w.add_metadata("k", &2u32.into()), Err(WriteError::DuplicateKey { .. })));
-    assert!(matches!(w.add_metadata("general.alignment", &MetadataValue::U32(24)), Err(WriteError::BadAlignment { .. })));
+    assert!(matches!(
+        w.add_metadata("k", &2u32.into()),
+        Err(WriteError::DuplicateKey { .. })
+    ));
+    assert!(matches!(
+        w.add_metadata("general.alignment", &MetadataValue::U32(24)),
+        Err(WriteError::BadAlignment { .. })
+    ));
     w.add_tensor("t", GgmlType::Q4_0, &[64]).unwrap();
     let e = w.add_tensor("t", GgmlType::F32, &[1]).unwrap_err();
     assert!(e.to_string().contains("tensor 't': declared twice"), "{e}");
     let e = w.add_tensor("u", GgmlType::Q4_K, &[128, 2]).unwrap_err();
-    assert!(e.to_string().contains("row length 128 is not a multiple of Q4_K's block size 256"), "{e}");
-    let e = w.add_tensor("v", GgmlType::F32, &[1, 1, 1, 1, 1]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("row length 128 is not a multiple of Q4_K's block size 256"),
+        "{e}"
+    );
+    let e = w
+        .add_tensor("v", GgmlType::F32, &[1, 1, 1, 1, 1])
+        .unwrap_err();
     assert!(e.to_string().contains("5 dimensions"), "{e}");
 }
 

@@ -131,24 +131,41 @@ pub struct TypeTotals {
     pub n_bytes: u64,
 }
 
-const SPECIAL_IDS: &[&str] = &["bos", "eos", "unknown", "padding", "separator", "eot", "eom", "mask"];
+const SPECIAL_IDS: &[&str] = &[
+    "bos",
+    "eos",
+    "unknown",
+    "padding",
+    "separator",
+    "eot",
+    "eom",
+    "mask",
+];
 
 impl GgufSummary {
     /// Describe `file`.
     pub fn of(file: &GgufFile) -> GgufSummary {
         let arch = file.get_str("general.architecture").map(|s| s.into_owned());
         let a = |k: &str| format!("{}.{k}", arch.as_deref().unwrap_or("_"));
-        let tokenizer = file.get("tokenizer.ggml.tokens").map(|tokens| TokenizerSummary {
-            model: file.get_str("tokenizer.ggml.model").map(|s| s.into_owned()),
-            pre: file.get_str("tokenizer.ggml.pre").map(|s| s.into_owned()),
-            vocab_size: tokens.as_array().map_or(0, |t| t.len()),
-            merges: file.get("tokenizer.ggml.merges").and_then(|m| m.as_array().map(|m| m.len())).unwrap_or(0),
-            special_ids: SPECIAL_IDS
-                .iter()
-                .filter_map(|s| file.get_u64(&format!("tokenizer.ggml.{s}_token_id")).map(|id| (s.to_string(), id)))
-                .collect(),
-            chat_template: file.get("tokenizer.chat_template").is_some(),
-        });
+        let tokenizer = file
+            .get("tokenizer.ggml.tokens")
+            .map(|tokens| TokenizerSummary {
+                model: file.get_str("tokenizer.ggml.model").map(|s| s.into_owned()),
+                pre: file.get_str("tokenizer.ggml.pre").map(|s| s.into_owned()),
+                vocab_size: tokens.as_array().map_or(0, |t| t.len()),
+                merges: file
+                    .get("tokenizer.ggml.merges")
+                    .and_then(|m| m.as_array().map(|m| m.len()))
+                    .unwrap_or(0),
+                special_ids: SPECIAL_IDS
+                    .iter()
+                    .filter_map(|s| {
+                        file.get_u64(&format!("tokenizer.ggml.{s}_token_id"))
+                            .map(|id| (s.to_string(), id))
+                    })
+                    .collect(),
+                chat_template: file.get("tokenizer.chat_template").is_some(),
+            });
         let hyperparameters = Hyperparameters {
             block_count: file.get_u64(&a("block_count")),
             context_length: file.get_u64(&a("context_length")),
@@ -159,17 +176,28 @@ impl GgufSummary {
             rope_dimension_count: file.get_u64(&a("rope.dimension_count")),
             rope_freq_base: file.get_f64(&a("rope.freq_base")),
             rms_norm_eps: file.get_f64(&a("attention.layer_norm_rms_epsilon")),
-            vocab_size: file.get_u64(&a("vocab_size")).or(tokenizer.as_ref().map(|t| t.vocab_size as u64)),
+            vocab_size: file
+                .get_u64(&a("vocab_size"))
+                .or(tokenizer.as_ref().map(|t| t.vocab_size as u64)),
         };
-        let kind = file.get_str("general.type").map_or("model".to_string(), |s| s.into_owned());
+        let kind = file
+            .get_str("general.type")
+            .map_or("model".to_string(), |s| s.into_owned());
         let adapter = (kind == "adapter").then(|| {
-            let lora_a: Vec<_> = file.tensors().iter().filter(|t| t.name.ends_with(".lora_a")).collect();
+            let lora_a: Vec<_> = file
+                .tensors()
+                .iter()
+                .filter(|t| t.name.ends_with(".lora_a"))
+                .collect();
             let ranks = lora_a.iter().filter_map(|t| t.dims().get(1).copied());
             AdapterSummary {
                 adapter_type: file.get_str("adapter.type").map(|s| s.into_owned()),
                 alpha: file.get_f64("adapter.lora.alpha"),
                 rank: ranks.clone().min().zip(ranks.max()),
-                targets: lora_a.iter().map(|t| t.name.trim_end_matches(".lora_a").to_string()).collect(),
+                targets: lora_a
+                    .iter()
+                    .map(|t| t.name.trim_end_matches(".lora_a").to_string())
+                    .collect(),
             }
         });
         let tensors: Vec<TensorSummary> = file
@@ -188,7 +216,12 @@ impl GgufSummary {
             let i = match by_type.iter().position(|b| b.ggml_type == t.ggml_type) {
                 Some(i) => i,
                 None => {
-                    by_type.push(TypeTotals { ggml_type: t.ggml_type.clone(), n_tensors: 0, n_elements: 0, n_bytes: 0 });
+                    by_type.push(TypeTotals {
+                        ggml_type: t.ggml_type.clone(),
+                        n_tensors: 0,
+                        n_elements: 0,
+                        n_bytes: 0,
+                    });
                     by_type.len() - 1
                 }
             };
@@ -216,7 +249,10 @@ impl GgufSummary {
             },
             tensors,
             by_type,
-            metadata: file.metadata().map(|(k, v)| (k.to_string(), short(&v))).collect(),
+            metadata: file
+                .metadata()
+                .map(|(k, v)| (k.to_string(), short(&v)))
+                .collect(),
         }
     }
 }
@@ -233,7 +269,11 @@ pub fn bits_per_weight(n_bytes: u64, n_elements: u64) -> f64 {
 fn short(v: &MetadataValue<'_>) -> String {
     match v {
         MetadataValue::String(s) if s.chars().count() > 60 => {
-            format!("{:?}... ({} bytes)", s.chars().take(60).collect::<String>(), s.len())
+            format!(
+                "{:?}... ({} bytes)",
+                s.chars().take(60).collect::<String>(),
+                s.len()
+            )
         }
         other => other.to_string(),
     }

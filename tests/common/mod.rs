@@ -36,8 +36,17 @@ pub fn python() -> &'static Path {
 
 /// Run `python -c code args...` and return its stdout, failing the test on error.
 pub fn run_python(code: &str, args: &[&Path]) -> String {
-    let out = Command::new(python()).arg("-c").arg(code).args(args).output().expect("run python");
-    assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 

@@ -82,7 +82,12 @@ impl GgmlType {
         while i < TYPES.len() {
             if TYPES[i].0 == id {
                 let (id, name, block_size, type_size) = TYPES[i];
-                return GgmlType { id, name, block_size, type_size };
+                return GgmlType {
+                    id,
+                    name,
+                    block_size,
+                    type_size,
+                };
             }
             i += 1;
         }
@@ -94,7 +99,12 @@ impl GgmlType {
         TYPES
             .iter()
             .find(|t| t.0 == id)
-            .map(|&(id, name, block_size, type_size)| GgmlType { id, name, block_size, type_size })
+            .map(|&(id, name, block_size, type_size)| GgmlType {
+                id,
+                name,
+                block_size,
+                type_size,
+            })
     }
 
     /// The type with this name (case-insensitive, as llama.cpp prints it: "Q4_K", "f16").

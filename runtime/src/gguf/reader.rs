@@ -142,7 +142,10 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
         let shown = path.display().to_string();
-        let io = |source| GgufError::Io { path: shown.clone(), source };
+        let io = |source| GgufError::Io {
+            path: shown.clone(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let storage = if len == 0 {
@@ -229,6 +232,14 @@ impl GgufFile {
         }
     }
 
+    /// `key` as a list of strings, if present and an array of strings.
+    pub fn get_strings(&self, key: &str) -> Option<Vec<Cow<'_, str>>> {
+        match self.get(key)? {
+            MetadataValue::Array(a) => a.strings().map(|s| s.collect()),
+            _ => None,
+        }
+    }
+
     /// `key` as an unsigned integer, if present and a non-negative integer.
     pub fn get_u64(&self, key: &str) -> Option<u64> {
         self.get(key)?.as_u64()
@@ -260,7 +271,8 @@ impl GgufFile {
 
     fn entry(&self, e: &MetaEntry) -> (&str, MetadataValue<'_>) {
         let b = self.storage.bytes();
-        let key = std::str::from_utf8(&b[e.key.clone()]).expect("keys were checked to be UTF-8 at open");
+        let key =
+            std::str::from_utf8(&b[e.key.clone()]).expect("keys were checked to be UTF-8 at open");
         (key, decode_validated(e.vtype, &b[e.value.clone()]).0)
     }
 }
@@ -297,16 +309,29 @@ pub(crate) fn decode_validated(vtype: ValueType, bytes: &[u8]) -> (MetadataValue
         ValueType::F64 => (V::F64(f64::from_le_bytes(arr(bytes))), 8),
         ValueType::String => {
             let n = u64::from_le_bytes(arr(bytes)) as usize;
-            let s = std::str::from_utf8(&bytes[8..8 + n]).expect("strings were checked to be UTF-8 at open");
+            let s = std::str::from_utf8(&bytes[8..8 + n])
+                .expect("strings were checked to be UTF-8 at open");
             (V::String(Cow::Borrowed(s)), 8 + n)
         }
         ValueType::Array => {
-            let mut cur = Cursor { bytes, pos: 0, base: 0 };
-            cur.skip_value(ValueType::Array, 0, &|| None).expect("arrays were checked at open");
+            let mut cur = Cursor {
+                bytes,
+                pos: 0,
+                base: 0,
+            };
+            cur.skip_value(ValueType::Array, 0, &|| None)
+                .expect("arrays were checked at open");
             let elem = ValueType::from_id(u32::from_le_bytes(arr(bytes))).expect("checked at open");
             let len = u64::from_le_bytes(arr(&bytes[4..])) as usize;
             let used = cur.pos;
-            (V::Array(MetadataArray::Encoded { elem, len, bytes: &bytes[12..used] }), used)
+            (
+                V::Array(MetadataArray::Encoded {
+                    elem,
+                    len,
+                    bytes: &bytes[12..used],
+                }),
+                used,
+            )
         }
     }
 }
@@ -327,7 +352,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn err(&self, at: usize, ctx: &Ctx, problem: String) -> FormatError {
-        FormatError { offset: self.base + at as u64, context: ctx(), problem }
+        FormatError {
+            offset: self.base + at as u64,
+            context: ctx(),
+            problem,
+        }
     }
 
     fn take(&mut self, n: u64, what: &str, ctx: &Ctx) -> Result<&'a [u8], FormatError> {
@@ -335,7 +364,10 @@ impl<'a> Cursor<'a> {
             return Err(self.err(
                 self.pos,
                 ctx,
-                format!("{what} needs {n} bytes but the file ends {} bytes later", self.remaining()),
+                format!(
+                    "{what} needs {n} bytes but the file ends {} bytes later",
+                    self.remaining()
+                ),
             ));
         }
         let s = &self.bytes[self.pos..self.pos + n as usize];
@@ -344,11 +376,15 @@ impl<'a> Cursor<'a> {
     }
 
     fn u32(&mut self, what: &str, ctx: &Ctx) -> Result<u32, FormatError> {
-        Ok(u32::from_le_bytes(self.take(4, what, ctx)?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(
+            self.take(4, what, ctx)?.try_into().unwrap(),
+        ))
     }
 
     fn u64(&mut self, what: &str, ctx: &Ctx) -> Result<u64, FormatError> {
-        Ok(u64::from_le_bytes(self.take(8, what, ctx)?.try_into().unwrap()))
+        Ok(u64::from_le_bytes(
+            self.take(8, what, ctx)?.try_into().unwrap(),
+        ))
     }
 
     /// A GGUF string; returns its byte range within `bytes`.
@@ -359,13 +395,20 @@ impl<'a> Cursor<'a> {
             return Err(self.err(
                 at,
                 ctx,
-                format!("{what} claims {len} bytes but only {} remain in the file", self.remaining()),
+                format!(
+                    "{what} claims {len} bytes but only {} remain in the file",
+                    self.remaining()
+                ),
             ));
         }
         let start = self.pos;
         let s = self.take(len, what, ctx)?;
         if let Err(e) = std::str::from_utf8(s) {
-            return Err(self.err(start + e.valid_up_to(), ctx, format!("{what} is not valid UTF-8")));
+            return Err(self.err(
+                start + e.valid_up_to(),
+                ctx,
+                format!("{what} is not valid UTF-8"),
+            ));
         }
         Ok(start..self.pos)
     }
@@ -373,7 +416,8 @@ impl<'a> Cursor<'a> {
     fn value_type(&mut self, what: &str, ctx: &Ctx) -> Result<ValueType, FormatError> {
         let at = self.pos;
         let id = self.u32(what, ctx)?;
-        ValueType::from_id(id).ok_or_else(|| self.err(at, ctx, format!("unknown {what} {id} (known: 0-12)")))
+        ValueType::from_id(id)
+            .ok_or_else(|| self.err(at, ctx, format!("unknown {what} {id} (known: 0-12)")))
     }
 
     /// Check and step over one encoded value of type `vtype`.
@@ -391,12 +435,19 @@ impl<'a> Cursor<'a> {
             return Ok(());
         }
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(self.err(self.pos, ctx, format!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels")));
+            return Err(self.err(
+                self.pos,
+                ctx,
+                format!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels"),
+            ));
         }
         let at = self.pos;
         let elem = self.value_type("array element type", ctx)?;
         let count = self.u64("array length", ctx)?;
-        let min_each = elem.fixed_size().map(|n| n as u64).unwrap_or(if elem == ValueType::String { 8 } else { 12 });
+        let min_each = elem
+            .fixed_size()
+            .map(|n| n as u64)
+            .unwrap_or(if elem == ValueType::String { 8 } else { 12 });
         match count.checked_mul(min_each) {
             Some(need) if need <= self.remaining() => {}
             _ => {
@@ -417,7 +468,11 @@ impl<'a> Cursor<'a> {
             if elem == ValueType::Bool {
                 let data = &self.bytes[self.pos - count as usize..self.pos];
                 if let Some(i) = data.iter().position(|&b| b > 1) {
-                    return Err(self.err(self.pos - count as usize + i, ctx, format!("bool array element {i} is neither 0 nor 1")));
+                    return Err(self.err(
+                        self.pos - count as usize + i,
+                        ctx,
+                        format!("bool array element {i} is neither 0 nor 1"),
+                    ));
                 }
             }
         } else {
@@ -443,11 +498,19 @@ struct Layout {
 
 impl Layout {
     fn parse(bytes: &[u8]) -> Result<Layout, FormatError> {
-        let mut cur = Cursor { bytes, pos: 0, base: 0 };
+        let mut cur = Cursor {
+            bytes,
+            pos: 0,
+            base: 0,
+        };
         let none: &Ctx = &|| None;
         let magic = cur.take(4, "the magic number", none)?;
         if magic != GGUF_MAGIC {
-            return Err(cur.err(0, none, format!("not a GGUF file: starts with {magic:02x?}, expected \"GGUF\"")));
+            return Err(cur.err(
+                0,
+                none,
+                format!("not a GGUF file: starts with {magic:02x?}, expected \"GGUF\""),
+            ));
         }
         let version = cur.u32("the version", none)?;
         match version {
@@ -456,13 +519,21 @@ impl Layout {
             v if matches!(v.swap_bytes(), 1..=3) => {
                 return Err(cur.err(4, none, "big-endian GGUF is not supported".into()));
             }
-            v => return Err(cur.err(4, none, format!("unsupported GGUF version {v} (v2 and v3 are supported)"))),
+            v => {
+                return Err(cur.err(
+                    4,
+                    none,
+                    format!("unsupported GGUF version {v} (v2 and v3 are supported)"),
+                ))
+            }
         }
         let n_tensors = cur.u64("the tensor count", none)?;
         let n_kv = cur.u64("the metadata count", none)?;
-        let need = n_kv
-            .checked_mul(MIN_KV_BYTES)
-            .and_then(|a| n_tensors.checked_mul(MIN_TENSOR_INFO_BYTES).and_then(|b| a.checked_add(b)));
+        let need = n_kv.checked_mul(MIN_KV_BYTES).and_then(|a| {
+            n_tensors
+                .checked_mul(MIN_TENSOR_INFO_BYTES)
+                .and_then(|b| a.checked_add(b))
+        });
         if need.is_none_or(|n| n > cur.remaining()) {
             return Err(cur.err(
                 8,
@@ -490,16 +561,28 @@ impl Layout {
                 alignment = match decode_validated(vtype, &bytes[start..cur.pos]).0 {
                     MetadataValue::U32(a) if a.is_power_of_two() => a as u64,
                     other => {
-                        return Err(cur.err(start, &ctx, format!("alignment must be a u32 power of two, got {other}")))
+                        return Err(cur.err(
+                            start,
+                            &ctx,
+                            format!("alignment must be a u32 power of two, got {other}"),
+                        ))
                     }
                 };
             }
-            entries.push(MetaEntry { key, vtype, value: start..cur.pos });
+            entries.push(MetaEntry {
+                key,
+                vtype,
+                value: start..cur.pos,
+            });
         }
 
         let sorted_keys = sorted_unique(&entries, |e| &bytes[e.key.clone()]).map_err(|i| {
             let key = String::from_utf8_lossy(&bytes[entries[i].key.clone()]).into_owned();
-            cur.err(entries[i].key.start - 8, &|| Some(format!("key '{key}'")), "duplicate key".into())
+            cur.err(
+                entries[i].key.start - 8,
+                &|| Some(format!("key '{key}'")),
+                "duplicate key".into(),
+            )
         })?;
 
         let mut tensors = Vec::with_capacity(n_tensors as usize);
@@ -514,13 +597,21 @@ impl Layout {
             let dims_at = cur.pos;
             let n_dims = cur.u32("dimension count", &ctx)? as usize;
             if n_dims > MAX_DIMS {
-                return Err(cur.err(dims_at, &ctx, format!("{n_dims} dimensions, at most {MAX_DIMS} are allowed")));
+                return Err(cur.err(
+                    dims_at,
+                    &ctx,
+                    format!("{n_dims} dimensions, at most {MAX_DIMS} are allowed"),
+                ));
             }
             let mut ne = [1u64; MAX_DIMS];
             for d in ne.iter_mut().take(n_dims) {
                 *d = cur.u64("dimension", &ctx)?;
                 if *d > i64::MAX as u64 {
-                    return Err(cur.err(cur.pos - 8, &ctx, format!("dimension {d} is out of range")));
+                    return Err(cur.err(
+                        cur.pos - 8,
+                        &ctx,
+                        format!("dimension {d} is out of range"),
+                    ));
                 }
             }
             let type_at = cur.pos;
@@ -531,30 +622,55 @@ impl Layout {
             let n_elements = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let n_elements = match n_elements {
                 Some(n) if n <= i64::MAX as u64 => n,
-                _ => return Err(cur.err(dims_at, &ctx, format!("dimensions {:?} overflow the element count", &ne[..n_dims]))),
+                _ => {
+                    return Err(cur.err(
+                        dims_at,
+                        &ctx,
+                        format!("dimensions {:?} overflow the element count", &ne[..n_dims]),
+                    ))
+                }
             };
             if ne[0] % ggml_type.block_size() != 0 {
                 return Err(cur.err(
                     dims_at,
                     &ctx,
-                    format!("row length {} is not a multiple of {ggml_type}'s block size {}", ne[0], ggml_type.block_size()),
+                    format!(
+                        "row length {} is not a multiple of {ggml_type}'s block size {}",
+                        ne[0],
+                        ggml_type.block_size()
+                    ),
                 ));
             }
             let n_bytes = ggml_type
                 .bytes_for(n_elements)
                 .ok_or_else(|| cur.err(dims_at, &ctx, "data size overflows".into()))?;
-            tensors.push(TensorInfo { name: name.to_owned(), n_dims, ne, ggml_type, offset, n_bytes });
+            tensors.push(TensorInfo {
+                name: name.to_owned(),
+                n_dims,
+                ne,
+                ggml_type,
+                offset,
+                n_bytes,
+            });
         }
 
         let sorted_tensors = sorted_unique(&tensors, |t| t.name.as_bytes()).map_err(|i| {
-            cur.err(name_starts[i], &|| Some(format!("tensor '{}'", tensors[i].name)), "duplicate tensor name".into())
+            cur.err(
+                name_starts[i],
+                &|| Some(format!("tensor '{}'", tensors[i].name)),
+                "duplicate tensor name".into(),
+            )
         })?;
 
         let end_of_infos = cur.pos as u64;
         let data_offset = end_of_infos.div_ceil(alignment) * alignment;
         let file_len = bytes.len() as u64;
         if !tensors.is_empty() && data_offset > file_len {
-            return Err(cur.err(cur.pos, none, format!("file ends before the tensor data section at byte {data_offset}")));
+            return Err(cur.err(
+                cur.pos,
+                none,
+                format!("file ends before the tensor data section at byte {data_offset}"),
+            ));
         }
         let mut order: Vec<usize> = (0..tensors.len()).collect();
         order.sort_by_key(|&i| tensors[i].offset);
@@ -565,9 +681,18 @@ impl Layout {
             let ctx = || Some(format!("tensor '{}'", t.name));
             let at = (end_of_infos as usize).min(bytes.len());
             if t.offset % alignment != 0 {
-                return Err(cur.err(at, &ctx, format!("data offset {} is not a multiple of the alignment {alignment}", t.offset)));
+                return Err(cur.err(
+                    at,
+                    &ctx,
+                    format!(
+                        "data offset {} is not a multiple of the alignment {alignment}",
+                        t.offset
+                    ),
+                ));
             }
-            let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.n_bytes));
             if end.is_none_or(|e| e > file_len) {
                 return Err(cur.err(
                     at,
@@ -588,16 +713,30 @@ impl Layout {
             prev_end = t.offset + t.n_bytes;
             prev_name = Some(&t.name);
         }
-        Ok(Layout { version, alignment, data_offset, entries, sorted_keys, tensors, sorted_tensors })
+        Ok(Layout {
+            version,
+            alignment,
+            data_offset,
+            entries,
+            sorted_keys,
+            tensors,
+            sorted_tensors,
+        })
     }
 }
 
 /// Indices of `items` sorted by `key`, or the index of the later of the first
 /// two items found with equal keys.
-fn sorted_unique<'a, T>(items: &'a [T], key: impl Fn(&'a T) -> &'a [u8]) -> Result<Vec<usize>, usize> {
+fn sorted_unique<'a, T>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> &'a [u8],
+) -> Result<Vec<usize>, usize> {
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|&a, &b| key(&items[a]).cmp(key(&items[b])).then(a.cmp(&b)));
-    match order.windows(2).find(|w| key(&items[w[0]]) == key(&items[w[1]])) {
+    match order
+        .windows(2)
+        .find(|w| key(&items[w[0]]) == key(&items[w[1]]))
+    {
         Some(w) => Err(w[1]),
         None => Ok(order),
     }

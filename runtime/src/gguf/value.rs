@@ -225,7 +225,9 @@ impl<'a> MetadataValue<'a> {
     }
 
     /// An array of strings built in memory.
-    pub fn string_array<S: Into<String>>(items: impl IntoIterator<Item = S>) -> MetadataValue<'static> {
+    pub fn string_array<S: Into<String>>(
+        items: impl IntoIterator<Item = S>,
+    ) -> MetadataValue<'static> {
         MetadataValue::Array(MetadataArray::Owned {
             elem: ValueType::String,
             items: items.into_iter().map(MetadataValue::string).collect(),
