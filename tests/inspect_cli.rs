@@ -261,18 +261,29 @@ fn gguf_lora_adapter_summary() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("adapter.gguf");
     let mut w = GgufWriter::new(&path);
-    w.add_metadata("general.architecture", &"llama".into()).unwrap();
+    w.add_metadata("general.architecture", &"llama".into())
+        .unwrap();
     w.add_metadata("general.type", &"adapter".into()).unwrap();
     w.add_metadata("adapter.type", &"lora".into()).unwrap();
-    w.add_metadata("adapter.lora.alpha", &MetadataValue::F32(16.0)).unwrap();
-    let shapes: [(&str, u64, u64); 2] = [("blk.0.attn_q.weight", 576, 8), ("blk.0.attn_v.weight", 576, 4)];
+    w.add_metadata("adapter.lora.alpha", &MetadataValue::F32(16.0))
+        .unwrap();
+    let shapes: [(&str, u64, u64); 2] = [
+        ("blk.0.attn_q.weight", 576, 8),
+        ("blk.0.attn_v.weight", 576, 4),
+    ];
     for (base, width, r) in shapes {
-        w.add_tensor(&format!("{base}.lora_a"), GgmlType::F16, &[width, r]).unwrap();
-        w.add_tensor(&format!("{base}.lora_b"), GgmlType::F16, &[r, width]).unwrap();
+        w.add_tensor(&format!("{base}.lora_a"), GgmlType::F16, &[width, r])
+            .unwrap();
+        w.add_tensor(&format!("{base}.lora_b"), GgmlType::F16, &[r, width])
+            .unwrap();
     }
     let mut s = w.start().unwrap();
-    while let Some((name, _, dims)) = s.next_tensor().map(|(n, t, d)| (n.to_string(), t, d.to_vec())) {
-        s.write_tensor(&name, &vec![0u8; 2 * (dims[0] * dims[1]) as usize]).unwrap();
+    while let Some((name, _, dims)) = s
+        .next_tensor()
+        .map(|(n, t, d)| (n.to_string(), t, d.to_vec()))
+    {
+        s.write_tensor(&name, &vec![0u8; 2 * (dims[0] * dims[1]) as usize])
+            .unwrap();
     }
     s.finish().unwrap();
     let v = inspect_json(&path);
@@ -284,4 +295,58 @@ fn gguf_lora_adapter_summary() {
                "targets": ["blk.0.attn_q.weight", "blk.0.attn_v.weight"]})
     );
     assert_eq!(v["totals"]["n_elements"], 2 * 576 * 8 + 2 * 576 * 4);
+}
+
+#[test]
+fn real_peft_adapters_match_their_reference_card() {
+    // ../shared/data/README.md: chef r=16 alpha=32 (s=2) on 7 modules x 30
+    // layers, 4,884,480 params, bf16; pirate r=8 alpha=8 rsLoRA (s=8/sqrt(8)) on
+    // q,v, 460,800 params, f32.
+    let data = common::shared_data().join("smollm2-adapters");
+    let chef = inspect_json(&data.join("chef/adapter"));
+    assert_eq!(
+        (
+            chef["parameters"].as_u64(),
+            chef["modules"].as_array().unwrap().len()
+        ),
+        (Some(4_884_480), 210)
+    );
+    assert_eq!(chef["dtypes"], json!(["BF16"]));
+    assert!(chef["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["scale"] == 2.0 && m["rank"] == 16));
+    let pirate = inspect_json(&data.join("pirate/adapter"));
+    assert_eq!(
+        (
+            pirate["parameters"].as_u64(),
+            pirate["modules"].as_array().unwrap().len()
+        ),
+        (Some(460_800), 60)
+    );
+    assert_eq!(pirate["targets"], json!(["q_proj", "v_proj"]));
+    for m in pirate["modules"].as_array().unwrap() {
+        assert!(
+            (m["scale"].as_f64().unwrap() - 2.828427).abs() < 1e-6,
+            "{m}"
+        );
+    }
+    // tiny-llama rslora_patterns: layer-1 v_proj r=4 s=8; o_proj s=4/sqrt(8).
+    let rs = inspect_json(&common::shared_data().join("tiny-llama/rslora_patterns"));
+    let m: HashMap<&str, f64> = rs["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["path"].as_str().unwrap(), m["scale"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(m["model.layers.1.self_attn.v_proj"], 8.0);
+    assert!((m["model.layers.0.self_attn.o_proj"] - 1.414214).abs() < 1e-6);
+    assert!((m["model.layers.2.self_attn.q_proj"] - 5.656854).abs() < 1e-6);
+    let dora = inspect_json(&common::shared_data().join("tiny-llama/dora"));
+    assert!(dora["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["dora"] == true));
 }

@@ -22,6 +22,22 @@ fn script_output(script: &str) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// The reference data made with PyTorch and PEFT (`../shared/data`, or
+/// `LORAFOLD_SHARED_DATA`).
+pub fn shared_data() -> PathBuf {
+    if let Some(p) = std::env::var_os("LORAFOLD_SHARED_DATA") {
+        return PathBuf::from(p);
+    }
+    let candidates = [repo().join("../shared/data"), repo().join("shared/data")];
+    candidates
+        .iter()
+        .find(|p| p.join("README.md").is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!("reference data not found at {candidates:?}; set LORAFOLD_SHARED_DATA")
+        })
+}
+
 /// SmolLM2-135M-Instruct Q4_1, fetched into the cache on first use.
 pub fn smollm2() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
