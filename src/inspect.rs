@@ -21,6 +21,8 @@ pub struct InspectArgs {
 }
 
 /// What PATH turned out to be.
+// Built once per run, so the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize)]
 #[serde(tag = "format", rename_all = "snake_case")]
 enum Report {

@@ -289,10 +289,10 @@ impl GgufStream {
                 path: self.dest.clone(),
                 name: name.into(),
                 problem: format!(
-                    "{} bytes of data given, {} {} needs {}",
+                    "{} bytes of data given, {} {:?} needs {}",
                     data.len(),
                     t.ggml_type,
-                    format!("{:?}", t.dims),
+                    t.dims,
                     t.n_bytes
                 ),
             });

@@ -3,13 +3,9 @@
 use std::fmt;
 
 /// A ggml tensor type: its GGUF id, name, and block geometry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GgmlType {
-    id: u32,
-    name: &'static str,
-    block_size: u32,
-    type_size: u32,
-}
+// One byte (an index into TYPES) so that tensor tables stay small.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GgmlType(u8);
 
 // (id, name, elements per block, bytes per block), from ggml.h / ggml.c's type
 // traits. Ids 4, 5, 31-33 and 36-38 were removed from ggml and never appear in
@@ -81,74 +77,67 @@ impl GgmlType {
         let mut i = 0;
         while i < TYPES.len() {
             if TYPES[i].0 == id {
-                let (id, name, block_size, type_size) = TYPES[i];
-                return GgmlType {
-                    id,
-                    name,
-                    block_size,
-                    type_size,
-                };
+                return GgmlType(i as u8);
             }
             i += 1;
         }
         panic!("not a ggml type id")
     }
 
+    fn row(self) -> (u32, &'static str, u32, u32) {
+        TYPES[self.0 as usize]
+    }
+
     /// The type with this GGUF id, if ggml defines it.
     pub fn from_id(id: u32) -> Option<GgmlType> {
         TYPES
             .iter()
-            .find(|t| t.0 == id)
-            .map(|&(id, name, block_size, type_size)| GgmlType {
-                id,
-                name,
-                block_size,
-                type_size,
-            })
+            .position(|t| t.0 == id)
+            .map(|i| GgmlType(i as u8))
     }
 
     /// The type with this name (case-insensitive, as llama.cpp prints it: "Q4_K", "f16").
     pub fn from_name(name: &str) -> Option<GgmlType> {
         TYPES
             .iter()
-            .find(|t| t.1.eq_ignore_ascii_case(name))
-            .and_then(|t| GgmlType::from_id(t.0))
+            .position(|t| t.1.eq_ignore_ascii_case(name))
+            .map(|i| GgmlType(i as u8))
     }
 
     /// Every type ggml defines, in id order.
     pub fn all() -> impl Iterator<Item = GgmlType> {
-        TYPES.iter().filter_map(|t| GgmlType::from_id(t.0))
+        (0..TYPES.len()).map(|i| GgmlType(i as u8))
     }
 
     /// The GGUF id.
     pub fn id(self) -> u32 {
-        self.id
+        self.row().0
     }
 
     /// The name llama.cpp uses ("Q4_1").
     pub fn name(self) -> &'static str {
-        self.name
+        self.row().1
     }
 
     /// Elements per block (1 for plain types).
     pub fn block_size(self) -> u64 {
-        self.block_size as u64
+        self.row().2 as u64
     }
 
     /// Bytes per block.
     pub fn type_size(self) -> u64 {
-        self.type_size as u64
+        self.row().3 as u64
     }
 
     /// Bits per weight (8 * bytes per block / elements per block).
     pub fn bits_per_weight(self) -> f64 {
-        8.0 * self.type_size as f64 / self.block_size as f64
+        8.0 * self.type_size() as f64 / self.block_size() as f64
     }
 
     /// Bytes taken by `n_elements` of this type, or None if that is not a
     /// whole number of blocks or overflows.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
-        if n_elements % self.block_size() != 0 {
+        if !n_elements.is_multiple_of(self.block_size()) {
             return None;
         }
         (n_elements / self.block_size()).checked_mul(self.type_size())
@@ -157,7 +146,7 @@ impl GgmlType {
     /// candle's dtype for this type, where candle can dequantize or run it.
     pub fn to_candle(self) -> Option<candle_core::quantized::GgmlDType> {
         use candle_core::quantized::GgmlDType as C;
-        Some(match self.id {
+        Some(match self.id() {
             0 => C::F32,
             1 => C::F16,
             30 => C::BF16,
@@ -180,7 +169,13 @@ impl GgmlType {
 
 impl fmt::Display for GgmlType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name)
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Debug for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -201,5 +196,7 @@ mod tests {
         assert_eq!(GgmlType::Q8_0.bytes_for(64), Some(68));
         assert_eq!(GgmlType::Q8_0.bytes_for(33), None);
         assert_eq!(GgmlType::Q4_0.bits_per_weight(), 4.5);
+        assert_eq!((GgmlType::Q6_K.id(), GgmlType::Q6_K.name()), (14, "Q6_K"));
+        assert_eq!(std::mem::size_of::<GgmlType>(), 1);
     }
 }

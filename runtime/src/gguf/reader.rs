@@ -77,7 +77,7 @@ pub enum GgufError {
 pub struct TensorInfo {
     /// Tensor name ("blk.0.attn_q.weight").
     pub name: String,
-    n_dims: usize,
+    n_dims: u8,
     ne: [u64; MAX_DIMS],
     /// Element type.
     pub ggml_type: GgmlType,
@@ -90,7 +90,7 @@ pub struct TensorInfo {
 impl TensorInfo {
     /// Dimensions in ggml order (`ne`: innermost first; the reverse of torch's shape).
     pub fn dims(&self) -> &[u64] {
-        &self.ne[..self.n_dims]
+        &self.ne[..self.n_dims as usize]
     }
 
     /// Shape in torch order (outermost first).
@@ -118,10 +118,23 @@ impl Storage {
     }
 }
 
+/// Where one metadata entry lies: the key, then a 4-byte type tag, then the
+/// value up to `value_end`. Kept to 24 bytes so the table stays small.
 struct MetaEntry {
-    key: Range<usize>,
+    key_start: usize,
+    key_len: u32,
     vtype: ValueType,
-    value: Range<usize>,
+    value_end: usize,
+}
+
+impl MetaEntry {
+    fn key(&self) -> Range<usize> {
+        self.key_start..self.key_start + self.key_len as usize
+    }
+
+    fn value(&self) -> Range<usize> {
+        self.key().end + 4..self.value_end
+    }
 }
 
 /// A parsed GGUF file whose tensor data stays in the memory map.
@@ -219,7 +232,7 @@ impl GgufFile {
     pub fn get(&self, key: &str) -> Option<MetadataValue<'_>> {
         let b = self.storage.bytes();
         self.sorted_keys
-            .binary_search_by(|&i| b[self.entries[i].key.clone()].cmp(key.as_bytes()))
+            .binary_search_by(|&i| b[self.entries[i].key()].cmp(key.as_bytes()))
             .ok()
             .map(|i| self.entry(&self.entries[self.sorted_keys[i]]).1)
     }
@@ -271,9 +284,8 @@ impl GgufFile {
 
     fn entry(&self, e: &MetaEntry) -> (&str, MetadataValue<'_>) {
         let b = self.storage.bytes();
-        let key =
-            std::str::from_utf8(&b[e.key.clone()]).expect("keys were checked to be UTF-8 at open");
-        (key, decode_validated(e.vtype, &b[e.value.clone()]).0)
+        let key = std::str::from_utf8(&b[e.key()]).expect("keys were checked to be UTF-8 at open");
+        (key, decode_validated(e.vtype, &b[e.value()]).0)
     }
 }
 
@@ -496,8 +508,136 @@ struct Layout {
     sorted_tensors: Vec<usize>,
 }
 
+/// A tensor-info record as it lies in the file.
+struct RawTensorInfo {
+    at: usize,
+    name: Range<usize>,
+    n_dims: u8,
+    ne: [u64; MAX_DIMS],
+    ggml_type: GgmlType,
+    offset: u64,
+    n_bytes: u64,
+}
+
+/// What a walk over the header learns besides the entries and tensor infos.
+struct Header {
+    version: u32,
+    alignment: u64,
+    end_of_infos: usize,
+}
+
 impl Layout {
+    /// Two walks over the header: the first checks everything and allocates
+    /// nothing; the second collects exactly what the first counted, so memory
+    /// follows the entries the file really holds, not the counts it claims.
     fn parse(bytes: &[u8]) -> Result<Layout, FormatError> {
+        let (mut n_kv, mut n_tensors) = (0usize, 0usize);
+        Layout::walk(bytes, &mut |_| n_kv += 1, &mut |_| n_tensors += 1)?;
+        let mut entries = Vec::with_capacity(n_kv);
+        let mut raw = Vec::with_capacity(n_tensors);
+        let header = Layout::walk(bytes, &mut |e| entries.push(e), &mut |t| raw.push(t))?;
+        let (alignment, end_of_infos) = (header.alignment, header.end_of_infos);
+        let err = |at: usize, context: String, problem: String| FormatError {
+            offset: at as u64,
+            context: Some(context),
+            problem,
+        };
+
+        let sorted_keys = sorted_unique(&entries, |e| &bytes[e.key()]).map_err(|i| {
+            let key = String::from_utf8_lossy(&bytes[entries[i].key()]);
+            err(
+                entries[i].key_start - 8,
+                format!("key '{key}'"),
+                "duplicate key".into(),
+            )
+        })?;
+        let name_of = |t: &RawTensorInfo| {
+            std::str::from_utf8(&bytes[t.name.clone()]).expect("checked by walk()")
+        };
+        let sorted_tensors = sorted_unique(&raw, |t| &bytes[t.name.clone()]).map_err(|i| {
+            err(
+                raw[i].at,
+                format!("tensor '{}'", name_of(&raw[i])),
+                "duplicate tensor name".into(),
+            )
+        })?;
+
+        let data_offset = (end_of_infos as u64).div_ceil(alignment) * alignment;
+        let file_len = bytes.len() as u64;
+        if !raw.is_empty() && data_offset > file_len {
+            return Err(FormatError {
+                offset: end_of_infos as u64,
+                context: None,
+                problem: format!("file ends before the tensor data section at byte {data_offset}"),
+            });
+        }
+        let mut order: Vec<usize> = (0..raw.len()).collect();
+        order.sort_by_key(|&i| raw[i].offset);
+        let mut prev: Option<&RawTensorInfo> = None;
+        for &i in &order {
+            let t = &raw[i];
+            let ctx = || format!("tensor '{}'", name_of(t));
+            if t.offset % alignment != 0 {
+                return Err(err(
+                    t.at,
+                    ctx(),
+                    format!(
+                        "data offset {} is not a multiple of the alignment {alignment}",
+                        t.offset
+                    ),
+                ));
+            }
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.n_bytes));
+            if end.is_none_or(|e| e > file_len) {
+                return Err(err(
+                    t.at,
+                    ctx(),
+                    format!(
+                        "data ({} bytes at data offset {}) runs past the end of the file ({file_len} bytes)",
+                        t.n_bytes, t.offset
+                    ),
+                ));
+            }
+            if let Some(p) = prev.filter(|p| t.offset < p.offset + p.n_bytes) {
+                return Err(err(
+                    t.at,
+                    ctx(),
+                    format!("data overlaps tensor '{}'", name_of(p)),
+                ));
+            }
+            prev = Some(t);
+        }
+        let tensors = raw
+            .iter()
+            .map(|t| TensorInfo {
+                name: name_of(t).to_owned(),
+                n_dims: t.n_dims,
+                ne: t.ne,
+                ggml_type: t.ggml_type,
+                offset: t.offset,
+                n_bytes: t.n_bytes,
+            })
+            .collect();
+        Ok(Layout {
+            version: header.version,
+            alignment,
+            data_offset,
+            entries,
+            sorted_keys,
+            tensors,
+            sorted_tensors,
+        })
+    }
+
+    /// Check the header, metadata and tensor infos, handing each entry and
+    /// tensor info to the callbacks.
+    fn walk(
+        bytes: &[u8],
+        on_entry: &mut dyn FnMut(MetaEntry),
+        on_tensor: &mut dyn FnMut(RawTensorInfo),
+    ) -> Result<Header, FormatError> {
         let mut cur = Cursor {
             bytes,
             pos: 0,
@@ -545,13 +685,14 @@ impl Layout {
             ));
         }
 
-        // Both counts were checked against the bytes that follow, so these
-        // reservations are bounded by the file's size.
-        let mut entries = Vec::with_capacity(n_kv as usize);
         let mut alignment = DEFAULT_ALIGNMENT;
         for i in 0..n_kv {
             let entry_ctx = move || Some(format!("metadata entry {i}"));
+            let key_at = cur.pos;
             let key = cur.string("key", &entry_ctx)?;
+            if key.len() > u32::MAX as usize {
+                return Err(cur.err(key_at, &entry_ctx, "key is longer than 4 GiB".into()));
+            }
             let key_str = std::str::from_utf8(&bytes[key.clone()]).expect("checked by string()");
             let ctx = || Some(format!("key '{key_str}'"));
             let vtype = cur.value_type("value type", &ctx)?;
@@ -569,31 +710,20 @@ impl Layout {
                     }
                 };
             }
-            entries.push(MetaEntry {
-                key,
+            on_entry(MetaEntry {
+                key_start: key.start,
+                key_len: key.len() as u32,
                 vtype,
-                value: start..cur.pos,
+                value_end: cur.pos,
             });
         }
 
-        let sorted_keys = sorted_unique(&entries, |e| &bytes[e.key.clone()]).map_err(|i| {
-            let key = String::from_utf8_lossy(&bytes[entries[i].key.clone()]).into_owned();
-            cur.err(
-                entries[i].key.start - 8,
-                &|| Some(format!("key '{key}'")),
-                "duplicate key".into(),
-            )
-        })?;
-
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
-        let mut name_starts = Vec::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
             let at = cur.pos;
-            name_starts.push(at);
             let idx_ctx = move || Some(format!("tensor info {i}"));
             let name = cur.string("tensor name", &idx_ctx)?;
-            let name = std::str::from_utf8(&bytes[name]).expect("checked by string()");
-            let ctx = || Some(format!("tensor '{name}'"));
+            let name_str = std::str::from_utf8(&bytes[name.clone()]).expect("checked by string()");
+            let ctx = || Some(format!("tensor '{name_str}'"));
             let dims_at = cur.pos;
             let n_dims = cur.u32("dimension count", &ctx)? as usize;
             if n_dims > MAX_DIMS {
@@ -619,8 +749,7 @@ impl Layout {
             let ggml_type = GgmlType::from_id(type_id)
                 .ok_or_else(|| cur.err(type_at, &ctx, format!("unknown ggml type id {type_id}")))?;
             let offset = cur.u64("data offset", &ctx)?;
-            let n_elements = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let n_elements = match n_elements {
+            let n_elements = match ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)) {
                 Some(n) if n <= i64::MAX as u64 => n,
                 _ => {
                     return Err(cur.err(
@@ -644,83 +773,20 @@ impl Layout {
             let n_bytes = ggml_type
                 .bytes_for(n_elements)
                 .ok_or_else(|| cur.err(dims_at, &ctx, "data size overflows".into()))?;
-            tensors.push(TensorInfo {
-                name: name.to_owned(),
-                n_dims,
+            on_tensor(RawTensorInfo {
+                at,
+                name,
+                n_dims: n_dims as u8,
                 ne,
                 ggml_type,
                 offset,
                 n_bytes,
             });
         }
-
-        let sorted_tensors = sorted_unique(&tensors, |t| t.name.as_bytes()).map_err(|i| {
-            cur.err(
-                name_starts[i],
-                &|| Some(format!("tensor '{}'", tensors[i].name)),
-                "duplicate tensor name".into(),
-            )
-        })?;
-
-        let end_of_infos = cur.pos as u64;
-        let data_offset = end_of_infos.div_ceil(alignment) * alignment;
-        let file_len = bytes.len() as u64;
-        if !tensors.is_empty() && data_offset > file_len {
-            return Err(cur.err(
-                cur.pos,
-                none,
-                format!("file ends before the tensor data section at byte {data_offset}"),
-            ));
-        }
-        let mut order: Vec<usize> = (0..tensors.len()).collect();
-        order.sort_by_key(|&i| tensors[i].offset);
-        let mut prev_end = 0u64;
-        let mut prev_name: Option<&str> = None;
-        for &i in &order {
-            let t = &tensors[i];
-            let ctx = || Some(format!("tensor '{}'", t.name));
-            let at = (end_of_infos as usize).min(bytes.len());
-            if t.offset % alignment != 0 {
-                return Err(cur.err(
-                    at,
-                    &ctx,
-                    format!(
-                        "data offset {} is not a multiple of the alignment {alignment}",
-                        t.offset
-                    ),
-                ));
-            }
-            let end = data_offset
-                .checked_add(t.offset)
-                .and_then(|s| s.checked_add(t.n_bytes));
-            if end.is_none_or(|e| e > file_len) {
-                return Err(cur.err(
-                    at,
-                    &ctx,
-                    format!(
-                        "data ({} bytes at data offset {}) runs past the end of the file ({file_len} bytes)",
-                        t.n_bytes, t.offset
-                    ),
-                ));
-            }
-            if t.offset < prev_end {
-                return Err(cur.err(
-                    at,
-                    &ctx,
-                    format!("data overlaps tensor '{}'", prev_name.unwrap_or_default()),
-                ));
-            }
-            prev_end = t.offset + t.n_bytes;
-            prev_name = Some(&t.name);
-        }
-        Ok(Layout {
+        Ok(Header {
             version,
             alignment,
-            data_offset,
-            entries,
-            sorted_keys,
-            tensors,
-            sorted_tensors,
+            end_of_infos: cur.pos,
         })
     }
 }
