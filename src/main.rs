@@ -1,5 +1,6 @@
 //! `lorafold`: the command line over lorafold-converter and lorafold-runtime.
 
+mod convert;
 mod inspect;
 
 use clap::{Parser, Subcommand};
@@ -14,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Merge a PEFT adapter into a base and quantize to one GGUF (or quantize a base alone).
+    Convert(convert::ConvertArgs),
     /// Describe a GGUF model or adapter, a PEFT adapter folder, or a safetensors file / HF model folder.
     Inspect(inspect::InspectArgs),
 }
@@ -26,6 +29,7 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
     };
     if let Err(e) = result {

@@ -208,11 +208,13 @@ impl GgufWriter {
             path: self.dest.clone(),
             source,
         };
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{file_name}."))
-            .suffix(".partial")
-            .tempfile_in(&dir)
-            .map_err(io)?;
+        let prefix = format!(".{file_name}.");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".partial");
+        // tempfile creates 0600 files; a model file is meant to be shared.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        let tmp = builder.tempfile_in(&dir).map_err(io)?;
         let out = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io)?);
 
         let mut head = Vec::with_capacity(24 + self.kv.len() + self.tensors.len() * 64);

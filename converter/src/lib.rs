@@ -1,8 +1,14 @@
 //! lorafold's release side: read bases and PEFT adapters, merge, quantize, and
 //! stream GGUF files out.
 
+pub mod base;
+pub mod convert;
 pub mod gguf_writer;
+pub mod hf_tokenizer;
+pub mod merge;
 pub mod peft;
+pub mod quant;
+pub mod report;
 pub mod safetensors_dir;
 
 pub use gguf_writer::{GgufStream, GgufWriter, WriteError};

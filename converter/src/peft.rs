@@ -374,6 +374,20 @@ impl PeftAdapter {
         SafeTensors::deserialize(&self.map).expect("validated at open")
     }
 
+    /// The values of tensor `key`, widened to f32, with its shape.
+    pub fn values(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>), PeftError> {
+        let bad = |problem: String| PeftError::Tensor {
+            path: self.tensors_path.clone(),
+            tensor: key.into(),
+            problem,
+        };
+        let st = self.tensors();
+        let v = st.tensor(key).map_err(|e| bad(e.to_string()))?;
+        let values = crate::base::widen(v.dtype(), v.data())
+            .ok_or_else(|| bad(format!("dtype {:?} is not f32, f16 or bf16", v.dtype())))?;
+        Ok((values, v.shape().to_vec()))
+    }
+
     /// Total adapter parameters (A, B, bias, magnitude; not saved full tensors).
     pub fn lora_parameters(&self) -> u64 {
         let st = self.tensors();

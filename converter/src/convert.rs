@@ -1,0 +1,406 @@
+//! The conversion pipeline: one pass over the base's tensors, merged,
+//! quantized and streamed to the writer in parallel batches.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use lorafold_runtime::gguf::{GgmlType, MetadataValue};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::base::{BaseError, BaseModel, BaseTensor};
+use crate::gguf_writer::{GgufWriter, WriteError};
+use crate::merge::{self, MergeError, MergePlan, TensorEdit};
+use crate::peft::{PeftAdapter, PeftError};
+use crate::quant::{self, QuantError, QuantPolicy, TensorRole};
+use crate::report::{peak_rss_bytes, ConvertReport, TensorReport, Totals};
+
+/// The tool version recorded in outputs.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error converting; no output file is left behind.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// Reading the base failed.
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    /// Reading the adapter failed.
+    #[error(transparent)]
+    Peft(#[from] PeftError),
+    /// The adapter does not fit the base, or the merge failed.
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    /// Quantization failed.
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    /// Writing failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// The adapter assumes a modified base.
+    #[error("{path}: {what}: this adapter assumes a modified base model (PiSSA/OLoRA/LoftQ/QA-LoRA), so merging it into the original base is wrong; pass --force if the base given is the modified one")]
+    ModifiedBase {
+        /// adapter_config.json
+        path: PathBuf,
+        /// the setting
+        what: String,
+    },
+    /// A file could not be hashed.
+    #[error("{path}: {source}")]
+    Io {
+        /// the file
+        path: PathBuf,
+        /// the OS error
+        #[source]
+        source: std::io::Error,
+    },
+    /// --max-rel-error or --min-retention was broken; nothing was written.
+    #[error("{0}; no output written")]
+    Budget(String, Box<ConvertReport>),
+}
+
+/// What to convert and how.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// GGUF file or HF folder.
+    pub base: PathBuf,
+    /// PEFT adapter folder.
+    pub adapter: Option<PathBuf>,
+    /// Quantization policy.
+    pub policy: QuantPolicy,
+    /// Output GGUF.
+    pub output: PathBuf,
+    /// Merge adapters that assume a modified base anyway.
+    pub force: bool,
+    /// Fail if any tensor's relative error exceeds this.
+    pub max_rel_error: Option<f64>,
+    /// Fail if the pooled adapter retention is below this.
+    pub min_retention: Option<f64>,
+}
+
+/// Called after each tensor is written: (done, total, tensor name).
+pub type Progress<'a> = &'a (dyn Fn(usize, usize, &str) + Sync);
+
+struct OutTensor<'a> {
+    name: String,
+    dims: Vec<u64>,
+    base: Option<&'a BaseTensor>,
+    edit: Option<&'a TensorEdit>,
+    role: TensorRole,
+}
+
+/// Convert per `opts`, streaming the output; returns the report.
+pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertReport, ConvertError> {
+    let start = Instant::now();
+    let base = BaseModel::open(&opts.base)?;
+    let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
+    if let Some(a) = &adapter {
+        if let (Some(what), false) = (a.config.modified_base_init(), opts.force) {
+            return Err(ConvertError::ModifiedBase {
+                path: a.dir.join("adapter_config.json"),
+                what,
+            });
+        }
+    }
+    let plan = match &adapter {
+        Some(a) => MergePlan::new(&base, a)?,
+        None => MergePlan::default(),
+    };
+
+    let mut out: Vec<OutTensor> = base
+        .tensors
+        .iter()
+        .map(|t| OutTensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            base: Some(t),
+            edit: plan.edits.get(&t.name),
+            role: TensorRole::Other,
+        })
+        .collect();
+    for (name, e) in &plan.edits {
+        if let Some(dims) = &e.new_dims {
+            out.push(OutTensor {
+                name: name.clone(),
+                dims: dims.clone(),
+                base: None,
+                edit: Some(e),
+                role: TensorRole::Other,
+            });
+        }
+    }
+    let has_output = out.iter().any(|t| t.name == "output.weight");
+    let n_layers = base.shape.n_layers;
+    for t in &mut out {
+        t.role = role(&t.name, t.dims.len(), has_output, n_layers);
+    }
+
+    let mut w = GgufWriter::new(&opts.output);
+    for (k, v) in base.metadata() {
+        if k.starts_with("lorafold.")
+            || matches!(
+                k.as_str(),
+                "general.file_type" | "general.quantization_version" | "general.alignment"
+            )
+        {
+            continue;
+        }
+        w.add_metadata(&k, &v)?;
+    }
+    w.add_metadata(
+        "general.file_type",
+        &MetadataValue::U32(opts.policy.file_type()),
+    )?;
+    w.add_metadata("general.quantization_version", &MetadataValue::U32(2))?;
+    for (k, v) in provenance(opts, &base, adapter.as_ref())? {
+        w.add_metadata(&k, &v)?;
+    }
+    let choices: Vec<_> = out
+        .iter()
+        .map(|t| opts.policy.choose(&t.name, t.role, t.dims[0]))
+        .collect();
+    for (t, c) in out.iter().zip(&choices) {
+        w.add_tensor(&t.name, c.ggml_type, &t.dims)?;
+    }
+    let mut stream = w.start()?;
+
+    // Batches as wide as the thread pool keep every core busy while bounding
+    // memory to a few tensors in flight; results are written in order, so the
+    // output does not depend on scheduling.
+    let batch = rayon::current_num_threads().max(1) * 2;
+    let mut reports = Vec::with_capacity(out.len());
+    let total = out.len();
+    for (chunk_i, chunk) in out.chunks(batch).enumerate() {
+        let results: Vec<Result<(Vec<u8>, TensorReport), ConvertError>> = chunk
+            .par_iter()
+            .enumerate()
+            .map(|(j, t)| {
+                let choice = &choices[chunk_i * batch + j];
+                process(
+                    t,
+                    choice.ggml_type,
+                    choice.fallback.clone(),
+                    &base,
+                    adapter.as_ref(),
+                )
+            })
+            .collect();
+        for (t, r) in chunk.iter().zip(results) {
+            let (bytes, report) = r?;
+            stream.write_tensor(&t.name, &bytes)?;
+            reports.push(report);
+            progress(reports.len(), total, &t.name);
+        }
+    }
+
+    let mut notes = base.notes.clone();
+    notes.extend(plan.notes.iter().cloned());
+    notes.extend(
+        reports
+            .iter()
+            .filter_map(|r| r.fallback.as_ref().map(|f| format!("{}: {f}", r.name))),
+    );
+    let mut report = ConvertReport {
+        output: opts.output.display().to_string(),
+        base: opts.base.display().to_string(),
+        adapter: opts.adapter.as_ref().map(|p| p.display().to_string()),
+        quant: opts.policy.name.clone(),
+        totals: Totals::of(&reports),
+        tensors: reports,
+        notes,
+    };
+    let mut broken = Vec::new();
+    if let Some(max) = opts.max_rel_error {
+        if report.totals.max_rel_error > max {
+            broken.push(format!(
+                "relative error {:.3e} of '{}' exceeds --max-rel-error {max:e}",
+                report.totals.max_rel_error, report.totals.max_rel_error_tensor
+            ));
+        }
+    }
+    if let (Some(min), Some(got)) = (opts.min_retention, report.totals.retention) {
+        if got < min {
+            broken.push(format!(
+                "adapter retention {got:.4} is below --min-retention {min}"
+            ));
+        }
+    }
+    report.totals.wall_seconds = start.elapsed().as_secs_f64();
+    report.totals.peak_rss_bytes = peak_rss_bytes();
+    if !broken.is_empty() {
+        drop(stream);
+        return Err(ConvertError::Budget(broken.join("; "), Box::new(report)));
+    }
+    report.totals.file_size = stream.finish()?;
+    report.totals.wall_seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorRole {
+    if n_dims < 2 {
+        return TensorRole::Vector;
+    }
+    let layer = || {
+        name.split('.')
+            .nth(1)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0)
+    };
+    match name {
+        "output.weight" => TensorRole::Output,
+        "token_embd.weight" if !has_output => TensorRole::Output,
+        "token_embd.weight" => TensorRole::TokenEmbedding,
+        n if n.ends_with(".attn_v.weight") => TensorRole::AttnV {
+            layer: layer(),
+            n_layers,
+        },
+        n if n.ends_with(".ffn_down.weight") => TensorRole::FfnDown {
+            layer: layer(),
+            n_layers,
+        },
+        _ => TensorRole::Other,
+    }
+}
+
+/// Merge, quantize and measure one tensor.
+fn process(
+    t: &OutTensor,
+    ggml_type: GgmlType,
+    fallback: Option<String>,
+    base: &BaseModel,
+    adapter: Option<&PeftAdapter>,
+) -> Result<(Vec<u8>, TensorReport), ConvertError> {
+    let n: usize = t.dims.iter().product::<u64>() as usize;
+    let w0 = match t.base {
+        Some(b) => base.values(b)?,
+        None => vec![0f32; n],
+    };
+    let row_len = t.dims[0] as usize;
+    let merged = match (t.edit, adapter) {
+        (Some(e), Some(a)) => merge::apply(&t.name, e, w0, row_len, a)?,
+        _ => merge::Merged {
+            values: w0,
+            base: Vec::new(),
+            delta: None,
+        },
+    };
+    let bytes = quant::quantize(ggml_type, &merged.values, &t.name)?;
+    let qw = quant::dequantize(ggml_type, &bytes, n, &t.name)?;
+    let changed = match &merged.delta {
+        Some(dw) => {
+            let q_w0 = quant::dequantize(
+                ggml_type,
+                &quant::quantize(ggml_type, &merged.base, &t.name)?,
+                n,
+                &t.name,
+            )?;
+            Some((q_w0, dw))
+        }
+        None => None,
+    };
+    let report = TensorReport::measure(
+        &t.name,
+        ggml_type.name().to_string(),
+        fallback,
+        bytes.len() as u64,
+        &merged.values,
+        &qw,
+        changed
+            .as_ref()
+            .map(|(q_w0, dw)| (merged.base.as_slice(), q_w0.as_slice(), dw.as_slice())),
+    );
+    Ok((bytes, report))
+}
+
+fn sha256_file(path: &Path) -> Result<String, ConvertError> {
+    let io = |source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// lorafold.* keys: where the output came from and how it was made. Only
+/// inputs and options go in (no paths or times), so outputs are reproducible.
+fn provenance(
+    opts: &ConvertOptions,
+    base: &BaseModel,
+    adapter: Option<&PeftAdapter>,
+) -> Result<Vec<(String, MetadataValue<'static>)>, ConvertError> {
+    let mut md = vec![(
+        "lorafold.version".to_string(),
+        MetadataValue::string(VERSION),
+    )];
+    let base_files: Vec<PathBuf> = if base.path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&base.path)
+            .map_err(|source| ConvertError::Io {
+                path: base.path.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "safetensors" || e == "json")
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![base.path.clone()]
+    };
+    let mut hashes = Vec::new();
+    for f in &base_files {
+        hashes.push(format!(
+            "{}  {}",
+            sha256_file(f)?,
+            f.file_name().unwrap_or_default().to_string_lossy()
+        ));
+    }
+    md.push((
+        "lorafold.base.sha256".into(),
+        MetadataValue::string_array(hashes),
+    ));
+    if let Some(a) = adapter {
+        let cfg = a.dir.join("adapter_config.json");
+        md.push((
+            "lorafold.adapter.sha256".into(),
+            MetadataValue::string_array([
+                format!("{}  adapter_config.json", sha256_file(&cfg)?),
+                format!(
+                    "{}  adapter_model.safetensors",
+                    sha256_file(&a.tensors_path)?
+                ),
+            ]),
+        ));
+        let config_json = serde_json::to_string(&a.config).unwrap_or_default();
+        md.push((
+            "lorafold.adapter.config".into(),
+            MetadataValue::string(config_json),
+        ));
+        md.push((
+            "lorafold.adapter.scales".into(),
+            MetadataValue::string_array(
+                a.modules.iter().map(|m| format!("{}={}", m.path, m.scale)),
+            ),
+        ));
+        md.push((
+            "lorafold.merge.precision".into(),
+            MetadataValue::string("f64 accumulation, rounded once"),
+        ));
+    }
+    md.push((
+        "lorafold.quant.policy".into(),
+        MetadataValue::string(serde_json::to_string(&opts.policy).unwrap_or_default()),
+    ));
+    Ok(md)
+}

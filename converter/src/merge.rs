@@ -1,0 +1,286 @@
+//! The merge: which adapter tensors change which base tensors, and
+//! W = W0 + s·B·A accumulated in f64 and rounded once.
+
+use std::collections::BTreeMap;
+
+use crate::base::{hf_to_gguf_name, BaseModel};
+use crate::peft::{LoraModule, ModuleKind, PeftAdapter, PeftError};
+
+/// An error planning or computing the merge.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// The adapter does not fit the base.
+    #[error("{adapter}: tensor '{tensor}': {problem}")]
+    Mismatch {
+        /// the adapter file
+        adapter: String,
+        /// the adapter tensor
+        tensor: String,
+        /// what does not fit
+        problem: String,
+    },
+    /// An adapter tensor could not be read.
+    #[error(transparent)]
+    Peft(#[from] PeftError),
+    /// A merged value is NaN or infinite.
+    #[error("tensor '{tensor}': the merge produced {what} at element {index}")]
+    NonFinite {
+        /// the GGUF tensor
+        tensor: String,
+        /// NaN or Inf
+        what: &'static str,
+        /// where
+        index: usize,
+    },
+}
+
+/// A LoRA delta on one base tensor.
+#[derive(Debug, Clone)]
+pub struct LoraEdit {
+    /// The adapter module.
+    pub module: LoraModule,
+    /// Rows are permuted as llama.cpp permutes q/k, with this many heads.
+    pub permute_heads: Option<usize>,
+}
+
+/// Everything the adapter does to one output tensor.
+#[derive(Debug, Clone, Default)]
+pub struct TensorEdit {
+    /// A full tensor that replaces the base's (modules_to_save), by adapter key.
+    pub replace: Option<String>,
+    /// A low-rank delta (or DoRA) on top.
+    pub lora: Option<LoraEdit>,
+    /// lora_B.bias (scaled) added to this bias tensor.
+    pub bias: Option<LoraEdit>,
+    /// The tensor is new: the base lacks it (a bias, or an untied output head).
+    pub new_dims: Option<Vec<u64>>,
+}
+
+/// Which output tensors the adapter changes, checked against the base.
+#[derive(Debug, Clone, Default)]
+pub struct MergePlan {
+    /// Edits by GGUF tensor name.
+    pub edits: BTreeMap<String, TensorEdit>,
+    /// Things the user should know (fan_in_fan_out ignored, tie broken).
+    pub notes: Vec<String>,
+}
+
+impl MergePlan {
+    /// Match every adapter module and saved tensor to a base tensor.
+    pub fn new(base: &BaseModel, adapter: &PeftAdapter) -> Result<MergePlan, MergeError> {
+        let file = adapter.tensors_path.display().to_string();
+        let mismatch = |tensor: &str, problem: String| MergeError::Mismatch {
+            adapter: file.clone(),
+            tensor: tensor.into(),
+            problem,
+        };
+        let mut plan = MergePlan::default();
+        if adapter.config.fan_in_fan_out {
+            plan.notes.push("fan_in_fan_out is set, but llama-family projections are nn.Linear, for which PEFT ignores it; so do we".into());
+        }
+        for m in &adapter.modules {
+            let name = match (m.kind, m.path.as_str()) {
+                (ModuleKind::Embedding, "model.embed_tokens") => {
+                    Some("token_embd.weight".to_string())
+                }
+                (ModuleKind::Linear, p) => hf_to_gguf_name(&format!("{p}.weight")),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                mismatch(
+                    &m.key_a,
+                    format!(
+                        "module '{}' has no counterpart in a {} model",
+                        m.path, base.arch
+                    ),
+                )
+            })?;
+            if name == "output.weight" && base.tied_embeddings {
+                return Err(mismatch(&m.key_a, "LoRA on lm_head, but the base ties its output head to the token embedding; merging would change both".into()));
+            }
+            let t = base.tensor(&name).ok_or_else(|| {
+                mismatch(&m.key_a, format!("the base has no tensor '{name}' (an adapter for another base? it has {} layers)", base.shape.n_layers))
+            })?;
+            // GGUF dims are [in, out] for Linear and [dim, vocab] for the embedding.
+            let (want_in, want_out) = match m.kind {
+                ModuleKind::Linear => (t.dims[0], t.dims.get(1).copied().unwrap_or(1)),
+                ModuleKind::Embedding => (t.dims.get(1).copied().unwrap_or(1), t.dims[0]),
+            };
+            if (m.in_features, m.out_features) != (want_in, want_out) {
+                return Err(mismatch(
+                    &m.key_a,
+                    format!(
+                        "adapter maps {} -> {} features but base tensor '{name}' has {want_in} -> {want_out} (an adapter for another base?)",
+                        m.in_features, m.out_features
+                    ),
+                ));
+            }
+            let permute_heads = match (
+                base.arch.permutes_qk(),
+                name.contains(".attn_q."),
+                name.contains(".attn_k."),
+            ) {
+                (true, true, _) => Some(base.shape.n_head),
+                (true, _, true) => Some(base.shape.n_head_kv),
+                _ => None,
+            };
+            let edit = LoraEdit {
+                module: m.clone(),
+                permute_heads,
+            };
+            if m.bias {
+                let bias_name = name.replace(".weight", ".bias");
+                let e = plan.edits.entry(bias_name.clone()).or_default();
+                e.bias = Some(edit.clone());
+                if base.tensor(&bias_name).is_none() {
+                    e.new_dims = Some(vec![m.out_features]);
+                }
+            }
+            plan.edits.entry(name).or_default().lora = Some(edit);
+        }
+        for s in &adapter.saved {
+            let hf = s.name.replace(".base_layer.", ".");
+            let name = hf_to_gguf_name(&hf).ok_or_else(|| {
+                mismatch(
+                    &s.key,
+                    format!(
+                        "saved module '{}' has no counterpart in a {} model",
+                        s.name, base.arch
+                    ),
+                )
+            })?;
+            let dims: Vec<u64> = s.shape.iter().rev().map(|&d| d as u64).collect();
+            let e = plan.edits.entry(name.clone()).or_default();
+            match base.tensor(&name) {
+                Some(t) if t.dims != dims => {
+                    return Err(mismatch(
+                        &s.key,
+                        format!(
+                            "shape {:?} does not match base tensor '{name}' {:?}",
+                            s.shape,
+                            t.shape_torch()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                None if name == "output.weight" && base.tied_embeddings => {
+                    plan.notes.push("the adapter saves its own lm_head, so the output head is untied from the token embedding".into());
+                    e.new_dims = Some(dims);
+                }
+                None => return Err(mismatch(&s.key, format!("the base has no tensor '{name}'"))),
+            }
+            e.replace = Some(s.key.clone());
+        }
+        Ok(plan)
+    }
+}
+
+/// The merged values of one tensor and the delta that was applied (W - W0).
+pub struct Merged {
+    /// W, rounded once to f32.
+    pub values: Vec<f32>,
+    /// W0 (the base values, or the saved replacement).
+    pub base: Vec<f32>,
+    /// W - W0 as applied, when there was a LoRA or bias edit.
+    pub delta: Option<Vec<f32>>,
+}
+
+/// Apply `edit` to `w0` (row-major, rows of `row_len`), accumulating in f64.
+pub fn apply(
+    name: &str,
+    edit: &TensorEdit,
+    w0: Vec<f32>,
+    row_len: usize,
+    adapter: &PeftAdapter,
+) -> Result<Merged, MergeError> {
+    let w0 = match &edit.replace {
+        Some(key) => adapter.values(key)?.0,
+        None => w0,
+    };
+    let Some(e) = edit.lora.as_ref().or(edit.bias.as_ref()) else {
+        return Ok(Merged {
+            values: w0.clone(),
+            base: w0,
+            delta: None,
+        });
+    };
+    let rows = w0.len() / row_len;
+    let mut acc: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
+    let m = &e.module;
+    let s = m.scale;
+    // Source row (HF order) of each destination row.
+    let row_src: Vec<usize> = match e.permute_heads {
+        Some(h) => lorafold_runtime::arch::qk_permutation(rows, h),
+        None => (0..rows).collect(),
+    };
+    if edit.lora.is_some() {
+        let (a, _) = adapter.values(&m.key_a)?;
+        let (b, _) = adapter.values(&m.key_b)?;
+        let r = m.rank as usize;
+        match m.kind {
+            ModuleKind::Linear => {
+                // acc[o, i] += s * sum_k B[src(o), k] * A[k, i]
+                for (o, &src) in row_src.iter().enumerate() {
+                    let row = &mut acc[o * row_len..(o + 1) * row_len];
+                    for k in 0..r {
+                        let bk = s * b[src * r + k] as f64;
+                        let ak = &a[k * row_len..(k + 1) * row_len];
+                        for (x, &av) in row.iter_mut().zip(ak) {
+                            *x += bk * av as f64;
+                        }
+                    }
+                }
+            }
+            ModuleKind::Embedding => {
+                // delta = s * (B A)^T: acc[v, d] += s * sum_k B[d, k] * A[k, v]
+                let vocab = rows;
+                for v in 0..vocab {
+                    let row = &mut acc[v * row_len..(v + 1) * row_len];
+                    for k in 0..r {
+                        let av = s * a[k * vocab + v] as f64;
+                        for (d, x) in row.iter_mut().enumerate() {
+                            *x += av * b[d * r + k] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        if m.dora {
+            let key = m.key_a.replace(".lora_A.weight", ".lora_magnitude_vector");
+            let (mag, _) = adapter
+                .values(&key)
+                .or_else(|_| adapter.values(&format!("{key}.weight")))?;
+            for (o, &src) in row_src.iter().enumerate() {
+                let row = &mut acc[o * row_len..(o + 1) * row_len];
+                let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let f = mag[src] as f64 / norm;
+                row.iter_mut().for_each(|x| *x *= f);
+            }
+        }
+    } else {
+        // A bias edit: acc[o] += s * bias[src(o)]
+        let key = m.key_b.replace(".lora_B.weight", ".lora_B.bias");
+        let (bias, _) = adapter.values(&key)?;
+        for (o, &src) in row_src.iter().enumerate() {
+            acc[o] += s * bias[src] as f64;
+        }
+    }
+    let mut values = Vec::with_capacity(acc.len());
+    for (i, &x) in acc.iter().enumerate() {
+        let v = x as f32;
+        if !v.is_finite() {
+            return Err(MergeError::NonFinite {
+                tensor: name.into(),
+                what: if v.is_nan() { "NaN" } else { "Inf" },
+                index: i,
+            });
+        }
+        values.push(v);
+    }
+    let delta = values.iter().zip(&w0).map(|(w, b)| w - b).collect();
+    Ok(Merged {
+        values,
+        base: w0,
+        delta: Some(delta),
+    })
+}

@@ -1,0 +1,190 @@
+//! What a conversion did, per tensor and in total: types, errors, retention.
+
+use serde::Serialize;
+
+/// One output tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    /// GGUF name.
+    pub name: String,
+    /// Type written.
+    pub ggml_type: String,
+    /// Why the type differs from the policy's first choice, if it does.
+    pub fallback: Option<String>,
+    /// Elements.
+    pub n_elements: u64,
+    /// Bytes written.
+    pub n_bytes: u64,
+    /// ||Q(W) - W|| / ||W|| against the exact merge.
+    pub rel_error: f64,
+    /// <Q(W0 + dW) - Q(W0), dW> / ||dW||^2, for tensors the adapter changed.
+    pub retention: Option<f64>,
+    /// ||dW|| / ||W0||, for tensors the adapter changed.
+    pub delta_rel_norm: Option<f64>,
+    /// <Q(W0 + dW) - Q(W0), dW> and ||dW||^2, kept to pool retention over tensors.
+    #[serde(skip)]
+    pub retention_terms: Option<(f64, f64)>,
+}
+
+impl TensorReport {
+    /// Measure tensor `name`: `w` the exact merge, `qw` its quantized values,
+    /// and for changed tensors `w0`, `q_w0` and the delta `dw`.
+    pub fn measure(
+        name: &str,
+        ggml_type: String,
+        fallback: Option<String>,
+        n_bytes: u64,
+        w: &[f32],
+        qw: &[f32],
+        changed: Option<(&[f32], &[f32], &[f32])>,
+    ) -> TensorReport {
+        let (mut err2, mut norm2) = (0f64, 0f64);
+        for (&a, &q) in w.iter().zip(qw) {
+            err2 += (q as f64 - a as f64).powi(2);
+            norm2 += (a as f64).powi(2);
+        }
+        let rel_error = if norm2 > 0.0 {
+            (err2 / norm2).sqrt()
+        } else {
+            err2.sqrt()
+        };
+        let (mut retention, mut delta_rel_norm, mut retention_terms) = (None, None, None);
+        if let Some((w0, q_w0, dw)) = changed {
+            let (mut dot, mut d2, mut b2) = (0f64, 0f64, 0f64);
+            for i in 0..dw.len() {
+                let d = dw[i] as f64;
+                dot += (qw[i] as f64 - q_w0[i] as f64) * d;
+                d2 += d * d;
+                b2 += (w0[i] as f64).powi(2);
+            }
+            if d2 > 0.0 {
+                retention = Some(dot / d2);
+                retention_terms = Some((dot, d2));
+            }
+            delta_rel_norm = Some(if b2 > 0.0 {
+                (d2 / b2).sqrt()
+            } else {
+                d2.sqrt()
+            });
+        }
+        TensorReport {
+            name: name.into(),
+            ggml_type,
+            fallback,
+            n_elements: w.len() as u64,
+            n_bytes,
+            rel_error,
+            retention,
+            delta_rel_norm,
+            retention_terms,
+        }
+    }
+}
+
+/// The whole conversion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertReport {
+    /// The output file.
+    pub output: String,
+    /// The base model.
+    pub base: String,
+    /// The adapter folder, if any.
+    pub adapter: Option<String>,
+    /// The policy name (--quant).
+    pub quant: String,
+    /// Every tensor in file order.
+    pub tensors: Vec<TensorReport>,
+    /// Totals.
+    pub totals: Totals,
+    /// Notes: fallbacks, ignored options, untied heads.
+    pub notes: Vec<String>,
+}
+
+/// Totals over the conversion.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Totals {
+    /// Tensors written.
+    pub n_tensors: usize,
+    /// Weights written.
+    pub n_elements: u64,
+    /// Bytes of tensor data.
+    pub tensor_bytes: u64,
+    /// Size of the output file.
+    pub file_size: u64,
+    /// 8 * tensor bytes / weights.
+    pub bits_per_weight: f64,
+    /// Largest per-tensor relative error.
+    pub max_rel_error: f64,
+    /// The tensor with the largest relative error.
+    pub max_rel_error_tensor: String,
+    /// Mean of the per-tensor relative errors, weighted by element count.
+    pub mean_rel_error: f64,
+    /// Retention pooled over the changed tensors: sum <Q(W')-Q(W0), dW> / sum ||dW||^2.
+    pub retention: Option<f64>,
+    /// Unweighted mean of the per-tensor retention.
+    pub mean_retention: Option<f64>,
+    /// Smallest per-tensor retention.
+    pub min_retention: Option<f64>,
+    /// Tensors the adapter changed.
+    pub changed_tensors: usize,
+    /// Tensors whose type fell back.
+    pub fallbacks: usize,
+    /// Wall time of the conversion in seconds.
+    pub wall_seconds: f64,
+    /// Peak resident memory of the process, bytes (Linux).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl Totals {
+    /// Sum up `tensors`.
+    pub fn of(tensors: &[TensorReport]) -> Totals {
+        let mut t = Totals {
+            n_tensors: tensors.len(),
+            ..Totals::default()
+        };
+        let (mut dot, mut d2, mut sum_ret, mut n_ret, mut weighted_err) =
+            (0f64, 0f64, 0f64, 0usize, 0f64);
+        for r in tensors {
+            t.n_elements += r.n_elements;
+            t.tensor_bytes += r.n_bytes;
+            weighted_err += r.rel_error * r.n_elements as f64;
+            if r.rel_error > t.max_rel_error || t.max_rel_error_tensor.is_empty() {
+                t.max_rel_error = r.rel_error;
+                t.max_rel_error_tensor = r.name.clone();
+            }
+            if let Some((a, b)) = r.retention_terms {
+                dot += a;
+                d2 += b;
+            }
+            if let Some(x) = r.retention {
+                sum_ret += x;
+                n_ret += 1;
+                t.min_retention = Some(t.min_retention.map_or(x, |m: f64| m.min(x)));
+            }
+            if r.delta_rel_norm.is_some() {
+                t.changed_tensors += 1;
+            }
+            if r.fallback.is_some() {
+                t.fallbacks += 1;
+            }
+        }
+        t.mean_rel_error = if t.n_elements > 0 {
+            weighted_err / t.n_elements as f64
+        } else {
+            0.0
+        };
+        t.bits_per_weight =
+            lorafold_runtime::summary::bits_per_weight(t.tensor_bytes, t.n_elements);
+        t.retention = (d2 > 0.0).then(|| dot / d2);
+        t.mean_retention = (n_ret > 0).then(|| sum_ret / n_ret as f64);
+        t
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,137 @@
+//! `lorafold convert`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use lorafold_converter::convert::{convert, ConvertError, ConvertOptions};
+use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::report::ConvertReport;
+
+/// Arguments of `lorafold convert`.
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// Base model: a GGUF file or a Hugging Face model folder.
+    #[arg(long)]
+    base: PathBuf,
+    /// PEFT LoRA adapter folder to merge (without it the base is only quantized).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Type or preset: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, q4_k_m, q5_k_m, q4_k_s, q5_k_s.
+    #[arg(long)]
+    quant: String,
+    /// Per-tensor override REGEX=TYPE (first match wins), e.g. 'output\.weight=q8_0'.
+    #[arg(long = "tensor-type", value_name = "REGEX=TYPE")]
+    tensor_type: Vec<String>,
+    /// Output GGUF file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Write the per-tensor report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Fail (no output) if any tensor's relative error ||Q(W)-W||/||W|| exceeds this.
+    #[arg(long)]
+    max_rel_error: Option<f64>,
+    /// Fail (no output) if the adapter retention pooled over changed tensors is below this.
+    #[arg(long)]
+    min_retention: Option<f64>,
+    /// Merge adapters that assume a modified base (PiSSA, OLoRA, LoftQ, QA-LoRA) anyway.
+    #[arg(long)]
+    force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print only the totals, not the per-tensor table.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Run `lorafold convert`.
+pub fn run(args: &ConvertArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up threads")?;
+    }
+    let opts = ConvertOptions {
+        base: args.base.clone(),
+        adapter: args.adapter.clone(),
+        policy: QuantPolicy::parse(&args.quant, &args.tensor_type)?,
+        output: args.output.clone(),
+        force: args.force,
+        max_rel_error: args.max_rel_error,
+        min_retention: args.min_retention,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let progress = move |done: usize, total: usize, name: &str| {
+        if tty {
+            eprint!("\r\x1b[2K[{done:>4}/{total}] {name}");
+            if done == total {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let result = convert(&opts, &progress);
+    let report = match &result {
+        Ok(r) => r,
+        Err(ConvertError::Budget(_, r)) => r.as_ref(),
+        Err(_) => return result.map(|_| ()).map_err(Into::into),
+    };
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(report)?;
+        std::fs::write(path, json).with_context(|| format!("{}", path.display()))?;
+    }
+    print_report(report, args.quiet);
+    result.map(|_| ()).map_err(Into::into)
+}
+
+fn print_report(r: &ConvertReport, quiet: bool) {
+    if !quiet {
+        println!(
+            "{:<32} {:<6} {:>12} {:>10} {:>10} {:>9}",
+            "tensor", "type", "bytes", "rel.err", "retention", "|dW|/|W|"
+        );
+        for t in &r.tensors {
+            println!(
+                "{:<32} {:<6} {:>12} {:>10.3e} {:>10} {:>9}",
+                t.name,
+                t.ggml_type,
+                t.n_bytes,
+                t.rel_error,
+                t.retention.map_or("-".into(), |x| format!("{x:.4}")),
+                t.delta_rel_norm.map_or("-".into(), |x| format!("{x:.2e}")),
+            );
+        }
+    }
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+    let t = &r.totals;
+    println!(
+        "{} tensors, {} weights, {} bytes ({:.3} bpw), file {} bytes",
+        t.n_tensors, t.n_elements, t.tensor_bytes, t.bits_per_weight, t.file_size
+    );
+    println!(
+        "relative error: mean {:.3e}, max {:.3e} ({})",
+        t.mean_rel_error, t.max_rel_error, t.max_rel_error_tensor
+    );
+    if let Some(ret) = t.retention {
+        println!(
+            "adapter retention over {} changed tensors: pooled {:.4}, mean {:.4}, min {:.4}",
+            t.changed_tensors,
+            ret,
+            t.mean_retention.unwrap_or(f64::NAN),
+            t.min_retention.unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "wall {:.2} s, peak RSS {}",
+        t.wall_seconds,
+        t.peak_rss_bytes.map_or("?".into(), |b| format!(
+            "{:.0} MiB",
+            b as f64 / (1 << 20) as f64
+        ))
+    );
+}
