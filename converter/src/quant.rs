@@ -190,7 +190,7 @@ impl QuantPolicy {
             TensorRole::Output => {
                 if base.block_size() == 1 || base == GgmlType::Q8_0 {
                     base
-                } else if row_len % base.block_size() != 0 {
+                } else if !row_len.is_multiple_of(base.block_size()) {
                     GgmlType::Q8_0
                 } else {
                     GgmlType::Q6_K
@@ -223,7 +223,7 @@ fn use_more_bits(i: usize, n: usize) -> bool {
 fn fit(wanted: GgmlType, row_len: u64) -> TypeChoice {
     let mut t = wanted;
     let mut steps = Vec::new();
-    while row_len % t.block_size() != 0 {
+    while !row_len.is_multiple_of(t.block_size()) {
         let next = match t.name() {
             "Q4_K" => GgmlType::Q5_0,
             "Q5_K" => GgmlType::Q5_1,
@@ -249,7 +249,7 @@ fn candle_type(t: GgmlType) -> GgmlDType {
 
 /// Quantize `xs` (row-major, rows of a whole number of blocks) to `t`'s bytes.
 pub fn quantize(t: GgmlType, xs: &[f32], tensor: &str) -> Result<Vec<u8>, QuantError> {
-    if xs.len() as u64 % t.block_size() != 0 {
+    if !(xs.len() as u64).is_multiple_of(t.block_size()) {
         return Err(QuantError::Codec {
             tensor: tensor.into(),
             problem: format!("{} values are not a whole number of {t} blocks", xs.len()),
@@ -285,7 +285,7 @@ pub fn dequantize(
     }
     // candle reinterprets the bytes as blocks, which needs their alignment;
     // a GGUF map gives it, an arbitrary slice may not.
-    let data: Cow<[u8]> = if (bytes.as_ptr() as usize) % 4 == 0 {
+    let data: Cow<[u8]> = if (bytes.as_ptr() as usize).is_multiple_of(4) {
         Cow::Borrowed(bytes)
     } else {
         Cow::Owned(bytes.to_vec())
