@@ -88,15 +88,12 @@ fn bench(c: &mut Criterion) {
         ("chef", "q4_0"),
         ("chef", "q4_k_m"),
     ] {
-        let opts = ConvertOptions {
-            base: base.clone(),
-            adapter: Some(adapters().join(adapter).join("adapter")),
-            policy: QuantPolicy::parse(quant, &[]).unwrap(),
-            output: dir.path().join("out.gguf"),
-            force: false,
-            max_rel_error: None,
-            min_retention: None,
-        };
+        let opts = ConvertOptions::new(
+            base.clone(),
+            Some(adapters().join(adapter).join("adapter")),
+            QuantPolicy::parse(quant, &[]).unwrap(),
+            dir.path().join("out.gguf"),
+        );
         g.bench_function(format!("{adapter}_{quant}"), |b| {
             b.iter(|| convert(&opts, &|_, _, _| {}).unwrap())
         });

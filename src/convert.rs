@@ -55,13 +55,15 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             .context("setting up threads")?;
     }
     let opts = ConvertOptions {
-        base: args.base.clone(),
-        adapter: args.adapter.clone(),
-        policy: QuantPolicy::parse(&args.quant, &args.tensor_type)?,
-        output: args.output.clone(),
         force: args.force,
         max_rel_error: args.max_rel_error,
         min_retention: args.min_retention,
+        ..ConvertOptions::new(
+            &args.base,
+            args.adapter.clone(),
+            QuantPolicy::parse(&args.quant, &args.tensor_type)?,
+            &args.output,
+        )
     };
     let tty = std::io::stderr().is_terminal();
     let progress = move |done: usize, total: usize, name: &str| {

@@ -14,20 +14,17 @@ use lorafold_runtime::gguf::{GgmlType, GgufFile};
 use serde_json::Value;
 
 fn run(adapter: &str, quant: &str, out: &Path) -> ConvertReport {
-    let opts = ConvertOptions {
-        base: common::smollm2().to_path_buf(),
-        adapter: Some(
+    let opts = ConvertOptions::new(
+        common::smollm2().to_path_buf(),
+        Some(
             common::shared_data()
                 .join("smollm2-adapters")
                 .join(adapter)
                 .join("adapter"),
         ),
-        policy: QuantPolicy::parse(quant, &[]).unwrap(),
-        output: out.to_path_buf(),
-        force: false,
-        max_rel_error: None,
-        min_retention: None,
-    };
+        QuantPolicy::parse(quant, &[]).unwrap(),
+        out.to_path_buf(),
+    );
     convert(&opts, &|_, _, _| {}).unwrap()
 }
 

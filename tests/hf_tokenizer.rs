@@ -54,15 +54,12 @@ fn smollm2_tokenizer_round_trips_through_tokenizer_json() {
     std::fs::write(dir.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
 
     let out = dir.path().join("out.gguf");
-    let opts = ConvertOptions {
-        base: dir.path().to_path_buf(),
-        adapter: None,
-        policy: QuantPolicy::parse("f16", &[]).unwrap(),
-        output: out.clone(),
-        force: false,
-        max_rel_error: None,
-        min_retention: None,
-    };
+    let opts = ConvertOptions::new(
+        dir.path().to_path_buf(),
+        None,
+        QuantPolicy::parse("f16", &[]).unwrap(),
+        out.clone(),
+    );
     convert(&opts, &|_, _, _| {}).unwrap();
     let ours = GgufFile::open(&out).unwrap();
     for key in [

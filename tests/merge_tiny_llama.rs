@@ -21,15 +21,12 @@ fn check_adapter(name: &str) {
     let data = common::shared_data().join("tiny-llama");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged.gguf");
-    let opts = ConvertOptions {
-        base: data.join("base"),
-        adapter: Some(data.join(name)),
-        policy: QuantPolicy::parse("f32", &[]).unwrap(),
-        output: out.clone(),
-        force: false,
-        max_rel_error: None,
-        min_retention: None,
-    };
+    let opts = ConvertOptions::new(
+        data.join("base"),
+        Some(data.join(name)),
+        QuantPolicy::parse("f32", &[]).unwrap(),
+        out.clone(),
+    );
     let report = convert(&opts, &|_, _, _| {}).unwrap();
     assert_eq!(
         report.totals.max_rel_error, 0.0,

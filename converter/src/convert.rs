@@ -78,6 +78,26 @@ pub struct ConvertOptions {
     pub min_retention: Option<f64>,
 }
 
+impl ConvertOptions {
+    /// Options with no budget and no --force.
+    pub fn new(
+        base: impl Into<PathBuf>,
+        adapter: Option<PathBuf>,
+        policy: QuantPolicy,
+        output: impl Into<PathBuf>,
+    ) -> ConvertOptions {
+        ConvertOptions {
+            base: base.into(),
+            adapter,
+            policy,
+            output: output.into(),
+            force: false,
+            max_rel_error: None,
+            min_retention: None,
+        }
+    }
+}
+
 /// Called after each tensor is written: (done, total, tensor name).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize, &str) + Sync);
 
