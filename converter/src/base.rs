@@ -466,10 +466,14 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
             "{}: no tokenizer.json; the output carries no tokenizer and llama.cpp cannot run it",
             dir.display()
         )),
+        Err(hf_tokenizer::TokenizerError::Unsupported(why)) => notes.push(format!(
+            "{}: {why}; the output carries no tokenizer",
+            dir.join("tokenizer.json").display()
+        )),
         Err(e) => {
             return Err(BaseError::Invalid {
                 path: dir.join("tokenizer.json"),
-                problem: e,
+                problem: e.to_string(),
             })
         }
     }

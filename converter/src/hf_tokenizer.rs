@@ -16,14 +16,41 @@ const UNUSED: i32 = 5;
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Why a tokenizer.json was not converted.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// A kind of tokenizer we do not convert yet; the model converts without it.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The file is malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<&str> for TokenizerError {
+    fn from(s: &str) -> Self {
+        TokenizerError::Invalid(s.to_string())
+    }
+}
+
+impl From<String> for TokenizerError {
+    fn from(s: String) -> Self {
+        TokenizerError::Invalid(s)
+    }
+}
+
 /// The tokenizer metadata for the HF folder `dir`, or None if it has no
-/// tokenizer.json. Errors are messages about tokenizer.json.
-pub fn gguf_metadata(dir: &Path) -> Result<Option<Vec<(String, MetadataValue<'static>)>>, String> {
+/// tokenizer.json.
+pub fn gguf_metadata(
+    dir: &Path,
+) -> Result<Option<Vec<(String, MetadataValue<'static>)>>, TokenizerError> {
+    use TokenizerError::{Invalid, Unsupported};
     let path = dir.join("tokenizer.json");
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(None);
     };
-    let tok: Value = serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let tok: Value =
+        serde_json::from_str(&text).map_err(|e| Invalid(format!("not valid JSON: {e}")))?;
     let tc: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -35,13 +62,13 @@ pub fn gguf_metadata(dir: &Path) -> Result<Option<Vec<(String, MetadataValue<'st
 
     let model = tok.get("model").ok_or("no 'model' section")?;
     if model.get("type").and_then(Value::as_str) != Some("BPE") {
-        return Err("only BPE tokenizers are supported".into());
+        return Err(Unsupported("only BPE tokenizers are converted".into()));
     }
     if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
-        return Err(
-            "SentencePiece-style BPE (byte_fallback) is not supported yet; only byte-level BPE is"
+        return Err(Unsupported(
+            "SentencePiece-style BPE (byte_fallback) is not converted yet; only byte-level BPE is"
                 .into(),
-        );
+        ));
     }
     let vocab = model
         .get("vocab")
@@ -64,7 +91,7 @@ pub fn gguf_metadata(dir: &Path) -> Result<Option<Vec<(String, MetadataValue<'st
             a.get("id").and_then(Value::as_u64),
             a.get("content").and_then(Value::as_str),
         ) else {
-            return Err("added_tokens entry without id or content".into());
+            return Err(Invalid("added_tokens entry without id or content".into()));
         };
         let special = a.get("special").and_then(Value::as_bool).unwrap_or(false);
         by_id.insert(
@@ -95,7 +122,7 @@ pub fn gguf_metadata(dir: &Path) -> Result<Option<Vec<(String, MetadataValue<'st
     let merges: Vec<String> = model
         .get("merges")
         .and_then(Value::as_array)
-        .ok_or("no model.merges")?
+        .ok_or_else(|| Invalid("no model.merges".into()))?
         .iter()
         .map(|m| match m {
             Value::String(s) => Ok(s.clone()),
@@ -104,7 +131,9 @@ pub fn gguf_metadata(dir: &Path) -> Result<Option<Vec<(String, MetadataValue<'st
                 p[0].as_str().unwrap_or(""),
                 p[1].as_str().unwrap_or("")
             )),
-            other => Err(format!("merge {other} is neither \"a b\" nor [a, b]")),
+            other => Err(Invalid(format!(
+                "merge {other} is neither \"a b\" nor [a, b]"
+            ))),
         })
         .collect::<Result<_, _>>()?;
 
