@@ -402,7 +402,8 @@ impl<'a> Cursor<'a> {
     /// A GGUF string; returns its byte range within `bytes`.
     fn string(&mut self, what: &str, ctx: &Ctx) -> Result<Range<usize>, FormatError> {
         let at = self.pos;
-        let len = self.u64(&format!("length of {what}"), ctx)?;
+        // `what` only matters on error; no per-string formatting on the hot path.
+        let len = self.u64("a string length", ctx)?;
         if len > self.remaining() {
             return Err(self.err(
                 at,
@@ -436,7 +437,7 @@ impl<'a> Cursor<'a> {
     fn skip_value(&mut self, vtype: ValueType, depth: usize, ctx: &Ctx) -> Result<(), FormatError> {
         if let Some(n) = vtype.fixed_size() {
             let at = self.pos;
-            let b = self.take(n as u64, &format!("a {} value", vtype.name()), ctx)?;
+            let b = self.take(n as u64, vtype.name(), ctx)?;
             if vtype == ValueType::Bool && b[0] > 1 {
                 return Err(self.err(at, ctx, format!("bool value {} is neither 0 nor 1", b[0])));
             }
