@@ -3,10 +3,11 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use lorafold_converter::convert::{convert, ConvertError, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::report::ConvertReport;
+use lorafold_runtime::gguf::GgmlType;
 
 /// Arguments of `lorafold convert`.
 #[derive(clap::Args)]
@@ -18,14 +19,28 @@ pub struct ConvertArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Type or preset: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, q4_k_m, q5_k_m, q4_k_s, q5_k_s.
+    /// Needed for the merged and base outputs.
     #[arg(long)]
-    quant: String,
+    quant: Option<String>,
     /// Per-tensor override REGEX=TYPE (first match wins), e.g. 'output\.weight=q8_0'.
     #[arg(long = "tensor-type", value_name = "REGEX=TYPE")]
     tensor_type: Vec<String>,
-    /// Output GGUF file.
+    /// The merged GGUF; with --emit, the folder for the outputs.
     #[arg(short, long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
+    /// Also write the quantized base alone here (the separate path's base).
+    #[arg(long)]
+    base_out: Option<PathBuf>,
+    /// Write the adapter as a llama.cpp LoRA GGUF here (the separate path).
+    #[arg(long)]
+    adapter_out: Option<PathBuf>,
+    /// Type of the adapter GGUF's A and B.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32", "bf16"])]
+    adapter_type: String,
+    /// Write several artifacts from one read of the inputs into the folder -o:
+    /// merged (merged.gguf) and/or separate (base.gguf + adapter.gguf), with report.json.
+    #[arg(long, value_delimiter = ',', value_parser = ["merged", "separate"])]
+    emit: Vec<String>,
     /// Write the per-tensor report as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -54,16 +69,41 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             .build_global()
             .context("setting up threads")?;
     }
+    let mut report_path = args.report.clone();
+    let (output, base_out, adapter_out) = if args.emit.is_empty() {
+        (
+            args.output.clone(),
+            args.base_out.clone(),
+            args.adapter_out.clone(),
+        )
+    } else {
+        let dir = args.output.as_ref().context("--emit needs -o OUTDIR")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        let want = |k: &str| args.emit.iter().any(|e| e == k);
+        report_path.get_or_insert(dir.join("report.json"));
+        (
+            want("merged").then(|| dir.join("merged.gguf")),
+            want("separate").then(|| dir.join("base.gguf")),
+            want("separate").then(|| dir.join("adapter.gguf")),
+        )
+    };
+    if output.is_none() && base_out.is_none() && adapter_out.is_none() {
+        bail!("nothing to write: give -o MERGED.gguf, --base-out, --adapter-out, or --emit with -o OUTDIR");
+    }
+    let policy = match (&args.quant, output.is_some() || base_out.is_some()) {
+        (Some(q), _) => QuantPolicy::parse(q, &args.tensor_type)?,
+        (None, false) => QuantPolicy::parse("f16", &[])?, // unused: only the adapter is written
+        (None, true) => bail!("--quant is needed for the merged and base outputs"),
+    };
     let opts = ConvertOptions {
+        output,
+        base_output: base_out,
+        adapter_output: adapter_out,
+        adapter_type: GgmlType::from_name(&args.adapter_type).context("adapter type")?,
         force: args.force,
         max_rel_error: args.max_rel_error,
         min_retention: args.min_retention,
-        ..ConvertOptions::new(
-            &args.base,
-            args.adapter.clone(),
-            QuantPolicy::parse(&args.quant, &args.tensor_type)?,
-            &args.output,
-        )
+        ..ConvertOptions::new(&args.base, args.adapter.clone(), policy, PathBuf::new())
     };
     let tty = std::io::stderr().is_terminal();
     let progress = move |done: usize, total: usize, name: &str| {
@@ -81,7 +121,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         Err(ConvertError::Budget(_, r)) => r.as_ref(),
         Err(_) => return result.map(|_| ()).map_err(Into::into),
     };
-    if let Some(path) = &args.report {
+    if let Some(path) = &report_path {
         let json = serde_json::to_string_pretty(report)?;
         std::fs::write(path, json).with_context(|| format!("{}", path.display()))?;
     }
@@ -90,7 +130,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
 }
 
 fn print_report(r: &ConvertReport, quiet: bool) {
-    if !quiet {
+    if !quiet && !r.tensors.is_empty() {
         println!(
             "{:<32} {:<6} {:>12} {:>10} {:>10} {:>9}",
             "tensor", "type", "bytes", "rel.err", "retention", "|dW|/|W|"
@@ -110,10 +150,35 @@ fn print_report(r: &ConvertReport, quiet: bool) {
     for n in &r.notes {
         println!("note: {n}");
     }
+    if let Some(a) = &r.adapter_gguf {
+        let folded = a.modules.iter().filter(|m| m.b_factor != 1.0).count();
+        println!(
+            "adapter {}: {} modules, {} alpha {}, {} bytes{}",
+            a.path,
+            a.modules.len(),
+            a.ggml_type,
+            a.alpha,
+            a.file_size,
+            if folded > 0 {
+                format!(", scale folded into B for {folded} modules")
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let (Some(p), Some(size)) = (&r.base_output, r.base_file_size) {
+        println!("base {p}: {size} bytes");
+    }
+    if r.tensors.is_empty() {
+        return;
+    }
     let t = &r.totals;
+    if let Some(p) = &r.output {
+        println!("merged {p}: {} bytes", t.file_size);
+    }
     println!(
-        "{} tensors, {} weights, {} bytes ({:.3} bpw), file {} bytes",
-        t.n_tensors, t.n_elements, t.tensor_bytes, t.bits_per_weight, t.file_size
+        "{} tensors, {} weights, {} bytes of tensor data ({:.3} bpw)",
+        t.n_tensors, t.n_elements, t.tensor_bytes, t.bits_per_weight
     );
     println!(
         "relative error: mean {:.3e}, max {:.3e} ({})",

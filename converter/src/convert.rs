@@ -9,8 +9,9 @@ use lorafold_runtime::gguf::{GgmlType, MetadataValue};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::adapter_gguf::{write_adapter_gguf, AdapterError};
 use crate::base::{BaseError, BaseModel, BaseTensor};
-use crate::gguf_writer::{GgufWriter, WriteError};
+use crate::gguf_writer::{GgufStream, GgufWriter, WriteError};
 use crate::merge::{self, MergeError, MergePlan, TensorEdit};
 use crate::peft::{PeftAdapter, PeftError};
 use crate::quant::{self, QuantError, QuantPolicy, TensorRole};
@@ -37,6 +38,12 @@ pub enum ConvertError {
     /// Writing failed.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The adapter GGUF could not be made.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    /// Nothing to do, or an output needs an input that was not given.
+    #[error("{0}")]
+    Usage(String),
     /// The adapter assumes a modified base.
     #[error("{path}: {what}: this adapter assumes a modified base model (PiSSA/OLoRA/LoftQ/QA-LoRA), so merging it into the original base is wrong; pass --force if the base given is the modified one")]
     ModifiedBase {
@@ -68,8 +75,14 @@ pub struct ConvertOptions {
     pub adapter: Option<PathBuf>,
     /// Quantization policy.
     pub policy: QuantPolicy,
-    /// Output GGUF.
-    pub output: PathBuf,
+    /// The merged GGUF (W0 + s·B·A, quantized), if wanted.
+    pub output: Option<PathBuf>,
+    /// The quantized base alone (for the separate path), if wanted.
+    pub base_output: Option<PathBuf>,
+    /// The adapter as a llama.cpp LoRA GGUF, if wanted.
+    pub adapter_output: Option<PathBuf>,
+    /// Type of the adapter GGUF's tensors (F16, F32 or BF16).
+    pub adapter_type: GgmlType,
     /// Merge adapters that assume a modified base anyway.
     pub force: bool,
     /// Fail if any tensor's relative error exceeds this.
@@ -79,7 +92,7 @@ pub struct ConvertOptions {
 }
 
 impl ConvertOptions {
-    /// Options with no budget and no --force.
+    /// Options for a merged output only, with no budget and no --force.
     pub fn new(
         base: impl Into<PathBuf>,
         adapter: Option<PathBuf>,
@@ -90,7 +103,10 @@ impl ConvertOptions {
             base: base.into(),
             adapter,
             policy,
-            output: output.into(),
+            output: Some(output.into()),
+            base_output: None,
+            adapter_output: None,
+            adapter_type: GgmlType::F16,
             force: false,
             max_rel_error: None,
             min_retention: None,
@@ -109,9 +125,15 @@ struct OutTensor<'a> {
     role: TensorRole,
 }
 
-/// Convert per `opts`, streaming the output; returns the report.
+/// Convert per `opts`, streaming the outputs; returns the report. The
+/// outputs appear together at the end, or not at all.
 pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertReport, ConvertError> {
     let start = Instant::now();
+    if opts.output.is_none() && opts.base_output.is_none() && opts.adapter_output.is_none() {
+        return Err(ConvertError::Usage(
+            "nothing to write: give a merged output, a base output or an adapter output".into(),
+        ));
+    }
     let base = BaseModel::open(&opts.base)?;
     let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
     if let Some(a) = &adapter {
@@ -126,7 +148,28 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         Some(a) => MergePlan::new(&base, a)?,
         None => MergePlan::default(),
     };
+    let provenance = provenance(opts, &base, adapter.as_ref())?;
 
+    let adapter_file = match (&opts.adapter_output, &adapter) {
+        (Some(path), Some(a)) => Some(write_adapter_gguf(
+            &base,
+            a,
+            &plan,
+            path,
+            opts.adapter_type,
+            &provenance,
+        )?),
+        (Some(_), None) => {
+            return Err(ConvertError::Usage(
+                "an adapter output needs --adapter".into(),
+            ))
+        }
+        (None, _) => None,
+    };
+
+    // Only the merged output carries the adapter's edits; a base-only pass
+    // measures the base's own quantization.
+    let merging = opts.output.is_some();
     let mut out: Vec<OutTensor> = base
         .tensors
         .iter()
@@ -134,19 +177,21 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             name: t.name.clone(),
             dims: t.dims.clone(),
             base: Some(t),
-            edit: plan.edits.get(&t.name),
+            edit: plan.edits.get(&t.name).filter(|_| merging),
             role: TensorRole::Other,
         })
         .collect();
-    for (name, e) in &plan.edits {
-        if let Some(dims) = &e.new_dims {
-            out.push(OutTensor {
-                name: name.clone(),
-                dims: dims.clone(),
-                base: None,
-                edit: Some(e),
-                role: TensorRole::Other,
-            });
+    if merging {
+        for (name, e) in &plan.edits {
+            if let Some(dims) = &e.new_dims {
+                out.push(OutTensor {
+                    name: name.clone(),
+                    dims: dims.clone(),
+                    base: None,
+                    edit: Some(e),
+                    role: TensorRole::Other,
+                });
+            }
         }
     }
     let has_output = out.iter().any(|t| t.name == "output.weight");
@@ -154,62 +199,59 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     for t in &mut out {
         t.role = role(&t.name, t.dims.len(), has_output, n_layers);
     }
-
-    let mut w = GgufWriter::new(&opts.output);
-    for (k, v) in base.metadata() {
-        if k.starts_with("lorafold.")
-            || matches!(
-                k.as_str(),
-                "general.file_type" | "general.quantization_version" | "general.alignment"
-            )
-        {
-            continue;
-        }
-        w.add_metadata(&k, &v)?;
-    }
-    w.add_metadata(
-        "general.file_type",
-        &MetadataValue::U32(opts.policy.file_type()),
-    )?;
-    w.add_metadata("general.quantization_version", &MetadataValue::U32(2))?;
-    for (k, v) in provenance(opts, &base, adapter.as_ref())? {
-        w.add_metadata(&k, &v)?;
-    }
     let choices: Vec<_> = out
         .iter()
         .map(|t| opts.policy.choose(&t.name, t.role, t.dims[0]))
         .collect();
-    for (t, c) in out.iter().zip(&choices) {
-        w.add_tensor(&t.name, c.ggml_type, &t.dims)?;
-    }
-    let mut stream = w.start()?;
+    let base_tensors = out.iter().zip(&choices).filter(|(t, _)| t.base.is_some());
+    let mut merged_stream = match &opts.output {
+        Some(path) => Some(start_model(
+            path,
+            &base,
+            opts,
+            &provenance,
+            out.iter().zip(&choices),
+        )?),
+        None => None,
+    };
+    let mut base_stream = match &opts.base_output {
+        Some(path) => Some(start_model(path, &base, opts, &provenance, base_tensors)?),
+        None => None,
+    };
 
     // Batches as wide as the thread pool keep every core busy while bounding
     // memory to a few tensors in flight; results are written in order, so the
     // output does not depend on scheduling.
-    let batch = rayon::current_num_threads().max(1) * 2;
     let mut reports = Vec::with_capacity(out.len());
-    let total = out.len();
-    for (chunk_i, chunk) in out.chunks(batch).enumerate() {
-        let results: Vec<Result<(Vec<u8>, TensorReport), ConvertError>> = chunk
-            .par_iter()
-            .enumerate()
-            .map(|(j, t)| {
-                let choice = &choices[chunk_i * batch + j];
-                process(
-                    t,
-                    choice.ggml_type,
-                    choice.fallback.clone(),
-                    &base,
-                    adapter.as_ref(),
-                )
-            })
-            .collect();
-        for (t, r) in chunk.iter().zip(results) {
-            let (bytes, report) = r?;
-            stream.write_tensor(&t.name, &bytes)?;
-            reports.push(report);
-            progress(reports.len(), total, &t.name);
+    if merged_stream.is_some() || base_stream.is_some() {
+        let batch = rayon::current_num_threads().max(1) * 2;
+        let total = out.len();
+        for (chunk_i, chunk) in out.chunks(batch).enumerate() {
+            let results: Vec<Result<Processed, ConvertError>> = chunk
+                .par_iter()
+                .enumerate()
+                .map(|(j, t)| {
+                    let choice = &choices[chunk_i * batch + j];
+                    process(
+                        t,
+                        choice.ggml_type,
+                        choice.fallback.clone(),
+                        &base,
+                        adapter.as_ref(),
+                    )
+                })
+                .collect();
+            for (t, r) in chunk.iter().zip(results) {
+                let p = r?;
+                if let Some(s) = merged_stream.as_mut() {
+                    s.write_tensor(&t.name, &p.bytes)?;
+                }
+                if let (Some(s), true) = (base_stream.as_mut(), t.base.is_some()) {
+                    s.write_tensor(&t.name, p.base_bytes.as_ref().unwrap_or(&p.bytes))?;
+                }
+                reports.push(p.report);
+                progress(reports.len(), total, &t.name);
+            }
         }
     }
 
@@ -221,12 +263,15 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             .filter_map(|r| r.fallback.as_ref().map(|f| format!("{}: {f}", r.name))),
     );
     let mut report = ConvertReport {
-        output: opts.output.display().to_string(),
+        output: opts.output.as_ref().map(|p| p.display().to_string()),
+        base_output: opts.base_output.as_ref().map(|p| p.display().to_string()),
         base: opts.base.display().to_string(),
         adapter: opts.adapter.as_ref().map(|p| p.display().to_string()),
         quant: opts.policy.name.clone(),
         totals: Totals::of(&reports),
         tensors: reports,
+        base_file_size: None,
+        adapter_gguf: adapter_file.as_ref().map(|(_, r)| r.clone()),
         notes,
     };
     let mut broken = Vec::new();
@@ -245,15 +290,58 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             ));
         }
     }
-    report.totals.wall_seconds = start.elapsed().as_secs_f64();
     report.totals.peak_rss_bytes = peak_rss_bytes();
     if !broken.is_empty() {
-        drop(stream);
+        report.totals.wall_seconds = start.elapsed().as_secs_f64();
         return Err(ConvertError::Budget(broken.join("; "), Box::new(report)));
     }
-    report.totals.file_size = stream.finish()?;
+    // Every output is complete; rename them into place.
+    if let Some(s) = merged_stream {
+        report.totals.file_size = s.finish()?;
+    }
+    if let Some(s) = base_stream {
+        report.base_file_size = Some(s.finish()?);
+    }
+    if let (Some((s, _)), Some(r)) = (adapter_file, report.adapter_gguf.as_mut()) {
+        r.file_size = s.finish()?;
+    }
     report.totals.wall_seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Declare a model GGUF (the base's metadata, our provenance, the tensors) and
+/// start its stream.
+fn start_model<'a>(
+    path: &Path,
+    base: &BaseModel,
+    opts: &ConvertOptions,
+    provenance: &[(String, MetadataValue<'static>)],
+    tensors: impl Iterator<Item = (&'a OutTensor<'a>, &'a quant::TypeChoice)>,
+) -> Result<GgufStream, ConvertError> {
+    let mut w = GgufWriter::new(path);
+    for (k, v) in base.metadata() {
+        if k.starts_with("lorafold.")
+            || matches!(
+                k.as_str(),
+                "general.file_type" | "general.quantization_version" | "general.alignment"
+            )
+        {
+            continue;
+        }
+        w.add_metadata(&k, &v)?;
+    }
+    w.add_metadata(
+        "general.file_type",
+        &MetadataValue::U32(opts.policy.file_type()),
+    )?;
+    w.add_metadata("general.quantization_version", &MetadataValue::U32(2))?;
+    for (k, v) in provenance {
+        w.add_metadata(k, v)?;
+    }
+    for (t, c) in tensors {
+        w.add_tensor(&t.name, c.ggml_type, &t.dims)?;
+    }
+    Ok(w.start()?)
 }
 
 fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorRole {
@@ -282,6 +370,15 @@ fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorR
     }
 }
 
+/// One tensor, merged, quantized and measured.
+struct Processed {
+    /// The merged tensor's bytes.
+    bytes: Vec<u8>,
+    /// The base tensor's bytes, where they differ from `bytes`.
+    base_bytes: Option<Vec<u8>>,
+    report: TensorReport,
+}
+
 /// Merge, quantize and measure one tensor.
 fn process(
     t: &OutTensor,
@@ -289,7 +386,7 @@ fn process(
     fallback: Option<String>,
     base: &BaseModel,
     adapter: Option<&PeftAdapter>,
-) -> Result<(Vec<u8>, TensorReport), ConvertError> {
+) -> Result<Processed, ConvertError> {
     let n: usize = t.dims.iter().product::<u64>() as usize;
     let w0 = match t.base {
         Some(b) => base.values(b)?,
@@ -306,18 +403,16 @@ fn process(
     };
     let bytes = quant::quantize(ggml_type, &merged.values, &t.name)?;
     let qw = quant::dequantize(ggml_type, &bytes, n, &t.name)?;
-    let changed = match &merged.delta {
-        Some(dw) => {
-            let q_w0 = quant::dequantize(
-                ggml_type,
-                &quant::quantize(ggml_type, &merged.base, &t.name)?,
-                n,
-                &t.name,
-            )?;
-            Some((q_w0, dw))
-        }
-        None => None,
-    };
+    let mut base_bytes = None;
+    let mut changed = None;
+    if let Some(dw) = &merged.delta {
+        let b = quant::quantize(ggml_type, &merged.base, &t.name)?;
+        changed = Some((quant::dequantize(ggml_type, &b, n, &t.name)?, dw));
+        base_bytes = Some(b);
+    } else if merged.base.len() == n && t.edit.is_some_and(|e| e.replace.is_some()) {
+        // A saved tensor replaced the base's: the base file keeps the base's.
+        base_bytes = Some(quant::quantize(ggml_type, &merged.base, &t.name)?);
+    }
     let report = TensorReport::measure(
         &t.name,
         ggml_type.name().to_string(),
@@ -329,7 +424,11 @@ fn process(
             .as_ref()
             .map(|(q_w0, dw)| (merged.base.as_slice(), q_w0.as_slice(), dw.as_slice())),
     );
-    Ok((bytes, report))
+    Ok(Processed {
+        bytes,
+        base_bytes,
+        report,
+    })
 }
 
 fn sha256_file(path: &Path) -> Result<String, ConvertError> {

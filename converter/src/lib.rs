@@ -1,6 +1,7 @@
 //! lorafold's release side: read bases and PEFT adapters, merge, quantize, and
 //! stream GGUF files out.
 
+pub mod adapter_gguf;
 pub mod base;
 pub mod convert;
 pub mod gguf_writer;

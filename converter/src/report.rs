@@ -84,8 +84,14 @@ impl TensorReport {
 /// The whole conversion.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConvertReport {
-    /// The output file.
-    pub output: String,
+    /// The merged output file, if written.
+    pub output: Option<String>,
+    /// The quantized base file (separate path), if written.
+    pub base_output: Option<String>,
+    /// Size of the base file.
+    pub base_file_size: Option<u64>,
+    /// The adapter GGUF (separate path), if written.
+    pub adapter_gguf: Option<crate::adapter_gguf::AdapterReport>,
     /// The base model.
     pub base: String,
     /// The adapter folder, if any.
