@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Create (once) a Python venv in the lorafold cache with llama.cpp's own GGUF
-# reader (PyPI `gguf`), used by the compatibility tests; print its python.
+# reader (PyPI `gguf`), and with --llama also llama.cpp itself (PyPI
+# `llama-cpp-python`, which pip builds from source: minutes, once); print its
+# python. Used by the compatibility tests.
 set -euo pipefail
 cache="${LORAFOLD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafold}"
 venv="$cache/venv"
-stamp="$venv/.lorafold-ready-gguf-0.19.0"
 mkdir -p "$cache"
 exec 9>"$cache/venv.lock"
 flock 9
-if [ ! -f "$stamp" ]; then
+pip() { "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >&2; }
+if [ ! -f "$venv/.lorafold-ready-gguf-0.19.0" ]; then
   python3 -m venv "$venv" >&2
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" >&2
-  touch "$stamp"
+  pip "gguf==0.19.0"
+  touch "$venv/.lorafold-ready-gguf-0.19.0"
+fi
+if [ "${1:-}" = "--llama" ] && [ ! -f "$venv/.lorafold-ready-llama-cpp-python-0.3.36" ]; then
+  pip "llama-cpp-python==0.3.36"
+  touch "$venv/.lorafold-ready-llama-cpp-python-0.3.36"
 fi
 echo "$venv/bin/python"

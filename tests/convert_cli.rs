@@ -280,3 +280,56 @@ fn same_inputs_give_identical_files() {
     }
     assert!(outputs[0] == outputs[1], "thread count changed the output");
 }
+
+#[test]
+fn emit_writes_all_artifacts_and_a_shareable_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("release");
+    let base = tiny().join("base");
+    let o = lorafold()
+        .args([
+            "convert",
+            "--quant",
+            "q8_0",
+            "--emit",
+            "merged,separate",
+            "-q",
+            "--base",
+        ])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(tiny().join("lora_all"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut listing: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listing.sort();
+    assert_eq!(
+        listing,
+        ["adapter.gguf", "base.gguf", "merged.gguf", "report.json"]
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["adapter_gguf"]["modules"].as_array().unwrap().len(),
+        21
+    );
+    assert_eq!(report["totals"]["changed_tensors"], 21);
+    // The base records nothing of the adapter: it is the same file as the base
+    // quantized alone, so every adapter's release shares it.
+    let (code, err, _, alone) = convert(&["--base", base.to_str().unwrap(), "--quant", "q8_0"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        std::fs::read(out.join("base.gguf")).unwrap()
+            == std::fs::read(alone.path().join("out.gguf")).unwrap()
+    );
+    assert!(
+        std::fs::read(out.join("merged.gguf")).unwrap()
+            != std::fs::read(out.join("base.gguf")).unwrap()
+    );
+}

@@ -215,7 +215,23 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         None => None,
     };
     let mut base_stream = match &opts.base_output {
-        Some(path) => Some(start_model(path, &base, opts, &provenance, base_tensors)?),
+        // The base is shared by every adapter, so it records nothing of this one.
+        Some(path) => {
+            let base_provenance: Vec<_> = provenance
+                .iter()
+                .filter(|(k, _)| {
+                    !k.starts_with("lorafold.adapter.") && !k.starts_with("lorafold.merge.")
+                })
+                .cloned()
+                .collect();
+            Some(start_model(
+                path,
+                &base,
+                opts,
+                &base_provenance,
+                base_tensors,
+            )?)
+        }
         None => None,
     };
 

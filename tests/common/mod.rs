@@ -10,8 +10,9 @@ pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn script_output(script: &str) -> PathBuf {
+fn script_output(script: &str, args: &[&str]) -> PathBuf {
     let out = Command::new(repo().join("scripts").join(script))
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running scripts/{script}: {e}"));
     assert!(
@@ -41,18 +42,29 @@ pub fn shared_data() -> PathBuf {
 /// SmolLM2-135M-Instruct Q4_1, fetched into the cache on first use.
 pub fn smollm2() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| script_output("fetch-smollm2.sh"))
+    P.get_or_init(|| script_output("fetch-smollm2.sh", &[]))
 }
 
 /// A Python with llama.cpp's `gguf` package, set up on first use.
 pub fn python() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| script_output("python-env.sh"))
+    P.get_or_init(|| script_output("python-env.sh", &[]))
+}
+
+/// A Python with `gguf` and llama.cpp (`llama-cpp-python`), built on first use.
+pub fn python_llama() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| script_output("python-env.sh", &["--llama"]))
 }
 
 /// Run `python -c code args...` and return its stdout, failing the test on error.
 pub fn run_python(code: &str, args: &[&Path]) -> String {
-    let out = Command::new(python())
+    run_python_with(python(), code, args)
+}
+
+/// Run `python -c code args...` with the given python.
+pub fn run_python_with(python: &Path, code: &str, args: &[&Path]) -> String {
+    let out = Command::new(python)
         .arg("-c")
         .arg(code)
         .args(args)
