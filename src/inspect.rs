@@ -136,6 +136,9 @@ fn print_gguf(s: &GgufSummary) {
             }),
             a.targets.len()
         );
+        if let Some(b) = &a.base {
+            println!("  for base      {b}");
+        }
     }
     println!();
     println!(

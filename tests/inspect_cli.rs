@@ -265,6 +265,8 @@ fn gguf_lora_adapter_summary() {
         .unwrap();
     w.add_metadata("general.type", &"adapter".into()).unwrap();
     w.add_metadata("adapter.type", &"lora".into()).unwrap();
+    w.add_metadata("general.base_model.0.name", &"SmolLM2 135M Instruct".into())
+        .unwrap();
     w.add_metadata("adapter.lora.alpha", &MetadataValue::F32(16.0))
         .unwrap();
     let shapes: [(&str, u64, u64); 2] = [
@@ -292,7 +294,8 @@ fn gguf_lora_adapter_summary() {
     assert_eq!(
         v["adapter"],
         json!({"adapter_type": "lora", "alpha": 16.0, "rank": [4, 8],
-               "targets": ["blk.0.attn_q.weight", "blk.0.attn_v.weight"]})
+               "targets": ["blk.0.attn_q.weight", "blk.0.attn_v.weight"],
+               "base": "SmolLM2 135M Instruct"})
     );
     assert_eq!(v["totals"]["n_elements"], 2 * 576 * 8 + 2 * 576 * 4);
 }

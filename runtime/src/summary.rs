@@ -88,6 +88,9 @@ pub struct AdapterSummary {
     pub rank: Option<(u64, u64)>,
     /// Base tensor names that the adapter changes.
     pub targets: Vec<String>,
+    /// The base it belongs to: `general.base_model.0.name` (llama.cpp's
+    /// converter) or the base file's sha256 that lorafold recorded.
+    pub base: Option<String>,
 }
 
 /// One tensor.
@@ -198,6 +201,13 @@ impl GgufSummary {
                     .iter()
                     .map(|t| t.name.trim_end_matches(".lora_a").to_string())
                     .collect(),
+                base: file
+                    .get_str("general.base_model.0.name")
+                    .map(|s| s.into_owned())
+                    .or_else(|| {
+                        file.get_strings("lorafold.base.sha256")
+                            .and_then(|v| v.first().map(|s| format!("sha256 {s}")))
+                    }),
             }
         });
         let tensors: Vec<TensorSummary> = file
