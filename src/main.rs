@@ -2,6 +2,7 @@
 
 mod convert;
 mod inspect;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Merge a PEFT adapter into a base and quantize to one GGUF (or quantize a base alone).
     Convert(convert::ConvertArgs),
+    /// Generate text with a GGUF model, optionally with LoRA adapters attached.
+    Run(run::RunArgs),
     /// Describe a GGUF model or adapter, a PEFT adapter folder, or a safetensors file / HF model folder.
     Inspect(inspect::InspectArgs),
 }
@@ -31,6 +34,7 @@ fn main() {
     let result = match cli.command {
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Run(args) => run::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", one_line(&e));

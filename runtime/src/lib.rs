@@ -4,3 +4,8 @@
 pub mod arch;
 pub mod gguf;
 pub mod summary;
+pub mod mapped;
+pub mod tokenizer;
+pub mod lora;
+pub mod model;
+pub mod generate;

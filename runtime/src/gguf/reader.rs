@@ -213,6 +213,11 @@ impl GgufFile {
         self.data_offset
     }
 
+    /// The whole file's bytes (the map).
+    pub fn raw_bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
     /// Size of the whole file in bytes.
     pub fn file_size(&self) -> u64 {
         self.storage.bytes().len() as u64

@@ -1,0 +1,166 @@
+//! Sampling and the generation loop: prefill, then one token at a time.
+
+use std::time::{Duration, Instant};
+
+use crate::model::{logits_row, RuntimeError, Session};
+use crate::tokenizer::Tokenizer;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone)]
+pub struct SamplerConfig {
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// Keep the k most likely (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1: all).
+    pub top_p: f64,
+    /// Divide positive logits (multiply negative ones) of tokens already seen.
+    pub repeat_penalty: f32,
+    /// Seed for the sampler's generator.
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, repeat_penalty: 1.0, seed: 299792458 }
+    }
+}
+
+/// Chooses tokens from logits; deterministic for a seed.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    config: SamplerConfig,
+    state: u64,
+}
+
+impl Sampler {
+    /// A sampler with its own seeded generator.
+    pub fn new(config: SamplerConfig) -> Sampler {
+        let state = config.seed ^ 0x9E37_79B9_7F4A_7C15;
+        Sampler { config, state }
+    }
+
+    // splitmix64: small, fast and fully determined by the seed.
+    fn next_f64(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The next token from `logits`, given the tokens so far.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let c = &self.config;
+        if c.repeat_penalty != 1.0 {
+            for &t in history {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / c.repeat_penalty } else { *l * c.repeat_penalty };
+                }
+            }
+        }
+        let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &l)| if l > m.1 { (i, l) } else { m }).0 as u32;
+        if c.temperature <= 0.0 {
+            return argmax();
+        }
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if c.top_k > 0 {
+            idx.truncate(c.top_k);
+        }
+        let max = logits[idx[0]] as f64;
+        let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / c.temperature).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if c.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|p| {
+                acc += p;
+                acc >= c.top_p
+            });
+            let keep = keep.map_or(probs.len(), |k| k + 1);
+            probs.truncate(keep);
+            let s: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= s);
+        }
+        let mut r = self.next_f64();
+        for (p, &i) in probs.iter().zip(&idx) {
+            r -= p;
+            if r <= 0.0 {
+                return i as u32;
+            }
+        }
+        idx[probs.len() - 1] as u32
+    }
+}
+
+/// Timings of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated: usize,
+    /// Prefill time (prompt forward, including the first token's logits).
+    pub prefill: Duration,
+    /// Time from the start to the first generated token.
+    pub time_to_first_token: Duration,
+    /// Time of the decode steps after the first token.
+    pub decode: Duration,
+}
+
+impl GenerationStats {
+    /// Prompt tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    /// Generated tokens per second after the first.
+    pub fn decode_tps(&self) -> f64 {
+        self.generated.saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Generate up to `max_new` tokens after `prompt`, calling `on_token` with
+/// each token's text as it comes; stops at end-of-turn ids or `stop` strings.
+pub fn generate(
+    session: &mut Session<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: &[String],
+    on_token: &mut dyn FnMut(&str),
+) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
+    let start = Instant::now();
+    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut history = prompt.to_vec();
+    let mut out = Vec::new();
+    let mut text = String::new();
+    let mut logits = logits_row(&session.forward(prompt, false)?, 0)?;
+    stats.prefill = start.elapsed();
+    let decode_start = Instant::now();
+    while out.len() < max_new {
+        let next = sampler.sample(&mut logits, &history);
+        if out.is_empty() {
+            stats.time_to_first_token = start.elapsed();
+        }
+        if tokenizer.stop_ids.contains(&next) {
+            break;
+        }
+        out.push(next);
+        history.push(next);
+        // Decode the whole tail so multi-byte characters come out whole.
+        let full = tokenizer.decode(&out).unwrap_or_default();
+        if full.len() > text.len() && full.is_char_boundary(text.len()) {
+            on_token(&full[text.len()..]);
+            text = full;
+        }
+        if stop.iter().any(|s| !s.is_empty() && text.ends_with(s.as_str())) || out.len() == max_new {
+            break;
+        }
+        logits = logits_row(&session.forward(&[next], false)?, 0)?;
+    }
+    stats.generated = out.len();
+    stats.decode = decode_start.elapsed().saturating_sub(Duration::ZERO);
+    Ok((out, stats))
+}
