@@ -63,7 +63,10 @@ pub fn device(spec: &str) -> Result<Device> {
         "cpu" => Device::Cpu,
         "metal" => Device::new_metal(0).context("metal device (build with --features metal)")?,
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let n = s.strip_prefix("cuda:").map_or(Ok(0), str::parse).context("cuda device number")?;
+            let n = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse)
+                .context("cuda device number")?;
             Device::new_cuda(n).context("cuda device (build with --features cuda)")?
         }
         other => bail!("unknown device '{other}' (cpu, cuda[:N], metal)"),
@@ -75,7 +78,10 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
         // candle's kernels size their work by RAYON_NUM_THREADS.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up threads")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up threads")?;
     }
     Ok(())
 }
@@ -112,13 +118,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut sampler = Sampler::new(sampler_config);
     let turns: Vec<String> = match (&args.prompt, args.chat) {
         (Some(p), _) => vec![p.clone()],
-        (None, true) => std::io::stdin().lock().lines().collect::<std::io::Result<_>>()?,
+        (None, true) => std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()?,
         (None, false) => bail!("give a prompt with -p, or --chat to read turns from stdin"),
     };
     let mut stdout = std::io::stdout();
     for turn in turns {
         let text = if args.chat {
-            tokenizer.chat_prompt(&turn).context("the model has no chat template lorafold knows (ChatML, Llama 3)")?
+            tokenizer
+                .chat_prompt(&turn)
+                .context("the model has no chat template lorafold knows (ChatML, Llama 3)")?
         } else {
             turn
         };
@@ -126,10 +137,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if !args.chat {
             print!("{text}");
         }
-        let (_, stats) = generate(&mut session, &tokenizer, &ids, args.n, &mut sampler, &args.stop, &mut |piece| {
-            print!("{piece}");
-            let _ = stdout.flush();
-        })?;
+        let (_, stats) = generate(
+            &mut session,
+            &tokenizer,
+            &ids,
+            args.n,
+            &mut sampler,
+            &args.stop,
+            &mut |piece| {
+                print!("{piece}");
+                let _ = stdout.flush();
+            },
+        )?;
         println!();
         eprintln!(
             "load {:.0} ms | ttft {:.0} ms | prefill {} tok at {:.1} tok/s | decode {} tok at {:.1} tok/s",

@@ -22,7 +22,13 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, repeat_penalty: 1.0, seed: 299792458 }
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repeat_penalty: 1.0,
+            seed: 299792458,
+        }
     }
 }
 
@@ -55,11 +61,24 @@ impl Sampler {
         if c.repeat_penalty != 1.0 {
             for &t in history {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / c.repeat_penalty } else { *l * c.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / c.repeat_penalty
+                    } else {
+                        *l * c.repeat_penalty
+                    };
                 }
             }
         }
-        let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &l)| if l > m.1 { (i, l) } else { m }).0 as u32;
+        let argmax = || {
+            logits
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |m, (i, &l)| if l > m.1 { (i, l) } else { m },
+                )
+                .0 as u32
+        };
         if c.temperature <= 0.0 {
             return argmax();
         }
@@ -69,7 +88,10 @@ impl Sampler {
             idx.truncate(c.top_k);
         }
         let max = logits[idx[0]] as f64;
-        let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / c.temperature).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i] as f64 - max) / c.temperature).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if c.top_p < 1.0 {
@@ -132,7 +154,10 @@ pub fn generate(
     on_token: &mut dyn FnMut(&str),
 ) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
     let start = Instant::now();
-    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
     let mut history = prompt.to_vec();
     let mut out = Vec::new();
     let mut text = String::new();
@@ -155,7 +180,11 @@ pub fn generate(
             on_token(&full[text.len()..]);
             text = full;
         }
-        if stop.iter().any(|s| !s.is_empty() && text.ends_with(s.as_str())) || out.len() == max_new {
+        if stop
+            .iter()
+            .any(|s| !s.is_empty() && text.ends_with(s.as_str()))
+            || out.len() == max_new
+        {
             break;
         }
         logits = logits_row(&session.forward(&[next], false)?, 0)?;

@@ -2,10 +2,10 @@
 //! generation and measurement.
 
 pub mod arch;
-pub mod gguf;
-pub mod summary;
-pub mod mapped;
-pub mod tokenizer;
-pub mod lora;
-pub mod model;
 pub mod generate;
+pub mod gguf;
+pub mod lora;
+pub mod mapped;
+pub mod model;
+pub mod summary;
+pub mod tokenizer;

@@ -45,17 +45,31 @@ impl LoraAdapter {
         let file = Arc::new(GgufFile::open(path)?);
         let f = file.as_ref();
         let shown = f.path().to_string();
-        let bad = |tensor: &str, problem: String| RuntimeError::Adapter { path: shown.clone(), tensor: tensor.into(), problem };
-        if f.get_str("general.type").as_deref() != Some("adapter") || f.get_str("adapter.type").as_deref() != Some("lora") {
-            return Err(RuntimeError::Model { path: shown.clone(), problem: "not a LoRA adapter (general.type = adapter, adapter.type = lora)".into() });
+        let bad = |tensor: &str, problem: String| RuntimeError::Adapter {
+            path: shown.clone(),
+            tensor: tensor.into(),
+            problem,
+        };
+        if f.get_str("general.type").as_deref() != Some("adapter")
+            || f.get_str("adapter.type").as_deref() != Some("lora")
+        {
+            return Err(RuntimeError::Model {
+                path: shown.clone(),
+                problem: "not a LoRA adapter (general.type = adapter, adapter.type = lora)".into(),
+            });
         }
-        let arch = f.get_str("general.architecture").map(|s| s.into_owned()).unwrap_or_default();
+        let arch = f
+            .get_str("general.architecture")
+            .map(|s| s.into_owned())
+            .unwrap_or_default();
         let alpha = f.get_f64("adapter.lora.alpha").unwrap_or(0.0);
         let cpu = Device::Cpu;
         let mut pairs = BTreeMap::new();
         for ta in f.tensors().iter().filter(|t| t.name.ends_with(".lora_a")) {
             let target = ta.name.trim_end_matches(".lora_a").to_string();
-            let tb = f.tensor(&format!("{target}.lora_b")).ok_or_else(|| bad(&ta.name, "has no matching .lora_b".into()))?;
+            let tb = f
+                .tensor(&format!("{target}.lora_b"))
+                .ok_or_else(|| bad(&ta.name, "has no matching .lora_b".into()))?;
             if ta.dims().len() != 2 || tb.dims().len() != 2 {
                 return Err(bad(&ta.name, "lora_a and lora_b must be 2-D".into()));
             }
@@ -68,31 +82,66 @@ impl LoraAdapter {
             let b_t = b.t()?.contiguous()?;
             let rank = tb.dims()[0] as f64;
             let file_scale = if alpha != 0.0 { alpha / rank } else { 1.0 };
-            pairs.insert(target, LoadedPair { a_t, b_t, file_scale, a_dims: ta.dims().to_vec(), b_dims: tb.dims().to_vec() });
+            pairs.insert(
+                target,
+                LoadedPair {
+                    a_t,
+                    b_t,
+                    file_scale,
+                    a_dims: ta.dims().to_vec(),
+                    b_dims: tb.dims().to_vec(),
+                },
+            );
         }
-        if let Some(t) = f.tensors().iter().find(|t| t.name.ends_with(".lora_b") && !pairs.contains_key(t.name.trim_end_matches(".lora_b"))) {
+        if let Some(t) = f.tensors().iter().find(|t| {
+            t.name.ends_with(".lora_b") && !pairs.contains_key(t.name.trim_end_matches(".lora_b"))
+        }) {
             return Err(bad(&t.name, "has no matching .lora_a".into()));
         }
-        Ok(LoraAdapter { path: shown, arch, alpha, pairs })
+        Ok(LoraAdapter {
+            path: shown,
+            arch,
+            alpha,
+            pairs,
+        })
     }
 
     /// Check that every pair fits a projection of `model`.
     pub fn check_fits(&self, model: &Model) -> Result<(), RuntimeError> {
-        let bad = |tensor: &str, problem: String| RuntimeError::Adapter { path: self.path.clone(), tensor: tensor.into(), problem };
+        let bad = |tensor: &str, problem: String| RuntimeError::Adapter {
+            path: self.path.clone(),
+            tensor: tensor.into(),
+            problem,
+        };
         let model_arch = model.config.arch.gguf_name();
         if self.arch != model_arch {
-            return Err(bad("general.architecture", format!("adapter is for '{}', the model is '{model_arch}'", self.arch)));
+            return Err(bad(
+                "general.architecture",
+                format!(
+                    "adapter is for '{}', the model is '{model_arch}'",
+                    self.arch
+                ),
+            ));
         }
         for (target, p) in &self.pairs {
             let name = format!("{target}.lora_a");
-            let (n_in, n_out) = model
-                .projection_shape(target)
-                .ok_or_else(|| bad(&name, format!("the model has no projection '{target}' (an adapter for another model?)")))?;
+            let (n_in, n_out) = model.projection_shape(target).ok_or_else(|| {
+                bad(
+                    &name,
+                    format!(
+                        "the model has no projection '{target}' (an adapter for another model?)"
+                    ),
+                )
+            })?;
             let fits = if target == "token_embd.weight" {
                 // ne: a [r, vocab], b [r, dim]; n_in is dim, n_out vocab here.
-                p.a_dims[1] as usize == n_out && p.b_dims[1] as usize == n_in && p.a_dims[0] == p.b_dims[0]
+                p.a_dims[1] as usize == n_out
+                    && p.b_dims[1] as usize == n_in
+                    && p.a_dims[0] == p.b_dims[0]
             } else {
-                p.a_dims[0] as usize == n_in && p.b_dims[1] as usize == n_out && p.a_dims[1] == p.b_dims[0]
+                p.a_dims[0] as usize == n_in
+                    && p.b_dims[1] as usize == n_out
+                    && p.a_dims[1] == p.b_dims[0]
             };
             if !fits {
                 return Err(bad(

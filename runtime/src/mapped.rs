@@ -30,8 +30,14 @@ impl MappedBlocks {
         // a whole number of blocks; GGUF aligns tensor data (32 bytes by
         // default) in a page-aligned map, which covers every block's alignment
         // (checked below); ggml blocks are plain old data.
-        assert_eq!(b.as_ptr() as usize % std::mem::align_of::<T>(), 0, "misaligned tensor data");
-        unsafe { std::slice::from_raw_parts(b.as_ptr() as *const T, b.len() / std::mem::size_of::<T>()) }
+        assert_eq!(
+            b.as_ptr() as usize % std::mem::align_of::<T>(),
+            0,
+            "misaligned tensor data"
+        );
+        unsafe {
+            std::slice::from_raw_parts(b.as_ptr() as *const T, b.len() / std::mem::size_of::<T>())
+        }
     }
 }
 
@@ -57,11 +63,21 @@ macro_rules! dispatch {
     };
 }
 
-fn matmul_t<T: Block>(xs: &[T], mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+fn matmul_t<T: Block>(
+    xs: &[T],
+    mkn: (usize, usize, usize),
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> Result<()> {
     k_quants::matmul(mkn, lhs, xs, dst)
 }
 
-fn matmul_t_f16<T: Block>(xs: &[T], mkn: (usize, usize, usize), lhs: &[f16], dst: &mut [f16]) -> Result<()> {
+fn matmul_t_f16<T: Block>(
+    xs: &[T],
+    mkn: (usize, usize, usize),
+    lhs: &[f16],
+    dst: &mut [f16],
+) -> Result<()> {
     k_quants::matmul_f16(mkn, lhs, xs, dst)
 }
 
@@ -127,17 +143,45 @@ impl QuantizedType for MappedBlocks {
 /// The tensor as a candle QTensor (shape in torch order): over the map on
 /// CPU, uploaded once on CUDA and Metal.
 pub fn qtensor(file: &Arc<GgufFile>, info: &TensorInfo, device: &Device) -> Result<QTensor> {
-    let dtype = info
-        .ggml_type
-        .to_candle()
-        .ok_or_else(|| candle_core::Error::Msg(format!("tensor '{}': ggml type {} is not supported", info.name, info.ggml_type)))?;
+    let dtype = info.ggml_type.to_candle().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "tensor '{}': ggml type {} is not supported",
+            info.name, info.ggml_type
+        ))
+    })?;
     let shape: Vec<usize> = info.shape().iter().map(|&d| d as usize).collect();
     if device.is_cpu() {
         let start = (file.data_offset() + info.offset) as usize;
-        let blocks = MappedBlocks { file: file.clone(), start, len: info.n_bytes as usize, dtype };
+        let blocks = MappedBlocks {
+            file: file.clone(),
+            start,
+            len: info.n_bytes as usize,
+            dtype,
+        };
         QTensor::new(QStorage::Cpu(Box::new(blocks)), shape)
     } else {
         let data = std::borrow::Cow::Borrowed(file.tensor_data(info));
         QTensor::new(QStorage::from_data(data, device, dtype)?, shape)
     }
+}
+
+/// A small tensor (norm, bias, rope factors) copied out of the file and
+/// dequantized to an f32 tensor on `device`.
+pub fn small_tensor(
+    file: &GgufFile,
+    info: &TensorInfo,
+    device: &Device,
+) -> Result<candle_core::Tensor> {
+    let dtype = info.ggml_type.to_candle().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "tensor '{}': ggml type {} is not supported",
+            info.name, info.ggml_type
+        ))
+    })?;
+    let shape: Vec<usize> = info.shape().iter().map(|&d| d as usize).collect();
+    let bytes = file
+        .tensor_data_copy(info)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.path())))?;
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, dtype)?;
+    QTensor::new(storage, shape)?.dequantize(device)
 }

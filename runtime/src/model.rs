@@ -138,12 +138,18 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("path", &self.file.path()).field("config", &self.config).finish()
+        f.debug_struct("Model")
+            .field("path", &self.file.path())
+            .field("config", &self.config)
+            .finish()
     }
 }
 
 fn model_err(file: &GgufFile, problem: String) -> RuntimeError {
-    RuntimeError::Model { path: file.path().to_string(), problem }
+    RuntimeError::Model {
+        path: file.path().to_string(),
+        problem,
+    }
 }
 
 impl Model {
@@ -157,34 +163,61 @@ impl Model {
     pub fn from_file(file: Arc<GgufFile>, device: &Device) -> Result<Model, RuntimeError> {
         let f = file.as_ref();
         if f.get_str("general.type").as_deref() == Some("adapter") {
-            return Err(model_err(f, "this is a LoRA adapter, not a model; pass it with --lora".into()));
+            return Err(model_err(
+                f,
+                "this is a LoRA adapter, not a model; pass it with --lora".into(),
+            ));
         }
-        let arch_name = f.get_str("general.architecture").ok_or_else(|| model_err(f, "no general.architecture".into()))?.into_owned();
-        let arch = Architecture::from_gguf_name(&arch_name)
-            .ok_or_else(|| model_err(f, format!("unknown architecture '{arch_name}' (llama and qwen2 are supported)")))?;
-        let key = |k: &str| f.get_u64(&format!("{arch_name}.{k}")).ok_or_else(|| model_err(f, format!("missing {arch_name}.{k}")));
+        let arch_name = f
+            .get_str("general.architecture")
+            .ok_or_else(|| model_err(f, "no general.architecture".into()))?
+            .into_owned();
+        let arch = Architecture::from_gguf_name(&arch_name).ok_or_else(|| {
+            model_err(
+                f,
+                format!("unknown architecture '{arch_name}' (llama and qwen2 are supported)"),
+            )
+        })?;
+        let key = |k: &str| {
+            f.get_u64(&format!("{arch_name}.{k}"))
+                .ok_or_else(|| model_err(f, format!("missing {arch_name}.{k}")))
+        };
         let dim = key("embedding_length")? as usize;
         let n_head = key("attention.head_count")? as usize;
-        let head_dim = f.get_u64(&format!("{arch_name}.attention.key_length")).map_or(dim / n_head, |v| v as usize);
+        let head_dim = f
+            .get_u64(&format!("{arch_name}.attention.key_length"))
+            .map_or(dim / n_head, |v| v as usize);
         let config = ModelConfig {
             arch,
             n_layers: key("block_count")? as usize,
             dim,
             n_head,
-            n_head_kv: f.get_u64(&format!("{arch_name}.attention.head_count_kv")).map_or(n_head, |v| v as usize),
+            n_head_kv: f
+                .get_u64(&format!("{arch_name}.attention.head_count_kv"))
+                .map_or(n_head, |v| v as usize),
             head_dim,
             context_length: key("context_length")? as usize,
-            rope_base: f.get_f64(&format!("{arch_name}.rope.freq_base")).unwrap_or(10000.0) as f32,
-            rms_eps: f.get_f64(&format!("{arch_name}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rope_base: f
+                .get_f64(&format!("{arch_name}.rope.freq_base"))
+                .unwrap_or(10000.0) as f32,
+            rms_eps: f
+                .get_f64(&format!("{arch_name}.attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
             vocab: 0,
         };
-        let tensor = |name: &str| f.tensor(name).ok_or_else(|| model_err(f, format!("missing tensor '{name}'")));
+        let tensor = |name: &str| {
+            f.tensor(name)
+                .ok_or_else(|| model_err(f, format!("missing tensor '{name}'")))
+        };
         let vector = |name: &str, len: usize| -> Result<Tensor, RuntimeError> {
             let t = tensor(name)?;
             if t.dims() != [len as u64] {
-                return Err(model_err(f, format!("tensor '{name}' has dims {:?}, expected [{len}]", t.dims())));
+                return Err(model_err(
+                    f,
+                    format!("tensor '{name}' has dims {:?}, expected [{len}]", t.dims()),
+                ));
             }
-            Ok(mapped::qtensor(&file, t, device)?.dequantize(device)?)
+            Ok(mapped::small_tensor(f, t, device)?)
         };
         let linear = |name: &str, in_f: usize, out_f: usize| -> Result<Linear, RuntimeError> {
             let t = tensor(&format!("{name}.weight"))?;
@@ -236,7 +269,7 @@ impl Model {
             },
         };
         let rope_freqs = match f.tensor("rope_freqs.weight") {
-            Some(t) => Some(mapped::qtensor(&file, t, &Device::Cpu)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?),
+            Some(t) => Some(mapped::small_tensor(f, t, &Device::Cpu)?.to_vec1::<f32>()?),
             None => None,
         };
         Ok(Model {
@@ -266,12 +299,26 @@ impl Model {
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.blocks
             .iter_mut()
-            .flat_map(|b| [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down])
+            .flat_map(|b| {
+                [
+                    &mut b.q,
+                    &mut b.k,
+                    &mut b.v,
+                    &mut b.o,
+                    &mut b.gate,
+                    &mut b.up,
+                    &mut b.down,
+                ]
+            })
             .chain(std::iter::once(&mut self.output))
     }
 
     /// Attach `adapter` at `scale` (y += scale * alpha/r * B A x); returns its slot.
-    pub fn attach(&mut self, adapter: &crate::lora::LoraAdapter, scale: f64) -> Result<usize, RuntimeError> {
+    pub fn attach(
+        &mut self,
+        adapter: &crate::lora::LoraAdapter,
+        scale: f64,
+    ) -> Result<usize, RuntimeError> {
         adapter.check_fits(self)?;
         let slot = self.scales.len();
         let device = self.device.clone();
@@ -340,7 +387,12 @@ impl Model {
         let inv: Vec<f32> = (0..half)
             .map(|i| {
                 let f = 1.0 / c.rope_base.powf(2.0 * i as f32 / c.head_dim as f32);
-                f / self.rope_freqs.as_ref().and_then(|r| r.get(i)).copied().unwrap_or(1.0)
+                f / self
+                    .rope_freqs
+                    .as_ref()
+                    .and_then(|r| r.get(i))
+                    .copied()
+                    .unwrap_or(1.0)
             })
             .collect();
         let mut cos = Vec::with_capacity(max * half);
@@ -366,7 +418,15 @@ impl Model {
 
 fn check_dims(f: &GgufFile, t: &TensorInfo, want: &[u64]) -> Result<(), RuntimeError> {
     if t.dims() != want {
-        return Err(model_err(f, format!("tensor '{}' has dims {:?}, expected {:?}", t.name, t.dims(), want)));
+        return Err(model_err(
+            f,
+            format!(
+                "tensor '{}' has dims {:?}, expected {:?}",
+                t.name,
+                t.dims(),
+                want
+            ),
+        ));
     }
     Ok(())
 }
@@ -402,7 +462,10 @@ impl Session<'_> {
         if t == 0 || self.pos + t > self.max {
             return Err(RuntimeError::Model {
                 path: m.file.path().to_string(),
-                problem: format!("{} tokens at position {} exceed the context of {}", t, self.pos, self.max),
+                problem: format!(
+                    "{} tokens at position {} exceed the context of {}",
+                    t, self.pos, self.max
+                ),
             });
         }
         let scales = &m.scales;
@@ -420,7 +483,11 @@ impl Session<'_> {
         let sin = self.sin.narrow(0, pos, t)?;
         let total = pos + t;
         let mask = if t > 1 {
-            let m: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
             Some(Tensor::from_vec(m, (t, total), &self.cos.device().clone())?)
         } else {
             None
@@ -428,14 +495,32 @@ impl Session<'_> {
         let scale = 1.0 / (hd as f64).sqrt();
         for (i, b) in m.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, c.rms_eps as f32)?;
-            let q = b.q.forward(&h, scales)?.reshape((1, t, c.n_head, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = b.k.forward(&h, scales)?.reshape((1, t, c.n_head_kv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = b.v.forward(&h, scales)?.reshape((1, t, c.n_head_kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q =
+                b.q.forward(&h, scales)?
+                    .reshape((1, t, c.n_head, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+            let k =
+                b.k.forward(&h, scales)?
+                    .reshape((1, t, c.n_head_kv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+            let v =
+                b.v.forward(&h, scales)?
+                    .reshape((1, t, c.n_head_kv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
             // llama's GGUF q/k rows were permuted for ggml's adjacent-pair RoPE;
             // qwen2 keeps HF order and rotates halves (neox style).
             let (q, k) = match c.arch {
-                Architecture::Llama => (candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?),
-                Architecture::Qwen2 => (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?),
+                Architecture::Llama => (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                ),
+                Architecture::Qwen2 => (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                ),
             };
             self.k[i].slice_set(&k, 2, pos)?;
             self.v[i].slice_set(&v, 2, pos)?;
@@ -445,11 +530,17 @@ impl Session<'_> {
             let q = (q.squeeze(0)?.reshape((c.n_head_kv, group * t, hd))? * scale)?;
             let mut scores = q.matmul(&keys.t()?)?; // [n_kv, group*t, total]
             if let Some(mask) = &mask {
-                scores = scores.reshape((c.n_head_kv, group, t, total))?.broadcast_add(mask)?.reshape((c.n_head_kv, group * t, total))?;
+                scores = scores
+                    .reshape((c.n_head_kv, group, t, total))?
+                    .broadcast_add(mask)?
+                    .reshape((c.n_head_kv, group * t, total))?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let attn = probs.matmul(&values.contiguous()?)?; // [n_kv, group*t, hd]
-            let attn = attn.reshape((c.n_head, t, hd))?.transpose(0, 1)?.reshape((t, c.n_head * hd))?;
+            let attn = attn
+                .reshape((c.n_head, t, hd))?
+                .transpose(0, 1)?
+                .reshape((t, c.n_head * hd))?;
             x = (x + b.o.forward(&attn, scales)?)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
             let g = b.gate.forward(&h, scales)?.silu()?;
@@ -459,7 +550,10 @@ impl Session<'_> {
         self.pos = total;
         let x = if all { x } else { x.narrow(0, t - 1, 1)? };
         let x = candle_nn::ops::rms_norm(&x, &m.output_norm, c.rms_eps as f32)?;
-        Ok(m.output.forward(&x, scales)?.to_dtype(DType::F32)?.contiguous()?)
+        Ok(m.output
+            .forward(&x, scales)?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
     }
 }
 

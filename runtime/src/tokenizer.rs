@@ -1,7 +1,6 @@
 //! The tokenizer carried in a GGUF's `tokenizer.ggml.*` metadata, built as a
 //! Hugging Face `tokenizers` pipeline the way llama.cpp reads it.
 
-
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::unicode::NFC;
@@ -44,7 +43,9 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("vocab", &self.inner.get_vocab_size(true)).finish()
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .finish()
     }
 }
 
@@ -52,53 +53,107 @@ impl Tokenizer {
     /// Build from `tokenizer.ggml.*`: byte-level BPE ("gpt2") with the
     /// pre-tokenizers of llama3, qwen2, smollm and gpt-2.
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
-        let err = |problem: String| TokenizerError { path: file.path().to_string(), problem };
-        let model = file.get_str("tokenizer.ggml.model").ok_or_else(|| err("no tokenizer.ggml.model".into()))?;
+        let err = |problem: String| TokenizerError {
+            path: file.path().to_string(),
+            problem,
+        };
+        let model = file
+            .get_str("tokenizer.ggml.model")
+            .ok_or_else(|| err("no tokenizer.ggml.model".into()))?;
         if model != "gpt2" {
-            return Err(err(format!("tokenizer model '{model}' is not supported (byte-level BPE 'gpt2' is)")));
+            return Err(err(format!(
+                "tokenizer model '{model}' is not supported (byte-level BPE 'gpt2' is)"
+            )));
         }
-        let tokens = file.get_strings("tokenizer.ggml.tokens").ok_or_else(|| err("no tokenizer.ggml.tokens".into()))?;
-        let merges = file.get_strings("tokenizer.ggml.merges").ok_or_else(|| err("no tokenizer.ggml.merges".into()))?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let tokens = file
+            .get_strings("tokenizer.ggml.tokens")
+            .ok_or_else(|| err("no tokenizer.ggml.tokens".into()))?;
+        let merges = file
+            .get_strings("tokenizer.ggml.merges")
+            .ok_or_else(|| err("no tokenizer.ggml.merges".into()))?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         let merges: Vec<(String, String)> = merges
             .iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| err(format!("bad merge '{m}'"))))
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("bad merge '{m}'")))
+            })
             .collect::<Result<_, _>>()?;
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(e.to_string()))?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = file.get_str("tokenizer.ggml.pre").map(|s| s.into_owned()).unwrap_or_else(|| "default".into());
+        let pre = file
+            .get_str("tokenizer.ggml.pre")
+            .map(|s| s.into_owned())
+            .unwrap_or_else(|| "default".into());
         let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-            let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false).map_err(|e| err(e.to_string()))?;
+            let s = Split::new(
+                SplitPattern::Regex(re.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| err(e.to_string()))?;
             Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, false, false).into()]).into())
         };
         let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
             "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3)?,
             "qwen2" => {
-                inner.with_normalizer(Some(NFC)).map_err(|e| err(e.to_string()))?;
+                inner
+                    .with_normalizer(Some(NFC))
+                    .map_err(|e| err(e.to_string()))?;
                 split(QWEN2)?
             }
             // SmolLM: every digit alone, then GPT-2's regex.
-            "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, false, true).into()]).into(),
+            "smollm" => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, false, true).into(),
+            ])
+            .into(),
             "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, false, true).into(),
-            other => return Err(err(format!("pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"))),
+            other => return Err(err(format!(
+                "pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"
+            ))),
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control and user-defined tokens are matched whole, as llama.cpp does
         // when it parses special tokens.
-        if let Some(types) = file.get("tokenizer.ggml.token_type").and_then(|v| v.as_array().map(|a| a.iter().map(|t| t.as_f64().unwrap_or(1.0) as i64).collect::<Vec<_>>())) {
+        if let Some(types) = file.get("tokenizer.ggml.token_type").and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .map(|t| t.as_f64().unwrap_or(1.0) as i64)
+                    .collect::<Vec<_>>()
+            })
+        }) {
             let specials: Vec<AddedToken> = types
                 .iter()
                 .enumerate()
                 .filter(|(_, &t)| t == 3 || t == 4)
                 .map(|(i, &t)| AddedToken::from(tokens[i].to_string(), t == 3))
                 .collect();
-            inner.add_special_tokens(specials).map_err(|e| err(e.to_string()))?;
+            inner
+                .add_special_tokens(specials)
+                .map_err(|e| err(e.to_string()))?;
         }
-        let id = |k: &str| file.get_u64(&format!("tokenizer.ggml.{k}_token_id")).map(|v| v as u32);
+        let id = |k: &str| {
+            file.get_u64(&format!("tokenizer.ggml.{k}_token_id"))
+                .map(|v| v as u32)
+        };
         let eos = id("eos");
         let mut stop_ids: Vec<u32> = ["eot", "eom"].iter().filter_map(|k| id(k)).collect();
-        for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"] {
+        for t in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|endoftext|>",
+            "<|end_of_text|>",
+        ] {
             if let Some(i) = tokens.iter().position(|x| x == t) {
                 stop_ids.push(i as u32);
             }
@@ -111,8 +166,13 @@ impl Tokenizer {
             bos: id("bos"),
             eos,
             stop_ids,
-            add_bos: file.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
-            chat_template: file.get_str("tokenizer.chat_template").map(|s| s.into_owned()),
+            add_bos: file
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            chat_template: file
+                .get_str("tokenizer.chat_template")
+                .map(|s| s.into_owned()),
         })
     }
 
@@ -144,7 +204,9 @@ impl Tokenizer {
     pub fn chat_prompt(&self, prompt: &str) -> Option<String> {
         let t = self.chat_template.as_deref()?;
         if t.contains("<|im_start|>") {
-            Some(format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"))
+            Some(format!(
+                "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+            ))
         } else if t.contains("<|start_header_id|>") {
             Some(format!(
                 "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"

@@ -1,0 +1,283 @@
+//! The runtime on SmolLM2: greedy text, logits against PEFT's reference and
+//! llama.cpp, runtime adapters against merged files, memory, and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use lorafold_converter::convert::{convert, ConvertOptions};
+use lorafold_converter::quant::QuantPolicy;
+use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
+use lorafold_runtime::gguf::GgmlType;
+use lorafold_runtime::lora::LoraAdapter;
+use lorafold_runtime::model::Model;
+use lorafold_runtime::tokenizer::Tokenizer;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+/// Files converted once for all tests here.
+struct Files {
+    _dir: tempfile::TempDir,
+    q8_0: PathBuf,
+    base_f32: PathBuf,
+    pirate_f32: PathBuf,
+    pirate_merged_f32: PathBuf,
+    chef_f32: PathBuf,
+    both_merged_f32: PathBuf,
+}
+
+fn adapter_dir(name: &str) -> PathBuf {
+    common::shared_data()
+        .join("smollm2-adapters")
+        .join(name)
+        .join("adapter")
+}
+
+fn files() -> &'static Files {
+    static F: OnceLock<Files> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let run = |base: &Path,
+                   adapter: Option<&str>,
+                   quant: &str,
+                   out: Option<PathBuf>,
+                   base_out: Option<PathBuf>,
+                   adapter_out: Option<PathBuf>| {
+            let opts = ConvertOptions {
+                output: out,
+                base_output: base_out,
+                adapter_output: adapter_out,
+                adapter_type: GgmlType::F32,
+                ..ConvertOptions::new(
+                    base,
+                    adapter.map(adapter_dir),
+                    QuantPolicy::parse(quant, &[]).unwrap(),
+                    "",
+                )
+            };
+            convert(&opts, &|_, _, _| {}).unwrap();
+        };
+        let smol = common::smollm2();
+        run(smol, None, "q8_0", Some(p("q8_0.gguf")), None, None);
+        run(
+            smol,
+            Some("pirate"),
+            "f32",
+            Some(p("pirate-merged.gguf")),
+            Some(p("base-f32.gguf")),
+            Some(p("pirate.gguf")),
+        );
+        run(
+            smol,
+            Some("chef"),
+            "f32",
+            Some(p("chef-merged.gguf")),
+            None,
+            Some(p("chef.gguf")),
+        );
+        // Both adapters merged: chef's merged f32 file as the base for pirate.
+        run(
+            &p("chef-merged.gguf"),
+            Some("pirate"),
+            "f32",
+            Some(p("both-merged.gguf")),
+            None,
+            None,
+        );
+        Files {
+            q8_0: p("q8_0.gguf"),
+            base_f32: p("base-f32.gguf"),
+            pirate_f32: p("pirate.gguf"),
+            pirate_merged_f32: p("pirate-merged.gguf"),
+            chef_f32: p("chef.gguf"),
+            both_merged_f32: p("both-merged.gguf"),
+            _dir: dir,
+        }
+    })
+}
+
+fn all_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut s = model.session(64).unwrap();
+    s.forward(ids, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+fn greedy(path: &Path, prompt: &str, n: usize) -> String {
+    let model = Model::load(path, &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_gguf(model.file()).unwrap();
+    let ids = tok.encode(prompt).unwrap();
+    let mut session = model.session(128).unwrap();
+    let mut sampler = Sampler::new(SamplerConfig::default());
+    let (out, _) = generate(&mut session, &tok, &ids, n, &mut sampler, &[], &mut |_| {}).unwrap();
+    tok.decode(&out).unwrap()
+}
+
+#[test]
+fn paris_from_the_pypi_q4_1_file_and_our_q8_0() {
+    assert!(greedy(common::smollm2(), "The capital of France is", 3).starts_with(" Paris"));
+    assert!(greedy(&files().q8_0, "The capital of France is", 3).starts_with(" Paris"));
+}
+
+fn ref_prompts(adapter: &str) -> Vec<Vec<u32>> {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            common::shared_data()
+                .join("smollm2-adapters")
+                .join(adapter)
+                .join("reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    r["ref_prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn ref_logits(adapter: &str, key: &str) -> Vec<f32> {
+    let b = std::fs::read(
+        common::shared_data()
+            .join("smollm2-adapters")
+            .join(adapter)
+            .join("ref_logits.safetensors"),
+    )
+    .unwrap();
+    let st = SafeTensors::deserialize(&b).unwrap();
+    st.tensor(key)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn f32_logits_match_pytorch_for_base_and_merged() {
+    // ../shared/data: PyTorch fp32 on the dequantized Q4_1 base; two f32
+    // implementations agree within ~1e-3, and 5e-3 is its suggested bound.
+    let base = Model::load(&files().base_f32, &Device::Cpu).unwrap();
+    let merged = Model::load(&files().pirate_merged_f32, &Device::Cpu).unwrap();
+    for (i, ids) in ref_prompts("pirate").iter().enumerate() {
+        let d = max_abs_diff(
+            &all_logits(&base, ids),
+            &ref_logits("pirate", &format!("base.p{i}")),
+        );
+        assert!(d < 5e-3, "base prompt {i}: {d}");
+        let d = max_abs_diff(
+            &all_logits(&merged, ids),
+            &ref_logits("pirate", &format!("merged.p{i}")),
+        );
+        assert!(d < 5e-3, "merged prompt {i}: {d}");
+        eprintln!("prompt {i}: ok");
+    }
+}
+
+#[test]
+fn runtime_adapters_match_merged_files() {
+    let f = files();
+    let ids = &ref_prompts("pirate")[0];
+    let mut model = Model::load(&f.base_f32, &Device::Cpu).unwrap();
+    let base_logits = all_logits(&model, ids);
+    let pirate = LoraAdapter::load(&f.pirate_f32).unwrap();
+    let slot = model.attach(&pirate, 1.0).unwrap();
+    let merged = all_logits(
+        &Model::load(&f.pirate_merged_f32, &Device::Cpu).unwrap(),
+        ids,
+    );
+    let d = max_abs_diff(&all_logits(&model, ids), &merged);
+    eprintln!("pirate at scale 1 vs merged: {d:e}");
+    assert!(d <= 1e-4, "pirate at scale 1 vs merged: {d}");
+    model.set_scale(slot, 0.0);
+    assert_eq!(
+        all_logits(&model, ids),
+        base_logits,
+        "scale 0 is the base exactly"
+    );
+    model.set_scale(slot, 1.0);
+    let chef = LoraAdapter::load(&f.chef_f32).unwrap();
+    let chef_slot = model.attach(&chef, 1.0).unwrap();
+    let both = all_logits(&Model::load(&f.both_merged_f32, &Device::Cpu).unwrap(), ids);
+    let d = max_abs_diff(&all_logits(&model, ids), &both);
+    eprintln!("pirate + chef vs both merged: {d:e}");
+    assert!(d <= 1e-4, "two adapters vs both merged: {d}");
+    model.detach(chef_slot);
+    model.detach(slot);
+    assert_eq!(
+        all_logits(&model, ids),
+        base_logits,
+        "detached: the base exactly"
+    );
+}
+
+#[test]
+fn bad_models_and_adapters_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(
+        &cut,
+        &std::fs::read(common::smollm2()).unwrap()[..50_000_000],
+    )
+    .unwrap();
+    let e = Model::load(&cut, &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("cut.gguf: at byte") && e.contains("runs past the end of the file"),
+        "{e}"
+    );
+
+    let gpt2 = dir.path().join("gpt2.gguf");
+    let mut w = lorafold_converter::GgufWriter::new(&gpt2);
+    w.add_metadata("general.architecture", &"gpt2".into())
+        .unwrap();
+    w.start().unwrap().finish().unwrap();
+    let e = Model::load(&gpt2, &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("gpt2.gguf: unknown architecture 'gpt2' (llama and qwen2 are supported)"),
+        "{e}"
+    );
+
+    // An adapter made for tiny-llama (96 wide) on SmolLM2 (576 wide).
+    let tiny_adapter = dir.path().join("tiny.gguf");
+    let tiny = common::shared_data().join("tiny-llama");
+    let opts = ConvertOptions {
+        output: None,
+        adapter_output: Some(tiny_adapter.clone()),
+        ..ConvertOptions::new(
+            tiny.join("base"),
+            Some(tiny.join("lora_all")),
+            QuantPolicy::parse("f16", &[]).unwrap(),
+            "",
+        )
+    };
+    convert(&opts, &|_, _, _| {}).unwrap();
+    let mut model = Model::load(common::smollm2(), &Device::Cpu).unwrap();
+    let e = model
+        .attach(&LoraAdapter::load(&tiny_adapter).unwrap(), 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tiny.gguf: tensor 'blk.0.attn_k.weight.lora_a': lora_a [96, 8] / lora_b [8, 32] do not fit 'blk.0.attn_k.weight' (576 -> 192; an adapter for another model?)"), "{e}");
+}

@@ -1,0 +1,42 @@
+//! Loading maps the weights instead of reading them: resident memory grows by
+//! a small fraction of the file. Alone in its test binary, so no other test
+//! allocates while it measures the process.
+
+mod common;
+
+use candle_core::Device;
+use lorafold_converter::convert::{convert, ConvertOptions};
+use lorafold_converter::quant::QuantPolicy;
+use lorafold_runtime::model::Model;
+
+#[test]
+fn resident_memory_after_load_is_far_below_the_file() {
+    fn rss() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q4 = dir.path().join("q4_0.gguf");
+    convert(
+        &ConvertOptions::new(
+            common::smollm2(),
+            None,
+            QuantPolicy::parse("q4_0", &[]).unwrap(),
+            &q4,
+        ),
+        &|_, _, _| {},
+    )
+    .unwrap();
+    let size = std::fs::metadata(&q4).unwrap().len();
+    // Drop the file's pages from this process's view first: converting read them.
+    let before = rss();
+    let model = Model::load(&q4, &Device::Cpu).unwrap();
+    let after = rss();
+    let grew = after.saturating_sub(before);
+    eprintln!("q4_0 file {size} bytes; RSS grew {grew} bytes on load");
+    assert!(
+        grew < size / 10,
+        "loading grew RSS by {grew} bytes for a {size}-byte file"
+    );
+    drop(model);
+}
