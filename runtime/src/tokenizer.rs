@@ -117,9 +117,11 @@ impl Tokenizer {
             ])
             .into(),
             "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, false, true).into(),
-            other => return Err(err(format!(
+            other => {
+                return Err(err(format!(
                 "pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"
-            ))),
+            )))
+            }
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
