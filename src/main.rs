@@ -1,6 +1,7 @@
 //! `lorafold`: the command line over lorafold-converter and lorafold-runtime.
 
 mod convert;
+mod drift;
 mod inspect;
 mod run;
 
@@ -20,6 +21,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Generate text with a GGUF model, optionally with LoRA adapters attached.
     Run(run::RunArgs),
+    /// Measure how far each path drifts from a reference over the same text.
+    Drift(drift::DriftArgs),
     /// Describe a GGUF model or adapter, a PEFT adapter folder, or a safetensors file / HF model folder.
     Inspect(inspect::InspectArgs),
 }
@@ -33,6 +36,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(args) => convert::run(&args),
+        Command::Drift(args) => drift::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Run(args) => run::run(&args),
     };

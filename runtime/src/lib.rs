@@ -6,6 +6,7 @@ pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod mapped;
+pub mod measure;
 pub mod model;
 pub mod summary;
 pub mod tokenizer;

@@ -1,0 +1,212 @@
+//! `lorafold drift`: how far each path drifts from a reference, over the same tokens.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use lorafold_runtime::lora::LoraAdapter;
+use lorafold_runtime::measure::{log_softmax, DriftAccumulator, DriftReport};
+use lorafold_runtime::model::Model;
+use lorafold_runtime::tokenizer::Tokenizer;
+use serde::Serialize;
+
+use crate::run::{device, lora_spec, set_threads};
+
+/// Arguments of `lorafold drift`.
+#[derive(clap::Args)]
+pub struct DriftArgs {
+    /// The reference path: MODEL.gguf[+ADAPTER.gguf[:SCALE]]...
+    #[arg(long = "ref")]
+    reference: String,
+    /// A candidate: NAME=MODEL.gguf[+ADAPTER.gguf[:SCALE]]... Repeatable.
+    #[arg(long = "cand", required = true)]
+    candidates: Vec<String>,
+    /// The text to run.
+    #[arg(long)]
+    text: PathBuf,
+    /// Score each non-empty line alone (as fine-tuning evals do) instead of windows.
+    #[arg(long)]
+    lines: bool,
+    /// The un-adapted base, to report how much of the adapter's gain each path keeps.
+    #[arg(long)]
+    base: Option<String>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 128)]
+    ctx: usize,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// cpu, cuda[:N] or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// A model with its adapters attached, from "MODEL[+ADAPTER[:SCALE]]...".
+pub fn load_path(spec: &str, dev: &candle_core::Device) -> Result<Model> {
+    let mut parts = spec.split('+');
+    let model_path = parts.next().context("empty path")?;
+    let mut model = Model::load(model_path, dev)?;
+    for a in parts {
+        let (p, scale) = lora_spec(a)?;
+        model.attach(&LoraAdapter::load(&p)?, scale)?;
+    }
+    Ok(model)
+}
+
+/// One candidate's row of the report.
+#[derive(Serialize)]
+pub struct DriftRow {
+    /// Name given with --cand.
+    pub name: String,
+    /// The path spec.
+    pub path: String,
+    /// The measures.
+    #[serde(flatten)]
+    pub drift: DriftReport,
+}
+
+/// Token windows of the text.
+pub fn windows(tok: &Tokenizer, text: &str, lines: bool, ctx: usize) -> Result<Vec<Vec<u32>>> {
+    let enc = |s: &str| tok.encode(s).map_err(anyhow::Error::msg);
+    let w: Vec<Vec<u32>> = if lines {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                enc(l).map(|mut v| {
+                    v.truncate(ctx);
+                    v
+                })
+            })
+            .collect::<Result<_>>()?
+    } else {
+        enc(text)?.chunks(ctx).map(|c| c.to_vec()).collect()
+    };
+    Ok(w.into_iter().filter(|w| w.len() >= 2).collect())
+}
+
+/// Run every path over `windows`; returns one row per candidate.
+pub fn measure(
+    reference: &Model,
+    candidates: &[(String, String, Model)],
+    base: Option<&Model>,
+    windows: &[Vec<u32>],
+) -> Result<Vec<DriftRow>> {
+    let mut accs = vec![DriftAccumulator::default(); candidates.len()];
+    let (mut base_nll, mut base_n) = (0f64, 0usize);
+    let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
+    for w in windows {
+        let all = |m: &Model| -> Result<Vec<Vec<f32>>> {
+            let mut s = m.session(ctx)?;
+            let l = s.forward(w, true)?;
+            Ok((0..w.len())
+                .map(|i| l.get(i).and_then(|r| r.to_vec1::<f32>()))
+                .collect::<candle_core::Result<_>>()?)
+        };
+        let r = all(reference)?;
+        for ((_, _, m), acc) in candidates.iter().zip(accs.iter_mut()) {
+            let c = all(m)?;
+            for i in 0..w.len() {
+                acc.add(&r[i], &c[i], w.get(i + 1).copied());
+            }
+        }
+        if let Some(b) = base {
+            for (i, row) in all(b)?.iter().enumerate().take(w.len() - 1) {
+                base_nll -= log_softmax(row)[w[i + 1] as usize];
+                base_n += 1;
+            }
+        }
+    }
+    Ok(candidates
+        .iter()
+        .zip(accs)
+        .map(|((name, path, _), acc)| {
+            let mut d = acc.report();
+            if base_n > 0 {
+                d = d.with_base(base_nll / base_n as f64);
+            }
+            DriftRow {
+                name: name.clone(),
+                path: path.clone(),
+                drift: d,
+            }
+        })
+        .collect())
+}
+
+/// Print the rows as a table.
+pub fn print_table(rows: &[DriftRow]) {
+    println!(
+        "{:<18} {:>6} {:>10} {:>10} {:>10} {:>10} {:>7} {:>8} {:>9} {:>8} {:>7}",
+        "candidate",
+        "tokens",
+        "KL mean",
+        "KL median",
+        "KL p99",
+        "KL max",
+        "top-1",
+        "RMS dP",
+        "ppl",
+        "dppl",
+        "gain"
+    );
+    for r in rows {
+        let d = &r.drift;
+        println!(
+            "{:<18} {:>6} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e} {:>6.1}% {:>8.4} {:>9.4} {:>+8.4} {:>7}",
+            r.name,
+            d.tokens,
+            d.kl_mean,
+            d.kl_median,
+            d.kl_p99,
+            d.kl_max,
+            100.0 * d.top1_agreement,
+            d.rms_delta_p_top,
+            d.perplexity.unwrap_or(f64::NAN),
+            d.perplexity.unwrap_or(f64::NAN) - d.perplexity_reference.unwrap_or(f64::NAN),
+            d.gain_retained.map_or("-".into(), |g| format!("{:.1}%", 100.0 * g)),
+        );
+    }
+}
+
+/// Run `lorafold drift`.
+pub fn run(args: &DriftArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let dev = device(&args.device)?;
+    let reference = load_path(&args.reference, &dev)?;
+    let tok = Tokenizer::from_gguf(reference.file())?;
+    let mut candidates = Vec::new();
+    for c in &args.candidates {
+        let Some((name, path)) = c.split_once('=') else {
+            bail!("--cand '{c}': expected NAME=MODEL.gguf[+ADAPTER.gguf]")
+        };
+        let m = load_path(path, &dev)?;
+        if m.config.vocab != reference.config.vocab {
+            bail!(
+                "--cand {name}: vocabulary {} differs from the reference's {}",
+                m.config.vocab,
+                reference.config.vocab
+            );
+        }
+        candidates.push((name.to_string(), path.to_string(), m));
+    }
+    let base = args
+        .base
+        .as_deref()
+        .map(|b| load_path(b, &dev))
+        .transpose()?;
+    let text =
+        std::fs::read_to_string(&args.text).with_context(|| format!("{}", args.text.display()))?;
+    let w = windows(&tok, &text, args.lines, args.ctx)?;
+    if w.is_empty() {
+        bail!("{}: no window of at least 2 tokens", args.text.display());
+    }
+    let rows = measure(&reference, &candidates, base.as_ref(), &w)?;
+    print_table(&rows);
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("{}", p.display()))?;
+    }
+    Ok(())
+}
