@@ -1,6 +1,8 @@
 //! `lorafold`: the command line over lorafold-converter and lorafold-runtime.
 
+mod bench;
 mod convert;
+mod demo;
 mod drift;
 mod inspect;
 mod run;
@@ -21,6 +23,10 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Generate text with a GGUF model, optionally with LoRA adapters attached.
     Run(run::RunArgs),
+    /// Time load, first token, prefill and decode for each path, side by side.
+    Bench(bench::BenchArgs),
+    /// The main job on the real model: convert an example adapter both ways, generate, and compare drift and latency.
+    Demo(demo::DemoArgs),
     /// Measure how far each path drifts from a reference over the same text.
     Drift(drift::DriftArgs),
     /// Describe a GGUF model or adapter, a PEFT adapter folder, or a safetensors file / HF model folder.
@@ -36,6 +42,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(args) => convert::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::Drift(args) => drift::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Run(args) => run::run(&args),

@@ -1,0 +1,176 @@
+//! `lorafold bench`: load time, time to first token, prefill and decode
+//! speed and memory for each path, side by side.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use lorafold_runtime::model::Model;
+use serde::Serialize;
+
+use crate::drift::load_path;
+use crate::run::{device, set_threads};
+
+/// Arguments of `lorafold bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Paths: MODEL.gguf[+ADAPTER.gguf[:SCALE]]...
+    #[arg(required = true)]
+    paths: Vec<String>,
+    /// Prompt tokens.
+    #[arg(short = 'p', long, default_value_t = 128)]
+    prompt: usize,
+    /// Generated tokens.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    n: usize,
+    /// Repetitions.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// cpu, cuda[:N] or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Mean and standard deviation.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation.
+    pub sd: f64,
+}
+
+impl Stat {
+    fn of(v: &[f64]) -> Stat {
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = if v.len() > 1 {
+            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        Stat {
+            mean,
+            sd: var.sqrt(),
+        }
+    }
+}
+
+/// One path's measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    /// The path spec.
+    pub path: String,
+    /// Load time, ms.
+    pub load_ms: Stat,
+    /// Time to first token (prefill + first sample), ms.
+    pub ttft_ms: Stat,
+    /// Prefill tokens/s.
+    pub prefill_tps: Stat,
+    /// Decode tokens/s.
+    pub decode_tps: Stat,
+    /// Resident memory after the runs, bytes.
+    pub rss_bytes: u64,
+    /// Peak resident memory of the process so far, bytes.
+    pub peak_rss_bytes: u64,
+    /// Bytes of model files mapped.
+    pub mapped_bytes: u64,
+}
+
+fn status_kb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Time `reps` runs of prefill (`prompt` tokens) and decode (`n` tokens) on `spec`.
+pub fn bench_path(
+    spec: &str,
+    dev: &candle_core::Device,
+    prompt: usize,
+    n: usize,
+    reps: usize,
+) -> Result<BenchRow> {
+    let (mut load, mut ttft, mut pre, mut dec) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut mapped = 0;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let model: Model = load_path(spec, dev)?;
+        load.push(t.elapsed().as_secs_f64() * 1e3);
+        mapped = model.file().file_size();
+        // A fixed, ordinary token sequence: every run sees the same work.
+        let ids: Vec<u32> = (0..prompt).map(|i| 100 + (i as u32 * 37) % 5000).collect();
+        let mut s = model.session(prompt + n + 1)?;
+        let t = Instant::now();
+        let logits = s.forward(&ids, false)?;
+        let mut next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let prefill = t.elapsed().as_secs_f64();
+        ttft.push(prefill * 1e3);
+        pre.push(prompt as f64 / prefill);
+        let t = Instant::now();
+        for _ in 0..n {
+            let l = s.forward(&[next], false)?;
+            next = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        }
+        dec.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(BenchRow {
+        path: spec.to_string(),
+        load_ms: Stat::of(&load),
+        ttft_ms: Stat::of(&ttft),
+        prefill_tps: Stat::of(&pre),
+        decode_tps: Stat::of(&dec),
+        rss_bytes: status_kb("VmRSS"),
+        peak_rss_bytes: status_kb("VmHWM"),
+        mapped_bytes: mapped,
+    })
+}
+
+/// Print rows as a table.
+pub fn print_table(rows: &[BenchRow]) {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "{:<44} {:>11} {:>13} {:>17} {:>15} {:>9} {:>9}",
+        "path", "load ms", "ttft ms", "prefill tok/s", "decode tok/s", "RSS MiB", "map MiB"
+    );
+    for r in rows {
+        let name = if r.path.len() > 44 {
+            format!("...{}", &r.path[r.path.len() - 41..])
+        } else {
+            r.path.clone()
+        };
+        println!(
+            "{:<44} {:>6.0}±{:<4.0} {:>7.0}±{:<5.0} {:>9.1}±{:<7.1} {:>8.1}±{:<6.1} {:>9.1} {:>9.1}",
+            name, r.load_ms.mean, r.load_ms.sd, r.ttft_ms.mean, r.ttft_ms.sd, r.prefill_tps.mean, r.prefill_tps.sd,
+            r.decode_tps.mean, r.decode_tps.sd, mib(r.rss_bytes), mib(r.mapped_bytes)
+        );
+    }
+}
+
+/// Run `lorafold bench`.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let dev = device(&args.device)?;
+    let rows: Vec<BenchRow> = args
+        .paths
+        .iter()
+        .map(|p| bench_path(p, &dev, args.prompt, args.n, args.reps))
+        .collect::<Result<_>>()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! `lorafold demo`: the main job on the real model, in one command.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use lorafold_converter::convert::{convert, ConvertOptions};
+use lorafold_converter::quant::QuantPolicy;
+use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
+use lorafold_runtime::tokenizer::Tokenizer;
+use serde::Serialize;
+
+use crate::bench::{bench_path, BenchRow};
+use crate::drift::{load_path, measure, windows, DriftRow};
+use crate::run::set_threads;
+
+/// Arguments of `lorafold demo`.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Where the converted files, results.json and results.svg go.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+const PROMPT: &str = "Q: What is the capital of Portugal? A:";
+
+#[derive(Serialize)]
+struct PathResult {
+    name: String,
+    path: String,
+    answer: String,
+    file_bytes: u64,
+    drift: Option<DriftRow>,
+    latency: BenchRow,
+}
+
+/// Run `lorafold demo`.
+pub fn run(args: &DemoArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let script = Path::new("scripts/fetch-smollm2.sh");
+    let adapter = PathBuf::from("examples/adapters/pirate");
+    if !script.exists() || !adapter.exists() {
+        bail!("run `lorafold demo` from the lorafold checkout (it uses scripts/fetch-smollm2.sh and examples/adapters/pirate)");
+    }
+    eprintln!("[1/5] fetching SmolLM2-135M-Instruct (cached after the first time)");
+    let o = Command::new(script)
+        .output()
+        .context("running scripts/fetch-smollm2.sh")?;
+    if !o.status.success() {
+        bail!(
+            "scripts/fetch-smollm2.sh failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    let base = PathBuf::from(String::from_utf8(o.stdout)?.trim());
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
+    let out = |n: &str| args.out.join(n);
+
+    eprintln!(
+        "[2/5] converting the pirate adapter: f32 reference, merged and separate at q8_0 and q4_0"
+    );
+    let mut opts = ConvertOptions::new(
+        &base,
+        Some(adapter.clone()),
+        QuantPolicy::parse("f32", &[])?,
+        out("merged-f32.gguf"),
+    );
+    opts.adapter_output = Some(out("adapter-f16.gguf"));
+    convert(&opts, &|_, _, _| {})?;
+    for q in ["q8_0", "q4_0"] {
+        let mut o = ConvertOptions::new(
+            &base,
+            Some(adapter.clone()),
+            QuantPolicy::parse(q, &[])?,
+            out(&format!("merged-{q}.gguf")),
+        );
+        o.base_output = Some(out(&format!("base-{q}.gguf")));
+        convert(&o, &|_, _, _| {})?;
+    }
+    let adapter_gguf = out("adapter-f16.gguf");
+    let paths: Vec<(String, String)> = vec![
+        (
+            "f32 merged (ref)".into(),
+            out("merged-f32.gguf").display().to_string(),
+        ),
+        (
+            "q8_0 merged".into(),
+            out("merged-q8_0.gguf").display().to_string(),
+        ),
+        (
+            "q8_0 + adapter".into(),
+            format!(
+                "{}+{}",
+                out("base-q8_0.gguf").display(),
+                adapter_gguf.display()
+            ),
+        ),
+        (
+            "q4_0 merged".into(),
+            out("merged-q4_0.gguf").display().to_string(),
+        ),
+        (
+            "q4_0 + adapter".into(),
+            format!(
+                "{}+{}",
+                out("base-q4_0.gguf").display(),
+                adapter_gguf.display()
+            ),
+        ),
+    ];
+
+    eprintln!("[3/5] generating on each path: {PROMPT:?}");
+    let dev = Device::Cpu;
+    let mut answers = Vec::new();
+    for (name, p) in &paths {
+        let model = load_path(p, &dev)?;
+        let tok = Tokenizer::from_gguf(model.file())?;
+        let ids = tok.encode(PROMPT).map_err(anyhow::Error::msg)?;
+        let mut s = model.session(ids.len() + 32)?;
+        let (outp, _) = generate(
+            &mut s,
+            &tok,
+            &ids,
+            24,
+            &mut Sampler::new(SamplerConfig::default()),
+            &["\n".to_string()],
+            &mut |_| {},
+        )?;
+        let answer = tok
+            .decode(&outp)
+            .map_err(anyhow::Error::msg)?
+            .trim_end()
+            .to_string();
+        println!("{name:<18} {PROMPT}{answer}");
+        answers.push(answer);
+    }
+
+    eprintln!("[4/5] drift against the f32 merged model on the adapter's held-out lines");
+    let reference = load_path(&paths[0].1, &dev)?;
+    let tok = Tokenizer::from_gguf(reference.file())?;
+    let text = std::fs::read_to_string(adapter.join("eval.txt"))
+        .context("examples/adapters/pirate/eval.txt")?;
+    let w = windows(&tok, &text, true, 256)?;
+    let mut cands = Vec::new();
+    for (name, p) in &paths[1..] {
+        cands.push((name.clone(), p.clone(), load_path(p, &dev)?));
+    }
+    let base_model = load_path(&base.display().to_string(), &dev)?;
+    let drift = measure(&reference, &cands, Some(&base_model), &w)?;
+    drop(cands);
+
+    eprintln!("[5/5] latency: 64-token prompt, 32 tokens decoded, 3 runs each");
+    let mut results = Vec::new();
+    for (i, ((name, p), answer)) in paths.iter().zip(answers).enumerate() {
+        let file_bytes = p
+            .split('+')
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        results.push(PathResult {
+            name: name.clone(),
+            path: p.clone(),
+            answer,
+            file_bytes,
+            drift: if i == 0 {
+                None
+            } else {
+                drift.get(i - 1).map(|d| DriftRow {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    drift: d.drift.clone(),
+                })
+            },
+            latency: bench_path(p, &dev, 64, 32, 3)?,
+        });
+    }
+    println!();
+    println!(
+        "{:<18} {:>9} {:>9} {:>7} {:>8} {:>8} {:>9} {:>11} {:>11}",
+        "path", "MB", "KL mean", "top-1", "ppl", "gain", "ttft ms", "prefill t/s", "decode t/s"
+    );
+    for r in &results {
+        let d = r.drift.as_ref().map(|d| &d.drift);
+        println!(
+            "{:<18} {:>9.1} {:>9} {:>7} {:>8} {:>8} {:>9.0} {:>11.1} {:>11.1}",
+            r.name,
+            r.file_bytes as f64 / 1e6,
+            d.map_or("ref".into(), |d| format!("{:.2e}", d.kl_mean)),
+            d.map_or("-".into(), |d| format!("{:.1}%", 100.0 * d.top1_agreement)),
+            d.and_then(|d| d.perplexity)
+                .or_else(|| drift.first().and_then(|d| d.drift.perplexity_reference))
+                .map_or("-".into(), |p| format!("{p:.3}")),
+            d.and_then(|d| d.gain_retained)
+                .map_or("100%".into(), |g| format!("{:.1}%", 100.0 * g)),
+            r.latency.ttft_ms.mean,
+            r.latency.prefill_tps.mean,
+            r.latency.decode_tps.mean
+        );
+    }
+    std::fs::write(out("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(out("results.svg"), svg(&results))?;
+    eprintln!(
+        "wrote {} and {}",
+        out("results.json").display(),
+        out("results.svg").display()
+    );
+    Ok(())
+}
+
+/// Two bar charts side by side: gain retained and decode tokens/s per path.
+fn svg(results: &[PathResult]) -> String {
+    let row_h = 34.0;
+    let h = 70.0 + row_h * results.len() as f64;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="900" height="{h}" font-family="sans-serif" font-size="13">"#
+    );
+    s += r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="22" font-size="16">lorafold demo: SmolLM2-135M + pirate adapter</text>"#;
+    s += r#"<text x="180" y="50">adapter gain retained (%)</text><text x="560" y="50">decode tokens/s</text>"#;
+    let max_tps = results
+        .iter()
+        .map(|r| r.latency.decode_tps.mean)
+        .fold(1.0, f64::max);
+    for (i, r) in results.iter().enumerate() {
+        let y = 60.0 + row_h * i as f64;
+        let gain = r
+            .drift
+            .as_ref()
+            .and_then(|d| d.drift.gain_retained)
+            .unwrap_or(1.0)
+            .clamp(0.0, 1.2);
+        let w1 = 300.0 * gain / 1.2;
+        let w2 = 300.0 * r.latency.decode_tps.mean / max_tps;
+        s += &format!(
+            r##"<text x="10" y="{ty}">{name}</text><rect x="180" y="{y}" width="{w1:.1}" height="22" fill="#4C78A8"/><text x="{tx1:.1}" y="{ty}">{g:.1}</text><rect x="560" y="{y}" width="{w2:.1}" height="22" fill="#F58518"/><text x="{tx2:.1}" y="{ty}">{t:.1}</text>"##,
+            ty = y + 16.0,
+            name = r.name,
+            tx1 = 185.0 + w1,
+            g = 100.0 * gain,
+            tx2 = 565.0 + w2,
+            t = r.latency.decode_tps.mean
+        );
+    }
+    s + "</svg>\n"
+}
