@@ -74,7 +74,7 @@ pub struct BenchRow {
     pub prefill_tps: Stat,
     /// Decode tokens/s.
     pub decode_tps: Stat,
-    /// Resident memory after the runs, bytes.
+    /// Resident memory at the end of the last run, model loaded, bytes.
     pub rss_bytes: u64,
     /// Peak resident memory of the process so far, bytes.
     pub peak_rss_bytes: u64,
@@ -103,7 +103,7 @@ pub fn bench_path(
     reps: usize,
 ) -> Result<BenchRow> {
     let (mut load, mut ttft, mut pre, mut dec) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut mapped = 0;
+    let (mut mapped, mut rss) = (0, 0);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
         let model: Model = load_path(spec, dev)?;
@@ -124,6 +124,8 @@ pub fn bench_path(
             next = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
         }
         dec.push(n as f64 / t.elapsed().as_secs_f64());
+        // With the model still mapped: its touched pages count.
+        rss = status_kb("VmRSS");
     }
     Ok(BenchRow {
         path: spec.to_string(),
@@ -131,7 +133,7 @@ pub fn bench_path(
         ttft_ms: Stat::of(&ttft),
         prefill_tps: Stat::of(&pre),
         decode_tps: Stat::of(&dec),
-        rss_bytes: status_kb("VmRSS"),
+        rss_bytes: rss,
         peak_rss_bytes: status_kb("VmHWM"),
         mapped_bytes: mapped,
     })
