@@ -13,11 +13,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
+use common::f32s;
 
 /// tiny-llama's weights under another model_type, with q/k/v biases if asked.
 fn hf_folder(dir: &Path, model_type: &str, biases: bool) {

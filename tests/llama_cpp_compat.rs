@@ -41,18 +41,10 @@ fn logits(model: &Path, lora: Option<&Path>, prompts: &Path) -> Vec<f32> {
         &[model, &lora, prompts, &out],
     );
     let b = std::fs::read(out).unwrap();
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    common::f32s(&b)
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
+use common::max_abs_diff;
 
 fn check(adapter: &str) {
     let data = common::shared_data().join("smollm2-adapters").join(adapter);

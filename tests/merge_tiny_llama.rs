@@ -10,12 +10,7 @@ use lorafold_runtime::arch::qk_permutation;
 use lorafold_runtime::gguf::{GgmlType, GgufFile};
 use safetensors::SafeTensors;
 
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
+use common::f32s;
 
 fn check_adapter(name: &str) {
     let data = common::shared_data().join("tiny-llama");

@@ -96,10 +96,7 @@ fn k_quants_decode_the_same_in_llama_cpp() {
     common::run_python(DEQUANTIZE, &[&path]);
     for (t, ours) in types.iter().zip(ours) {
         let bytes = std::fs::read(dir.path().join(format!("x.f32.{}.f32", t.name()))).unwrap();
-        let theirs: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let theirs: Vec<f32> = common::f32s(&bytes);
         let max = ours
             .iter()
             .zip(&theirs)

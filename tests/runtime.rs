@@ -109,13 +109,7 @@ fn all_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
+use common::max_abs_diff;
 
 fn greedy(path: &Path, prompt: &str, n: usize) -> String {
     let model = Model::load(path, &Device::Cpu).unwrap();
