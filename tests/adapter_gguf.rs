@@ -39,7 +39,7 @@ fn values(f: &GgufFile, name: &str) -> Vec<f32> {
     let t = f.tensor(name).unwrap_or_else(|| panic!("no {name}"));
     let b = f.tensor_data(t);
     match t.ggml_type.name() {
-        "F32" => common::f32s(&b),
+        "F32" => common::f32s(b),
         "F16" => b
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
