@@ -156,3 +156,19 @@ fn unknown_model_type_is_refused() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn llama_attention_biases_get_the_qk_permutation_too() {
+    let dir = tempfile::tempdir().unwrap();
+    hf_folder(dir.path(), "llama", true);
+    let f = convert_f32(dir.path());
+    let q_bias = common::f32s(f.tensor_data(f.tensor("blk.1.attn_q.bias").unwrap()));
+    let hf: Vec<f32> = (0..96).map(|i| i as f32 * 0.01 + 1.0).collect();
+    let want: Vec<f32> = qk_permutation(96, 6).into_iter().map(|s| hf[s]).collect();
+    assert_eq!(q_bias, want);
+    let v_bias = common::f32s(f.tensor_data(f.tensor("blk.1.attn_v.bias").unwrap()));
+    assert_eq!(
+        v_bias,
+        (0..32).map(|i| i as f32 * 0.01 + 1.0).collect::<Vec<_>>()
+    );
+}

@@ -180,7 +180,16 @@ impl BaseModel {
                     ))
                 })?;
                 Ok(match permute_heads {
-                    Some(h) => permute_rows(&v, t.dims[0] as usize, *h),
+                    // A bias is one value per row.
+                    Some(h) => permute_rows(
+                        &v,
+                        if t.dims.len() == 1 {
+                            1
+                        } else {
+                            t.dims[0] as usize
+                        },
+                        *h,
+                    ),
                     None => v,
                 })
             }
@@ -263,6 +272,12 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
             source: Source::Gguf { index },
         });
     }
+    if shape.n_head == 0 || shape.n_head_kv == 0 {
+        return Err(bad(format!(
+            "{} heads and {} key/value heads cannot be right",
+            shape.n_head, shape.n_head_kv
+        )));
+    }
     let tied_embeddings = f.tensor("output.weight").is_none();
     Ok(BaseModel {
         path: path.to_path_buf(),
@@ -339,6 +354,11 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         .and_then(Value::as_u64)
         .unwrap_or(n_head);
     let n_layers = u("num_hidden_layers")?;
+    if n_head == 0 || n_head_kv == 0 {
+        return Err(bad(format!(
+            "{n_head} attention heads and {n_head_kv} key/value heads cannot be right"
+        )));
+    }
     let head_dim = cfg
         .get("head_dim")
         .and_then(Value::as_u64)
@@ -532,6 +552,15 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
                 None
             };
             let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
+            if let Some(h) = permute_heads {
+                let rows = dims.get(1).copied().unwrap_or(dims[0]);
+                if rows % (2 * h as u64) != 0 {
+                    return Err(BaseError::Invalid {
+                        path: file.clone(),
+                        problem: format!("tensor '{key}': {rows} rows cannot be split into {h} heads of rotary pairs"),
+                    });
+                }
+            }
             let t = BaseTensor {
                 name: name.clone(),
                 dims,

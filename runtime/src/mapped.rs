@@ -150,7 +150,10 @@ pub fn qtensor(file: &Arc<GgufFile>, info: &TensorInfo, device: &Device) -> Resu
         ))
     })?;
     let shape: Vec<usize> = info.shape().iter().map(|&d| d as usize).collect();
-    if device.is_cpu() {
+    // GGUF allows any power-of-two alignment; blocks need 4-byte alignment
+    // (f32 fields) to be read in place, so odd layouts are copied instead.
+    let aligned = (file.tensor_data(info).as_ptr() as usize).is_multiple_of(4);
+    if device.is_cpu() && aligned {
         let start = (file.data_offset() + info.offset) as usize;
         let blocks = MappedBlocks {
             file: file.clone(),

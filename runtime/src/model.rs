@@ -239,6 +239,32 @@ impl Model {
         let vocab = emb_info.dims().get(1).copied().unwrap_or(0) as usize;
         check_dims(f, emb_info, &[dim as u64, vocab as u64])?;
         let config = ModelConfig { vocab, ..config };
+        // Hostile or broken hyperparameters must be errors, not divisions by zero.
+        if config.n_head == 0
+            || config.n_head_kv == 0
+            || !config.n_head.is_multiple_of(config.n_head_kv)
+        {
+            return Err(model_err(
+                f,
+                format!(
+                    "{} query heads cannot share {} key/value heads",
+                    config.n_head, config.n_head_kv
+                ),
+            ));
+        }
+        if config.head_dim == 0
+            || !config.head_dim.is_multiple_of(2)
+            || config.n_layers == 0
+            || vocab == 0
+        {
+            return Err(model_err(
+                f,
+                format!(
+                    "unusable hyperparameters: head_dim {}, {} layers, vocabulary {vocab}",
+                    config.head_dim, config.n_layers
+                ),
+            ));
+        }
         let (q_out, kv_out) = (n_head * head_dim, config.n_head_kv * head_dim);
         let ffn = key("feed_forward_length")? as usize;
         let mut blocks = Vec::with_capacity(config.n_layers);
@@ -459,7 +485,13 @@ impl Session<'_> {
         let m = self.model;
         let c = &m.config;
         let t = tokens.len();
-        if t == 0 || self.pos + t > self.max {
+        if t == 0 {
+            return Err(RuntimeError::Model {
+                path: m.file.path().to_string(),
+                problem: "no tokens to run (empty input)".into(),
+            });
+        }
+        if self.pos + t > self.max {
             return Err(RuntimeError::Model {
                 path: m.file.path().to_string(),
                 problem: format!(
