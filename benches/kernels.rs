@@ -30,8 +30,21 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(q.storage_size_in_bytes() as u64));
         let mm = QMatMul::from_qtensor(q).unwrap();
         g.bench_function(format!("{dtype:?}"), |b| b.iter(|| mm.forward(&x).unwrap()));
+        if dtype == GgmlDType::Q4_1 {
+            // Ours (lorafold_runtime::q4_1): ggml's rounding, AVX2 picked at run time.
+            let bytes = mm_bytes(&w, dtype);
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut dst = vec![0f32; n];
+            g.bench_function("lorafold_q4_1", |b| {
+                b.iter(|| lorafold_runtime::q4_1::matmul((1, n, n), &xs, &bytes, &mut dst).unwrap())
+            });
+        }
     }
     g.finish();
+}
+
+fn mm_bytes(w: &Tensor, dtype: GgmlDType) -> Vec<u8> {
+    QTensor::quantize(w, dtype).unwrap().data().unwrap().into_owned()
 }
 
 criterion_group!(benches, bench);

@@ -8,5 +8,6 @@ pub mod lora;
 pub mod mapped;
 pub mod measure;
 pub mod model;
+pub mod q4_1;
 pub mod summary;
 pub mod tokenizer;

@@ -109,6 +109,9 @@ impl QuantizedType for MappedBlocks {
         self.dtype
     }
     fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        if self.dtype == GgmlDType::Q4_1 {
+            return crate::q4_1::matmul(mkn, lhs, self.bytes(), dst);
+        }
         dispatch!(self, matmul_t, mkn, lhs, dst)
     }
     fn matmul_t_f16(&self, mkn: (usize, usize, usize), lhs: &[f16], dst: &mut [f16]) -> Result<()> {

@@ -408,26 +408,26 @@ impl Model {
             k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
             v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
         }
-        // RoPE tables for every position, computed once.
+        // RoPE tables for every position, computed once, the way ggml does:
+        // theta starts at the position and is multiplied by base^(-2/d) per
+        // pair in f32, so our angles round exactly like llama.cpp's.
         let half = c.head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| {
-                let f = 1.0 / c.rope_base.powf(2.0 * i as f32 / c.head_dim as f32);
-                f / self
+        let theta_scale = c.rope_base.powf(-2.0 / c.head_dim as f32);
+        let mut cos = Vec::with_capacity(max * half);
+        let mut sin = Vec::with_capacity(max * half);
+        for p in 0..max {
+            let mut theta = p as f32;
+            for i in 0..half {
+                let factor = self
                     .rope_freqs
                     .as_ref()
                     .and_then(|r| r.get(i))
                     .copied()
-                    .unwrap_or(1.0)
-            })
-            .collect();
-        let mut cos = Vec::with_capacity(max * half);
-        let mut sin = Vec::with_capacity(max * half);
-        for p in 0..max {
-            for &f in &inv {
-                let a = p as f32 * f;
+                    .unwrap_or(1.0);
+                let a = theta / factor;
                 cos.push(a.cos());
                 sin.push(a.sin());
+                theta *= theta_scale;
             }
         }
         Ok(Session {
@@ -559,8 +559,9 @@ impl Session<'_> {
             let keys = self.k[i].narrow(2, 0, total)?.squeeze(0)?; // [n_kv, total, hd]
             let values = self.v[i].narrow(2, 0, total)?.squeeze(0)?;
             // Group query heads by their kv head: [n_kv, group*t, hd].
-            let q = (q.squeeze(0)?.reshape((c.n_head_kv, group * t, hd))? * scale)?;
-            let mut scores = q.matmul(&keys.t()?)?; // [n_kv, group*t, total]
+            // Scale the scores, not q, as ggml's soft_max_ext does.
+            let q = q.squeeze(0)?.reshape((c.n_head_kv, group * t, hd))?;
+            let mut scores = (q.matmul(&keys.t()?)? * scale)?; // [n_kv, group*t, total]
             if let Some(mask) = &mask {
                 scores = scores
                     .reshape((c.n_head_kv, group, t, total))?
