@@ -44,7 +44,11 @@ fn bench(c: &mut Criterion) {
 }
 
 fn mm_bytes(w: &Tensor, dtype: GgmlDType) -> Vec<u8> {
-    QTensor::quantize(w, dtype).unwrap().data().unwrap().into_owned()
+    QTensor::quantize(w, dtype)
+        .unwrap()
+        .data()
+        .unwrap()
+        .into_owned()
 }
 
 criterion_group!(benches, bench);

@@ -9,5 +9,6 @@ pub mod mapped;
 pub mod measure;
 pub mod model;
 pub mod q4_1;
+pub mod spm;
 pub mod summary;
 pub mod tokenizer;

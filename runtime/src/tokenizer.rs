@@ -1,5 +1,8 @@
-//! The tokenizer carried in a GGUF's `tokenizer.ggml.*` metadata, built as a
-//! Hugging Face `tokenizers` pipeline the way llama.cpp reads it.
+//! The tokenizer carried in a GGUF's `tokenizer.ggml.*` metadata: byte-level
+//! BPE built as a Hugging Face `tokenizers` pipeline the way llama.cpp reads
+//! it, or a SentencePiece vocabulary (`crate::spm`).
+
+use std::borrow::Cow;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -11,6 +14,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::gguf::GgufFile;
+use crate::spm::SpmVocab;
 
 // llama.cpp's pre-tokenizer regexes (llama-vocab.cpp).
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -26,9 +30,14 @@ pub struct TokenizerError {
     pub problem: String,
 }
 
+enum Backend {
+    Bpe(Box<tokenizers::Tokenizer>),
+    Spm(SpmVocab),
+}
+
 /// Text <-> token ids for one model.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Backend,
     /// Beginning-of-sequence id.
     pub bos: Option<u32>,
     /// End-of-sequence id.
@@ -44,14 +53,14 @@ pub struct Tokenizer {
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("vocab", &self.vocab_size())
             .finish()
     }
 }
 
 impl Tokenizer {
     /// Build from `tokenizer.ggml.*`: byte-level BPE ("gpt2") with the
-    /// pre-tokenizers of llama3, qwen2, smollm and gpt-2.
+    /// pre-tokenizers of llama3, qwen2, smollm and gpt-2, or SentencePiece ("llama").
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let err = |problem: String| TokenizerError {
             path: file.path().to_string(),
@@ -60,90 +69,42 @@ impl Tokenizer {
         let model = file
             .get_str("tokenizer.ggml.model")
             .ok_or_else(|| err("no tokenizer.ggml.model".into()))?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer model '{model}' is not supported (byte-level BPE 'gpt2' is)"
-            )));
-        }
         let tokens = file
             .get_strings("tokenizer.ggml.tokens")
             .ok_or_else(|| err("no tokenizer.ggml.tokens".into()))?;
-        let merges = file
-            .get_strings("tokenizer.ggml.merges")
-            .ok_or_else(|| err("no tokenizer.ggml.merges".into()))?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(format!("bad merge '{m}'")))
+        let types: Vec<i64> = file
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().map(|t| t.as_f64().unwrap_or(1.0) as i64).collect())
             })
-            .collect::<Result<_, _>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = file
-            .get_str("tokenizer.ggml.pre")
-            .map(|s| s.into_owned())
-            .unwrap_or_else(|| "default".into());
-        let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-            let s = Split::new(
-                SplitPattern::Regex(re.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| err(e.to_string()))?;
-            Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, false, false).into()]).into())
-        };
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3)?,
-            "qwen2" => {
-                inner
-                    .with_normalizer(Some(NFC))
-                    .map_err(|e| err(e.to_string()))?;
-                split(QWEN2)?
+            .unwrap_or_else(|| vec![1; tokens.len()]);
+        if types.len() != tokens.len() {
+            return Err(err(format!(
+                "{} tokens but {} token types",
+                tokens.len(),
+                types.len()
+            )));
+        }
+        let inner = match model.as_ref() {
+            "gpt2" => Backend::Bpe(Box::new(bpe(file, &tokens, &types).map_err(err)?)),
+            "llama" => {
+                let scores: Vec<f32> = file
+                    .get("tokenizer.ggml.scores")
+                    .and_then(|v| v.as_array().map(|a| a.iter().map(|s| s.as_f64().unwrap_or(0.0) as f32).collect()))
+                    .ok_or_else(|| err("a SentencePiece vocabulary needs tokenizer.ggml.scores".into()))?;
+                if scores.len() != tokens.len() {
+                    return Err(err(format!("{} tokens but {} scores", tokens.len(), scores.len())));
+                }
+                let prefix = file.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.as_bool()).unwrap_or(true);
+                Backend::Spm(SpmVocab::new(tokens.iter().map(|t| t.to_string()).collect(), scores, &types, prefix))
             }
-            // SmolLM: every digit alone, then GPT-2's regex.
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, false, true).into(),
-            ])
-            .into(),
-            "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, false, true).into(),
             other => {
                 return Err(err(format!(
-                "pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"
-            )))
+                    "tokenizer model '{other}' is not supported ('gpt2' byte-level BPE and 'llama' SentencePiece are)"
+                )))
             }
         };
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control and user-defined tokens are matched whole, as llama.cpp does
-        // when it parses special tokens.
-        if let Some(types) = file.get("tokenizer.ggml.token_type").and_then(|v| {
-            v.as_array().map(|a| {
-                a.iter()
-                    .map(|t| t.as_f64().unwrap_or(1.0) as i64)
-                    .collect::<Vec<_>>()
-            })
-        }) {
-            let specials: Vec<AddedToken> = types
-                .iter()
-                .enumerate()
-                .filter(|(_, &t)| t == 3 || t == 4)
-                .map(|(i, &t)| AddedToken::from(tokens[i].to_string(), t == 3))
-                .collect();
-            inner
-                .add_special_tokens(specials)
-                .map_err(|e| err(e.to_string()))?;
-        }
         let id = |k: &str| {
             file.get_u64(&format!("tokenizer.ggml.{k}_token_id"))
                 .map(|v| v as u32)
@@ -163,6 +124,8 @@ impl Tokenizer {
         stop_ids.extend(eos);
         stop_ids.sort();
         stop_ids.dedup();
+        // llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones don't.
+        let add_bos_default = model == "llama";
         Ok(Tokenizer {
             inner,
             bos: id("bos"),
@@ -171,7 +134,7 @@ impl Tokenizer {
             add_bos: file
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+                .unwrap_or(add_bos_default),
             chat_template: file
                 .get_str("tokenizer.chat_template")
                 .map(|s| s.into_owned()),
@@ -181,23 +144,33 @@ impl Tokenizer {
     /// Token ids of `text` (special-token text such as `<|im_start|>` becomes
     /// its id), with BOS prepended if the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        let enc = self.inner.encode(text, false).map_err(|e| e.to_string())?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.inner {
+            Backend::Bpe(t) => {
+                ids.extend_from_slice(t.encode(text, false).map_err(|e| e.to_string())?.get_ids())
+            }
+            Backend::Spm(v) => ids.extend(v.encode(text)),
+        }
         Ok(ids)
     }
 
     /// The text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.inner.decode(ids, false).map_err(|e| e.to_string())
+        match &self.inner {
+            Backend::Bpe(t) => t.decode(ids, false).map_err(|e| e.to_string()),
+            Backend::Spm(v) => Ok(v.decode(ids)),
+        }
     }
 
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Backend::Bpe(t) => t.get_vocab_size(true),
+            Backend::Spm(v) => v.len(),
+        }
     }
 
     /// `prompt` as a single user turn in the model's chat format (ChatML or
@@ -217,4 +190,80 @@ impl Tokenizer {
             None
         }
     }
+}
+
+/// The byte-level BPE pipeline for `tokenizer.ggml.pre`.
+fn bpe(
+    file: &GgufFile,
+    tokens: &[Cow<'_, str>],
+    types: &[i64],
+) -> Result<tokenizers::Tokenizer, String> {
+    let merges = file
+        .get_strings("tokenizer.ggml.merges")
+        .ok_or("no tokenizer.ggml.merges")?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("bad merge '{m}'"))
+        })
+        .collect::<Result<_, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre = file
+        .get_str("tokenizer.ggml.pre")
+        .map(|s| s.into_owned())
+        .unwrap_or_else(|| "default".into());
+    let split = |re: &str| -> Result<PreTokenizerWrapper, String> {
+        let s = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, false, false).into()]).into())
+    };
+    let pre_tokenizer: PreTokenizerWrapper =
+        match pre.as_str() {
+            "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3)?,
+            "qwen2" => {
+                inner
+                    .with_normalizer(Some(NFC))
+                    .map_err(|e| e.to_string())?;
+                split(QWEN2)?
+            }
+            // SmolLM: every digit alone, then GPT-2's regex.
+            "smollm" => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, false, true).into(),
+            ])
+            .into(),
+            "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, false, true).into(),
+            other => return Err(format!(
+                "pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"
+            )),
+        };
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    // Control and user-defined tokens are matched whole, as llama.cpp does
+    // when it parses special tokens.
+    let specials: Vec<AddedToken> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == 3 || t == 4)
+        .map(|(i, &t)| AddedToken::from(tokens[i].to_string(), t == 3))
+        .collect();
+    inner
+        .add_special_tokens(specials)
+        .map_err(|e| e.to_string())?;
+    Ok(inner)
 }
