@@ -72,7 +72,7 @@ impl SpmVocab {
             .filter(|(i, &t)| (t == 3 || t == 4) && !tokens[*i].is_empty())
             .map(|(i, _)| (tokens[i].clone(), i as u32))
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         SpmVocab {
             tokens,
             scores,

@@ -32,7 +32,7 @@ pub struct TokenizerError {
 
 enum Backend {
     Bpe(Box<tokenizers::Tokenizer>),
-    Spm(SpmVocab),
+    Spm(Box<SpmVocab>),
 }
 
 /// Text <-> token ids for one model.
@@ -97,7 +97,7 @@ impl Tokenizer {
                     return Err(err(format!("{} tokens but {} scores", tokens.len(), scores.len())));
                 }
                 let prefix = file.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.as_bool()).unwrap_or(true);
-                Backend::Spm(SpmVocab::new(tokens.iter().map(|t| t.to_string()).collect(), scores, &types, prefix))
+                Backend::Spm(Box::new(SpmVocab::new(tokens.iter().map(|t| t.to_string()).collect(), scores, &types, prefix)))
             }
             other => {
                 return Err(err(format!(
@@ -232,26 +232,27 @@ fn bpe(
         .map_err(|e| e.to_string())?;
         Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, false, false).into()]).into())
     };
-    let pre_tokenizer: PreTokenizerWrapper =
-        match pre.as_str() {
-            "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3)?,
-            "qwen2" => {
-                inner
-                    .with_normalizer(Some(NFC))
-                    .map_err(|e| e.to_string())?;
-                split(QWEN2)?
-            }
-            // SmolLM: every digit alone, then GPT-2's regex.
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, false, true).into(),
-            ])
-            .into(),
-            "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, false, true).into(),
-            other => return Err(format!(
+    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3)?,
+        "qwen2" => {
+            inner
+                .with_normalizer(Some(NFC))
+                .map_err(|e| e.to_string())?;
+            split(QWEN2)?
+        }
+        // SmolLM: every digit alone, then GPT-2's regex.
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, false, true).into(),
+        ])
+        .into(),
+        "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, false, true).into(),
+        other => {
+            return Err(format!(
                 "pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"
-            )),
-        };
+            ))
+        }
+    };
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
     // Control and user-defined tokens are matched whole, as llama.cpp does
