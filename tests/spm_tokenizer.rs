@@ -62,7 +62,7 @@ fn vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
         .map(|_| 0.0)
         .chain((0..n_pieces).map(|i| -(i as f32)))
         .collect();
-    types.extend(std::iter::repeat(1).take(n_pieces));
+    types.extend(std::iter::repeat_n(1, n_pieces));
     tokens.extend(pieces);
     (tokens, scores, types)
 }
