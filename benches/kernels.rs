@@ -7,6 +7,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use lorafold_runtime::q4::Format;
 
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
@@ -30,13 +31,21 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(q.storage_size_in_bytes() as u64));
         let mm = QMatMul::from_qtensor(q).unwrap();
         g.bench_function(format!("{dtype:?}"), |b| b.iter(|| mm.forward(&x).unwrap()));
-        if dtype == GgmlDType::Q4_1 {
-            // Ours (lorafold_runtime::q4_1): ggml's rounding, AVX2 picked at run time.
+        let ours = match dtype {
+            GgmlDType::Q4_0 => Some(Format::Q4_0),
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            _ => None,
+        };
+        if let Some(format) = ours {
+            // Ours (lorafold_runtime::q4): ggml's rounding, AVX2 picked at run time.
             let bytes = mm_bytes(&w, dtype);
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut dst = vec![0f32; n];
-            g.bench_function("lorafold_q4_1", |b| {
-                b.iter(|| lorafold_runtime::q4_1::matmul((1, n, n), &xs, &bytes, &mut dst).unwrap())
+            g.bench_function(format!("lorafold_{format:?}"), |b| {
+                b.iter(|| {
+                    lorafold_runtime::q4::matmul_4bit(format, (1, n, n), &xs, &bytes, &mut dst)
+                        .unwrap()
+                })
             });
         }
     }

@@ -109,8 +109,15 @@ impl QuantizedType for MappedBlocks {
         self.dtype
     }
     fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
-        if self.dtype == GgmlDType::Q4_1 {
-            return crate::q4_1::matmul(mkn, lhs, self.bytes(), dst);
+        // Our 4-bit kernels: ggml's rounding, and faster than candle 0.11's.
+        match self.dtype {
+            GgmlDType::Q4_1 => {
+                return crate::q4::matmul_4bit(crate::q4::Format::Q4_1, mkn, lhs, self.bytes(), dst)
+            }
+            GgmlDType::Q4_0 => {
+                return crate::q4::matmul_4bit(crate::q4::Format::Q4_0, mkn, lhs, self.bytes(), dst)
+            }
+            _ => {}
         }
         dispatch!(self, matmul_t, mkn, lhs, dst)
     }
