@@ -19,6 +19,9 @@ pub const BLOCK_BYTES: usize = 20;
 /// Bytes per Q4_0 block: f16 d, 16 bytes of nibbles.
 pub const Q4_0_BYTES: usize = 18;
 
+/// Below this many weights a mat-vec runs on the calling thread.
+pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 20;
+
 /// The 4-bit weight formats this kernel handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -224,15 +227,19 @@ pub fn matmul_4bit(
     let avx2 = has_avx2();
     if m == 1 {
         let x = &xs[0];
-        dst[..n]
-            .par_chunks_mut(64)
-            .enumerate()
-            .for_each(|(c, out)| {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let row = c * 64 + j;
-                    *o = dot(format, &w[row * row_bytes..(row + 1) * row_bytes], x, avx2);
-                }
-            });
+        let rows = |(c, out): (usize, &mut [f32])| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let row = c * 64 + j;
+                *o = dot(format, &w[row * row_bytes..(row + 1) * row_bytes], x, avx2);
+            }
+        };
+        // Waking another thread costs more than a small mat-vec (SmolLM2's
+        // 576x576 is ~10 µs): perf showed a third of decode in the scheduler.
+        if n * k >= PARALLEL_MIN_WEIGHTS {
+            dst[..n].par_chunks_mut(64).enumerate().for_each(rows);
+        } else {
+            dst[..n].chunks_mut(64).enumerate().for_each(rows);
+        }
     } else {
         // Each worker takes output columns and computes them for every lhs row,
         // so a weight row is read once per call.
