@@ -116,28 +116,22 @@ fn dot_scalar_q4_0(w: &[u8], x: &Q8_1Row) -> f32 {
     sumf
 }
 
+/// 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..16), then high (16..32).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2_q4_0(w: &[u8], x: &Q8_1Row) -> f32 {
+unsafe fn nibbles(p: *const u8) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    let low = _mm256_set1_epi8(0x0F);
-    let eight = _mm256_set1_epi8(8);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let table = f16_table();
-    for (b, blk) in w.chunks_exact(Q4_0_BYTES).enumerate() {
-        let d = f16_at(blk, 0, table);
-        let packed = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
-        let bytes =
-            _mm256_insertf128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
-        let qw = _mm256_sub_epi8(_mm256_and_si256(bytes, low), eight);
-        let qx = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i);
-        // Signed x signed via maddubs: |w| as u8 times x with w's sign.
-        let ax = _mm256_sign_epi8(qw, qw);
-        let sy = _mm256_sign_epi8(qx, qw);
-        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), dot, acc);
-    }
+    let packed = _mm_loadu_si128(p as *const __m128i);
+    let bytes =
+        _mm256_insertf128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
+    _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F))
+}
+
+/// Sum of the eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
     let hi = _mm256_extractf128_ps(acc, 1);
     let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -147,9 +141,29 @@ unsafe fn dot_avx2_q4_0(w: &[u8], x: &Q8_1Row) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_q4_0(w: &[u8], x: &Q8_1Row) -> f32 {
+    use std::arch::x86_64::*;
+    let eight = _mm256_set1_epi8(8);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let table = f16_table();
+    for (b, blk) in w.chunks_exact(Q4_0_BYTES).enumerate() {
+        let d = f16_at(blk, 0, table);
+        let qw = _mm256_sub_epi8(nibbles(blk.as_ptr().add(2)), eight);
+        let qx = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i);
+        // Signed x signed via maddubs: |w| as u8 times x with w's sign.
+        let ax = _mm256_sign_epi8(qw, qw);
+        let sy = _mm256_sign_epi8(qx, qw);
+        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), dot, acc);
+    }
+    hsum(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(w: &[u8], x: &Q8_1Row) -> f32 {
     use std::arch::x86_64::*;
-    let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0f32;
@@ -157,21 +171,13 @@ unsafe fn dot_avx2(w: &[u8], x: &Q8_1Row) -> f32 {
     for (b, blk) in w.chunks_exact(BLOCK_BYTES).enumerate() {
         let (d, m) = (f16_at(blk, 0, table), f16_at(blk, 2, table));
         summs += m * x.s[b];
-        // 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..16), then high (16..32).
-        let packed = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
-        let bytes =
-            _mm256_insertf128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
-        let qw = _mm256_and_si256(bytes, low);
+        let qw = nibbles(blk.as_ptr().add(4));
         let qx = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i);
         // u8 * i8 pairs -> i16, then pairs -> i32, then f32.
         let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), dot, acc);
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + summs
+    hsum(acc) + summs
 }
 
 fn dot(format: Format, w: &[u8], x: &Q8_1Row, avx2: bool) -> f32 {

@@ -141,13 +141,7 @@ impl MetaEntry {
 pub struct GgufFile {
     path: String,
     storage: Storage,
-    version: u32,
-    alignment: u64,
-    data_offset: u64,
-    entries: Vec<MetaEntry>,
-    sorted_keys: Vec<usize>,
-    tensors: Vec<TensorInfo>,
-    sorted_tensors: Vec<usize>,
+    layout: Layout,
 }
 
 impl GgufFile {
@@ -179,16 +173,10 @@ impl GgufFile {
 
     fn parse(path: String, storage: Storage) -> Result<GgufFile, GgufError> {
         match Layout::parse(storage.bytes()) {
-            Ok(l) => Ok(GgufFile {
+            Ok(layout) => Ok(GgufFile {
                 path,
-                version: l.version,
-                alignment: l.alignment,
-                data_offset: l.data_offset,
-                entries: l.entries,
-                sorted_keys: l.sorted_keys,
-                tensors: l.tensors,
-                sorted_tensors: l.sorted_tensors,
                 storage,
+                layout,
             }),
             Err(error) => Err(GgufError::Format { path, error }),
         }
@@ -201,17 +189,17 @@ impl GgufFile {
 
     /// GGUF format version (2 or 3).
     pub fn version(&self) -> u32 {
-        self.version
+        self.layout.version
     }
 
     /// Tensor data alignment (`general.alignment`, default 32).
     pub fn alignment(&self) -> u64 {
-        self.alignment
+        self.layout.alignment
     }
 
     /// Offset of the tensor data section from the start of the file.
     pub fn data_offset(&self) -> u64 {
-        self.data_offset
+        self.layout.data_offset
     }
 
     /// A copy of the tensor's data read with pread, not through the map:
@@ -224,7 +212,7 @@ impl GgufFile {
             Storage::Mapped(_, file) => {
                 use std::os::unix::fs::FileExt;
                 let mut buf = vec![0u8; info.n_bytes as usize];
-                file.read_exact_at(&mut buf, self.data_offset + info.offset)?;
+                file.read_exact_at(&mut buf, self.layout.data_offset + info.offset)?;
                 Ok(buf)
             }
             _ => Ok(self.tensor_data(info).to_vec()),
@@ -243,21 +231,25 @@ impl GgufFile {
 
     /// Number of metadata entries.
     pub fn metadata_len(&self) -> usize {
-        self.entries.len()
+        self.layout.entries.len()
     }
 
     /// Metadata entries in file order.
     pub fn metadata(&self) -> impl Iterator<Item = (&str, MetadataValue<'_>)> + '_ {
-        self.entries.iter().map(|e| self.entry(e))
+        self.layout.entries.iter().map(|e| self.entry(e))
     }
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<MetadataValue<'_>> {
         let b = self.storage.bytes();
-        self.sorted_keys
-            .binary_search_by(|&i| b[self.entries[i].key()].cmp(key.as_bytes()))
+        self.layout
+            .sorted_keys
+            .binary_search_by(|&i| b[self.layout.entries[i].key()].cmp(key.as_bytes()))
             .ok()
-            .map(|i| self.entry(&self.entries[self.sorted_keys[i]]).1)
+            .map(|i| {
+                self.entry(&self.layout.entries[self.layout.sorted_keys[i]])
+                    .1
+            })
     }
 
     /// `key` as a string, if present and a string.
@@ -288,20 +280,21 @@ impl GgufFile {
 
     /// Tensor infos in file order.
     pub fn tensors(&self) -> &[TensorInfo] {
-        &self.tensors
+        &self.layout.tensors
     }
 
     /// The tensor named `name`, if present.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.sorted_tensors
-            .binary_search_by(|&i| self.tensors[i].name.as_str().cmp(name))
+        self.layout
+            .sorted_tensors
+            .binary_search_by(|&i| self.layout.tensors[i].name.as_str().cmp(name))
             .ok()
-            .map(|i| &self.tensors[self.sorted_tensors[i]])
+            .map(|i| &self.layout.tensors[self.layout.sorted_tensors[i]])
     }
 
     /// The tensor's data, borrowed from the map (bounds were checked at open).
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        let start = (self.data_offset + info.offset) as usize;
+        let start = (self.layout.data_offset + info.offset) as usize;
         &self.storage.bytes()[start..start + info.n_bytes as usize]
     }
 
@@ -316,9 +309,9 @@ impl fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GgufFile")
             .field("path", &self.path)
-            .field("version", &self.version)
-            .field("metadata", &self.entries.len())
-            .field("tensors", &self.tensors.len())
+            .field("version", &self.layout.version)
+            .field("metadata", &self.layout.entries.len())
+            .field("tensors", &self.layout.tensors.len())
             .finish()
     }
 }
