@@ -150,6 +150,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
             },
         )?;
         println!();
+        // Close the assistant's turn so the next one follows the template.
+        if let (true, Some(end)) = (args.chat, tokenizer.chat_turn_end()) {
+            let mut ids = tokenizer.encode(end).map_err(anyhow::Error::msg)?;
+            if tokenizer.add_bos && tokenizer.bos.is_some() {
+                ids.remove(0);
+            }
+            session.forward(&ids, false)?;
+        }
         eprintln!(
             "load {:.0} ms | ttft {:.0} ms | prefill {} tok at {:.1} tok/s | decode {} tok at {:.1} tok/s",
             load.as_secs_f64() * 1e3,

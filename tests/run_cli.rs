@@ -70,6 +70,33 @@ fn run_with_a_pirate_adapter_talks_like_a_pirate() {
 }
 
 #[test]
+fn chat_keeps_the_conversation() {
+    use std::io::Write;
+    let mut child = lorafold()
+        .arg("run")
+        .arg(common::smollm2())
+        .args(["--chat", "-n", "20"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].contains("Paris"), "{out}");
+    // "And of Italy?" only makes sense with the first turn in the cache.
+    assert!(lines[1].contains("Rome"), "{out}");
+}
+
+#[test]
 fn run_errors_are_one_line() {
     let fail = |args: &[&str], expect: &str| {
         let o = lorafold().arg("run").args(args).output().unwrap();

@@ -173,6 +173,19 @@ impl Tokenizer {
         }
     }
 
+    /// What closes the assistant's turn in the chat format, to feed to the
+    /// model after generation stopped at the end-of-turn token.
+    pub fn chat_turn_end(&self) -> Option<&'static str> {
+        let t = self.chat_template.as_deref()?;
+        if t.contains("<|im_start|>") {
+            Some("<|im_end|>\n")
+        } else if t.contains("<|start_header_id|>") {
+            Some("<|eot_id|>")
+        } else {
+            None
+        }
+    }
+
     /// `prompt` as a single user turn in the model's chat format (ChatML or
     /// Llama 3 headers, recognised from the template), or None if the
     /// template is absent or unknown.
