@@ -1,5 +1,6 @@
 //! lorafold's release side: read bases and PEFT adapters, merge, quantize, and
 //! stream GGUF files out.
+#![warn(missing_docs)]
 
 pub mod adapter_gguf;
 pub mod base;

@@ -66,9 +66,19 @@ pub enum TensorRole {
     /// The token embedding (untied).
     TokenEmbedding,
     /// blk.N.attn_v.weight
-    AttnV { layer: usize, n_layers: usize },
+    AttnV {
+        /// N
+        layer: usize,
+        /// blocks in the model
+        n_layers: usize,
+    },
     /// blk.N.ffn_down.weight
-    FfnDown { layer: usize, n_layers: usize },
+    FfnDown {
+        /// N
+        layer: usize,
+        /// blocks in the model
+        n_layers: usize,
+    },
     /// Any other 2-D weight.
     Other,
 }

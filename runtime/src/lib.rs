@@ -1,5 +1,6 @@
 //! lorafold's device side: memory-mapped GGUF models, attachable LoRA adapters,
 //! generation and measurement.
+#![warn(missing_docs)]
 
 pub mod arch;
 pub mod generate;
