@@ -11,7 +11,6 @@ use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::report::ConvertReport;
 use lorafold_runtime::gguf::{GgmlType, GgufFile};
-use serde_json::Value;
 
 fn run(adapter: &str, quant: &str, out: &Path) -> ConvertReport {
     let opts = ConvertOptions::new(
@@ -28,14 +27,6 @@ fn run(adapter: &str, quant: &str, out: &Path) -> ConvertReport {
     convert(&opts, &|_, _, _| {}).unwrap()
 }
 
-fn reference(adapter: &str) -> Value {
-    let p = common::shared_data()
-        .join("smollm2-adapters")
-        .join(adapter)
-        .join("reference.json");
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
 /// HF module path -> GGUF tensor name.
 fn gguf_name(module: &str) -> String {
     lorafold_converter::base::hf_to_gguf_name(&format!("{module}.weight")).unwrap()
@@ -47,7 +38,7 @@ fn gguf_name(module: &str) -> String {
 /// module's retention by up to ~4e-5. A quantizer that rounded blocks
 /// differently would move it far more.
 fn check_against_reference(adapter: &str, quant: &str, report: &ConvertReport, tol: f64) {
-    let r = reference(adapter);
+    let r = common::reference(adapter);
     let level = &r["weight_level_quantization"][quant];
     let per_module = level["per_module_retention"].as_object().unwrap();
     let ours: HashMap<&str, f64> = report

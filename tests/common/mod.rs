@@ -124,3 +124,29 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
+
+/// `smollm2-adapters/<adapter>/reference.json`.
+pub fn reference(adapter: &str) -> serde_json::Value {
+    let p = shared_data()
+        .join("smollm2-adapters")
+        .join(adapter)
+        .join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The token ids of the reference's `ref_prompts`.
+pub fn ref_prompts(adapter: &str) -> Vec<Vec<u32>> {
+    reference(adapter)["ref_prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
