@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use lorafold_runtime::arch::{qk_permutation, Architecture};
-use lorafold_runtime::gguf::{GgufError, GgufFile, MetadataValue};
+use lorafold_runtime::gguf::{GgufFile, MetadataValue};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -14,29 +14,7 @@ use crate::quant;
 use crate::safetensors_dir::model_files;
 
 /// An error reading a base model.
-#[derive(Debug, thiserror::Error)]
-pub enum BaseError {
-    /// The GGUF could not be read.
-    #[error(transparent)]
-    Gguf(#[from] GgufError),
-    /// A file could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// the file
-        path: PathBuf,
-        /// the OS error
-        #[source]
-        source: std::io::Error,
-    },
-    /// The model is malformed or not one we support.
-    #[error("{path}: {problem}")]
-    Invalid {
-        /// the file
-        path: PathBuf,
-        /// what is wrong
-        problem: String,
-    },
-}
+pub type BaseError = crate::error::ModelFileError;
 
 /// Where a base tensor's values come from.
 #[derive(Debug, Clone)]
@@ -498,10 +476,7 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         }
     }
 
-    let files = model_files(dir).map_err(|e| BaseError::Invalid {
-        path: dir.to_path_buf(),
-        problem: e.to_string(),
-    })?;
+    let files = model_files(dir)?;
     let mut maps = Vec::new();
     let mut found: Vec<(String, BaseTensor)> = Vec::new();
     for (fi, file) in files.iter().enumerate() {

@@ -5,6 +5,7 @@
 pub mod adapter_gguf;
 pub mod base;
 pub mod convert;
+pub mod error;
 pub mod gguf_writer;
 pub mod hf_tokenizer;
 pub mod merge;

@@ -8,26 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// An error reading a safetensors file or HF model folder.
-#[derive(Debug, thiserror::Error)]
-pub enum SafetensorsError {
-    /// A file could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// the file
-        path: PathBuf,
-        /// the OS error
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file is malformed.
-    #[error("{path}: {problem}")]
-    Invalid {
-        /// the file
-        path: PathBuf,
-        /// what is wrong
-        problem: String,
-    },
-}
+pub type SafetensorsError = crate::error::ModelFileError;
 
 /// One tensor of a safetensors file.
 #[derive(Debug, Clone, Serialize)]
