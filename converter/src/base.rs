@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::hf_tokenizer;
 use crate::quant;
-use crate::safetensors_dir::model_files;
+use crate::safetensors_dir::{map_safetensors, model_files};
 
 /// An error reading a base model.
 pub type BaseError = crate::error::ModelFileError;
@@ -480,17 +480,8 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     let mut maps = Vec::new();
     let mut found: Vec<(String, BaseTensor)> = Vec::new();
     for (fi, file) in files.iter().enumerate() {
-        let io = |source| BaseError::Io {
-            path: file.clone(),
-            source,
-        };
-        let handle = std::fs::File::open(file).map_err(io)?;
-        // SAFETY: read-only map of an input we do not modify.
-        let map = unsafe { Mmap::map(&handle) }.map_err(io)?;
-        let st = SafeTensors::deserialize(&map).map_err(|e| BaseError::Invalid {
-            path: file.clone(),
-            problem: format!("not a valid safetensors file: {e}"),
-        })?;
+        let map = map_safetensors(file)?;
+        let st = SafeTensors::deserialize(&map).expect("checked by map_safetensors");
         let mut keys: Vec<&str> = st.names().into_iter().collect();
         keys.sort();
         for key in keys {

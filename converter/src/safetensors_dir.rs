@@ -145,11 +145,8 @@ pub fn model_files(path: &Path) -> Result<Vec<PathBuf>, SafetensorsError> {
     Ok(shards.into_iter().map(|s| path.join(s)).collect())
 }
 
-/// Map one safetensors file and call `f` with its parsed view.
-pub fn with_safetensors<T>(
-    path: &Path,
-    f: impl FnOnce(&SafeTensors<'_>) -> T,
-) -> Result<T, SafetensorsError> {
+/// Map one safetensors file, checking that its header parses.
+pub fn map_safetensors(path: &Path) -> Result<Mmap, SafetensorsError> {
     let io = |source| SafetensorsError::Io {
         path: path.to_path_buf(),
         source,
@@ -157,10 +154,20 @@ pub fn with_safetensors<T>(
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: read-only map of a file we do not modify.
     let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| SafetensorsError::Invalid {
+    SafeTensors::deserialize(&map).map_err(|e| SafetensorsError::Invalid {
         path: path.to_path_buf(),
         problem: format!("not a valid safetensors file: {e}"),
     })?;
+    Ok(map)
+}
+
+/// Map one safetensors file and call `f` with its parsed view.
+pub fn with_safetensors<T>(
+    path: &Path,
+    f: impl FnOnce(&SafeTensors<'_>) -> T,
+) -> Result<T, SafetensorsError> {
+    let map = map_safetensors(path)?;
+    let st = SafeTensors::deserialize(&map).expect("checked by map_safetensors");
     Ok(f(&st))
 }
 
