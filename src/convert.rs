@@ -1,10 +1,11 @@
 //! `lorafold convert`.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lorafold_converter::convert::{convert, ConvertError, ConvertOptions};
+use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::report::ConvertReport;
 use lorafold_runtime::gguf::GgmlType;
@@ -69,27 +70,38 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             .build_global()
             .context("setting up threads")?;
     }
-    let mut report_path = args.report.clone();
-    let (output, base_out, adapter_out) = if args.emit.is_empty() {
-        (
+    if let Some(p) = &args.report {
+        check_file_destination(p)?;
+    }
+    // With --emit the set is written into a partial folder and published as
+    // -o in one rename, so a reader never sees old and new files mixed.
+    let staged = if args.emit.is_empty() {
+        None
+    } else {
+        let dir = args.output.as_ref().context("--emit needs -o OUTDIR")?;
+        Some(StagedSet::new(dir)?)
+    };
+    let (output, base_out, adapter_out, report_path) = match &staged {
+        None => (
             args.output.clone(),
             args.base_out.clone(),
             args.adapter_out.clone(),
-        )
-    } else {
-        let dir = args.output.as_ref().context("--emit needs -o OUTDIR")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-        let want = |k: &str| args.emit.iter().any(|e| e == k);
-        report_path.get_or_insert(dir.join("report.json"));
-        (
-            want("merged").then(|| dir.join("merged.gguf")),
-            want("separate").then(|| dir.join("base.gguf")),
-            want("separate").then(|| dir.join("adapter.gguf")),
-        )
+            args.report.clone(),
+        ),
+        Some(set) => {
+            let want = |k: &str| args.emit.iter().any(|e| e == k);
+            (
+                want("merged").then(|| set.path("merged.gguf")),
+                want("separate").then(|| set.path("base.gguf")),
+                want("separate").then(|| set.path("adapter.gguf")),
+                Some(
+                    args.report
+                        .clone()
+                        .unwrap_or_else(|| set.path("report.json")),
+                ),
+            )
+        }
     };
-    if output.is_none() && base_out.is_none() && adapter_out.is_none() {
-        bail!("nothing to write: give -o MERGED.gguf, --base-out, --adapter-out, or --emit with -o OUTDIR");
-    }
     let policy = match (&args.quant, output.is_some() || base_out.is_some()) {
         (Some(q), _) => QuantPolicy::parse(q, &args.tensor_type)?,
         (None, false) => QuantPolicy::parse("f16", &[])?, // unused: only the adapter is written
@@ -115,18 +127,39 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
     };
-    let result = convert(&opts, &progress);
-    let report = match &result {
-        Ok(r) => r,
-        Err(ConvertError::Budget(_, r)) => r.as_ref(),
-        Err(_) => return result.map(|_| ()).map_err(Into::into),
+    let (mut report, broken) = match convert(&opts, &progress) {
+        Ok(r) => (r, None),
+        Err(ConvertError::Budget(why, r)) => (*r, Some(why)),
+        Err(e) => return Err(e.into()),
     };
-    if let Some(path) = &report_path {
-        let json = serde_json::to_string_pretty(report)?;
-        std::fs::write(path, json).with_context(|| format!("{}", path.display()))?;
+    if let Some(set) = &staged {
+        for p in [
+            report.output.as_mut(),
+            report.base_output.as_mut(),
+            report.adapter_gguf.as_mut().map(|a| &mut a.path),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = set.published_path(Path::new(p)).display().to_string();
+        }
     }
-    print_report(report, args.quiet);
-    result.map(|_| ()).map_err(Into::into)
+    // A broken budget still writes a report the user asked for by name; an
+    // --emit set is published only whole.
+    if let Some(path) = &report_path {
+        if broken.is_none() || args.report.is_some() {
+            let json = serde_json::to_string_pretty(&report)?;
+            write_file_atomic(path, json.as_bytes())?;
+        }
+    }
+    print_report(&report, args.quiet);
+    if let Some(why) = broken {
+        return Err(ConvertError::Budget(why, Box::new(report)).into());
+    }
+    if let Some(set) = staged {
+        set.publish()?;
+    }
+    Ok(())
 }
 
 fn print_report(r: &ConvertReport, quiet: bool) {

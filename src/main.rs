@@ -39,6 +39,8 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    #[cfg(unix)]
+    remove_partials_on_signal();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(args) => convert::run(&args),
@@ -52,6 +54,23 @@ fn main() {
         eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// On SIGINT or SIGTERM, remove the partial outputs being written (a killed
+/// conversion would otherwise leave hundreds of MB of `.NAME.PID.XXXXXX.partial`)
+/// and exit as a shell reports death by that signal (128 + signal).
+#[cfg(unix)]
+fn remove_partials_on_signal() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return; // without the handler a signal kills us as before
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            lorafold_converter::output::remove_live_partials();
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
 /// The error and its causes on one line, skipping causes whose text the

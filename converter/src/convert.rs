@@ -13,6 +13,7 @@ use crate::adapter_gguf::{write_adapter_gguf, AdapterError};
 use crate::base::{BaseError, BaseModel, BaseTensor};
 use crate::gguf_writer::{GgufStream, GgufWriter, WriteError};
 use crate::merge::{self, MergeError, MergePlan, TensorEdit};
+use crate::output::{check_distinct, check_file_destination, OutputError};
 use crate::peft::{PeftAdapter, PeftError};
 use crate::quant::{self, QuantError, QuantPolicy, TensorRole};
 use crate::report::{peak_rss_bytes, ConvertReport, TensorReport, Totals};
@@ -41,6 +42,9 @@ pub enum ConvertError {
     /// The adapter GGUF could not be made.
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    /// An output path cannot be used.
+    #[error(transparent)]
+    Output(#[from] OutputError),
     /// Nothing to do, or an output needs an input that was not given.
     #[error("{0}")]
     Usage(String),
@@ -134,6 +138,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             "nothing to write: give a merged output, a base output or an adapter output".into(),
         ));
     }
+    check_outputs(opts)?;
     let base = BaseModel::open(&opts.base)?;
     let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
     if let Some(a) = &adapter {
@@ -323,6 +328,20 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     }
     report.totals.wall_seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Every output path is usable (its folder exists; nothing but a regular file
+/// is there) and distinct, checked before any input is read.
+fn check_outputs(opts: &ConvertOptions) -> Result<(), OutputError> {
+    let outputs: Vec<&Path> = [&opts.output, &opts.base_output, &opts.adapter_output]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    for p in &outputs {
+        check_file_destination(p)?;
+    }
+    check_distinct(outputs)
 }
 
 /// Declare a model GGUF (the base's metadata, our provenance, the tensors) and

@@ -62,6 +62,9 @@ pub enum WriteError {
         /// the tensor that came
         got: String,
     },
+    /// The destination cannot take a file.
+    #[error(transparent)]
+    Destination(#[from] crate::output::OutputError),
     /// `finish` was called before every declared tensor was written.
     #[error("{path}: {missing} declared tensors were never written, starting with '{first}'")]
     Incomplete {
@@ -195,26 +198,14 @@ impl GgufWriter {
             t.offset = next;
             next = align(t.offset + t.n_bytes, self.alignment);
         }
-        let dir = match self.dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = self
-            .dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let io = |source| WriteError::Io {
             path: self.dest.clone(),
             source,
         };
-        let prefix = format!(".{file_name}.");
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(&prefix).suffix(".partial");
-        // tempfile creates 0600 files; a model file is meant to be shared.
-        #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        let tmp = builder.tempfile_in(&dir).map_err(io)?;
+        crate::output::check_file_destination(&self.dest)?;
+        crate::output::sweep_stale_partials(&self.dest);
+        let tmp = crate::output::partial_file(&self.dest).map_err(io)?;
+        let live = crate::output::LivePartial::register(tmp.path());
         let out = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io)?);
 
         let mut head = Vec::with_capacity(24 + self.kv.len() + self.tensors.len() * 64);
@@ -243,6 +234,7 @@ impl GgufWriter {
             next: 0,
             alignment: self.alignment,
             written: 0,
+            _live: live,
         };
         stream.put(&head)?;
         Ok(stream)
@@ -260,6 +252,7 @@ pub struct GgufStream {
     next: usize,
     alignment: u64,
     written: u64,
+    _live: crate::output::LivePartial,
 }
 
 impl GgufStream {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gguf_writer;
 pub mod hf_tokenizer;
 pub mod merge;
+pub mod output;
 pub mod peft;
 pub mod quant;
 pub mod report;

@@ -1,0 +1,431 @@
+//! Output paths: checked before any work starts, written to a partial file
+//! (or folder) beside the destination named `.NAME.PID.XXXXXX.partial`, and
+//! published with one rename. The PID in the name lets a later run sweep the
+//! partials of a killed one without touching those of a run still going, and a
+//! registry of live partials lets the CLI remove them on SIGINT/SIGTERM.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The files an `--emit` folder may hold: everything lorafold writes there.
+pub const SET_FILES: [&str; 4] = ["merged.gguf", "base.gguf", "adapter.gguf", "report.json"];
+
+/// An output path that cannot be used, or an output that could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The destination exists and is not a regular file (or, for a set, not a folder).
+    #[error("{path}: exists and is {kind}, not {wanted}; refusing to replace it")]
+    WrongKind {
+        /// the destination
+        path: PathBuf,
+        /// what it is ("a FIFO", "a character device", ...)
+        kind: &'static str,
+        /// what an output there must be
+        wanted: &'static str,
+    },
+    /// The folder the destination would go in does not exist.
+    #[error("{path}: the folder {folder} does not exist")]
+    MissingFolder {
+        /// the destination
+        path: PathBuf,
+        /// its parent
+        folder: PathBuf,
+    },
+    /// An output folder holds files that lorafold did not write.
+    #[error("{path}: holds '{other}', which lorafold did not write; give a new or empty folder (or one from an earlier --emit)")]
+    ForeignFiles {
+        /// the folder
+        path: PathBuf,
+        /// one such file
+        other: String,
+    },
+    /// Two outputs name the same file.
+    #[error("{path}: given for two outputs")]
+    Duplicate {
+        /// the path
+        path: PathBuf,
+    },
+    /// The OS refused a create, write or rename.
+    #[error("{path}: {source}")]
+    Io {
+        /// the path
+        path: PathBuf,
+        /// the OS error
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kind_of(meta: &fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        return "a folder";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a regular file"
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn check_parent(path: &Path) -> Result<(), OutputError> {
+    let folder = parent_of(path);
+    if folder.is_dir() {
+        Ok(())
+    } else {
+        Err(OutputError::MissingFolder {
+            path: path.to_path_buf(),
+            folder,
+        })
+    }
+}
+
+/// Check that a file can be written at `path`: its folder exists, and it is
+/// either absent or a regular file (a symlink is judged by what it points to,
+/// so a link to /dev/null is refused like /dev/null itself).
+pub fn check_file_destination(path: &Path) -> Result<(), OutputError> {
+    check_parent(path)?;
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) => Err(OutputError::WrongKind {
+            path: path.to_path_buf(),
+            kind: kind_of(&m),
+            wanted: "a regular file",
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(OutputError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Check that a set of files can be published as the folder `path`: its parent
+/// exists, and it is absent or a folder holding nothing but an earlier set.
+pub fn check_set_destination(path: &Path) -> Result<(), OutputError> {
+    check_parent(path)?;
+    let io = |source| OutputError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    if !meta.is_dir() {
+        return Err(OutputError::WrongKind {
+            path: path.to_path_buf(),
+            kind: kind_of(&meta),
+            wanted: "a folder",
+        });
+    }
+    for entry in fs::read_dir(path).map_err(io)? {
+        let name = entry.map_err(io)?.file_name();
+        let name = name.to_string_lossy();
+        let ours = SET_FILES.contains(&name.as_ref())
+            || (name.starts_with('.') && name.ends_with(".partial"));
+        if !ours {
+            return Err(OutputError::ForeignFiles {
+                path: path.to_path_buf(),
+                other: name.into_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuse two outputs that name the same path.
+pub fn check_distinct<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<(), OutputError> {
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        let canon = parent_of(p)
+            .canonicalize()
+            .unwrap_or_else(|_| parent_of(p))
+            .join(p.file_name().unwrap_or(p.as_os_str()));
+        if seen.contains(&canon) {
+            return Err(OutputError::Duplicate {
+                path: p.to_path_buf(),
+            });
+        }
+        seen.push(canon);
+    }
+    Ok(())
+}
+
+/// The prefix of this process's partials for `dest`: `.NAME.PID.`.
+pub fn partial_prefix(dest: &Path) -> String {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.{}.", std::process::id())
+}
+
+/// Whether process `pid` exists. Conservative: when unsure, it does.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        if unsafe { libc::kill(pid, 0) } == 0 {
+            return true;
+        }
+        std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Remove the partials of `dest` left by processes that no longer run (a
+/// killed conversion); returns how many were removed. Partials of a live
+/// process, this one included, are left alone.
+pub fn sweep_stale_partials(dest: &Path) -> usize {
+    let Some(name) = dest.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = fs::read_dir(parent_of(dest)) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(".partial"))
+        else {
+            continue;
+        };
+        // `PID.XXXXXX`; a bare `XXXXXX` is from before PIDs were recorded and
+        // has no owner we could ask about.
+        let stale = match rest.split_once('.') {
+            Some((pid, _)) => pid.parse().is_ok_and(|pid| !process_alive(pid)),
+            None => true,
+        };
+        if stale && remove_path(&entry.path()) {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+fn remove_path(p: &Path) -> bool {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).is_ok(),
+        Ok(_) => fs::remove_file(p).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Partials this process is writing, for removal on SIGINT/SIGTERM.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A partial file or folder registered for removal on a signal while it lives.
+#[derive(Debug)]
+pub struct LivePartial(PathBuf);
+
+impl LivePartial {
+    /// Register `path` (already created) until this value is dropped.
+    pub fn register(path: &Path) -> LivePartial {
+        if let Ok(mut live) = LIVE.lock() {
+            live.push(path.to_path_buf());
+        }
+        LivePartial(path.to_path_buf())
+    }
+}
+
+impl Drop for LivePartial {
+    fn drop(&mut self) {
+        if let Ok(mut live) = LIVE.lock() {
+            if let Some(i) = live.iter().position(|p| *p == self.0) {
+                live.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// Remove every partial this process is still writing. Called by the CLI's
+/// signal thread just before it exits; the writers are not told, as the
+/// process is about to end.
+pub fn remove_live_partials() {
+    // A poisoned lock still holds the list; the paths are what matter.
+    let live = match LIVE.lock() {
+        Ok(l) => l.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    for p in live {
+        // A writer may still be adding files to a folder; try a few times.
+        for _ in 0..3 {
+            if !p.exists() || remove_path(&p) {
+                break;
+            }
+        }
+    }
+}
+
+/// Write `bytes` to `path` through a partial file and a rename.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    check_file_destination(path)?;
+    sweep_stale_partials(path);
+    let io = |source| OutputError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = partial_file(path).map_err(io)?;
+    let _live = LivePartial::register(tmp.path());
+    fs::write(tmp.path(), bytes).map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Create a partial for `dest` beside it with `make`, named with this
+/// process's PID and with `mode` (tempfile makes 0600; outputs are shared).
+fn partial<T>(
+    dest: &Path,
+    mode: u32,
+    make: impl FnOnce(&tempfile::Builder, &Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let prefix = partial_prefix(dest);
+    let mut b = tempfile::Builder::new();
+    b.prefix(&prefix).suffix(".partial");
+    #[cfg(unix)]
+    b.permissions(std::os::unix::fs::PermissionsExt::from_mode(mode));
+    #[cfg(not(unix))]
+    let _ = mode;
+    make(&b, &parent_of(dest))
+}
+
+/// Create a partial file (0644) for `dest` beside it.
+pub fn partial_file(dest: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    partial(dest, 0o644, |b, dir| b.tempfile_in(dir))
+}
+
+fn partial_folder(dest: &Path) -> std::io::Result<tempfile::TempDir> {
+    partial(dest, 0o755, |b, dir| b.tempdir_in(dir))
+}
+
+/// A set of outputs written into a partial folder beside `dest` and published
+/// as `dest` by one rename, so that a reader sees the whole earlier set or
+/// the whole new one, never a mix. Dropped unpublished, it removes itself.
+#[derive(Debug)]
+pub struct StagedSet {
+    dest: PathBuf,
+    staging: Option<tempfile::TempDir>,
+    _live: LivePartial,
+}
+
+impl StagedSet {
+    /// Check `dest` (see [`check_set_destination`]) and create the partial folder.
+    pub fn new(dest: &Path) -> Result<StagedSet, OutputError> {
+        check_set_destination(dest)?;
+        sweep_stale_partials(dest);
+        let staging = partial_folder(dest).map_err(|source| OutputError::Io {
+            path: dest.to_path_buf(),
+            source,
+        })?;
+        let live = LivePartial::register(staging.path());
+        Ok(StagedSet {
+            dest: dest.to_path_buf(),
+            staging: Some(staging),
+            _live: live,
+        })
+    }
+
+    /// Where `name` is written before publishing.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.staging_dir().join(name)
+    }
+
+    /// Where a file written at `staged` (inside the partial folder) will be
+    /// once the set is published.
+    pub fn published_path(&self, staged: &Path) -> PathBuf {
+        match staged.strip_prefix(self.staging_dir()) {
+            Ok(rel) => self.dest.join(rel),
+            Err(_) => staged.to_path_buf(),
+        }
+    }
+
+    fn staging_dir(&self) -> &Path {
+        self.staging.as_ref().expect("present until publish").path()
+    }
+
+    /// Publish the set as `dest`, replacing an earlier set there in one step.
+    pub fn publish(mut self) -> Result<(), OutputError> {
+        let staging = self.staging.take().expect("present until publish").keep();
+        let io = |source| OutputError::Io {
+            path: self.dest.clone(),
+            source,
+        };
+        let result = publish_folder(&staging, &self.dest).map_err(io);
+        if result.is_err() {
+            remove_path(&staging);
+        }
+        result
+    }
+}
+
+/// Rename `staging` to `dest`; an existing `dest` is swapped out atomically
+/// where the OS can (Linux's RENAME_EXCHANGE) and then removed.
+fn publish_folder(staging: &Path, dest: &Path) -> std::io::Result<()> {
+    if !dest.exists() {
+        return fs::rename(staging, dest);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        let (from, to) = (c(staging)?, c(dest)?);
+        // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            // `staging` now holds the earlier set.
+            remove_path(staging);
+            return Ok(());
+        }
+    }
+    // No atomic swap here (or the filesystem refused it): move the old set
+    // aside first, so `dest` is briefly absent but never mixed.
+    let aside = parent_of(dest).join(format!("{}old.partial", partial_prefix(dest)));
+    fs::rename(dest, &aside)?;
+    if let Err(e) = fs::rename(staging, dest) {
+        let _ = fs::rename(&aside, dest);
+        return Err(e);
+    }
+    remove_path(&aside);
+    Ok(())
+}
