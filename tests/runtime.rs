@@ -9,10 +9,11 @@ use std::sync::OnceLock;
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;
+use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::gguf::GgmlType;
 use lorafold_runtime::lora::LoraAdapter;
-use lorafold_runtime::model::Model;
+use lorafold_runtime::model::{Model, SessionOptions};
 use lorafold_runtime::tokenizer::Tokenizer;
 use safetensors::SafeTensors;
 
@@ -98,14 +99,16 @@ fn files() -> &'static Files {
     })
 }
 
+/// Logits of every position, with an f32 KV cache: these are exact
+/// comparisons, and the default f16 cache moves logits by ~1e-2.
 fn all_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut s = model.session(64).unwrap();
-    s.forward(ids, true)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    let mut s = model
+        .session_with(SessionOptions {
+            kv: KvType::F32,
+            ..SessionOptions::new(64)
+        })
+        .unwrap();
+    s.logits(ids, true).unwrap().to_vec()
 }
 
 use common::max_abs_diff;

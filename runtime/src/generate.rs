@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::model::{logits_row, RuntimeError, Session};
+use crate::model::{RuntimeError, Session};
 use crate::tokenizer::Tokenizer;
 
 /// How the next token is chosen.
@@ -161,7 +161,8 @@ pub fn generate(
     let mut history = prompt.to_vec();
     let mut out = Vec::new();
     let mut text = String::new();
-    let mut logits = logits_row(&session.forward(prompt, false)?, 0)?;
+    // One buffer for every step: the sampler edits the logits in place.
+    let mut logits = session.logits(prompt, false)?.to_vec();
     stats.prefill = start.elapsed();
     let decode_start = Instant::now();
     while out.len() < max_new {
@@ -187,7 +188,9 @@ pub fn generate(
         {
             break;
         }
-        logits = logits_row(&session.forward(&[next], false)?, 0)?;
+        let fresh = session.logits(&[next], false)?;
+        logits.clear();
+        logits.extend_from_slice(fresh);
     }
     stats.generated = out.len();
     stats.decode = decode_start.elapsed();

@@ -3,6 +3,8 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+mod candle_path;
+pub mod cpu;
 pub mod generate;
 pub mod gguf;
 pub mod lora;

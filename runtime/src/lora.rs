@@ -26,6 +26,30 @@ pub struct LoadedPair {
     pub b_dims: Vec<u64>,
 }
 
+impl LoadedPair {
+    /// The pair as the CPU engine holds it: A `[rank, in]` and B `[out, rank]`
+    /// row-major (for the token embedding: A a row per token, B `[rank, dim]`).
+    pub fn to_f32(
+        &self,
+        slot: usize,
+        embedding: bool,
+    ) -> Result<crate::cpu::LoraF32, candle_core::Error> {
+        let rank = self.b_t.dim(0)?;
+        let (a, b) = if embedding {
+            (self.a_t.clone(), self.b_t.clone())
+        } else {
+            (self.a_t.t()?.contiguous()?, self.b_t.t()?.contiguous()?)
+        };
+        Ok(crate::cpu::LoraF32 {
+            slot,
+            rank,
+            a: a.flatten_all()?.to_vec1::<f32>()?,
+            b: b.flatten_all()?.to_vec1::<f32>()?,
+            file_scale: self.file_scale as f32,
+        })
+    }
+}
+
 /// A LoRA adapter GGUF in memory.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {

@@ -1,0 +1,337 @@
+//! Activations rounded the way ggml rounds them before a quantized dot
+//! product (`quantize_row_q8_0/q8_1/q8_K`), kept in a reusable buffer so a
+//! decode step allocates nothing.
+//!
+//! Our blocks hold the scales as f32 where ggml stores f16: the value is the
+//! same (rounded through f16 exactly as ggml does), and the kernels skip a
+//! conversion per block.
+
+use half::f16;
+
+use crate::blocks::QK_K;
+
+/// The format activations are rounded to for a weight type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActType {
+    /// Plain f32 (float weights).
+    F32,
+    /// Blocks of 32 int8 with a scale (for Q4_0, Q5_0, Q8_0).
+    Q8_0,
+    /// Blocks of 32 int8 with a scale and the scaled sum (for Q4_1, Q5_1).
+    Q8_1,
+    /// Blocks of 256 int8 with an f32 scale and 16 group sums (for K-quants).
+    Q8K,
+}
+
+/// One Q8_0 activation block: `x ≈ d * qs`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct ActQ8_0 {
+    /// The scale, rounded through f16 as ggml stores it.
+    pub d: f32,
+    /// The codes.
+    pub qs: [i8; 32],
+}
+const _: () = assert!(std::mem::size_of::<ActQ8_0>() == 36);
+
+/// One Q8_1 activation block: `x ≈ d * qs`, `s = d * sum(qs)`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct ActQ8_1 {
+    /// The scale, rounded through f16.
+    pub d: f32,
+    /// d times the sum of the codes, rounded through f16.
+    pub s: f32,
+    /// The codes.
+    pub qs: [i8; 32],
+}
+const _: () = assert!(std::mem::size_of::<ActQ8_1>() == 40);
+
+/// One Q8_K activation block (ggml's `block_q8_K`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct ActQ8K {
+    /// The scale (f32 in ggml too).
+    pub d: f32,
+    /// The codes.
+    pub qs: [i8; QK_K],
+    /// Sums of each group of 16 codes.
+    pub bsums: [i16; QK_K / 16],
+}
+const _: () = assert!(std::mem::size_of::<ActQ8K>() == 292);
+
+impl ActType {
+    /// Values per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            ActType::F32 => 1,
+            ActType::Q8_0 | ActType::Q8_1 => 32,
+            ActType::Q8K => QK_K,
+        }
+    }
+
+    /// Bytes per block (a multiple of 4, so every row stays f32-aligned).
+    pub fn block_bytes(self) -> usize {
+        match self {
+            ActType::F32 => 4,
+            ActType::Q8_0 => std::mem::size_of::<ActQ8_0>(),
+            ActType::Q8_1 => std::mem::size_of::<ActQ8_1>(),
+            ActType::Q8K => std::mem::size_of::<ActQ8K>(),
+        }
+    }
+
+    /// 32-bit words per row of `k` values.
+    fn row_words(self, k: usize) -> usize {
+        k / self.block_len() * self.block_bytes() / 4
+    }
+}
+
+/// Rows of activations rounded for one weight type; reused across calls.
+#[derive(Debug, Clone)]
+pub struct ActBuf {
+    act: ActType,
+    k: usize,
+    rows: usize,
+    // u32 words keep every block 4-byte aligned.
+    words: Vec<u32>,
+}
+
+impl ActBuf {
+    /// A buffer for up to `max_rows` rows of `k` values; `k` must be whole blocks.
+    pub fn new(act: ActType, k: usize, max_rows: usize) -> ActBuf {
+        assert!(
+            k.is_multiple_of(act.block_len()),
+            "{act:?} activations need whole blocks of {}, got {k}",
+            act.block_len()
+        );
+        ActBuf {
+            act,
+            k,
+            rows: 0,
+            words: vec![0; act.row_words(k) * max_rows],
+        }
+    }
+
+    /// The format.
+    pub fn act_type(&self) -> ActType {
+        self.act
+    }
+
+    /// Values per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Rows that fit without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.words.len() / self.act.row_words(self.k).max(1)
+    }
+
+    /// Round `x` (rows of `k`) into the buffer, replacing what it held. Grows
+    /// only if `x` has more rows than the buffer was made for.
+    pub fn quantize(&mut self, x: &[f32]) {
+        let k = self.k;
+        assert!(x.len().is_multiple_of(k), "activation rows of {k}");
+        let rows = x.len() / k;
+        let rw = self.act.row_words(k);
+        if self.words.len() < rows * rw {
+            self.words.resize(rows * rw, 0);
+        }
+        self.rows = rows;
+        for (i, xr) in x.chunks_exact(k).enumerate() {
+            let dst = &mut self.words[i * rw..(i + 1) * rw];
+            match self.act {
+                ActType::F32 => {
+                    for (d, &v) in dst.iter_mut().zip(xr) {
+                        *d = v.to_bits();
+                    }
+                }
+                ActType::Q8_0 => {
+                    // SAFETY: `dst` holds exactly k/32 ActQ8_0 (36 bytes, align 4).
+                    let blocks = unsafe { cast_mut::<ActQ8_0>(dst) };
+                    for (b, xs) in blocks.iter_mut().zip(xr.chunks_exact(32)) {
+                        quantize_q8_0(xs, b);
+                    }
+                }
+                ActType::Q8_1 => {
+                    // SAFETY: as above, for ActQ8_1.
+                    let blocks = unsafe { cast_mut::<ActQ8_1>(dst) };
+                    for (b, xs) in blocks.iter_mut().zip(xr.chunks_exact(32)) {
+                        quantize_q8_1(xs, b);
+                    }
+                }
+                ActType::Q8K => {
+                    // SAFETY: as above, for ActQ8K.
+                    let blocks = unsafe { cast_mut::<ActQ8K>(dst) };
+                    for (b, xs) in blocks.iter_mut().zip(xr.chunks_exact(QK_K)) {
+                        quantize_q8k(xs, b);
+                    }
+                }
+            }
+        }
+    }
+
+    fn row_words(&self, i: usize) -> &[u32] {
+        assert!(i < self.rows, "activation row {i} of {}", self.rows);
+        let rw = self.act.row_words(self.k);
+        &self.words[i * rw..(i + 1) * rw]
+    }
+
+    /// Row `i` as f32 (for [`ActType::F32`]).
+    pub fn f32_row(&self, i: usize) -> &[f32] {
+        assert_eq!(self.act, ActType::F32);
+        // SAFETY: f32 and u32 have the same size and alignment.
+        unsafe { cast::<f32>(self.row_words(i)) }
+    }
+
+    /// Row `i` as Q8_0 blocks.
+    pub fn q8_0_row(&self, i: usize) -> &[ActQ8_0] {
+        assert_eq!(self.act, ActType::Q8_0);
+        // SAFETY: the row holds whole ActQ8_0 blocks, 4-byte aligned.
+        unsafe { cast::<ActQ8_0>(self.row_words(i)) }
+    }
+
+    /// Row `i` as Q8_1 blocks.
+    pub fn q8_1_row(&self, i: usize) -> &[ActQ8_1] {
+        assert_eq!(self.act, ActType::Q8_1);
+        // SAFETY: as above.
+        unsafe { cast::<ActQ8_1>(self.row_words(i)) }
+    }
+
+    /// Row `i` as Q8_K blocks.
+    pub fn q8k_row(&self, i: usize) -> &[ActQ8K] {
+        assert_eq!(self.act, ActType::Q8K);
+        // SAFETY: as above.
+        unsafe { cast::<ActQ8K>(self.row_words(i)) }
+    }
+
+    /// Row `i` widened back to f32 (the values the kernels multiply), for tests.
+    pub fn dequantize_row(&self, i: usize) -> Vec<f32> {
+        match self.act {
+            ActType::F32 => self.f32_row(i).to_vec(),
+            ActType::Q8_0 => self
+                .q8_0_row(i)
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d * q as f32))
+                .collect(),
+            ActType::Q8_1 => self
+                .q8_1_row(i)
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d * q as f32))
+                .collect(),
+            ActType::Q8K => self
+                .q8k_row(i)
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d * q as f32))
+                .collect(),
+        }
+    }
+}
+
+/// # Safety
+/// `T` must be plain old data, at most 4-aligned, and `words` must hold a whole number of `T`.
+unsafe fn cast<T>(words: &[u32]) -> &[T] {
+    let bytes = std::mem::size_of_val(words);
+    std::slice::from_raw_parts(words.as_ptr() as *const T, bytes / std::mem::size_of::<T>())
+}
+
+/// # Safety
+/// As [`cast`].
+unsafe fn cast_mut<T>(words: &mut [u32]) -> &mut [T] {
+    let bytes = std::mem::size_of_val(words);
+    std::slice::from_raw_parts_mut(
+        words.as_mut_ptr() as *mut T,
+        bytes / std::mem::size_of::<T>(),
+    )
+}
+
+fn f16_round(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// ggml's `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d) (half away from zero).
+fn q8_codes(xs: &[f32], qs: &mut [i8; 32]) -> f32 {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in qs.iter_mut().zip(xs) {
+        *q = (v * id).round() as i8;
+    }
+    d
+}
+
+fn quantize_q8_0(xs: &[f32], b: &mut ActQ8_0) {
+    let d = q8_codes(xs, &mut b.qs);
+    b.d = f16_round(d);
+}
+
+fn quantize_q8_1(xs: &[f32], b: &mut ActQ8_1) {
+    let d = q8_codes(xs, &mut b.qs);
+    let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+    b.d = f16_round(d);
+    // ggml rounds the unrounded d times the sum through f16.
+    b.s = f16_round(sum as f32 * d);
+}
+
+/// ggml's `quantize_row_q8_K_ref`: the scale comes from the signed value of
+/// largest magnitude, codes round half to even (its `nearest_int`), clamped at 127.
+fn quantize_q8k(xs: &[f32], b: &mut ActQ8K) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &x in xs {
+        if x.abs() > amax {
+            amax = x.abs();
+            max = x;
+        }
+    }
+    if amax == 0.0 {
+        b.d = 0.0;
+        b.qs = [0; QK_K];
+        b.bsums = [0; QK_K / 16];
+        return;
+    }
+    let iscale = -127.0 / max;
+    for (q, &x) in b.qs.iter_mut().zip(xs) {
+        *q = ((iscale * x).round_ties_even() as i32).min(127) as i8;
+    }
+    for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+        *s = g.iter().map(|&q| q as i16).sum();
+    }
+    b.d = 1.0 / iscale;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_matches_ggml_reference() {
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let mut q0 = ActBuf::new(ActType::Q8_0, 256, 1);
+        q0.quantize(&x);
+        let b = &q0.q8_0_row(0)[0];
+        // amax of the first block is 50 * 0.013 = 0.65 (i = 79 gives 0? check by hand below).
+        let amax = x[..32].iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(b.d, f16::from_f32(amax / 127.0).to_f32());
+        let mut qk = ActBuf::new(ActType::Q8K, 256, 1);
+        qk.quantize(&x);
+        let k = &qk.q8k_row(0)[0];
+        assert_eq!(
+            k.bsums[0],
+            k.qs[..16].iter().map(|&q| q as i16).sum::<i16>()
+        );
+        let back = qk.dequantize_row(0);
+        for (a, b) in back.iter().zip(&x) {
+            assert!((a - b).abs() <= k.d.abs() * 0.5 + 1e-6);
+        }
+        let zero = vec![0f32; 256];
+        qk.quantize(&zero);
+        assert_eq!(qk.q8k_row(0)[0].d, 0.0);
+    }
+}

@@ -1,0 +1,443 @@
+//! The 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): dequantization
+//! as ggml's `dequantize_row_*`, and the scalar dot products as ggml's
+//! `ggml_vec_dot_*_q8_0/q8_1` (the portable path and the reference for the
+//! AVX2 kernels in `legacy_avx2.rs`).
+//!
+//! Blocks are read by byte offset, so weights need no alignment at all.
+
+use std::ops::Range;
+
+use half::f16;
+
+use crate::act::{ActQ8_0, ActQ8_1};
+use crate::{ActBuf, Isa, Out, WType, Weights};
+
+/// Weights per block.
+pub(crate) const QK: usize = 32;
+
+/// The f16 at byte `i` of `b`.
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// The fifth bits of a Q5 block.
+#[inline(always)]
+fn qh_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// The 32 integer codes of one block, in element order, as the dot product
+/// multiplies them (offsets already subtracted for the symmetric types).
+#[inline(always)]
+fn codes(wtype: WType, blk: &[u8]) -> [i32; QK] {
+    let mut q = [0i32; QK];
+    match wtype {
+        WType::Q4_0 | WType::Q4_1 => {
+            let (qs, off) = if wtype == WType::Q4_0 {
+                (&blk[2..18], 8)
+            } else {
+                (&blk[4..20], 0)
+            };
+            for j in 0..QK / 2 {
+                q[j] = (qs[j] & 0x0F) as i32 - off;
+                q[j + QK / 2] = (qs[j] >> 4) as i32 - off;
+            }
+        }
+        WType::Q5_0 | WType::Q5_1 => {
+            let (h, qs, off) = if wtype == WType::Q5_0 {
+                (qh_at(blk, 2), &blk[6..22], 16)
+            } else {
+                (qh_at(blk, 4), &blk[8..24], 0)
+            };
+            for j in 0..QK / 2 {
+                let h0 = ((h >> j) & 1) << 4;
+                let h1 = ((h >> (j + 16)) & 1) << 4;
+                q[j] = ((qs[j] & 0x0F) as u32 | h0) as i32 - off;
+                q[j + QK / 2] = ((qs[j] >> 4) as u32 | h1) as i32 - off;
+            }
+        }
+        WType::Q8_0 => {
+            for (d, &s) in q.iter_mut().zip(&blk[2..34]) {
+                *d = s as i8 as i32;
+            }
+        }
+        _ => unreachable!("{wtype:?} is not a legacy block type"),
+    }
+    q
+}
+
+/// Whether blocks of `wtype` carry a minimum `m` (w = d q + m).
+fn has_min(wtype: WType) -> bool {
+    matches!(wtype, WType::Q4_1 | WType::Q5_1)
+}
+
+/// ggml's `ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0`.
+fn dot_q8_0(wtype: WType, w: &[u8], a: &[ActQ8_0]) -> f32 {
+    let bb = wtype.block_bytes();
+    let mut sumf = 0f32;
+    for (blk, ab) in w.chunks_exact(bb).zip(a) {
+        let q = codes(wtype, blk);
+        let sumi: i32 = q.iter().zip(&ab.qs).map(|(&x, &y)| x * y as i32).sum();
+        sumf += sumi as f32 * (f16_at(blk, 0) * ab.d);
+    }
+    sumf
+}
+
+/// ggml's `ggml_vec_dot_{q4_1,q5_1}_q8_1`: the minimum meets the activation
+/// block's stored scaled sum `s`.
+fn dot_q8_1(wtype: WType, w: &[u8], a: &[ActQ8_1]) -> f32 {
+    let bb = wtype.block_bytes();
+    let mut sumf = 0f32;
+    for (blk, ab) in w.chunks_exact(bb).zip(a) {
+        let q = codes(wtype, blk);
+        let sumi: i32 = q.iter().zip(&ab.qs).map(|(&x, &y)| x * y as i32).sum();
+        sumf += (f16_at(blk, 0) * ab.d) * sumi as f32 + f16_at(blk, 2) * ab.s;
+    }
+    sumf
+}
+
+/// See [`crate::gemm`].
+pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 {
+        crate::legacy_avx2::gemm(w, rows, acts, out);
+        return;
+    }
+    let _ = isa;
+    gemm_scalar(w, rows, acts, out);
+}
+
+/// The portable path.
+///
+/// # Safety
+/// As [`crate::gemm`].
+pub(crate) unsafe fn gemm_scalar(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
+    for i in 0..acts.rows() {
+        for r in rows.clone() {
+            let wr = w.row(r);
+            let v = if has_min(w.wtype) {
+                dot_q8_1(w.wtype, wr, acts.q8_1_row(i))
+            } else {
+                dot_q8_0(w.wtype, wr, acts.q8_0_row(i))
+            };
+            *out.ptr.add(i * out.ld + r) = v;
+        }
+    }
+}
+
+/// Dequantize whole blocks of `wtype` into `out` (see [`crate::reference::dequantize`]).
+pub(crate) fn dequantize(wtype: WType, bytes: &[u8], out: &mut [f32]) {
+    let bb = wtype.block_bytes();
+    assert!(
+        bytes.len().is_multiple_of(bb),
+        "{wtype:?}: {} bytes are not whole blocks",
+        bytes.len()
+    );
+    for (blk, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        let q = codes(wtype, blk);
+        if has_min(wtype) {
+            let m = f16_at(blk, 2);
+            for (y, &x) in o.iter_mut().zip(&q) {
+                *y = x as f32 * d + m;
+            }
+        } else {
+            for (y, &x) in o.iter_mut().zip(&q) {
+                *y = x as f32 * d;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{gemm_all, reference, ActType};
+
+    const TYPES: [WType; 5] = [
+        WType::Q4_0,
+        WType::Q4_1,
+        WType::Q5_0,
+        WType::Q5_1,
+        WType::Q8_0,
+    ];
+
+    /// xorshift64*, deterministic.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        /// Uniform in [-1, 1).
+        fn f(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+    }
+
+    /// `n` rows of `k` weights: random codes, scales in ±[0.001, 0.02], mins in ±0.1.
+    fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8> {
+        let mut v = Vec::new();
+        for _ in 0..n * k / QK {
+            let d = rng.f().signum() * (0.001 + 0.019 * rng.f().abs());
+            v.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            if has_min(wtype) {
+                v.extend_from_slice(&f16::from_f32(0.1 * rng.f()).to_le_bytes());
+            }
+            let rest = wtype.block_bytes() - if has_min(wtype) { 4 } else { 2 };
+            v.extend((0..rest).map(|_| rng.next() as u8));
+        }
+        v
+    }
+
+    /// `m` rows of activations of varied magnitude, rounded for `wtype`.
+    fn acts(wtype: WType, k: usize, m: usize, rng: &mut Rng) -> (Vec<f32>, ActBuf) {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| rng.f() * (1.0 + (i / k) as f32))
+            .collect();
+        let mut a = ActBuf::new(wtype.act_type(), k, m);
+        a.quantize(&x);
+        (x, a)
+    }
+
+    /// The bound on |kernel - reference::dot_f64| for weight row `w` and
+    /// activation row `i`: f32 rounding of one product per block and of the
+    /// running sum over `nb` blocks, each at most one ulp of the sum of
+    /// magnitudes (the terms d q a and m a, taken apart since the kernel sums
+    /// them apart), plus what ggml's f16 rounding of the Q8_1 sum `s` moves
+    /// the minimum's term: |m| |s - d sum(q)| per block.
+    fn bound(wtype: WType, w: &[u8], a: &ActBuf, i: usize) -> f64 {
+        let bb = wtype.block_bytes();
+        let nb = w.len() / bb;
+        let ad = a.dequantize_row(i);
+        let mut mag = 0f64;
+        let mut slack = 0f64;
+        for (b, blk) in w.chunks_exact(bb).enumerate() {
+            let d = f16_at(blk, 0) as f64;
+            let m = if has_min(wtype) {
+                f16_at(blk, 2) as f64
+            } else {
+                0.0
+            };
+            let q = codes(wtype, blk);
+            let xs = &ad[b * QK..(b + 1) * QK];
+            mag += q
+                .iter()
+                .zip(xs)
+                .map(|(&q, &x)| (d * q as f64).abs() * x.abs() as f64)
+                .sum::<f64>();
+            mag += m.abs() * xs.iter().map(|x| x.abs() as f64).sum::<f64>();
+            if has_min(wtype) {
+                let ab = &a.q8_1_row(i)[b];
+                let sq: i32 = ab.qs.iter().map(|&q| q as i32).sum();
+                slack += m.abs() * (ab.s as f64 - ab.d as f64 * sq as f64).abs();
+            }
+        }
+        (nb as f64 + 3.0) * f32::EPSILON as f64 * mag + slack
+    }
+
+    fn run(w: &Weights, a: &ActBuf, isa: Isa) -> Vec<f32> {
+        let mut out = vec![f32::NAN; a.rows() * w.n];
+        gemm_all(w, a, &mut out, isa);
+        out
+    }
+
+    const SHAPES: [(usize, usize); 9] = [
+        (32, 1),
+        (32, 5),
+        (32, 17),
+        (224, 1),
+        (224, 5),
+        (224, 17),
+        (1536, 1),
+        (1536, 5),
+        (1536, 17),
+    ];
+
+    #[test]
+    fn scalar_matches_reference_within_bound() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for wtype in TYPES {
+            for (k, n) in SHAPES {
+                let wb = weights(wtype, k, n, &mut rng);
+                let w = Weights::new(wtype, &wb, k, n).unwrap();
+                let (_, a) = acts(wtype, k, 3, &mut rng);
+                let out = run(&w, &a, Isa::scalar());
+                for i in 0..a.rows() {
+                    for r in 0..n {
+                        let exact = reference::dot_f64(wtype, w.row(r), &a, i);
+                        let got = out[i * n + r] as f64;
+                        let b = bound(wtype, w.row(r), &a, i);
+                        assert!(
+                            (got - exact).abs() <= b,
+                            "{wtype:?} k={k} n={n} ({i},{r}): {got} vs {exact}, bound {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_matches_scalar_and_reference() {
+        let isa = Isa::detect();
+        if !isa.avx2 {
+            eprintln!("no AVX2: skipped");
+            return;
+        }
+        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+        for wtype in TYPES {
+            for (k, n) in SHAPES {
+                let wb = weights(wtype, k, n, &mut rng);
+                let w = Weights::new(wtype, &wb, k, n).unwrap();
+                for m in [1, 13] {
+                    let (_, a) = acts(wtype, k, m, &mut rng);
+                    let simd = run(&w, &a, isa);
+                    let scalar = run(&w, &a, Isa::scalar());
+                    for i in 0..m {
+                        for r in 0..n {
+                            let b = bound(wtype, w.row(r), &a, i);
+                            let exact = reference::dot_f64(wtype, w.row(r), &a, i);
+                            let (s, v) = (scalar[i * n + r] as f64, simd[i * n + r] as f64);
+                            // Both are within `b` of the exact sum; the
+                            // minimum's slack is common to both.
+                            assert!(
+                                (v - exact).abs() <= b,
+                                "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs {exact}"
+                            );
+                            assert!(
+                                (v - s).abs() <= 2.0 * b,
+                                "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs scalar {s}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every element of a tiled product equals the same element computed
+    /// alone (one activation row, one weight row), bit for bit.
+    #[test]
+    fn tiles_are_bit_identical_to_single_products() {
+        let isa = Isa::detect();
+        let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+        for wtype in TYPES {
+            for (k, n) in [(224, 17), (96, 70)] {
+                let wb = weights(wtype, k, n, &mut rng);
+                let w = Weights::new(wtype, &wb, k, n).unwrap();
+                for m in [1, 8, 13] {
+                    let (x, a) = acts(wtype, k, m, &mut rng);
+                    let all = run(&w, &a, isa);
+                    let mut one = ActBuf::new(wtype.act_type(), k, 1);
+                    for i in 0..m {
+                        one.quantize(&x[i * k..(i + 1) * k]);
+                        let row = run(&w, &one, isa);
+                        for r in 0..n {
+                            let mut single = [f32::NAN];
+                            let o = Out {
+                                ptr: single.as_mut_ptr(),
+                                ld: 1,
+                            };
+                            // SAFETY: writes element (0, r) at ptr - r + r.
+                            unsafe {
+                                let o = Out {
+                                    ptr: o.ptr.wrapping_sub(r),
+                                    ld: 1,
+                                };
+                                gemm(&w, r..r + 1, &one, o, isa);
+                            }
+                            let t = all[i * n + r];
+                            assert_eq!(
+                                t.to_bits(),
+                                row[r].to_bits(),
+                                "{wtype:?} m={m} ({i},{r}) vs row alone"
+                            );
+                            assert_eq!(
+                                t.to_bits(),
+                                single[0].to_bits(),
+                                "{wtype:?} m={m} ({i},{r}) vs element alone"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_follows_ggml_layout() {
+        let d = f16::from_f32(0.5).to_le_bytes();
+        let m = f16::from_f32(-1.0).to_le_bytes();
+        let qs: Vec<u8> = (0..16u8).map(|j| j | (15 - j) << 4).collect();
+        let mut out = [0f32; QK];
+        // Q4_0: byte j holds element j (low nibble) and j + 16 (high).
+        dequantize(WType::Q4_0, &[&d[..], &qs].concat(), &mut out);
+        assert_eq!((out[0], out[1], out[16], out[31]), (-4.0, -3.5, 3.5, -4.0));
+        dequantize(WType::Q4_1, &[&d[..], &m, &qs].concat(), &mut out);
+        assert_eq!((out[0], out[16]), (-1.0, 6.5));
+        // Q5: bit j of qh is element j's fifth bit; set for elements 1 and 17.
+        let qh = (1u32 << 1 | 1 << 17).to_le_bytes();
+        dequantize(WType::Q5_0, &[&d[..], &qh, &qs].concat(), &mut out);
+        assert_eq!(
+            (out[0], out[1], out[2], out[16], out[17]),
+            (-8.0, 0.5, -7.0, -0.5, 7.0)
+        );
+        dequantize(WType::Q5_1, &[&d[..], &m, &qh, &qs].concat(), &mut out);
+        assert_eq!((out[0], out[1], out[17]), (-1.0, 7.5, 14.0));
+        let q8: Vec<u8> = (0..32).map(|j| (j as i8 - 16) as u8).collect();
+        dequantize(WType::Q8_0, &[&d[..], &q8].concat(), &mut out);
+        assert_eq!((out[0], out[31]), (-8.0, 7.5));
+        assert_eq!(WType::Q8_0.act_type(), ActType::Q8_0);
+    }
+
+    /// Nanoseconds per mat-vec and per 64-row product, scalar vs AVX2:
+    /// `cargo test -p lorafold-kernels --release -- --ignored --nocapture legacy`.
+    #[test]
+    #[ignore]
+    fn timing() {
+        let mut rng = Rng(7);
+        for wtype in TYPES {
+            for (k, n) in [(576, 1536), (1536, 576), (576, 32)] {
+                let wb = weights(wtype, k, n, &mut rng);
+                let w = Weights::new(wtype, &wb, k, n).unwrap();
+                let mut line = format!("{wtype:?} {n}x{k}:");
+                for m in [1, 64] {
+                    let (_, a) = acts(wtype, k, m, &mut rng);
+                    let mut out = vec![0f32; m * n];
+                    for (name, isa) in [("scalar", Isa::scalar()), ("avx2", Isa::detect())] {
+                        let reps = if m == 1 {
+                            200_000 / (n * k / 4096).max(1)
+                        } else {
+                            5000 / (n * k / 4096).max(1)
+                        } / if isa.avx2 { 1 } else { 10 };
+                        gemm_all(&w, &a, &mut out, isa);
+                        // The best of several runs: the machine is shared.
+                        let ns = (0..7)
+                            .map(|_| {
+                                let t = std::time::Instant::now();
+                                for _ in 0..reps.max(1) / 7 + 1 {
+                                    gemm_all(&w, &a, &mut out, isa);
+                                    std::hint::black_box(&mut out);
+                                }
+                                t.elapsed().as_nanos() as f64 / (reps.max(1) / 7 + 1) as f64
+                            })
+                            .fold(f64::INFINITY, f64::min);
+                        let gbs = wb.len() as f64 / ns;
+                        line += &format!(
+                            " m={m} {name} {:.1} us ({gbs:.1} GB/s weights, {:.1} Gop/s);",
+                            ns / 1e3,
+                            2.0 * (m * n * k) as f64 / ns
+                        );
+                    }
+                }
+                println!("{line}");
+            }
+        }
+    }
+}

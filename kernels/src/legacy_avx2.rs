@@ -1,0 +1,413 @@
+//! AVX2+FMA kernels for the 32-weight block types, chosen at run time.
+//!
+//! One micro-kernel, generic over the type and the tile (MR activation rows
+//! by NR weight rows), does all the work: each weight block is unpacked once
+//! per tile and multiplied with every activation row of the tile, each
+//! activation block is loaded once and serves every weight row. Every output
+//! element has its own accumulator and sees the same operations in the same
+//! order whatever the tile, so a product is bit-identical computed in a tile
+//! or alone.
+//!
+//! Per block the integer dot product is exact in 16-bit pairs (maddubs), then
+//! summed to eight i32 lanes (madd), converted and scaled into an f32
+//! accumulator, as ggml's AVX2 `ggml_vec_dot_*` do.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use crate::{ActBuf, Out, WType, Weights};
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+/// Bytes of one weight block of type `T`.
+const fn wbytes(t: u8) -> usize {
+    match t {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        Q5_1 => 24,
+        _ => 34,
+    }
+}
+
+/// Whether `T` has a minimum and takes Q8_1 activations.
+const fn has_min(t: u8) -> bool {
+    matches!(t, Q4_1 | Q5_1)
+}
+
+/// The offset subtracted from unsigned codes (Q4_0 and Q5_0).
+const fn offset(t: u8) -> i8 {
+    match t {
+        Q4_0 => 8,
+        Q5_0 => 16,
+        _ => 0,
+    }
+}
+
+/// Activation block bytes and the offset of its codes.
+const fn abytes(t: u8) -> (usize, usize) {
+    if has_min(t) {
+        (40, 8)
+    } else {
+        (36, 4)
+    }
+}
+
+/// Weight rows per pass in a mat-vec: four activation-block loads serve
+/// four rows, and four independent accumulators hide the FMA latency.
+const NR_DECODE: usize = 4;
+/// Activation rows per prefill tile.
+const MR_PREFILL: usize = 8;
+/// Weight rows swept per activation tile in prefill; sized so the panel
+/// (at most 64 rows of 1536 Q8_0 weights, 100 KiB) stays in L2 while every
+/// tile of activation rows passes over it.
+const PANEL: usize = 64;
+/// Longest row (in blocks) whose prefill tile gathers its activation scales
+/// up front (32 KiB of stack for k = 16384); longer rows take the plain tile.
+const MAX_PRE_BLOCKS: usize = 512;
+
+/// See [`crate::gemm`]; the caller has checked AVX2, FMA and F16C.
+///
+/// # Safety
+/// As [`crate::gemm`], on a CPU with AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
+    match w.wtype {
+        WType::Q4_0 => gemm_t::<Q4_0>(w, rows, acts, out),
+        WType::Q4_1 => gemm_t::<Q4_1>(w, rows, acts, out),
+        WType::Q5_0 => gemm_t::<Q5_0>(w, rows, acts, out),
+        WType::Q5_1 => gemm_t::<Q5_1>(w, rows, acts, out),
+        WType::Q8_0 => gemm_t::<Q8_0>(w, rows, acts, out),
+        t => unreachable!("{t:?} is not a legacy block type"),
+    }
+}
+
+/// Where one tile reads and writes.
+#[derive(Clone, Copy)]
+struct Ctx {
+    /// Row 0 of the weights.
+    w: *const u8,
+    /// Bytes per weight row.
+    wrow: usize,
+    /// Blocks per row.
+    nb: usize,
+    out: Out,
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
+    let nb = w.k / 32;
+    let ctx = Ctx {
+        w: w.bytes.as_ptr(),
+        wrow: nb * wbytes(T),
+        nb,
+        out,
+    };
+    let m = acts.rows();
+    if m == 0 || rows.is_empty() {
+        return;
+    }
+    let arow = |i: usize| -> *const u8 {
+        if has_min(T) {
+            acts.q8_1_row(i).as_ptr() as *const u8
+        } else {
+            acts.q8_0_row(i).as_ptr() as *const u8
+        }
+    };
+    if m == 1 {
+        sweep::<T, 1>(ctx, rows, 0, [arow(0)]);
+        return;
+    }
+    let mut p0 = rows.start;
+    while p0 < rows.end {
+        let panel = p0..(p0 + PANEL).min(rows.end);
+        let mut i0 = 0;
+        while i0 + MR_PREFILL <= m {
+            let a: [*const u8; MR_PREFILL] = std::array::from_fn(|j| arow(i0 + j));
+            sweep::<T, MR_PREFILL>(ctx, panel.clone(), i0, a);
+            i0 += MR_PREFILL;
+        }
+        match m - i0 {
+            0 => {}
+            1 => sweep::<T, 1>(ctx, panel.clone(), i0, [arow(i0)]),
+            2 => sweep::<T, 2>(
+                ctx,
+                panel.clone(),
+                i0,
+                std::array::from_fn(|j| arow(i0 + j)),
+            ),
+            3 => sweep::<T, 3>(
+                ctx,
+                panel.clone(),
+                i0,
+                std::array::from_fn(|j| arow(i0 + j)),
+            ),
+            4 => sweep::<T, 4>(
+                ctx,
+                panel.clone(),
+                i0,
+                std::array::from_fn(|j| arow(i0 + j)),
+            ),
+            5 => sweep::<T, 5>(
+                ctx,
+                panel.clone(),
+                i0,
+                std::array::from_fn(|j| arow(i0 + j)),
+            ),
+            6 => sweep::<T, 6>(
+                ctx,
+                panel.clone(),
+                i0,
+                std::array::from_fn(|j| arow(i0 + j)),
+            ),
+            _ => sweep::<T, 7>(
+                ctx,
+                panel.clone(),
+                i0,
+                std::array::from_fn(|j| arow(i0 + j)),
+            ),
+        }
+        p0 = panel.end;
+    }
+}
+
+/// Activation rows `a` (output rows `i0..i0 + MR`) against weight rows `rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sweep<const T: u8, const MR: usize>(
+    ctx: Ctx,
+    rows: Range<usize>,
+    i0: usize,
+    a: [*const u8; MR],
+) {
+    let wp = |r: usize| ctx.w.add(r * ctx.wrow);
+    let mut r = rows.start;
+    // Narrow tiles have registers to spare for more weight rows.
+    if MR <= 2 {
+        while r + NR_DECODE <= rows.end {
+            tile::<T, MR, NR_DECODE>(ctx, std::array::from_fn(|j| wp(r + j)), a, i0, r);
+            r += NR_DECODE;
+        }
+        match rows.end - r {
+            0 => {}
+            1 => tile::<T, MR, 1>(ctx, [wp(r)], a, i0, r),
+            2 => tile::<T, MR, 2>(ctx, [wp(r), wp(r + 1)], a, i0, r),
+            _ => tile::<T, MR, 3>(ctx, [wp(r), wp(r + 1), wp(r + 2)], a, i0, r),
+        }
+    } else if MR == MR_PREFILL && ctx.nb <= MAX_PRE_BLOCKS {
+        // The activation scales (and sums) of the tile, block-major, so one
+        // vector multiply per weight block scales all MR products.
+        let (ab, _) = abytes(T);
+        let stride = if has_min(T) { 2 * MR } else { MR };
+        let mut pre = [0f32; 2 * MR_PREFILL * MAX_PRE_BLOCKS];
+        for b in 0..ctx.nb {
+            for (i, &pa) in a.iter().enumerate() {
+                let blk = pa.add(b * ab) as *const f32;
+                pre[b * stride + i] = blk.read();
+                if has_min(T) {
+                    pre[b * stride + MR + i] = blk.add(1).read();
+                }
+            }
+        }
+        while r < rows.end {
+            let a8: [*const u8; MR_PREFILL] = std::array::from_fn(|j| a[j]);
+            tile_pre::<T>(ctx, wp(r), a8, pre.as_ptr(), i0, r);
+            r += 1;
+        }
+    } else {
+        while r < rows.end {
+            tile::<T, MR, 1>(ctx, [wp(r)], a, i0, r);
+            r += 1;
+        }
+    }
+}
+
+/// 16 packed bytes to 32 codes: low nibbles (elements 0..16), then high.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    // A 64-bit shift leaks the next byte's low nibble into the high one,
+    // which the mask drops: one shift for the upper half instead of two ops.
+    let shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
+}
+
+/// Bit j of the little-endian u32 at `p` as 0x10 in byte j.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    let x = _mm256_set1_epi32((p as *const i32).read_unaligned());
+    let spread = _mm256_shuffle_epi8(
+        x,
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        ),
+    );
+    // Each byte keeps all bits but its own; it is all ones iff its bit was set.
+    let set = _mm256_cmpeq_epi8(
+        _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+        _mm256_set1_epi64x(-1),
+    );
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// A weight block's scale, broadcast, and its minimum (0 without one).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales<const T: u8>(p: *const u8) -> (__m256, f32) {
+    let d = _mm256_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()));
+    let m = if has_min(T) {
+        let bits = (p.add(2) as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    } else {
+        0.0
+    };
+    (d, m)
+}
+
+/// A weight block's codes: unsigned (before the offset) for the 4- and
+/// 5-bit types, signed for Q8_0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn codes<const T: u8>(p: *const u8) -> __m256i {
+    match T {
+        Q4_0 => nibbles(p.add(2)),
+        Q4_1 => nibbles(p.add(4)),
+        Q5_0 => _mm256_or_si256(nibbles(p.add(6)), fifth_bits(p.add(2))),
+        Q5_1 => _mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4))),
+        _ => _mm256_loadu_si256(p.add(2) as *const __m256i),
+    }
+}
+
+/// Sum of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(acc: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// The products of activation rows `a` with weight rows `w`, written to
+/// output rows `i0..` and columns `r0..`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<const T: u8, const MR: usize, const NR: usize>(
+    ctx: Ctx,
+    w: [*const u8; NR],
+    a: [*const u8; MR],
+    i0: usize,
+    r0: usize,
+) {
+    let (ab, aq) = abytes(T);
+    let ones = _mm256_set1_epi16(1);
+    let off = _mm256_set1_epi8(offset(T));
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let mut summ = [[0f32; NR]; MR];
+    for b in 0..ctx.nb {
+        for r in 0..NR {
+            let p = w[r].add(b * wbytes(T));
+            let (dw, mw) = scales::<T>(p);
+            let qw = codes::<T>(p);
+            // Signed codes for the sign trick (maddubs takes u8 x i8).
+            let sw = if offset(T) != 0 {
+                _mm256_sub_epi8(qw, off)
+            } else {
+                qw
+            };
+            let aw = _mm256_sign_epi8(sw, sw);
+            for i in 0..MR {
+                let pa = a[i].add(b * ab);
+                let qx = _mm256_loadu_si256(pa.add(aq) as *const __m256i);
+                // Every variant below yields the same exact 16-bit pair sums,
+                // so tiles may pick the cheapest for their shape.
+                let p16 = if has_min(T) {
+                    _mm256_maddubs_epi16(qw, qx)
+                } else if offset(T) != 0 && NR > 1 {
+                    // Unsigned codes minus offset x pair sums of x: the
+                    // correction depends on x alone, shared by NR rows.
+                    let corr = _mm256_maddubs_epi16(off, qx);
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(qw, qx), corr)
+                } else {
+                    _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, sw))
+                };
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                let da = _mm256_broadcast_ss(&*(pa as *const f32));
+                acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), dot, acc[i][r]);
+                if has_min(T) {
+                    let s = (pa.add(4) as *const f32).read();
+                    summ[i][r] = mw.mul_add(s, summ[i][r]);
+                }
+            }
+        }
+    }
+    for i in 0..MR {
+        for r in 0..NR {
+            *ctx.out.ptr.add((i0 + i) * ctx.out.ld + r0 + r) = hsum(acc[i][r]) + summ[i][r];
+        }
+    }
+}
+
+/// [`tile`] for MR_PREFILL activation rows and one weight row, with the
+/// activations' scales (and, with a minimum, their sums) gathered in `pre`
+/// as MR_PREFILL scales (then sums) per block. Each product sees the same
+/// operations as in [`tile`]: lane i of a vector multiply or FMA rounds as
+/// the scalar one does.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_pre<const T: u8>(
+    ctx: Ctx,
+    w: *const u8,
+    a: [*const u8; MR_PREFILL],
+    pre: *const f32,
+    i0: usize,
+    r0: usize,
+) {
+    const MR: usize = MR_PREFILL;
+    let (ab, aq) = abytes(T);
+    let stride = if has_min(T) { 2 * MR } else { MR };
+    let ones = _mm256_set1_epi16(1);
+    let off = _mm256_set1_epi8(offset(T));
+    let mut acc = [_mm256_setzero_ps(); MR];
+    let mut summ = _mm256_setzero_ps();
+    for b in 0..ctx.nb {
+        let p = w.add(b * wbytes(T));
+        let (dw, mw) = scales::<T>(p);
+        let qw = codes::<T>(p);
+        let sw = if offset(T) != 0 {
+            _mm256_sub_epi8(qw, off)
+        } else {
+            qw
+        };
+        let aw = _mm256_sign_epi8(sw, sw);
+        let pb = pre.add(b * stride);
+        let mut sc = [0f32; MR];
+        _mm256_storeu_ps(sc.as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(pb)));
+        if has_min(T) {
+            summ = _mm256_fmadd_ps(_mm256_set1_ps(mw), _mm256_loadu_ps(pb.add(MR)), summ);
+        }
+        for i in 0..MR {
+            let qx = _mm256_loadu_si256(a[i].add(b * ab + aq) as *const __m256i);
+            let p16 = if has_min(T) {
+                _mm256_maddubs_epi16(qw, qx)
+            } else {
+                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, sw))
+            };
+            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[i]), dot, acc[i]);
+        }
+    }
+    let mut sm = [0f32; MR];
+    _mm256_storeu_ps(sm.as_mut_ptr(), summ);
+    for i in 0..MR {
+        *ctx.out.ptr.add((i0 + i) * ctx.out.ld + r0) = hsum(acc[i]) + sm[i];
+    }
+}

@@ -1,0 +1,291 @@
+//! Matrix products of ggml block-quantized weights with f32 activations,
+//! computed over the weights' bytes where they lie (a memory map), the way
+//! ggml computes them: activations are first rounded to the block type's
+//! partner (Q8_0, Q8_1 or Q8_K; f32 for float weights) and the products of
+//! integer codes are summed per block.
+//!
+//! Why our own and not candle's: candle 0.11 has SIMD dot products on x86
+//! only for Q4_0, Q8_0 and the K-quants, runs Q4_1/Q5_0/Q5_1 scalar, copies
+//! Q8_0 and K-quant weights into a repacked cache, and computes one
+//! activation row at a time. Here every type has a scalar path (also the
+//! reference in tests) and an AVX2+FMA path chosen at run time, and prefill
+//! shares each unpacked weight block across a tile of activation rows.
+//!
+//! The crate does no threading: [`gemm`] computes a range of output rows, and
+//! the caller (the runtime's worker pool) splits the rows between threads.
+#![warn(missing_docs)]
+
+pub mod act;
+pub mod blocks;
+mod float;
+#[cfg(target_arch = "x86_64")]
+mod float_avx2;
+mod kquants;
+#[cfg(target_arch = "x86_64")]
+mod kquants_avx2;
+mod legacy;
+#[cfg(target_arch = "x86_64")]
+mod legacy_avx2;
+pub mod reference;
+
+use std::ops::Range;
+
+pub use act::{ActBuf, ActType};
+
+/// A weight type: the ggml types the converter writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum WType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 32 weights: f16 d, 4-bit codes q, w = d (q - 8).
+    Q4_0,
+    /// 32 weights: f16 d and m, 4-bit codes, w = d q + m.
+    Q4_1,
+    /// 32 weights: f16 d, 5-bit codes, w = d (q - 16).
+    Q5_0,
+    /// 32 weights: f16 d and m, 5-bit codes, w = d q + m.
+    Q5_1,
+    /// 32 weights: f16 d, 8-bit codes, w = d q.
+    Q8_0,
+    /// 256 weights in 16 groups of 16, 2-bit codes.
+    Q2K,
+    /// 256 weights in 16 groups of 16, 3-bit codes.
+    Q3K,
+    /// 256 weights in 8 groups of 32, 4-bit codes.
+    Q4K,
+    /// 256 weights in 8 groups of 32, 5-bit codes.
+    Q5K,
+    /// 256 weights in 16 groups of 16, 6-bit codes.
+    Q6K,
+}
+
+impl WType {
+    /// Every type, for tests and benches.
+    pub const ALL: [WType; 13] = [
+        WType::F32,
+        WType::F16,
+        WType::BF16,
+        WType::Q4_0,
+        WType::Q4_1,
+        WType::Q5_0,
+        WType::Q5_1,
+        WType::Q8_0,
+        WType::Q2K,
+        WType::Q3K,
+        WType::Q4K,
+        WType::Q5K,
+        WType::Q6K,
+    ];
+
+    /// The type for a ggml type id, if we have kernels for it.
+    pub fn from_ggml_id(id: u32) -> Option<WType> {
+        Some(match id {
+            0 => WType::F32,
+            1 => WType::F16,
+            2 => WType::Q4_0,
+            3 => WType::Q4_1,
+            6 => WType::Q5_0,
+            7 => WType::Q5_1,
+            8 => WType::Q8_0,
+            10 => WType::Q2K,
+            11 => WType::Q3K,
+            12 => WType::Q4K,
+            13 => WType::Q5K,
+            14 => WType::Q6K,
+            30 => WType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// Weights per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            WType::F32 | WType::F16 | WType::BF16 => 1,
+            WType::Q4_0 | WType::Q4_1 | WType::Q5_0 | WType::Q5_1 | WType::Q8_0 => 32,
+            WType::Q2K | WType::Q3K | WType::Q4K | WType::Q5K | WType::Q6K => blocks::QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        use std::mem::size_of;
+        match self {
+            WType::F32 => 4,
+            WType::F16 | WType::BF16 => 2,
+            WType::Q4_0 => size_of::<blocks::BlockQ4_0>(),
+            WType::Q4_1 => size_of::<blocks::BlockQ4_1>(),
+            WType::Q5_0 => size_of::<blocks::BlockQ5_0>(),
+            WType::Q5_1 => size_of::<blocks::BlockQ5_1>(),
+            WType::Q8_0 => size_of::<blocks::BlockQ8_0>(),
+            WType::Q2K => size_of::<blocks::BlockQ2K>(),
+            WType::Q3K => size_of::<blocks::BlockQ3K>(),
+            WType::Q4K => size_of::<blocks::BlockQ4K>(),
+            WType::Q5K => size_of::<blocks::BlockQ5K>(),
+            WType::Q6K => size_of::<blocks::BlockQ6K>(),
+        }
+    }
+
+    /// Bytes of one row of `k` weights; None when `k` is not a whole number of blocks.
+    pub fn row_bytes(self, k: usize) -> Option<usize> {
+        k.is_multiple_of(self.block_len())
+            .then(|| k / self.block_len() * self.block_bytes())
+    }
+
+    /// The activation format this type's dot product takes (as ggml's vec_dot_type).
+    pub fn act_type(self) -> ActType {
+        match self {
+            WType::F32 | WType::F16 | WType::BF16 => ActType::F32,
+            WType::Q4_0 | WType::Q5_0 | WType::Q8_0 => ActType::Q8_0,
+            WType::Q4_1 | WType::Q5_1 => ActType::Q8_1,
+            WType::Q2K | WType::Q3K | WType::Q4K | WType::Q5K | WType::Q6K => ActType::Q8K,
+        }
+    }
+}
+
+/// The instruction sets a kernel may use, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isa {
+    /// AVX2 and FMA (and F16C).
+    pub avx2: bool,
+}
+
+impl Isa {
+    /// What this CPU has.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Isa {
+                avx2: is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa { avx2: false }
+    }
+
+    /// The portable path only (the reference in tests).
+    pub fn scalar() -> Isa {
+        Isa { avx2: false }
+    }
+}
+
+/// Where [`gemm`] writes: the product of activation row `i` and weight row
+/// `r` goes to `ptr[i * ld + r]` (an `[m, n]` row-major output has `ld = n`).
+#[derive(Debug, Clone, Copy)]
+pub struct Out {
+    /// Element (0, 0).
+    pub ptr: *mut f32,
+    /// Elements between consecutive activation rows.
+    pub ld: usize,
+}
+
+// SAFETY: `Out` is a plain address; `gemm`'s contract makes every caller
+// write disjoint elements.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// A weight matrix: `n` rows of `k` weights of type `wtype`, row-major in `bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct Weights<'a> {
+    /// The type.
+    pub wtype: WType,
+    /// The blocks, `n * row_bytes(k)` bytes.
+    pub bytes: &'a [u8],
+    /// Weights per row (the input width).
+    pub k: usize,
+    /// Rows (the output width).
+    pub n: usize,
+}
+
+/// An error in a kernel's arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl std::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+impl<'a> Weights<'a> {
+    /// Check that `bytes` holds `n` rows of `k` weights of `wtype`.
+    pub fn new(
+        wtype: WType,
+        bytes: &'a [u8],
+        k: usize,
+        n: usize,
+    ) -> Result<Weights<'a>, ShapeError> {
+        let row = wtype.row_bytes(k).ok_or_else(|| {
+            ShapeError(format!(
+                "{wtype:?}: rows of {k} are not whole blocks of {}",
+                wtype.block_len()
+            ))
+        })?;
+        if row.checked_mul(n) != Some(bytes.len()) {
+            return Err(ShapeError(format!(
+                "{wtype:?}: {} bytes do not hold {n} rows of {k} ({row} bytes each)",
+                bytes.len()
+            )));
+        }
+        Ok(Weights { wtype, bytes, k, n })
+    }
+
+    /// The bytes of row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.bytes.len() / self.n.max(1);
+        &self.bytes[r * rb..(r + 1) * rb]
+    }
+}
+
+/// Products of every activation row in `acts` with weight rows `rows`:
+/// `out[i * ld + r] = dot(W[r], acts[i])`.
+///
+/// # Safety
+/// `out` must be valid for writes at every `i * out.ld + r` with
+/// `i < acts.rows()` and `r` in `rows`, and no one else may access those
+/// elements during the call. `acts` must have been quantized for
+/// `w.wtype.act_type()` with width `w.k`, and `rows.end <= w.n`.
+pub unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, isa: Isa) {
+    debug_assert_eq!(acts.act_type(), w.wtype.act_type());
+    debug_assert_eq!(acts.k(), w.k);
+    debug_assert!(rows.end <= w.n);
+    match w.wtype {
+        WType::F32 | WType::F16 | WType::BF16 => float::gemm(w, rows, acts, out, isa),
+        WType::Q4_0 | WType::Q4_1 | WType::Q5_0 | WType::Q5_1 | WType::Q8_0 => {
+            legacy::gemm(w, rows, acts, out, isa)
+        }
+        WType::Q2K | WType::Q3K | WType::Q4K | WType::Q5K | WType::Q6K => {
+            kquants::gemm(w, rows, acts, out, isa)
+        }
+    }
+}
+
+/// [`gemm`] over every row, into an `[m, n]` row-major slice, on this thread.
+pub fn gemm_all(w: &Weights, acts: &ActBuf, out: &mut [f32], isa: Isa) {
+    assert_eq!(
+        acts.act_type(),
+        w.wtype.act_type(),
+        "activations quantized for another type"
+    );
+    assert_eq!(acts.k(), w.k, "activation width");
+    assert!(out.len() >= acts.rows() * w.n, "output too small");
+    let o = Out {
+        ptr: out.as_mut_ptr(),
+        ld: w.n,
+    };
+    // SAFETY: checked above; `out` is borrowed mutably for the call.
+    unsafe { gemm(w, 0..w.n, acts, o, isa) }
+}
+
+/// Row `r` of `w` as f32 values (an embedding lookup).
+pub fn dequantize_row(w: &Weights, r: usize, out: &mut [f32]) {
+    reference::dequantize(w.wtype, w.row(r), &mut out[..w.k]);
+}

@@ -1,0 +1,149 @@
+//! The small per-token operations of the forward pass, computed as ggml
+//! computes them so that our logits track llama.cpp's: RMSNorm with an f64
+//! sum of squares, softmax with an f64 sum, SiLU as x / (1 + e^-x), RoPE
+//! angles stepped in f32.
+
+/// `out = x / sqrt(mean(x²) + eps) * w` for one row (ggml's rms_norm then mul).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = (v * scale) * g;
+    }
+}
+
+/// `gate = silu(gate) * up`, in place.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Softmax of `x` in place; returns nothing useful when `x` is empty.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Dot product with eight independent lanes, so the compiler can vectorise
+/// it without reassociating (the order is fixed, the result deterministic).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// How a head's dimensions pair up for RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): llama, whose GGUF q/k rows were permuted for it.
+    Adjacent,
+    /// Halves (i, i + d/2): qwen2 (GPT-NeoX style).
+    Halves,
+}
+
+/// cos and sin of every angle for positions `0..max`, `[max, head_dim / 2]`
+/// each, stepped as ggml steps them: theta starts at the position and is
+/// multiplied by base^(-2/d) per pair in f32, divided by the pair's
+/// frequency factor when the model has one.
+pub fn rope_tables(
+    max: usize,
+    head_dim: usize,
+    base: f32,
+    factors: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let theta_scale = base.powf(-2.0 / head_dim as f32);
+    let mut cos = Vec::with_capacity(max * half);
+    let mut sin = Vec::with_capacity(max * half);
+    for p in 0..max {
+        let mut theta = p as f32;
+        for i in 0..half {
+            let factor = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+            let a = theta / factor;
+            cos.push(a.cos());
+            sin.push(a.sin());
+            theta *= theta_scale;
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate one head's vector `x` by the angles `cos`/`sin` of its position.
+pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = match style {
+            RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+            RopeStyle::Halves => (i, i + half),
+        };
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * cos[i] - x1 * sin[i];
+        x[b] = x0 * sin[i] + x1 * cos[i];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ops_equal_their_definitions() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w = [1.0f32, 2.0, 0.5, 1.0];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &w, 1e-5, &mut out);
+        let rms = ((1.0 + 4.0 + 9.0 + 0.25) / 4.0f64 + 1e-5).sqrt();
+        for i in 0..4 {
+            assert!((out[i] as f64 - x[i] as f64 / rms * w[i] as f64).abs() < 1e-6);
+        }
+        let mut p = [1.0f32, 2.0, 3.0];
+        softmax(&mut p);
+        let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|v| v.exp()).sum();
+        assert!((p[2] as f64 - 3f64.exp() / z).abs() < 1e-6);
+        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32 * 0.1).collect();
+        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - exact).abs() < 1e-4);
+        let mut v = [1.0f32, 0.0, 0.0, 1.0];
+        let c = [0.0f32, 1.0];
+        let s = [1.0f32, 0.0];
+        rope(&mut v, &c, &s, RopeStyle::Adjacent);
+        assert_eq!(v, [0.0, 1.0, 0.0, 1.0]);
+    }
+}

@@ -1,0 +1,618 @@
+//! One conversation on the CPU engine: the KV cache, the scratch buffers and
+//! the worker pool, all made when the session is, so a decode step allocates
+//! nothing; and the forward pass, block by block.
+
+use half::f16;
+use lorafold_kernels::{gemm, ActBuf, ActType, Isa, Out};
+
+use super::ops::{self, RopeStyle};
+use super::pool::{share, WorkerPool};
+use super::weights::{CpuWeights, Matrix};
+use crate::arch::Architecture;
+use crate::model::ModelConfig;
+
+/// The KV cache's element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// Half precision, as llama.cpp's default: half the memory.
+    #[default]
+    F16,
+    /// Full precision, for exact comparisons.
+    F32,
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KvType, String> {
+        match s {
+            "f16" => Ok(KvType::F16),
+            "f32" => Ok(KvType::F32),
+            other => Err(format!("unknown KV cache type '{other}' (f16, f32)")),
+        }
+    }
+}
+
+/// Keys or values of every layer: `[layer][kv head][position][head_dim]`.
+enum KvData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl KvData {
+    fn new(kind: KvType, len: usize) -> KvData {
+        match kind {
+            KvType::F32 => KvData::F32(vec![0.0; len]),
+            KvType::F16 => KvData::F16(vec![f16::ZERO; len]),
+        }
+    }
+
+    fn write(&mut self, at: usize, x: &[f32]) {
+        match self {
+            KvData::F32(v) => v[at..at + x.len()].copy_from_slice(x),
+            KvData::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v[at..at + x.len()].convert_from_f32_slice(x);
+            }
+        }
+    }
+
+    /// The row at `at` as f32 (through `tmp` when stored as f16).
+    fn read<'a>(&'a self, at: usize, tmp: &'a mut [f32]) -> &'a [f32] {
+        match self {
+            KvData::F32(v) => &v[at..at + tmp.len()],
+            KvData::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v[at..at + tmp.len()].convert_to_f32_slice(tmp);
+                tmp
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvData::F32(v) => v.len() * 4,
+            KvData::F16(v) => v.len() * 2,
+        }
+    }
+}
+
+/// A matmul of one projection over `t` input rows into `out` (`[t, n]`).
+struct MatJob<'a> {
+    m: &'a Matrix,
+    input: &'a [f32],
+    out: Out,
+    /// Index of the rounded input in `Scratch::acts`.
+    act: usize,
+    /// Offset of this job's adapter products A·x in `Scratch::ax`.
+    ax: usize,
+}
+
+/// Buffers sized once for `batch` rows.
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Rounded inputs, one buffer per (format, width) the model needs.
+    acts: Vec<ActBuf>,
+    /// Adapter products A·x.
+    ax: Vec<f32>,
+    /// Per thread: scores, then two head-wide rows.
+    per_thread: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// Why a forward step cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// No tokens.
+    Empty,
+    /// Past the session's context.
+    ContextFull {
+        /// tokens given
+        tokens: usize,
+        /// position before them
+        position: usize,
+        /// the context size
+        max: usize,
+    },
+    /// A token id beyond the embedding's rows.
+    TokenOutOfRange {
+        /// the id
+        id: u32,
+        /// rows of the embedding
+        vocab: usize,
+    },
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Empty => write!(f, "no tokens to run (empty input)"),
+            StepError::ContextFull {
+                tokens,
+                position,
+                max,
+            } => write!(
+                f,
+                "{tokens} tokens at position {position} exceed the context of {max}"
+            ),
+            StepError::TokenOutOfRange { id, vocab } => write!(
+                f,
+                "token id {id} is out of range: the embedding has {vocab} rows"
+            ),
+        }
+    }
+}
+
+/// A session of the CPU engine over borrowed weights.
+pub struct CpuSession<'m> {
+    w: &'m CpuWeights,
+    cfg: &'m ModelConfig,
+    pool: WorkerPool,
+    isa: Isa,
+    kv_k: KvData,
+    kv_v: KvData,
+    pos: usize,
+    max: usize,
+    batch: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    style: RopeStyle,
+    s: Scratch,
+}
+
+/// Rows per prefill step: llama.cpp's default micro-batch.
+pub const BATCH: usize = 512;
+
+/// Output rows per share of a matmul, so tiles of weight rows stay whole.
+const ROW_ALIGN: usize = 16;
+
+impl<'m> CpuSession<'m> {
+    /// A session for up to `max` positions with `threads` threads.
+    pub fn new(
+        w: &'m CpuWeights,
+        cfg: &'m ModelConfig,
+        rope_factors: Option<&[f32]>,
+        max: usize,
+        threads: usize,
+        kv: KvType,
+    ) -> CpuSession<'m> {
+        let max = max.max(1);
+        let batch = BATCH.min(max);
+        let hd = cfg.head_dim;
+        let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        let ffn = w.blocks.first().map_or(0, |b| b.gate.n);
+        let kv_len = cfg.n_layers * cfg.n_head_kv * max * hd;
+        let (cos, sin) = ops::rope_tables(max, hd, cfg.rope_base, rope_factors);
+        let pool = WorkerPool::new(threads);
+        // One rounded-input buffer per (format, width) in the model.
+        let mut acts: Vec<ActBuf> = Vec::new();
+        let mut need = |m: &Matrix| {
+            let a = m.wtype.act_type();
+            if !acts.iter().any(|b| b.act_type() == a && b.k() == m.k) {
+                acts.push(ActBuf::new(a, m.k, batch));
+            }
+        };
+        for b in &w.blocks {
+            for m in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+                need(m);
+            }
+        }
+        need(w.head());
+        let max_rank: usize = w
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
+            .chain(std::iter::once(w.head()))
+            .map(|m| m.loras.iter().map(|l| l.rank).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let s = Scratch {
+            x: vec![0.0; batch * cfg.dim],
+            h: vec![0.0; batch * cfg.dim.max(ffn)],
+            q: vec![0.0; batch * q_out],
+            k: vec![0.0; batch * kv_out],
+            v: vec![0.0; batch * kv_out],
+            attn: vec![0.0; batch * q_out],
+            tmp: vec![0.0; batch * cfg.dim],
+            gate: vec![0.0; batch * ffn],
+            up: vec![0.0; batch * ffn],
+            acts,
+            // Up to three projections (q, k, v) share one step.
+            ax: vec![0.0; 3 * batch * max_rank],
+            per_thread: vec![0.0; pool.threads() * (max + 2 * hd)],
+            logits: vec![0.0; cfg.vocab],
+        };
+        CpuSession {
+            w,
+            cfg,
+            pool,
+            isa: Isa::detect(),
+            kv_k: KvData::new(kv, kv_len),
+            kv_v: KvData::new(kv, kv_len),
+            pos: 0,
+            max,
+            batch,
+            cos,
+            sin,
+            style: match cfg.arch {
+                Architecture::Llama => RopeStyle::Adjacent,
+                Architecture::Qwen2 => RopeStyle::Halves,
+            },
+            s,
+        }
+    }
+
+    /// Tokens processed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The context size.
+    pub fn max_tokens(&self) -> usize {
+        self.max
+    }
+
+    /// Forget everything (the cache is reused).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_k.bytes() + self.kv_v.bytes()
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Run `tokens` after what came before, with the adapters' user scales
+    /// `scales` (by slot); returns the logits of the last position
+    /// (`[vocab]`), or of every position (`[tokens, vocab]`) when `all`.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        all: bool,
+        scales: &[Option<f64>],
+    ) -> Result<&[f32], StepError> {
+        let vocab = self.cfg.vocab;
+        if tokens.is_empty() {
+            return Err(StepError::Empty);
+        }
+        if self.pos + tokens.len() > self.max {
+            return Err(StepError::ContextFull {
+                tokens: tokens.len(),
+                position: self.pos,
+                max: self.max,
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(StepError::TokenOutOfRange { id, vocab });
+        }
+        let rows_out = if all { tokens.len() } else { 1 };
+        if self.s.logits.len() < rows_out * vocab {
+            self.s.logits.resize(rows_out * vocab, 0.0);
+        }
+        let batch = self.batch;
+        let n_chunks = tokens.len().div_ceil(batch);
+        for (c, chunk) in tokens.chunks(batch).enumerate() {
+            let last = c + 1 == n_chunks;
+            let head_rows = if all {
+                Some(c * batch)
+            } else if last {
+                Some(0)
+            } else {
+                None
+            };
+            self.step(chunk, head_rows, all, scales);
+            self.pos += chunk.len();
+        }
+        Ok(&self.s.logits[..rows_out * vocab])
+    }
+
+    /// One chunk of at most `batch` tokens at `self.pos`. `head_at`: where in
+    /// the logits this chunk's rows go (every row when `all`, else the last
+    /// row at 0), or None when no logits are wanted from it.
+    fn step(&mut self, ids: &[u32], head_at: Option<usize>, all: bool, scales: &[Option<f64>]) {
+        let (w, cfg) = (self.w, self.cfg);
+        let file = w.file.as_ref();
+        let t = ids.len();
+        let (dim, hd) = (cfg.dim, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        let eps = cfg.rms_eps as f32;
+
+        let emb = w.embedding.weights(file);
+        for (i, &id) in ids.iter().enumerate() {
+            let x = &mut self.s.x[i * dim..(i + 1) * dim];
+            lorafold_kernels::dequantize_row(&emb, id as usize, x);
+            for l in &w.embedding_loras {
+                let Some(s) = scales.get(l.slot).copied().flatten().filter(|s| *s != 0.0) else {
+                    continue;
+                };
+                let s = (s * l.file_scale as f64) as f32;
+                let a = &l.a[id as usize * l.rank..(id as usize + 1) * l.rank];
+                for (kk, &av) in a.iter().enumerate() {
+                    ops::axpy(x, s * av, &l.b[kk * dim..(kk + 1) * dim]);
+                }
+            }
+        }
+
+        for (layer, b) in w.blocks.iter().enumerate() {
+            for i in 0..t {
+                ops::rms_norm(
+                    &self.s.x[i * dim..(i + 1) * dim],
+                    &b.attn_norm,
+                    eps,
+                    &mut self.s.h[i * dim..(i + 1) * dim],
+                );
+            }
+            let (hq, hk, hv) = (
+                self.s.q.as_mut_ptr(),
+                self.s.k.as_mut_ptr(),
+                self.s.v.as_mut_ptr(),
+            );
+            self.matmuls(
+                &[(&b.q, hq), (&b.k, hk), (&b.v, hv)],
+                Input::H,
+                t,
+                dim,
+                scales,
+            );
+            self.rope_and_cache(layer, t);
+            self.attention(layer, t);
+            let tmp = self.s.tmp.as_mut_ptr();
+            self.matmuls(&[(&b.o, tmp)], Input::Attn, t, q_out, scales);
+            ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
+            for i in 0..t {
+                ops::rms_norm(
+                    &self.s.x[i * dim..(i + 1) * dim],
+                    &b.ffn_norm,
+                    eps,
+                    &mut self.s.h[i * dim..(i + 1) * dim],
+                );
+            }
+            let (g, u) = (self.s.gate.as_mut_ptr(), self.s.up.as_mut_ptr());
+            self.matmuls(&[(&b.gate, g), (&b.up, u)], Input::H, t, dim, scales);
+            let ffn = b.gate.n;
+            ops::swiglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn]);
+            self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
+            ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
+            let _ = kv_out;
+        }
+
+        let Some(at) = head_at else { return };
+        let first = if all { 0 } else { t - 1 };
+        let rows = t - first;
+        for (j, i) in (first..t).enumerate() {
+            ops::rms_norm(
+                &self.s.x[i * dim..(i + 1) * dim],
+                &w.output_norm,
+                eps,
+                &mut self.s.h[j * dim..(j + 1) * dim],
+            );
+        }
+        let vocab = cfg.vocab;
+        let out = self.s.logits[at * vocab..(at + rows) * vocab].as_mut_ptr();
+        self.matmuls(&[(w.head(), out)], Input::H, rows, dim, scales);
+    }
+
+    /// Project input rows `0..t` (each `k` wide) through each matrix into its
+    /// output (`[t, n]`), adding bias and adapters: one job for the pool.
+    fn matmuls(
+        &mut self,
+        mats: &[(&Matrix, *mut f32)],
+        input: Input,
+        t: usize,
+        k: usize,
+        scales: &[Option<f64>],
+    ) {
+        let file = self.w.file.as_ref();
+        let isa = self.isa;
+        let s = &mut self.s;
+        let input: &[f32] = match input {
+            Input::H => &s.h[..t * k],
+            Input::Attn => &s.attn[..t * k],
+            Input::Gate => &s.gate[..t * k],
+        };
+        // Round the input once per format it is needed in.
+        let mut jobs: [Option<MatJob>; 3] = [None, None, None];
+        let mut ax_used = 0;
+        let mut rounded: [Option<ActType>; 3] = [None; 3];
+        for (j, &(m, out)) in mats.iter().enumerate() {
+            let want = m.wtype.act_type();
+            let act = s
+                .acts
+                .iter()
+                .position(|b| b.act_type() == want && b.k() == k)
+                .expect("an input buffer per format and width, made with the session");
+            if !rounded.contains(&Some(want)) {
+                s.acts[act].quantize(input);
+                rounded[j] = Some(want);
+            }
+            let ax = ax_used;
+            for (l, _) in m.active_loras(scales) {
+                ax_used += t * l.rank;
+            }
+            jobs[j] = Some(MatJob {
+                m,
+                input,
+                out: Out { ptr: out, ld: m.n },
+                act,
+                ax,
+            });
+        }
+        let jobs = &jobs;
+        // Adapter products A·x first (small: rank values per row).
+        if ax_used > 0 {
+            if s.ax.len() < ax_used {
+                s.ax.resize(ax_used, 0.0);
+            }
+            for job in jobs.iter().flatten() {
+                let mut off = job.ax;
+                for (l, _) in job.m.active_loras(scales) {
+                    for i in 0..t {
+                        let x = &job.input[i * k..(i + 1) * k];
+                        for r in 0..l.rank {
+                            s.ax[off + i * l.rank + r] = ops::dot(&l.a[r * k..(r + 1) * k], x);
+                        }
+                    }
+                    off += t * l.rank;
+                }
+            }
+        }
+        let total: usize = jobs.iter().flatten().map(|j| j.m.n).sum();
+        let acts = &s.acts;
+        let ax = &s.ax;
+        let work = |i: usize, n: usize| {
+            let mine = share(total, ROW_ALIGN, i, n);
+            let mut base = 0;
+            for job in jobs.iter().flatten() {
+                let rows = mine.start.max(base)..mine.end.min(base + job.m.n);
+                base += job.m.n;
+                if rows.is_empty() {
+                    continue;
+                }
+                let rows = rows.start - (base - job.m.n)..rows.end - (base - job.m.n);
+                let wts = job.m.weights(file);
+                // SAFETY: each thread writes only its own rows' columns of
+                // each output, which holds t rows of n.
+                unsafe { gemm(&wts, rows.clone(), &acts[job.act], job.out, isa) };
+                add_bias_and_adapters(job, rows, t, ax, scales);
+            }
+        };
+        self.pool.run(&work);
+    }
+
+    /// Rotate q and k, and store k and v in the cache at their positions.
+    fn rope_and_cache(&mut self, layer: usize, t: usize) {
+        let cfg = self.cfg;
+        let hd = cfg.head_dim;
+        let half = hd / 2;
+        let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        for i in 0..t {
+            let p = self.pos + i;
+            let (cos, sin) = (
+                &self.cos[p * half..(p + 1) * half],
+                &self.sin[p * half..(p + 1) * half],
+            );
+            for h in self.s.q[i * q_out..(i + 1) * q_out].chunks_exact_mut(hd) {
+                ops::rope(h, cos, sin, self.style);
+            }
+            for h in self.s.k[i * kv_out..(i + 1) * kv_out].chunks_exact_mut(hd) {
+                ops::rope(h, cos, sin, self.style);
+            }
+            for kvh in 0..cfg.n_head_kv {
+                let at = self.kv_index(layer, kvh, p);
+                let src = i * kv_out + kvh * hd;
+                self.kv_k.write(at, &self.s.k[src..src + hd]);
+                self.kv_v.write(at, &self.s.v[src..src + hd]);
+            }
+        }
+    }
+
+    fn kv_index(&self, layer: usize, kv_head: usize, pos: usize) -> usize {
+        ((layer * self.cfg.n_head_kv + kv_head) * self.max + pos) * self.cfg.head_dim
+    }
+
+    /// softmax(q·kᵀ / √d + causal mask) · v for every query head and row,
+    /// fused over the cache: one job, (head, row) pairs dealt to threads.
+    fn attention(&mut self, layer: usize, t: usize) {
+        let cfg = self.cfg;
+        let hd = cfg.head_dim;
+        let q_out = cfg.n_head * hd;
+        let group = cfg.n_head / cfg.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let units = cfg.n_head * t;
+        let per = self.max + 2 * hd;
+        let (q, pos) = (&self.s.q, self.pos);
+        let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
+        let out = Out {
+            ptr: self.s.attn.as_mut_ptr(),
+            ld: q_out,
+        };
+        let scratch = Out {
+            ptr: self.s.per_thread.as_mut_ptr(),
+            ld: per,
+        };
+        let this = &*self;
+        let work = |th: usize, n: usize| {
+            // Whole copies: a closure capturing only `.ptr` would not be Sync.
+            let (scratch, out) = (scratch, out);
+            // SAFETY: each thread uses its own slice of the per-thread scratch.
+            let mine = unsafe { std::slice::from_raw_parts_mut(scratch.ptr.add(th * per), per) };
+            let (scores, rest) = mine.split_at_mut(this.max);
+            let (ktmp, acc) = rest.split_at_mut(hd);
+            // Interleaved, so the long rows at the end of a prefill are spread.
+            for u in (th..units).step_by(n) {
+                let (head, i) = (u / t, u % t);
+                let p = pos + i;
+                let kvh = head / group;
+                let qv = &q[i * q_out + head * hd..i * q_out + (head + 1) * hd];
+                let scores = &mut scores[..=p];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    let kr = kv_k.read(this.kv_index(layer, kvh, j), ktmp);
+                    *sc = ops::dot(qv, kr) * scale;
+                }
+                ops::softmax(scores);
+                acc.fill(0.0);
+                for (j, &pr) in scores.iter().enumerate() {
+                    let vr = kv_v.read(this.kv_index(layer, kvh, j), ktmp);
+                    ops::axpy(acc, pr, vr);
+                }
+                // SAFETY: (i, head) pairs are disjoint between threads.
+                unsafe {
+                    let dst = out.ptr.add(i * q_out + head * hd);
+                    std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, hd);
+                }
+            }
+        };
+        self.pool.run(&work);
+    }
+}
+
+/// Which scratch buffer a matmul reads.
+#[derive(Clone, Copy)]
+enum Input {
+    H,
+    Attn,
+    Gate,
+}
+
+/// Bias and `scale * B (A x)` for rows `rows` of every input row.
+fn add_bias_and_adapters(
+    job: &MatJob,
+    rows: std::ops::Range<usize>,
+    t: usize,
+    ax: &[f32],
+    scales: &[Option<f64>],
+) {
+    let m = job.m;
+    if m.bias.is_none() && m.loras.is_empty() {
+        return;
+    }
+    for i in 0..t {
+        // SAFETY: the caller owns these rows' columns of this output row.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(job.out.ptr.add(i * job.out.ld + rows.start), rows.len())
+        };
+        if let Some(bias) = &m.bias {
+            ops::add(out, &bias[rows.clone()]);
+        }
+        let mut off = job.ax;
+        for (l, s) in m.active_loras(scales) {
+            let a = &ax[off + i * l.rank..off + (i + 1) * l.rank];
+            for (o, r) in out.iter_mut().zip(rows.clone()) {
+                *o += s * ops::dot(&l.b[r * l.rank..(r + 1) * l.rank], a);
+            }
+            off += t * l.rank;
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The model's weights as the CPU engine uses them: every matrix read in
+//! place from the map (only misaligned data is copied), small vectors widened
+//! to f32 once, and the adapters attached to each projection.
+
+use std::sync::Arc;
+
+use lorafold_kernels::{WType, Weights};
+
+use crate::gguf::{GgufFile, TensorInfo};
+
+/// Where a matrix's blocks are.
+#[derive(Debug)]
+enum Blocks {
+    /// In the map at `start..start + len`.
+    Mapped { start: usize, len: usize },
+    /// Copied out (the file's data was not 2-byte aligned); u16 words keep
+    /// f16 fields aligned.
+    Owned(Vec<u16>, usize),
+}
+
+/// One adapter's low-rank pair on a projection: y += scale * B (A x).
+#[derive(Debug, Clone)]
+pub struct LoraF32 {
+    /// The adapter's slot in the model.
+    pub slot: usize,
+    /// Rank.
+    pub rank: usize,
+    /// A, `[rank, k]` row-major (for the token embedding: `[vocab, rank]`, a row per token).
+    pub a: Vec<f32>,
+    /// B, `[n, rank]` row-major, so output row `o` reads `rank` values in a row
+    /// (for the token embedding: `[rank, dim]`).
+    pub b: Vec<f32>,
+    /// alpha / rank from the adapter file.
+    pub file_scale: f32,
+}
+
+/// A weight matrix: `n` rows of `k` inputs, with its bias and adapters.
+#[derive(Debug)]
+pub struct Matrix {
+    /// GGUF tensor name.
+    pub name: String,
+    /// Block type.
+    pub wtype: WType,
+    blocks: Blocks,
+    /// Inputs per row.
+    pub k: usize,
+    /// Rows (outputs).
+    pub n: usize,
+    /// Bias, one per row.
+    pub bias: Option<Vec<f32>>,
+    /// Attached adapters.
+    pub loras: Vec<LoraF32>,
+}
+
+/// Why a tensor cannot be used by the CPU engine.
+#[derive(Debug, Clone)]
+pub struct WeightProblem {
+    /// The tensor.
+    pub tensor: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl Matrix {
+    /// The matrix of tensor `info` (ggml dims `[k, n]`) in `file`.
+    pub fn new(file: &GgufFile, info: &TensorInfo) -> Result<Matrix, WeightProblem> {
+        let bad = |problem: String| WeightProblem {
+            tensor: info.name.clone(),
+            problem,
+        };
+        let wtype = WType::from_ggml_id(info.ggml_type.id()).ok_or_else(|| {
+            bad(format!(
+                "ggml type {} has no CPU kernel (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k..q6_k do)",
+                info.ggml_type
+            ))
+        })?;
+        let (k, n) = match info.dims() {
+            [k, n] => (*k as usize, *n as usize),
+            [k] => (*k as usize, 1),
+            d => return Err(bad(format!("expected a matrix, got dims {d:?}"))),
+        };
+        // The reader checked n_bytes against the dims and type.
+        Weights::new(wtype, file.tensor_data(info), k, n).map_err(|e| bad(e.to_string()))?;
+        let data = file.tensor_data(info);
+        let blocks = if (data.as_ptr() as usize).is_multiple_of(4) {
+            Blocks::Mapped {
+                start: data.as_ptr() as usize - file.raw_bytes().as_ptr() as usize,
+                len: data.len(),
+            }
+        } else {
+            let mut words = vec![0u16; data.len().div_ceil(2)];
+            // SAFETY: `words` holds at least data.len() bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr(),
+                    words.as_mut_ptr() as *mut u8,
+                    data.len(),
+                )
+            };
+            Blocks::Owned(words, data.len())
+        };
+        Ok(Matrix {
+            name: info.name.clone(),
+            wtype,
+            blocks,
+            k,
+            n,
+            bias: None,
+            loras: Vec::new(),
+        })
+    }
+
+    /// The kernel's view of the blocks.
+    pub fn weights<'a>(&'a self, file: &'a GgufFile) -> Weights<'a> {
+        let bytes = match &self.blocks {
+            Blocks::Mapped { start, len } => &file.raw_bytes()[*start..*start + *len],
+            // SAFETY: the words hold `len` initialised bytes.
+            Blocks::Owned(words, len) => unsafe {
+                std::slice::from_raw_parts(words.as_ptr() as *const u8, *len)
+            },
+        };
+        Weights {
+            wtype: self.wtype,
+            bytes,
+            k: self.k,
+            n: self.n,
+        }
+    }
+
+    /// Whether an adapter attached here contributes at the given scales.
+    pub fn active_loras<'a>(
+        &'a self,
+        scales: &'a [Option<f64>],
+    ) -> impl Iterator<Item = (&'a LoraF32, f32)> + 'a {
+        self.loras.iter().filter_map(move |l| {
+            let s = scales.get(l.slot).copied().flatten()?;
+            (s != 0.0).then_some((l, (s * l.file_scale as f64) as f32))
+        })
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug)]
+pub struct BlockWeights {
+    /// RMSNorm weight before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query projection.
+    pub q: Matrix,
+    /// Key projection.
+    pub k: Matrix,
+    /// Value projection.
+    pub v: Matrix,
+    /// Attention output projection.
+    pub o: Matrix,
+    /// RMSNorm weight before the feed-forward.
+    pub ffn_norm: Vec<f32>,
+    /// Gate projection.
+    pub gate: Matrix,
+    /// Up projection.
+    pub up: Matrix,
+    /// Down projection.
+    pub down: Matrix,
+}
+
+impl BlockWeights {
+    /// The seven projections, mutably (for attaching adapters).
+    pub fn projections_mut(&mut self) -> [&mut Matrix; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
+/// Every weight of a model, for the CPU engine.
+#[derive(Debug)]
+pub struct CpuWeights {
+    /// The mapped file the matrices point into.
+    pub file: Arc<GgufFile>,
+    /// token_embd, `[vocab]` rows of `dim` (its `loras` stay empty: a tied
+    /// head reads it too).
+    pub embedding: Matrix,
+    /// Adapters on the token embedding (`a` a row per token, `b` `[rank, dim]`).
+    pub embedding_loras: Vec<LoraF32>,
+    /// Blocks in order.
+    pub blocks: Vec<BlockWeights>,
+    /// Final RMSNorm weight.
+    pub output_norm: Vec<f32>,
+    /// The output head; None when it is the token embedding (tied).
+    pub output: Option<Matrix>,
+}
+
+impl CpuWeights {
+    /// The output head (the embedding when tied).
+    pub fn head(&self) -> &Matrix {
+        self.output.as_ref().unwrap_or(&self.embedding)
+    }
+
+    /// Every projection an adapter may target, mutably, with the head.
+    pub fn projections_mut(&mut self) -> impl Iterator<Item = &mut Matrix> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| b.projections_mut())
+            .chain(self.output.as_mut())
+    }
+}
+
+impl CpuWeights {
+    /// Read every weight of a llama-family model from `file` (its
+    /// hyperparameters already checked into `cfg`).
+    pub fn load(
+        file: Arc<GgufFile>,
+        cfg: &crate::model::ModelConfig,
+    ) -> Result<CpuWeights, WeightProblem> {
+        let ffn = cfg.ffn;
+        let f = file.as_ref();
+        let info = |name: &str| {
+            f.tensor(name).ok_or_else(|| WeightProblem {
+                tensor: name.to_string(),
+                problem: "missing".into(),
+            })
+        };
+        let matrix = |name: &str, k: usize, n: usize| -> Result<Matrix, WeightProblem> {
+            let t = info(name)?;
+            let want: &[u64] = if n == 1 {
+                &[k as u64]
+            } else {
+                &[k as u64, n as u64]
+            };
+            if t.dims() != want {
+                return Err(WeightProblem {
+                    tensor: name.to_string(),
+                    problem: format!("has dims {:?}, expected {want:?}", t.dims()),
+                });
+            }
+            Matrix::new(f, t)
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, WeightProblem> {
+            let m = matrix(name, len, 1)?;
+            let mut v = vec![0f32; len];
+            lorafold_kernels::dequantize_row(&m.weights(f), 0, &mut v);
+            Ok(v)
+        };
+        let projection = |name: &str, k: usize, n: usize| -> Result<Matrix, WeightProblem> {
+            let mut m = matrix(&format!("{name}.weight"), k, n)?;
+            let bias = format!("{name}.bias");
+            if f.tensor(&bias).is_some() {
+                m.bias = Some(vector(&bias, n)?);
+            }
+            Ok(m)
+        };
+        let (dim, hd) = (cfg.dim, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            blocks.push(BlockWeights {
+                attn_norm: vector(&p("attn_norm.weight"), dim)?,
+                q: projection(&p("attn_q"), dim, q_out)?,
+                k: projection(&p("attn_k"), dim, kv_out)?,
+                v: projection(&p("attn_v"), dim, kv_out)?,
+                o: projection(&p("attn_output"), q_out, dim)?,
+                ffn_norm: vector(&p("ffn_norm.weight"), dim)?,
+                gate: projection(&p("ffn_gate"), dim, ffn)?,
+                up: projection(&p("ffn_up"), dim, ffn)?,
+                down: projection(&p("ffn_down"), ffn, dim)?,
+            });
+        }
+        let output = match f.tensor("output.weight") {
+            Some(_) => Some(projection("output", dim, cfg.vocab)?),
+            None => None,
+        };
+        Ok(CpuWeights {
+            embedding: matrix("token_embd.weight", dim, cfg.vocab)?,
+            embedding_loras: Vec::new(),
+            blocks,
+            output_norm: vector("output_norm.weight", dim)?,
+            output,
+            file,
+        })
+    }
+}
