@@ -24,7 +24,7 @@ if [ ! -x "$bench" ]; then
   work=$(mktemp -d "$cache/llama-src.XXXXXX")
   trap 'rm -rf "$work"' EXIT
   "$py" -m pip install --quiet --disable-pip-version-check cmake ninja >&2
-  "$py" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" llama-cpp-python==0.3.36 >&2
+  "$py" -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$work" llama-cpp-python==0.3.36 >&2
   tar -xzf "$work"/llama_cpp_python-0.3.36.tar.gz -C "$work"
   bin=$(dirname "$py")
   "$bin/cmake" -S "$work/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$work/build" -G Ninja \

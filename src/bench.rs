@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use lorafold_runtime::model::Model;
 use serde::Serialize;
 
@@ -16,13 +16,13 @@ pub struct BenchArgs {
     /// Paths: MODEL.gguf[+ADAPTER.gguf[:SCALE]]...
     #[arg(required = true)]
     paths: Vec<String>,
-    /// Prompt tokens.
+    /// Prompt tokens (at least 1; prompt + generated + 1 at most the model's context length).
     #[arg(short = 'p', long, default_value_t = 128)]
     prompt: usize,
     /// Generated tokens.
     #[arg(short = 'n', long, default_value_t = 64)]
     n: usize,
-    /// Repetitions.
+    /// Repetitions (at least 1).
     #[arg(short = 'r', long, default_value_t = 5)]
     reps: usize,
     /// CPU threads.
@@ -109,9 +109,16 @@ pub fn bench_path(
         let model: Model = load_path(spec, dev)?;
         load.push(t.elapsed().as_secs_f64() * 1e3);
         mapped = model.file().file_size();
-        // A fixed, ordinary token sequence: every run sees the same work.
-        let ids: Vec<u32> = (0..prompt).map(|i| 100 + (i as u32 * 37) % 5000).collect();
-        let mut s = model.session(prompt + n + 1)?;
+        // A fixed, ordinary token sequence: every run sees the same work,
+        // within the vocabulary however small.
+        let vocab = model.config.vocab as u64;
+        let ids: Vec<u32> = (0..prompt as u64)
+            .map(|i| ((100 + i * 37 % 5000) % vocab) as u32)
+            .collect();
+        let positions = prompt.saturating_add(n).saturating_add(1);
+        let mut s = model
+            .session(positions)
+            .with_context(|| format!("-p {prompt} -n {n} need {positions} positions"))?;
         let t = Instant::now();
         let logits = s.forward(&ids, false)?;
         let mut next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
@@ -147,8 +154,13 @@ pub fn print_table(rows: &[BenchRow]) {
         "path", "load ms", "ttft ms", "prefill tok/s", "decode tok/s", "RSS MiB", "map MiB"
     );
     for r in rows {
-        let name = if r.path.len() > 44 {
-            format!("...{}", &r.path[r.path.len() - 41..])
+        // By characters: a byte slice of a non-ASCII path would panic.
+        let chars: Vec<char> = r.path.chars().collect();
+        let name = if chars.len() > 44 {
+            format!(
+                "...{}",
+                chars[chars.len() - 41..].iter().collect::<String>()
+            )
         } else {
             r.path.clone()
         };
@@ -162,6 +174,11 @@ pub fn print_table(rows: &[BenchRow]) {
 
 /// Run `lorafold bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    ensure!(
+        args.prompt > 0,
+        "-p 0 is out of range: at least 1 prompt token"
+    );
+    ensure!(args.reps > 0, "-r 0 is out of range: at least 1 repetition");
     set_threads(args.threads)?;
     let dev = device(&args.device)?;
     let rows: Vec<BenchRow> = args

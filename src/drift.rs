@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::measure::{log_softmax, DriftAccumulator, DriftReport};
-use lorafold_runtime::model::Model;
+use lorafold_runtime::model::{Model, SessionOptions};
 use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -29,7 +30,7 @@ pub struct DriftArgs {
     /// The un-adapted base, to report how much of the adapter's gain each path keeps.
     #[arg(long)]
     base: Option<String>,
-    /// Window length in tokens.
+    /// Window length in tokens (at least 2, at most the model's context length).
     #[arg(long, default_value_t = 128)]
     ctx: usize,
     /// Write the report as JSON here.
@@ -50,7 +51,9 @@ pub fn load_path(spec: &str, dev: &candle_core::Device) -> Result<Model> {
     let mut model = Model::load(model_path, dev)?;
     for a in parts {
         let (p, scale) = lora_spec(a)?;
-        model.attach(&LoraAdapter::load(&p)?, scale)?;
+        model
+            .attach(&LoraAdapter::load(&p)?, scale)
+            .with_context(|| format!("adapter {a}"))?;
     }
     Ok(model)
 }
@@ -67,8 +70,9 @@ pub struct DriftRow {
     pub drift: DriftReport,
 }
 
-/// Token windows of the text.
+/// Token windows of the text (`ctx` tokens at most each).
 pub fn windows(tok: &Tokenizer, text: &str, lines: bool, ctx: usize) -> Result<Vec<Vec<u32>>> {
+    anyhow::ensure!(ctx > 0, "a window of 0 tokens holds nothing");
     let enc = |s: &str| tok.encode(s).map_err(anyhow::Error::msg);
     let w: Vec<Vec<u32>> = if lines {
         text.lines()
@@ -98,11 +102,15 @@ pub fn measure(
     let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
     for w in windows {
         let all = |m: &Model| -> Result<Vec<Vec<f32>>> {
-            let mut s = m.session(ctx)?;
-            let l = s.forward(w, true)?;
-            Ok((0..w.len())
-                .map(|i| l.get(i).and_then(|r| r.to_vec1::<f32>()))
-                .collect::<candle_core::Result<_>>()?)
+            // An f32 cache: the drift measured is the weights', not the cache's.
+            let mut s = m.session_with(SessionOptions {
+                kv: KvType::F32,
+                ..SessionOptions::new(ctx)
+            })?;
+            let l = s.logits(w, true)?;
+            Ok(l.chunks_exact(m.config.vocab)
+                .map(<[f32]>::to_vec)
+                .collect())
         };
         let r = all(reference)?;
         for ((_, _, m), acc) in candidates.iter().zip(accs.iter_mut()) {
@@ -175,6 +183,10 @@ pub fn run(args: &DriftArgs) -> Result<()> {
     set_threads(args.threads)?;
     let dev = device(&args.device)?;
     let reference = load_path(&args.reference, &dev)?;
+    // Refuse a window the model cannot hold before any work (0 or past its context).
+    reference
+        .session(args.ctx)
+        .with_context(|| format!("--ctx {}", args.ctx))?;
     let tok = Tokenizer::from_gguf(reference.file())?;
     let mut candidates = Vec::new();
     for c in &args.candidates {

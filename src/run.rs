@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::lora::LoraAdapter;
-use lorafold_runtime::model::Model;
+use lorafold_runtime::model::{check_threads, Model};
 use lorafold_runtime::tokenizer::Tokenizer;
 
 /// Arguments of `lorafold run`.
@@ -16,7 +16,8 @@ use lorafold_runtime::tokenizer::Tokenizer;
 pub struct RunArgs {
     /// A GGUF model (merged, or a base for --lora).
     model: PathBuf,
-    /// A GGUF LoRA adapter to attach, optionally with a scale: ADAPTER.gguf[:SCALE]. Repeatable.
+    /// A GGUF LoRA adapter to attach, optionally with a scale: ADAPTER.gguf[:SCALE]
+    /// (finite, |SCALE| <= 100; default 1). Repeatable.
     #[arg(long = "lora", value_name = "ADAPTER[:SCALE]")]
     lora: Vec<String>,
     /// The prompt.
@@ -28,16 +29,16 @@ pub struct RunArgs {
     /// Tokens to generate.
     #[arg(short = 'n', long, default_value_t = 64)]
     n: usize,
-    /// Temperature (0: greedy).
+    /// Temperature (0: greedy; finite, >= 0).
     #[arg(long, default_value_t = 0.0)]
     temp: f64,
     /// Top-k (0: off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    /// Top-p (1: off).
+    /// Top-p, in (0, 1] (1: off).
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
-    /// Repeat penalty (1: off).
+    /// Repeat penalty, finite and > 0 (1: off).
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
     /// Sampling seed.
@@ -49,12 +50,13 @@ pub struct RunArgs {
     /// cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// CPU threads (default: all cores).
+    /// CPU threads (default: all cores; at most 4 per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Context size for the KV cache.
-    #[arg(long, default_value_t = 2048)]
-    ctx: usize,
+    /// Context size for the KV cache (default: 2048, or the model's context
+    /// length if smaller; at most the model's context length).
+    #[arg(long)]
+    ctx: Option<usize>,
 }
 
 /// Parse --device.
@@ -73,9 +75,11 @@ pub fn device(spec: &str) -> Result<Device> {
     })
 }
 
-/// Set the CPU thread count before any work starts.
+/// Set the CPU thread count before any work starts (checked first: rayon
+/// would start every thread asked for).
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
+        check_threads(n)?;
         // candle's kernels size their work by RAYON_NUM_THREADS.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new()
@@ -86,7 +90,7 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Split "PATH[:SCALE]".
+/// Split "PATH[:SCALE]" (the scale is checked when the adapter is attached).
 pub fn lora_spec(spec: &str) -> Result<(PathBuf, f64)> {
     match spec.rsplit_once(':') {
         Some((p, s)) if s.parse::<f64>().is_ok() => Ok((PathBuf::from(p), s.parse()?)),
@@ -101,13 +105,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut model = Model::load(&args.model, &dev)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
-    for spec in &args.lora {
-        let (path, scale) = lora_spec(spec)?;
-        let adapter = LoraAdapter::load(&path)?;
-        model.attach(&adapter, scale)?;
-    }
-    let load = t0.elapsed();
-    let mut session = model.session(args.ctx)?;
     let sampler_config = SamplerConfig {
         temperature: args.temp,
         top_k: args.top_k,
@@ -115,7 +112,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
         repeat_penalty: args.repeat_penalty,
         seed: args.seed,
     };
-    let mut sampler = Sampler::new(sampler_config);
+    let mut sampler = Sampler::try_new(sampler_config)?;
+    for spec in &args.lora {
+        let (path, scale) = lora_spec(spec)?;
+        let adapter = LoraAdapter::load(&path)?;
+        model
+            .attach(&adapter, scale)
+            .with_context(|| format!("--lora {spec}"))?;
+    }
+    let load = t0.elapsed();
+    let ctx = args
+        .ctx
+        .unwrap_or_else(|| model.config.context_length.clamp(1, 2048));
+    let mut session = model.session(ctx).with_context(|| format!("--ctx {ctx}"))?;
     let turns: Vec<String> = match (&args.prompt, args.chat) {
         (Some(p), _) => vec![p.clone()],
         (None, true) => std::io::stdin()
@@ -134,6 +143,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
             turn
         };
         let ids = tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
+        if ids.is_empty() {
+            bail!("the prompt is empty (and the model adds no BOS token): give some text with -p");
+        }
+        let room = session.max_tokens() - session.position();
+        if ids.len() > room {
+            bail!(
+                "the prompt has {} tokens, but the context has room for {room} of its {} (--ctx)",
+                ids.len(),
+                session.max_tokens()
+            );
+        }
         if !args.chat {
             print!("{text}");
         }
@@ -150,11 +170,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
             },
         )?;
         println!();
+        if stats.context_full {
+            eprintln!(
+                "stopped after {} tokens: the context of {} positions is full (--ctx)",
+                stats.generated,
+                session.max_tokens()
+            );
+        }
         // Close the assistant's turn so the next one follows the template.
         if let (true, Some(end)) = (args.chat, tokenizer.chat_turn_end()) {
             let mut ids = tokenizer.encode(end).map_err(anyhow::Error::msg)?;
             if tokenizer.add_bos && tokenizer.bos.is_some() {
                 ids.remove(0);
+            }
+            if session.position() + ids.len() > session.max_tokens() {
+                bail!(
+                    "the conversation filled the context of {} positions (--ctx)",
+                    session.max_tokens()
+                );
             }
             session.forward(&ids, false)?;
         }

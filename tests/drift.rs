@@ -7,16 +7,22 @@ mod common;
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;
+use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::measure::DriftAccumulator;
-use lorafold_runtime::model::Model;
+use lorafold_runtime::model::{Model, SessionOptions};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut s = model.session(ids.len()).unwrap();
-    let l = s.forward(ids, true).unwrap();
-    (0..ids.len())
-        .map(|i| l.get(i).unwrap().to_vec1::<f32>().unwrap())
+    let mut s = model
+        .session_with(SessionOptions {
+            kv: KvType::F32,
+            ..SessionOptions::new(ids.len())
+        })
+        .unwrap();
+    let l = s.logits(ids, true).unwrap();
+    l.chunks_exact(model.config.vocab)
+        .map(<[f32]>::to_vec)
         .collect()
 }
 

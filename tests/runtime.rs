@@ -182,13 +182,13 @@ fn runtime_adapters_match_merged_files() {
     let d = max_abs_diff(&all_logits(&model, ids), &merged);
     eprintln!("pirate at scale 1 vs merged: {d:e}");
     assert!(d <= 1e-4, "pirate at scale 1 vs merged: {d}");
-    model.set_scale(slot, 0.0);
+    model.set_scale(slot, 0.0).unwrap();
     assert_eq!(
         all_logits(&model, ids),
         base_logits,
         "scale 0 is the base exactly"
     );
-    model.set_scale(slot, 1.0);
+    model.set_scale(slot, 1.0).unwrap();
     let chef = LoraAdapter::load(&f.chef_f32).unwrap();
     let chef_slot = model.attach(&chef, 1.0).unwrap();
     let both = all_logits(&Model::load(&f.both_merged_f32, &Device::Cpu).unwrap(), ids);

@@ -32,6 +32,42 @@ impl Default for SamplerConfig {
     }
 }
 
+impl SamplerConfig {
+    /// Refuse values that run to garbage: a NaN or infinite temperature or
+    /// penalty turns every probability into NaN, and top-p outside (0, 1]
+    /// keeps no token or means nothing.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let out = |name: &'static str, value: String, expected: &str| {
+            Err(RuntimeError::OutOfRange {
+                name,
+                value,
+                expected: expected.into(),
+            })
+        };
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return out(
+                "temperature",
+                t.to_string(),
+                "it must be finite and >= 0 (0: greedy)",
+            );
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return out("top-p", p.to_string(), "it must be in (0, 1] (1: off)");
+        }
+        let r = self.repeat_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return out(
+                "repeat penalty",
+                r.to_string(),
+                "it must be finite and > 0 (1: off)",
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Chooses tokens from logits; deterministic for a seed.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -40,7 +76,14 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// A sampler with its own seeded generator.
+    /// A sampler for a configuration checked with [`SamplerConfig::validate`].
+    pub fn try_new(config: SamplerConfig) -> Result<Sampler, RuntimeError> {
+        config.validate()?;
+        Ok(Sampler::new(config))
+    }
+
+    /// A sampler with its own seeded generator, for a configuration known to
+    /// be valid (such as the default); user input goes through [`Sampler::try_new`].
     pub fn new(config: SamplerConfig) -> Sampler {
         let state = config.seed ^ 0x9E37_79B9_7F4A_7C15;
         Sampler { config, state }
@@ -129,6 +172,8 @@ pub struct GenerationStats {
     pub time_to_first_token: Duration,
     /// Time of the decode steps after the first token.
     pub decode: Duration,
+    /// Generation stopped because the session's context was full.
+    pub context_full: bool,
 }
 
 impl GenerationStats {
@@ -186,6 +231,12 @@ pub fn generate(
             .any(|s| !s.is_empty() && text.ends_with(s.as_str()))
             || out.len() == max_new
         {
+            break;
+        }
+        // A full cache is the end of this generation, not an error: the
+        // caller says so and the tokens so far stand.
+        if session.position() >= session.max_tokens() {
+            stats.context_full = true;
             break;
         }
         let fresh = session.logits(&[next], false)?;

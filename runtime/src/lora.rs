@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 
 use crate::gguf::GgufFile;
 use crate::mapped;
-use crate::model::{Model, RuntimeError};
+use crate::model::{check_finite, Model, RuntimeError};
 
 /// One target's pair, ready to multiply: A^T [in, r] and B^T [r, out].
 #[derive(Debug, Clone)]
@@ -87,6 +87,12 @@ impl LoraAdapter {
             .map(|s| s.into_owned())
             .unwrap_or_default();
         let alpha = f.get_f64("adapter.lora.alpha").unwrap_or(0.0);
+        if !alpha.is_finite() {
+            return Err(RuntimeError::Model {
+                path: shown.clone(),
+                problem: format!("adapter.lora.alpha is {alpha}: not finite"),
+            });
+        }
         let cpu = Device::Cpu;
         let mut pairs = BTreeMap::new();
         for ta in f.tensors().iter().filter(|t| t.name.ends_with(".lora_a")) {
@@ -97,8 +103,16 @@ impl LoraAdapter {
             if ta.dims().len() != 2 || tb.dims().len() != 2 {
                 return Err(bad(&ta.name, "lora_a and lora_b must be 2-D".into()));
             }
+            if tb.dims()[0] == 0 {
+                return Err(bad(&tb.name, "rank 0: an adapter needs rank >= 1".into()));
+            }
             let a = mapped::qtensor(&file, ta, &cpu)?.dequantize(&cpu)?;
             let b = mapped::qtensor(&file, tb, &cpu)?.dequantize(&cpu)?;
+            // A NaN here turns every logit NaN, which sampling reads as token 0.
+            for (t, info) in [(&a, ta), (&b, tb)] {
+                check_finite(&t.flatten_all()?.to_vec1::<f32>()?)
+                    .map_err(|p| bad(&info.name, p))?;
+            }
             let embedding = target == "token_embd.weight";
             // ne [in, r] is torch [r, in]; the embedding's A is stored as
             // rows per token already (ne [r, vocab]).

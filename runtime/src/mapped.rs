@@ -173,8 +173,41 @@ pub fn qtensor(file: &Arc<GgufFile>, info: &TensorInfo, device: &Device) -> Resu
         };
         QTensor::new(QStorage::Cpu(Box::new(blocks)), shape)
     } else {
-        let data = std::borrow::Cow::Borrowed(file.tensor_data(info));
+        let data = Aligned::new(file.tensor_data(info));
+        let data = std::borrow::Cow::Borrowed(data.bytes());
         QTensor::new(QStorage::from_data(data, device, dtype)?, shape)
+    }
+}
+
+/// Bytes copied into memory aligned for any ggml block: candle asserts the
+/// alignment of the data it reads (a panic), and a GGUF's
+/// `general.alignment` may be as small as 1.
+struct Aligned {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(bytes: &[u8]) -> Aligned {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `words` holds at least bytes.len() bytes, and u64 has no
+        // invalid bit patterns.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words.as_mut_ptr() as *mut u8,
+                bytes.len(),
+            )
+        };
+        Aligned {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the words hold `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
     }
 }
 
@@ -195,6 +228,11 @@ pub fn small_tensor(
     let bytes = file
         .tensor_data_copy(info)
         .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.path())))?;
-    let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, dtype)?;
+    let bytes = Aligned::new(&bytes);
+    let storage = QStorage::from_data(
+        std::borrow::Cow::Borrowed(bytes.bytes()),
+        &Device::Cpu,
+        dtype,
+    )?;
     QTensor::new(storage, shape)?.dequantize(device)
 }

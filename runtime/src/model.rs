@@ -37,9 +37,79 @@ pub enum RuntimeError {
         /// what does not fit
         problem: String,
     },
+    /// A value the caller chose (adapter scale, context size, threads, a
+    /// sampling option) would run to garbage or exhaust the machine.
+    #[error("{name} {value} is out of range: {expected}")]
+    OutOfRange {
+        /// what the value is
+        name: &'static str,
+        /// the value as given
+        value: String,
+        /// the range it must lie in
+        expected: String,
+    },
     /// A tensor operation failed.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+/// Largest |scale| an adapter may be attached at: a LoRA delta scaled past
+/// this swamps the base weights, and llama.cpp's users stay within a few units.
+pub const MAX_ADAPTER_SCALE: f64 = 100.0;
+
+/// Threads allowed per core: beyond a few per core a session only thrashes
+/// (10,000 threads gave no token in two minutes on two cores).
+pub const THREADS_PER_CORE: usize = 4;
+
+fn out_of_range(
+    name: &'static str,
+    value: impl std::fmt::Display,
+    expected: String,
+) -> RuntimeError {
+    RuntimeError::OutOfRange {
+        name,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+/// Whether every value is finite; else which one is not, for an error that
+/// names the tensor. The one check for adapters, norms and biases.
+pub(crate) fn check_finite(values: &[f32]) -> Result<(), String> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "value {i} of {} is {}: not finite",
+            values.len(),
+            values[i]
+        )),
+    }
+}
+
+/// Check an adapter's user scale: finite, |scale| <= [`MAX_ADAPTER_SCALE`].
+pub fn check_scale(scale: f64) -> Result<(), RuntimeError> {
+    if scale.is_finite() && scale.abs() <= MAX_ADAPTER_SCALE {
+        return Ok(());
+    }
+    Err(out_of_range(
+        "adapter scale",
+        scale,
+        format!("it must be finite, between -{MAX_ADAPTER_SCALE} and {MAX_ADAPTER_SCALE}"),
+    ))
+}
+
+/// Check a CPU thread count: at least 1, at most [`THREADS_PER_CORE`] per core.
+pub fn check_threads(threads: usize) -> Result<usize, RuntimeError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = THREADS_PER_CORE * cores;
+    if (1..=max).contains(&threads) {
+        return Ok(threads);
+    }
+    Err(out_of_range(
+        "threads",
+        threads,
+        format!("between 1 and {max} ({THREADS_PER_CORE} per core, {cores} cores)"),
+    ))
 }
 
 /// Hyperparameters read from `<arch>.*`.
@@ -99,6 +169,18 @@ impl ModelConfig {
             f.get_u64(&format!("{arch_name}.{k}"))
                 .ok_or_else(|| model_err(f, format!("missing {arch_name}.{k}")))
         };
+        // A NaN or non-positive epsilon or RoPE base makes every logit NaN.
+        let positive = |k: &str, default: f64| -> Result<f64, RuntimeError> {
+            let full = format!("{arch_name}.{k}");
+            match f.get_f64(&full) {
+                None => Ok(default),
+                Some(v) if v.is_finite() && v > 0.0 => Ok(v),
+                Some(v) => Err(model_err(
+                    f,
+                    format!("{full} is {v}: it must be finite and > 0"),
+                )),
+            }
+        };
         let dim = key("embedding_length")? as usize;
         let n_head = key("attention.head_count")? as usize;
         let head_dim = f
@@ -119,12 +201,8 @@ impl ModelConfig {
             head_dim,
             ffn: key("feed_forward_length")? as usize,
             context_length: key("context_length")? as usize,
-            rope_base: f
-                .get_f64(&format!("{arch_name}.rope.freq_base"))
-                .unwrap_or(10000.0) as f32,
-            rms_eps: f
-                .get_f64(&format!("{arch_name}.attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
+            rope_base: positive("rope.freq_base", 10000.0)? as f32,
+            rms_eps: positive("attention.layer_norm_rms_epsilon", 1e-5)?,
             vocab,
         };
         // Hostile or broken hyperparameters must be errors, not divisions by zero.
@@ -162,7 +240,74 @@ impl ModelConfig {
                 ),
             ));
         }
+        config.check_against_tensors(f, &arch_name)?;
         Ok(config)
+    }
+
+    /// Check the sizes the loader and sessions allocate by against the
+    /// tensors actually present, so a hostile count (block_count 2^40) is an
+    /// error naming its key before anything is allocated by it.
+    fn check_against_tensors(&self, f: &GgufFile, arch: &str) -> Result<(), RuntimeError> {
+        // Each block has at least 9 tensors: a count past that cannot be
+        // real, and the search for a missing block stops there.
+        let blocks_possible = f.tensors().len() / 9;
+        if let Some(missing) = (0..self.n_layers.min(blocks_possible + 1))
+            .map(|i| format!("blk.{i}.attn_q.weight"))
+            .find(|name| f.tensor(name).is_none())
+        {
+            return Err(model_err(
+                f,
+                format!(
+                    "{arch}.block_count is {}, but tensor '{missing}' is missing",
+                    self.n_layers
+                ),
+            ));
+        }
+        if self.n_layers > blocks_possible {
+            return Err(model_err(
+                f,
+                format!(
+                    "{arch}.block_count {} is more than the {} tensors can hold ({blocks_possible} blocks at most)",
+                    self.n_layers,
+                    f.tensors().len()
+                ),
+            ));
+        }
+        let heads = |count: usize, count_key: &str, tensor: &str| {
+            let rows = f.tensor(tensor).and_then(|t| t.dims().get(1).copied());
+            let want = count.checked_mul(self.head_dim).map(|n| n as u64);
+            if want.is_none() || rows.is_some_and(|r| Some(r) != want) {
+                return Err(model_err(
+                    f,
+                    format!(
+                        "{arch}.{count_key} {count} x head width {} ({arch}.attention.key_length, or embedding_length / head_count) does not match tensor '{tensor}' ({} rows)",
+                        self.head_dim,
+                        rows.map_or("no".into(), |r| r.to_string())
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        heads(self.n_head, "attention.head_count", "blk.0.attn_q.weight")?;
+        heads(
+            self.n_head_kv,
+            "attention.head_count_kv",
+            "blk.0.attn_k.weight",
+        )?;
+        let gate = f
+            .tensor("blk.0.ffn_gate.weight")
+            .and_then(|t| t.dims().get(1).copied());
+        if gate.is_some_and(|g| g != self.ffn as u64) {
+            return Err(model_err(
+                f,
+                format!(
+                    "{arch}.feed_forward_length {} does not match tensor 'blk.0.ffn_gate.weight' ({} rows)",
+                    self.ffn,
+                    gate.unwrap_or(0)
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -293,6 +438,7 @@ impl Model {
             }
             Backend::Candle => ModelWeights::Candle(CandleWeights::load(&file, &config, device)?),
         };
+        check_small_tensors(&file, &config, rope_freqs.as_deref())?;
         Ok(Model {
             weights,
             rope_freqs,
@@ -327,6 +473,7 @@ impl Model {
         adapter: &crate::lora::LoraAdapter,
         scale: f64,
     ) -> Result<usize, RuntimeError> {
+        check_scale(scale)?;
         adapter.check_fits(self)?;
         let slot = self.scales.len();
         match &mut self.weights {
@@ -360,11 +507,13 @@ impl Model {
         Ok(slot)
     }
 
-    /// Change an attached adapter's scale.
-    pub fn set_scale(&mut self, slot: usize, scale: f64) {
+    /// Change an attached adapter's scale (checked as [`check_scale`] does).
+    pub fn set_scale(&mut self, slot: usize, scale: f64) -> Result<(), RuntimeError> {
+        check_scale(scale)?;
         if let Some(s) = self.scales.get_mut(slot).filter(|s| s.is_some()) {
             *s = Some(scale);
         }
+        Ok(())
     }
 
     /// Detach an adapter; the base weights were never touched.
@@ -421,14 +570,16 @@ impl Model {
 
     /// A fresh session.
     pub fn session_with(&self, opts: SessionOptions) -> Result<Session<'_>, RuntimeError> {
-        let max = opts.max_tokens.max(1);
+        let max = opts.max_tokens;
+        let threads = opts.threads.unwrap_or_else(default_threads);
+        self.check_session(max, threads, opts.kv)?;
         let inner = match &self.weights {
             ModelWeights::Engine(w) => SessionKind::Engine(CpuSession::new(
                 w,
                 &self.config,
                 self.rope_freqs.as_deref(),
                 max,
-                opts.threads.unwrap_or_else(default_threads),
+                threads,
                 opts.kv,
             )),
             ModelWeights::Candle(_) => SessionKind::Candle(CandleSession::new(
@@ -446,6 +597,85 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Refuse sessions that cannot work: no context, more memory than the
+    /// machine has (checked before allocating), or threads far past the cores.
+    fn check_session(&self, max: usize, threads: usize, kv: KvType) -> Result<(), RuntimeError> {
+        let err = |problem: String| Err(model_err(&self.file, problem));
+        if max == 0 {
+            return err("a context of 0 tokens holds nothing; give at least 1".into());
+        }
+        let c = &self.config;
+        // Past the training context RoPE positions are out of distribution
+        // and the output degrades; a hostile --ctx is refused here too.
+        if max > c.context_length {
+            return err(format!(
+                "a context of {max} tokens is more than {}.context_length {}",
+                c.arch.gguf_name(),
+                c.context_length
+            ));
+        }
+        check_threads(threads)?;
+        let elem = match (self.backend(), kv) {
+            (Backend::Engine, KvType::F16) => 2,
+            _ => 4,
+        };
+        // Keys and values, plus RoPE tables and per-thread scores.
+        let bytes = [c.n_layers, c.n_head_kv, c.head_dim, 2 * elem]
+            .into_iter()
+            .try_fold(max, usize::checked_mul)
+            .and_then(|kv| kv.checked_add(max.checked_mul(4 * (c.head_dim + threads))?));
+        match (bytes, physical_memory()) {
+            (None, _) => err(format!("a context of {max} tokens does not fit in memory")),
+            (Some(b), Some(total)) if b as u64 > total => err(format!(
+                "a context of {max} tokens needs {:.1} GiB of KV cache; this machine has {:.1} GiB",
+                b as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Refuse NaN or infinite values in the model's small tensors (norms,
+/// biases, RoPE factors): one of them turns every logit into NaN. The
+/// quantized matrices are not scanned: reading every weight would cost the
+/// load time that the memory map saves.
+fn check_small_tensors(
+    file: &GgufFile,
+    c: &ModelConfig,
+    rope_freqs: Option<&[f32]>,
+) -> Result<(), RuntimeError> {
+    let bad =
+        |tensor: &str, problem: String| model_err(file, format!("tensor '{tensor}': {problem}"));
+    if let Some(r) = rope_freqs {
+        check_finite(r).map_err(|p| bad("rope_freqs.weight", p))?;
+    }
+    // The loader checked the dims of every tensor it uses; this bound keeps
+    // a huge unused one from being copied.
+    let widest = [c.dim, c.ffn, c.vocab, c.n_head * c.head_dim]
+        .into_iter()
+        .max()
+        .unwrap_or(0) as u64;
+    for t in file.tensors() {
+        let small = t.dims().len() == 1 && t.n_elements() <= widest;
+        if small && (t.name.ends_with("_norm.weight") || t.name.ends_with(".bias")) {
+            let v = mapped::small_tensor(file, t, &Device::Cpu)?.to_vec1::<f32>()?;
+            check_finite(&v).map_err(|p| bad(&t.name, p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Physical memory in bytes, where the OS says (Linux's /proc/meminfo).
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+// One session per conversation, so its size is of no account.
+#[allow(clippy::large_enum_variant)]
 enum SessionKind<'m> {
     Engine(CpuSession<'m>),
     Candle(CandleSession),
@@ -493,10 +723,10 @@ impl Session<'_> {
             path: m.file.path().to_string(),
             problem,
         };
-        match &mut self.inner {
+        let logits = match &mut self.inner {
             SessionKind::Engine(s) => s
                 .forward(tokens, all, &m.scales)
-                .map_err(|e| err(e.to_string())),
+                .map_err(|e| err(e.to_string()))?,
             SessionKind::Candle(s) => {
                 check_tokens(tokens, s.position(), s.max_tokens(), m.config.vocab)
                     .map_err(|e| err(e.to_string()))?;
@@ -505,9 +735,18 @@ impl Session<'_> {
                 };
                 let t = s.forward(w, &m.config, &m.scales, tokens, all)?;
                 self.logits = t.flatten_all()?.to_vec1::<f32>()?;
-                Ok(&self.logits)
+                &self.logits
             }
-        }
+        };
+        // The big matrices are not scanned at load (that would cost the load
+        // time the map saves), so a NaN weight shows here: an error, where
+        // sampling would read NaN logits as token 0 and print `<unk>`.
+        check_finite(logits).map_err(|p| {
+            err(format!(
+                "the logits are not finite ({p}): the model or an adapter holds NaN or infinite weights"
+            ))
+        })?;
+        Ok(logits)
     }
 
     /// [`Session::logits`] as a `[n, vocab]` tensor on the CPU.

@@ -86,6 +86,18 @@ impl Tokenizer {
                 types.len()
             )));
         }
+        // An id past the embedding's rows would fail in the middle of a run.
+        if let Some(rows) = file
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims().get(1).copied())
+        {
+            if tokens.len() as u64 > rows {
+                return Err(err(format!(
+                    "{} tokens but tensor 'token_embd.weight' has {rows} rows",
+                    tokens.len()
+                )));
+            }
+        }
         let inner = match model.as_ref() {
             "gpt2" => Backend::Bpe(Box::new(bpe(file, &tokens, &types).map_err(err)?)),
             "llama" => {
@@ -105,6 +117,15 @@ impl Tokenizer {
                 )))
             }
         };
+        for k in ["bos", "eos", "eot", "eom"] {
+            let key = format!("tokenizer.ggml.{k}_token_id");
+            if let Some(v) = file.get_u64(&key).filter(|&v| v >= tokens.len() as u64) {
+                return Err(err(format!(
+                    "{key} {v} is not one of the {} tokens",
+                    tokens.len()
+                )));
+            }
+        }
         let id = |k: &str| {
             file.get_u64(&format!("tokenizer.ggml.{k}_token_id"))
                 .map(|v| v as u32)

@@ -198,7 +198,7 @@ mod tests {
             for i in 0..n {
                 let r = share(len, align, i, n);
                 assert_eq!(r.start, next);
-                assert!(r.start == len || r.start % align == 0);
+                assert!(r.start == len || r.start.is_multiple_of(align));
                 next = r.end;
             }
             assert_eq!(next, len);
