@@ -44,10 +44,36 @@ fn smollm2_tokenizer_round_trips_through_tokenizer_json() {
         "model": {"type": "BPE", "vocab": vocab, "merges": merges, "byte_fallback": false},
     });
     let dir = tempfile::tempdir().unwrap();
+    // tiny-llama's weights, the embedding and head grown to SmolLM2's
+    // vocabulary: every token id must have an embedding row.
     let tiny = common::shared_data().join("tiny-llama/base");
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(tiny.join(f), dir.path().join(f)).unwrap();
-    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = tokens.len().into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(tiny.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let mut shape = v.shape().to_vec();
+            let mut data = v.data().to_vec();
+            if k == "model.embed_tokens.weight" || k == "lm_head.weight" {
+                data.resize(data.len() / shape[0] * tokens.len(), 0);
+                shape[0] = tokens.len();
+            }
+            (k, shape, data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, s, d)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d);
+            (k.clone(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
     let tc = json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
                     "unk_token": "<|endoftext|>", "add_bos_token": false, "chat_template": template});
@@ -81,5 +107,5 @@ fn smollm2_tokenizer_round_trips_through_tokenizer_json() {
         ours.get("tokenizer.ggml.pre"),
         Some(MetadataValue::from("smollm"))
     );
-    assert_eq!(ours.get_u64("llama.vocab_size"), Some(384));
+    assert_eq!(ours.get_u64("llama.vocab_size"), Some(tokens.len() as u64));
 }

@@ -7,6 +7,7 @@ use lorafold_runtime::gguf::{GgmlType, MetadataValue};
 use serde::Serialize;
 
 use crate::base::{permute_rows, BaseModel};
+use crate::error::check_finite;
 use crate::gguf_writer::{GgufStream, GgufWriter, WriteError};
 use crate::merge::{MergePlan, TensorEdit};
 use crate::peft::{ModuleKind, PeftAdapter, PeftError};
@@ -99,7 +100,15 @@ pub fn lora_pair(
     let b: Vec<f32> = if b_factor == 1.0 {
         b
     } else {
-        b.iter().map(|&x| (x as f64 * b_factor) as f32).collect()
+        let folded: Vec<f32> = b.iter().map(|&x| (x as f64 * b_factor) as f32).collect();
+        check_finite(&folded).map_err(|found| PeftError::Tensor {
+            path: adapter.tensors_path.clone(),
+            tensor: m.key_b.clone(),
+            problem: format!(
+                "folding the scale factor {b_factor} into lora_B overflows f32: {found}"
+            ),
+        })?;
+        folded
     };
     Ok(match m.kind {
         ModuleKind::Linear => LoraPair {
@@ -178,8 +187,14 @@ pub fn write_adapter_gguf(
     let mut pairs = Vec::new();
     for (name, e) in plan.edits.iter().filter(|(_, e)| e.lora.is_some()) {
         let m = &e.lora.as_ref().unwrap().module;
-        // llama.cpp scales by alpha / rank; fold rsLoRA and alpha_pattern into B.
-        let b_factor = m.scale / (alpha / m.rank as f64);
+        // llama.cpp scales by alpha / rank (by 1 when alpha is 0); fold rsLoRA
+        // and alpha_pattern into B.
+        let file_scale = if alpha != 0.0 {
+            alpha / m.rank as f64
+        } else {
+            1.0
+        };
+        let b_factor = m.scale / file_scale;
         let b_factor = if (b_factor - 1.0).abs() < 1e-12 {
             1.0
         } else {

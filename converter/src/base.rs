@@ -1,6 +1,7 @@
 //! Base models: a GGUF file (any type candle can dequantize) or a Hugging Face
 //! folder (config.json + safetensors), seen as GGUF-named f32 tensors.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use lorafold_runtime::arch::{qk_permutation, Architecture};
@@ -9,6 +10,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+use crate::error::check_finite;
 use crate::hf_tokenizer;
 use crate::quant;
 use crate::safetensors_dir::{map_safetensors, model_files};
@@ -127,6 +129,31 @@ impl BaseModel {
     /// The tensor's values as f32, row-major in GGUF order (dequantized,
     /// widened, and for HF q/k permuted as llama.cpp does).
     pub fn values(&self, t: &BaseTensor) -> Result<Vec<f32>, BaseError> {
+        let values = self.read(t)?;
+        check_finite(&values).map_err(|found| {
+            let (path, tensor) = self.origin(t);
+            BaseError::NonFinite {
+                path,
+                tensor,
+                found,
+            }
+        })?;
+        Ok(values)
+    }
+
+    /// The file a tensor comes from and its name there.
+    fn origin(&self, t: &BaseTensor) -> (PathBuf, String) {
+        match (&t.source, &self.storage) {
+            (Source::Hf { file, key, .. }, Storage::Hf { files, .. }) => {
+                (files[*file].clone(), key.clone())
+            }
+            // Computed tensors come from config.json.
+            (Source::Computed(_), _) => (self.path.join("config.json"), t.name.clone()),
+            _ => (self.path.clone(), t.name.clone()),
+        }
+    }
+
+    fn read(&self, t: &BaseTensor) -> Result<Vec<f32>, BaseError> {
         match (&t.source, &self.storage) {
             (Source::Computed(v), _) => Ok(v.clone()),
             (Source::Gguf { index }, Storage::Gguf(f)) => {
@@ -237,6 +264,13 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
     };
     let mut tensors = Vec::new();
     for (index, t) in f.tensors().iter().enumerate() {
+        if t.dims().is_empty() || t.dims().contains(&0) {
+            return Err(bad(format!(
+                "tensor '{}': dims {:?}: a weight needs at least one dimension and none of length 0",
+                t.name,
+                t.dims()
+            )));
+        }
         if t.ggml_type.to_candle().is_none() {
             return Err(bad(format!(
                 "tensor '{}': ggml type {} cannot be dequantized",
@@ -256,6 +290,39 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
             shape.n_head, shape.n_head_kv
         )));
     }
+    let hidden = key("embedding_length")?;
+    let vocab = f
+        .get_u64(&format!("{arch_name}.vocab_size"))
+        .or_else(|| {
+            f.tensor("token_embd.weight")
+                .and_then(|t| t.dims().get(1).copied())
+        })
+        .unwrap_or(0);
+    let named = |k: &str| format!("{arch_name}.{k}");
+    let hyper = Hyperparameters {
+        values: [
+            shape.n_layers as u64,
+            hidden,
+            n_head as u64,
+            shape.n_head_kv as u64,
+            f.get_u64(&named("attention.key_length"))
+                .unwrap_or(hidden / n_head as u64),
+            key("feed_forward_length")?,
+            vocab,
+        ],
+        names: [
+            named("block_count"),
+            named("embedding_length"),
+            named("attention.head_count"),
+            named("attention.head_count_kv"),
+            named("attention.key_length"),
+            named("feed_forward_length"),
+            named("vocab_size"),
+        ],
+    };
+    hyper
+        .check(&tensors, |n| n.to_string(), ShapeOrder::Ggml)
+        .map_err(bad)?;
     let tied_embeddings = f.tensor("output.weight").is_none();
     Ok(BaseModel {
         path: path.to_path_buf(),
@@ -283,19 +350,209 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let part = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
+    let (part, _) = LAYER_PARTS.iter().find(|(_, hf)| *hf == module)?;
     matches!(suffix, "weight" | "bias").then(|| format!("blk.{layer}.{part}.{suffix}"))
+}
+
+/// GGUF tensor name -> HF tensor name, the inverse of [`hf_to_gguf_name`].
+pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let mut it = gguf.strip_prefix("blk.")?.splitn(3, '.');
+    let (layer, part, suffix) = (it.next()?, it.next()?, it.next()?);
+    let (_, module) = LAYER_PARTS.iter().find(|(p, _)| *p == part)?;
+    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+/// The tensors of every block: llama.cpp's name and the HF module, in llama.cpp's order.
+const LAYER_PARTS: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// A hyperparameter that tensor shapes follow from.
+#[derive(Debug, Clone, Copy)]
+enum Setting {
+    Layers,
+    Hidden,
+    Heads,
+    KvHeads,
+    HeadDim,
+    Ffn,
+    Vocab,
+}
+
+/// How shapes are shown in errors: torch order for HF files, ggml's ne for GGUF.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ShapeOrder {
+    Torch,
+    Ggml,
+}
+
+/// The hyperparameters of a llama-family model, with the names its file gives them.
+struct Hyperparameters {
+    values: [u64; 7],
+    names: [String; 7],
+}
+
+impl Hyperparameters {
+    fn get(&self, s: Setting) -> u64 {
+        self.values[s as usize]
+    }
+
+    /// "'hidden_size' 8 and 'head_dim' 4", for errors.
+    fn describe(&self, settings: &[Setting]) -> String {
+        settings
+            .iter()
+            .map(|&s| format!("'{}' {}", self.names[s as usize], self.get(s)))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+
+    /// The ggml dims (ne) of GGUF tensor `name` and the settings that give
+    /// them, for the tensors whose shape the hyperparameters fix.
+    fn expected(&self, name: &str) -> Option<(Vec<u64>, Vec<Setting>)> {
+        use Setting::*;
+        let h = self.get(Hidden);
+        let q = self.get(Heads).saturating_mul(self.get(HeadDim));
+        let kv = self.get(KvHeads).saturating_mul(self.get(HeadDim));
+        let f = self.get(Ffn);
+        let (dims, settings) = match name {
+            "token_embd.weight" | "output.weight" => {
+                (vec![h, self.get(Vocab)], vec![Hidden, Vocab])
+            }
+            "output_norm.weight" => (vec![h], vec![Hidden]),
+            "rope_freqs.weight" => (vec![self.get(HeadDim) / 2], vec![HeadDim]),
+            _ => {
+                let mut it = name.strip_prefix("blk.")?.splitn(3, '.');
+                let (_, part, suffix) = (it.next()?, it.next()?, it.next()?);
+                let (dims, settings) = match part {
+                    "attn_norm" | "ffn_norm" => (vec![h], vec![Hidden]),
+                    "attn_q" => (vec![h, q], vec![Hidden, Heads, HeadDim]),
+                    "attn_k" | "attn_v" => (vec![h, kv], vec![Hidden, KvHeads, HeadDim]),
+                    "attn_output" => (vec![q, h], vec![Heads, HeadDim, Hidden]),
+                    "ffn_gate" | "ffn_up" => (vec![h, f], vec![Hidden, Ffn]),
+                    "ffn_down" => (vec![f, h], vec![Ffn, Hidden]),
+                    _ => return None,
+                };
+                match suffix {
+                    "weight" => (dims, settings),
+                    // A bias has one value per output row.
+                    "bias" => (dims[dims.len() - 1..].to_vec(), settings),
+                    _ => return None,
+                }
+            }
+        };
+        Some((dims, settings))
+    }
+
+    /// Every tensor has the shape these hyperparameters give it, every block
+    /// 0..layers has all its tensors, and no tensor lies beyond the last
+    /// block. `shown` turns a GGUF name into the file's own name for errors.
+    fn check(
+        &self,
+        tensors: &[BaseTensor],
+        shown: impl Fn(&str) -> String,
+        order: ShapeOrder,
+    ) -> Result<(), String> {
+        let layers = self.get(Setting::Layers);
+        let show_dims = |d: &[u64]| -> Vec<u64> {
+            match order {
+                ShapeOrder::Torch => d.iter().rev().copied().collect(),
+                ShapeOrder::Ggml => d.to_vec(),
+            }
+        };
+        let by_name: HashMap<&str, &BaseTensor> =
+            tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        for t in tensors {
+            let layer = t
+                .name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<u64>().ok());
+            if let Some(l) = layer.filter(|&l| l >= layers) {
+                return Err(format!(
+                    "tensor '{}' is in layer {l}, but {} leaves layers 0..{layers} only",
+                    shown(&t.name),
+                    self.describe(&[Setting::Layers])
+                ));
+            }
+            if let Some((want, settings)) = self.expected(&t.name) {
+                if t.dims != want {
+                    return Err(format!(
+                        "tensor '{}' has shape {:?}, but {} give it {:?}",
+                        shown(&t.name),
+                        show_dims(&t.dims),
+                        self.describe(&settings),
+                        show_dims(&want)
+                    ));
+                }
+            }
+        }
+        let required = ["token_embd.weight", "output_norm.weight"]
+            .into_iter()
+            .map(str::to_string);
+        // Stops at the first gap, so a huge layer count costs no more than the
+        // tensors present.
+        let per_layer = (0..layers).flat_map(|l| {
+            LAYER_PARTS
+                .iter()
+                .map(move |(part, _)| format!("blk.{l}.{part}.weight"))
+        });
+        for name in required.chain(per_layer) {
+            if !by_name.contains_key(name.as_str()) {
+                return Err(format!(
+                    "tensor '{}' is missing ({} needs it)",
+                    shown(&name),
+                    self.describe(&[Setting::Layers])
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A count in config.json (layers, heads, widths): a positive integer that
+/// fits the u32 GGUF stores it in. `default` is used only when the key is absent.
+fn config_count(cfg: &Value, key: &str, default: Option<u64>) -> Result<u64, String> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => default.ok_or_else(|| format!("'{key}' is missing")),
+        Some(v) => match v.as_u64() {
+            Some(0) => Err(format!("'{key}' is 0; it must be positive")),
+            Some(n) if n > u32::MAX as u64 => Err(format!(
+                "'{key}' is {n}, beyond {} (GGUF stores it as u32)",
+                u32::MAX
+            )),
+            Some(n) => Ok(n),
+            None => Err(format!("'{key}' is {v}, not a positive integer")),
+        },
+    }
+}
+
+/// A positive real in config.json (epsilon, RoPE base, scaling factor), finite
+/// and non-zero also as the f32 GGUF stores. `default` is used only when absent.
+fn config_positive(value: Option<&Value>, key: &str, default: f64) -> Result<f64, String> {
+    match value {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_f64() {
+            Some(x) if x > 0.0 && (x as f32).is_finite() && (x as f32) > 0.0 => Ok(x),
+            _ => Err(format!("'{key}' is {v}, not a positive finite number")),
+        },
+    }
 }
 
 fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
@@ -320,32 +577,34 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
             )))
         }
     };
-    let u = |k: &str| {
-        cfg.get(k)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad(format!("missing or invalid '{k}'")))
-    };
-    let hidden = u("hidden_size")?;
-    let n_head = u("num_attention_heads")?;
-    let n_head_kv = cfg
-        .get("num_key_value_heads")
-        .and_then(Value::as_u64)
-        .unwrap_or(n_head);
-    let n_layers = u("num_hidden_layers")?;
-    if n_head == 0 || n_head_kv == 0 {
+    let count = |k: &str, default: Option<u64>| config_count(&cfg, k, default).map_err(bad);
+    let hidden = count("hidden_size", None)?;
+    let n_head = count("num_attention_heads", None)?;
+    let n_head_kv = count("num_key_value_heads", Some(n_head))?;
+    let n_layers = count("num_hidden_layers", None)?;
+    let ffn = count("intermediate_size", None)?;
+    let vocab = count("vocab_size", None)?;
+    let context = count("max_position_embeddings", Some(2048))?;
+    if n_head % n_head_kv != 0 {
         return Err(bad(format!(
-            "{n_head} attention heads and {n_head_kv} key/value heads cannot be right"
+            "'num_attention_heads' {n_head} is not a multiple of 'num_key_value_heads' {n_head_kv}"
         )));
     }
-    let head_dim = cfg
-        .get("head_dim")
-        .and_then(Value::as_u64)
-        .unwrap_or(hidden / n_head);
-    let rope_theta = cfg
-        .get("rope_theta")
-        .or_else(|| cfg.pointer("/rope_parameters/rope_theta"))
-        .and_then(Value::as_f64)
-        .unwrap_or(10000.0);
+    if cfg.get("head_dim").is_none_or(Value::is_null) && hidden % n_head != 0 {
+        return Err(bad(format!(
+            "'hidden_size' {hidden} is not a multiple of 'num_attention_heads' {n_head}, and there is no 'head_dim'"
+        )));
+    }
+    let head_dim = count("head_dim", Some(hidden / n_head))?;
+    let rope_theta = config_positive(
+        cfg.get("rope_theta")
+            .or_else(|| cfg.pointer("/rope_parameters/rope_theta")),
+        "rope_theta",
+        10000.0,
+    )
+    .map_err(bad)?;
+    let rms_norm_eps =
+        config_positive(cfg.get("rms_norm_eps"), "rms_norm_eps", 1e-6).map_err(bad)?;
     let rope_scaling = cfg
         .get("rope_scaling")
         .filter(|v| !v.is_null())
@@ -354,12 +613,18 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let tied = cfg
-        .get("tie_word_embeddings")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let tied = match cfg.get("tie_word_embeddings") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(bad(format!(
+                "'tie_word_embeddings' is {v}, not true or false"
+            )))
+        }
+    };
 
     let a = arch.gguf_name();
+    let u32_md = |n: u64| MetadataValue::U32(n as u32); // every count is checked to fit
     let mut metadata: Vec<(String, MetadataValue<'static>)> = vec![
         ("general.architecture".into(), MetadataValue::string(a)),
         ("general.type".into(), MetadataValue::string("model")),
@@ -370,73 +635,37 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
                     .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
             ),
         ),
-        (
-            format!("{a}.block_count"),
-            MetadataValue::U32(n_layers as u32),
-        ),
-        (
-            format!("{a}.context_length"),
-            MetadataValue::U32(
-                cfg.get("max_position_embeddings")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(2048) as u32,
-            ),
-        ),
-        (
-            format!("{a}.embedding_length"),
-            MetadataValue::U32(hidden as u32),
-        ),
-        (
-            format!("{a}.feed_forward_length"),
-            MetadataValue::U32(u("intermediate_size")? as u32),
-        ),
-        (
-            format!("{a}.attention.head_count"),
-            MetadataValue::U32(n_head as u32),
-        ),
-        (
-            format!("{a}.attention.head_count_kv"),
-            MetadataValue::U32(n_head_kv as u32),
-        ),
+        (format!("{a}.block_count"), u32_md(n_layers)),
+        (format!("{a}.context_length"), u32_md(context)),
+        (format!("{a}.embedding_length"), u32_md(hidden)),
+        (format!("{a}.feed_forward_length"), u32_md(ffn)),
+        (format!("{a}.attention.head_count"), u32_md(n_head)),
+        (format!("{a}.attention.head_count_kv"), u32_md(n_head_kv)),
         (
             format!("{a}.rope.freq_base"),
             MetadataValue::F32(rope_theta as f32),
         ),
         (
             format!("{a}.attention.layer_norm_rms_epsilon"),
-            MetadataValue::F32(
-                cfg.get("rms_norm_eps")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(1e-6) as f32,
-            ),
+            MetadataValue::F32(rms_norm_eps as f32),
         ),
-        (
-            format!("{a}.rope.dimension_count"),
-            MetadataValue::U32(head_dim as u32),
-        ),
-        (
-            format!("{a}.vocab_size"),
-            MetadataValue::U32(u("vocab_size")? as u32),
-        ),
+        (format!("{a}.rope.dimension_count"), u32_md(head_dim)),
+        (format!("{a}.vocab_size"), u32_md(vocab)),
     ];
     if head_dim != hidden / n_head {
-        metadata.push((
-            format!("{a}.attention.key_length"),
-            MetadataValue::U32(head_dim as u32),
-        ));
-        metadata.push((
-            format!("{a}.attention.value_length"),
-            MetadataValue::U32(head_dim as u32),
-        ));
+        metadata.push((format!("{a}.attention.key_length"), u32_md(head_dim)));
+        metadata.push((format!("{a}.attention.value_length"), u32_md(head_dim)));
     }
     let mut computed = Vec::new();
     match rope_type {
         "default" => {}
         "linear" => {
-            let factor = rope_scaling
-                .and_then(|r| r.get("factor"))
-                .and_then(Value::as_f64)
-                .unwrap_or(1.0);
+            let factor = config_positive(
+                rope_scaling.and_then(|r| r.get("factor")),
+                "rope_scaling.factor",
+                1.0,
+            )
+            .map_err(bad)?;
             metadata.push((
                 format!("{a}.rope.scaling.type"),
                 MetadataValue::string("linear"),
@@ -457,28 +686,10 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         }
     }
 
-    let mut notes = Vec::new();
-    match hf_tokenizer::gguf_metadata(dir) {
-        Ok(Some(tok)) => metadata.extend(tok),
-        Ok(None) => notes.push(format!(
-            "{}: no tokenizer.json; the output carries no tokenizer and llama.cpp cannot run it",
-            dir.display()
-        )),
-        Err(hf_tokenizer::TokenizerError::Unsupported(why)) => notes.push(format!(
-            "{}: {why}; the output carries no tokenizer",
-            dir.join("tokenizer.json").display()
-        )),
-        Err(e) => {
-            return Err(BaseError::Invalid {
-                path: dir.join("tokenizer.json"),
-                problem: e.to_string(),
-            })
-        }
-    }
-
     let files = model_files(dir)?;
     let mut maps = Vec::new();
     let mut found: Vec<(String, BaseTensor)> = Vec::new();
+    let mut tensor_notes = Vec::new();
     for (fi, file) in files.iter().enumerate() {
         let map = map_safetensors(file)?;
         let st = SafeTensors::deserialize(&map).expect("checked by map_safetensors");
@@ -490,7 +701,7 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
                 continue;
             }
             if tied && key == "lm_head.weight" {
-                notes.push(format!("{key} skipped: tie_word_embeddings is set"));
+                tensor_notes.push(format!("{key} skipped: tie_word_embeddings is set"));
                 continue;
             }
             let name = hf_to_gguf_name(key).ok_or_else(|| BaseError::Invalid {
@@ -518,6 +729,15 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
                 None
             };
             let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
+            if dims.is_empty() || dims.contains(&0) {
+                return Err(BaseError::Invalid {
+                    path: file.clone(),
+                    problem: format!(
+                        "tensor '{key}': shape {:?}: a weight needs at least one dimension and none of length 0",
+                        view.shape()
+                    ),
+                });
+            }
             if let Some(h) = permute_heads {
                 let rows = dims.get(1).copied().unwrap_or(dims[0]);
                 if rows % (2 * h as u64) != 0 {
@@ -554,6 +774,48 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     }
     found.sort_by_key(|(n, _)| gguf_order(n));
     let tensors: Vec<BaseTensor> = found.into_iter().map(|(_, t)| t).collect();
+    let hyper = Hyperparameters {
+        values: [n_layers, hidden, n_head, n_head_kv, head_dim, ffn, vocab],
+        names: [
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        ]
+        .map(str::to_string),
+    };
+    hyper
+        .check(
+            &tensors,
+            |n| gguf_to_hf_name(n).unwrap_or_else(|| n.to_string()),
+            ShapeOrder::Torch,
+        )
+        .map_err(bad)?;
+
+    // The tokenizer is read only now that vocab_size is known to match the
+    // embedding, so its ids are bounded by real rows, not by a claim.
+    let mut notes = Vec::new();
+    match hf_tokenizer::gguf_metadata(dir, vocab) {
+        Ok(Some(tok)) => metadata.extend(tok),
+        Ok(None) => notes.push(format!(
+            "{}: no tokenizer.json; the output carries no tokenizer and llama.cpp cannot run it",
+            dir.display()
+        )),
+        Err(hf_tokenizer::TokenizerError::Unsupported(why)) => notes.push(format!(
+            "{}: {why}; the output carries no tokenizer",
+            dir.join("tokenizer.json").display()
+        )),
+        Err(e) => {
+            return Err(BaseError::Invalid {
+                path: dir.join("tokenizer.json"),
+                problem: e.to_string(),
+            })
+        }
+    }
+    notes.extend(tensor_notes);
     let tied_embeddings = !tensors.iter().any(|t| t.name == "output.weight");
     Ok(BaseModel {
         path: dir.to_path_buf(),

@@ -427,7 +427,9 @@ fn process(
         Some(b) => base.values(b)?,
         None => vec![0f32; n],
     };
-    let row_len = t.dims[0] as usize;
+    // Bases are checked at open to have no 0-dimensional or empty tensor; a
+    // missing dim still must not panic here.
+    let row_len = t.dims.first().map_or(1, |&d| d.max(1) as usize);
     let merged = match (t.edit, adapter) {
         (Some(e), Some(a)) => merge::apply(&t.name, e, w0, row_len, a)?,
         _ => merge::Merged {

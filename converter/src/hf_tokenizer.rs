@@ -40,9 +40,11 @@ impl From<String> for TokenizerError {
 }
 
 /// The tokenizer metadata for the HF folder `dir`, or None if it has no
-/// tokenizer.json.
+/// tokenizer.json. `vocab_size` is the model's vocabulary (the embedding's
+/// rows): every token id must be below it, and the token list is padded to it.
 pub fn gguf_metadata(
     dir: &Path,
+    vocab_size: u64,
 ) -> Result<Option<Vec<(String, MetadataValue<'static>)>>, TokenizerError> {
     use TokenizerError::{Invalid, Unsupported};
     let path = dir.join("tokenizer.json");
@@ -55,7 +57,7 @@ pub fn gguf_metadata(
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
-    let cfg: Value = std::fs::read_to_string(dir.join("config.json"))
+    let config: Value = std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
@@ -102,17 +104,21 @@ pub fn gguf_metadata(
             ),
         );
     }
-    let max_id = by_id.keys().copied().max().unwrap_or(0);
-    let n = cfg
-        .get("vocab_size")
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-        .max(max_id + 1);
+    // Checked before the token list is allocated, so an id of 10^9 costs nothing.
+    if let Some((&id, (token, _))) = by_id
+        .iter()
+        .filter(|(&id, _)| id >= vocab_size)
+        .min_by_key(|(&id, _)| id)
+    {
+        return Err(Invalid(format!(
+            "token {token:?} has id {id}, but the model has {vocab_size} token embeddings (vocab_size)"
+        )));
+    }
     let (mut tokens, mut types) = (
-        Vec::with_capacity(n as usize),
-        Vec::with_capacity(n as usize),
+        Vec::with_capacity(vocab_size as usize),
+        Vec::with_capacity(vocab_size as usize),
     );
-    for id in 0..n {
+    for id in 0..vocab_size {
         let (t, ty) = by_id
             .remove(&id)
             .unwrap_or_else(|| (format!("[PAD{id}]"), UNUSED));
@@ -159,8 +165,13 @@ pub fn gguf_metadata(
         let id = tc
             .get(tc_key)
             .and_then(id_of)
-            .or_else(|| cfg.get(cfg_key).and_then(Value::as_u64));
+            .or_else(|| config.get(cfg_key).and_then(Value::as_u64));
         if let Some(id) = id {
+            if id >= vocab_size {
+                return Err(Invalid(format!(
+                    "config.json's {cfg_key} is {id}, but the model has {vocab_size} token embeddings (vocab_size)"
+                )));
+            }
             md.push((
                 format!("tokenizer.ggml.{key}_token_id"),
                 MetadataValue::U32(id as u32),

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::base::{hf_to_gguf_name, BaseModel};
+use crate::error::{check_finite, NonFinite};
 use crate::peft::{LoraModule, ModuleKind, PeftAdapter, PeftError};
 
 /// An error planning or computing the merge.
@@ -22,15 +23,15 @@ pub enum MergeError {
     /// An adapter tensor could not be read.
     #[error(transparent)]
     Peft(#[from] PeftError),
-    /// A merged value is NaN or infinite.
-    #[error("tensor '{tensor}': the merge produced {what} at element {index}")]
+    /// A merged value is NaN or infinite although every input was finite.
+    #[error("{adapter}: merging into tensor '{tensor}' overflows f32: {found}")]
     NonFinite {
+        /// the adapter file
+        adapter: String,
         /// the GGUF tensor
         tensor: String,
-        /// NaN or Inf
-        what: &'static str,
-        /// where
-        index: usize,
+        /// the first bad value
+        found: NonFinite,
     },
 }
 
@@ -204,10 +205,15 @@ pub fn apply(
             delta: None,
         });
     };
-    let rows = w0.len() / row_len;
     let mut acc: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
     let m = &e.module;
     let s = m.scale;
+    // A bias has one value per output row; a matrix has rows of `row_len`.
+    let rows = if edit.lora.is_some() {
+        w0.len() / row_len
+    } else {
+        w0.len()
+    };
     // Source row (HF order) of each destination row.
     let row_src: Vec<usize> = match e.permute_heads {
         Some(h) => lorafold_runtime::arch::qk_permutation(rows, h),
@@ -247,9 +253,13 @@ pub fn apply(
         }
         if m.dora {
             let key = m.key_a.replace(".lora_A.weight", ".lora_magnitude_vector");
-            let (mag, _) = adapter
-                .values(&key)
-                .or_else(|_| adapter.values(&format!("{key}.weight")))?;
+            // PEFT has saved the magnitude under both names over its versions.
+            let key = if adapter.tensors().tensor(&key).is_ok() {
+                key
+            } else {
+                format!("{key}.weight")
+            };
+            let (mag, _) = adapter.values(&key)?;
             for (o, &src) in row_src.iter().enumerate() {
                 let row = &mut acc[o * row_len..(o + 1) * row_len];
                 let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -265,18 +275,12 @@ pub fn apply(
             acc[o] += s * bias[src] as f64;
         }
     }
-    let mut values = Vec::with_capacity(acc.len());
-    for (i, &x) in acc.iter().enumerate() {
-        let v = x as f32;
-        if !v.is_finite() {
-            return Err(MergeError::NonFinite {
-                tensor: name.into(),
-                what: if v.is_nan() { "NaN" } else { "Inf" },
-                index: i,
-            });
-        }
-        values.push(v);
-    }
+    let values: Vec<f32> = acc.iter().map(|&x| x as f32).collect();
+    check_finite(&values).map_err(|found| MergeError::NonFinite {
+        adapter: adapter.tensors_path.display().to_string(),
+        tensor: name.into(),
+        found,
+    })?;
     let delta = values.iter().zip(&w0).map(|(w, b)| w - b).collect();
     Ok(Merged {
         values,

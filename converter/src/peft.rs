@@ -8,6 +8,8 @@ use safetensors::SafeTensors;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::error::{check_finite, NonFinite};
+
 /// Where PEFT puts the wrapped model in adapter keys.
 pub const KEY_PREFIX: &str = "base_model.model.";
 
@@ -47,6 +49,36 @@ pub enum PeftError {
         /// what is wrong
         problem: String,
     },
+    /// A tensor of the adapter holds a NaN or infinite value.
+    #[error("{path}: tensor '{tensor}': {found}; adapter tensors must be finite")]
+    NonFinite {
+        /// the safetensors file
+        path: PathBuf,
+        /// the tensor
+        tensor: String,
+        /// the first bad value
+        found: NonFinite,
+    },
+    /// A setting of adapter_config.json contradicts the tensors saved with it.
+    #[error("{config}: '{setting}' contradicts {tensors}: tensor '{tensor}': {problem}")]
+    Contradiction {
+        /// adapter_config.json
+        config: PathBuf,
+        /// the setting
+        setting: &'static str,
+        /// adapter_model.safetensors
+        tensors: PathBuf,
+        /// the tensor
+        tensor: String,
+        /// how they disagree
+        problem: String,
+    },
+    /// The adapter has neither LoRA tensors nor full tensors to save.
+    #[error("{path}: no LoRA tensors (lora_A/lora_B, lora_embedding_A/B) and no modules_to_save tensors; this adapter would change nothing")]
+    Empty {
+        /// adapter_model.safetensors
+        path: PathBuf,
+    },
     /// adapter_model.safetensors is not a valid safetensors file.
     #[error("{path}: not a valid safetensors file: {problem}")]
     Safetensors {
@@ -76,8 +108,12 @@ pub struct PeftConfig {
     pub rank_pattern: Vec<(String, u64)>,
     /// Per-module alpha overrides: (regex, alpha), in file order; first match wins.
     pub alpha_pattern: Vec<(String, f64)>,
-    /// Module names or a regex that LoRA was applied to.
-    pub target_modules: Vec<String>,
+    /// The modules LoRA was applied to (absent: not checked).
+    pub target_modules: Option<TargetModules>,
+    /// `layers_to_transform`: the only layers LoRA was applied to (absent: all).
+    pub layers_to_transform: Option<Vec<u64>>,
+    /// `layers_pattern`: regexes naming the layer list in module paths ("layers").
+    pub layers_pattern: Vec<String>,
     /// Modules saved as full tensors that replace the base's.
     pub modules_to_save: Vec<String>,
     /// `lora_bias`: lora_B has a bias.
@@ -119,9 +155,7 @@ impl PeftConfig {
             .ok_or_else(|| bad("missing or invalid 'r'".into()))?;
         let lora_alpha = match obj.get("lora_alpha") {
             None | Some(Value::Null) => 8.0, // PEFT's default
-            Some(a) => a
-                .as_f64()
-                .ok_or_else(|| bad(format!("'lora_alpha' is not a number: {a}")))?,
+            Some(a) => alpha_value(a).map_err(|why| bad(format!("'lora_alpha' {why}")))?,
         };
         let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
         let strings = |k: &str| -> Vec<String> {
@@ -134,40 +168,103 @@ impl PeftConfig {
                 _ => Vec::new(),
             }
         };
-        let pattern = |k: &str| -> Result<Vec<(String, f64)>, PeftError> {
+        let pattern = |k: &str| -> Result<Vec<(String, &Value)>, PeftError> {
             match obj.get(k) {
                 None | Some(Value::Null) => Ok(Vec::new()),
-                Some(Value::Object(m)) => m
-                    .iter()
-                    .map(|(p, v)| {
-                        v.as_f64()
-                            .map(|x| (p.clone(), x))
-                            .ok_or_else(|| bad(format!("'{k}' entry '{p}' is not a number")))
-                    })
-                    .collect(),
+                Some(Value::Object(m)) => Ok(m.iter().map(|(p, v)| (p.clone(), v)).collect()),
                 Some(other) => Err(bad(format!("'{k}' should be an object, got {other}"))),
             }
         };
         let rank_pattern: Vec<(String, u64)> = pattern("rank_pattern")?
             .into_iter()
-            .map(|(p, r)| {
-                if r >= 1.0 && r.fract() == 0.0 {
-                    Ok((p, r as u64))
-                } else {
-                    Err(bad(format!(
-                        "rank_pattern entry '{p}' is not a positive integer"
-                    )))
-                }
+            .map(|(p, r)| match r.as_u64() {
+                Some(r) if r >= 1 => Ok((p, r)),
+                _ => Err(bad(format!(
+                    "rank_pattern entry '{p}' is {r}, not a positive integer"
+                ))),
             })
             .collect::<Result<_, _>>()?;
-        let alpha_pattern = pattern("alpha_pattern")?;
+        let alpha_pattern: Vec<(String, f64)> = pattern("alpha_pattern")?
+            .into_iter()
+            .map(|(p, a)| {
+                alpha_value(a)
+                    .map(|a| (p.clone(), a))
+                    .map_err(|why| bad(format!("alpha_pattern entry '{p}' {why}")))
+            })
+            .collect::<Result<_, _>>()?;
         for p in rank_pattern
             .iter()
             .map(|(p, _)| p)
             .chain(alpha_pattern.iter().map(|(p, _)| p))
         {
-            module_regex(p)
-                .map_err(|e| bad(format!("pattern '{p}' is not a regex we can use: {e}")))?;
+            module_regex(p).map_err(|e| {
+                bad(format!(
+                    "pattern '{p}' is not a regex we can use: {}",
+                    one_line(&e)
+                ))
+            })?;
+        }
+        let target_modules = match obj.get("target_modules") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => {
+                regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| {
+                    bad(format!(
+                        "'target_modules' '{s}' is not a regex we can use: {}",
+                        one_line(&e)
+                    ))
+                })?;
+                Some(TargetModules::Regex(s.clone()))
+            }
+            Some(Value::Array(a)) => Some(TargetModules::Names(
+                a.iter()
+                    .map(|x| {
+                        x.as_str().map(str::to_string).ok_or_else(|| {
+                            bad(format!("'target_modules' entry {x} is not a string"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            )),
+            Some(other) => {
+                return Err(bad(format!(
+                    "'target_modules' should be a list of names or a regex, got {other}"
+                )))
+            }
+        };
+        let layers_to_transform = match obj.get("layers_to_transform") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) if a.is_empty() => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| {
+                        x.as_u64().ok_or_else(|| {
+                            bad(format!(
+                                "'layers_to_transform' entry {x} is not a layer index"
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(x) => Some(vec![x.as_u64().ok_or_else(|| {
+                bad(format!(
+                    "'layers_to_transform' is {x}, not a layer index or a list of them"
+                ))
+            })?]),
+        };
+        if layers_to_transform.is_some() && matches!(target_modules, Some(TargetModules::Regex(_)))
+        {
+            // PEFT's LoraConfig refuses this combination too.
+            return Err(bad(
+                "'layers_to_transform' cannot be used when 'target_modules' is a regex".into(),
+            ));
+        }
+        let layers_pattern = strings("layers_pattern");
+        for p in &layers_pattern {
+            layer_regex(Some(p)).map_err(|e| {
+                bad(format!(
+                    "'layers_pattern' '{p}' is not a regex we can use: {}",
+                    one_line(&e)
+                ))
+            })?;
         }
         let init_lora_weights = match obj.get("init_lora_weights") {
             Some(Value::String(s)) => s.clone(),
@@ -183,7 +280,9 @@ impl PeftConfig {
             fan_in_fan_out: flag("fan_in_fan_out"),
             rank_pattern,
             alpha_pattern,
-            target_modules: strings("target_modules"),
+            target_modules,
+            layers_to_transform,
+            layers_pattern,
             modules_to_save: strings("modules_to_save"),
             lora_bias: flag("lora_bias"),
             init_lora_weights,
@@ -228,6 +327,99 @@ impl PeftConfig {
         } else {
             None
         }
+    }
+}
+
+/// The largest |alpha| accepted: real adapters use 1..512, and the adapter
+/// GGUF stores alpha as f32, so a value near f32's range would become inf.
+pub const MAX_ALPHA: f64 = 1e6;
+
+/// A `lora_alpha` or `alpha_pattern` value, checked to be a finite number of
+/// sane size; the error completes "'lora_alpha' ...".
+fn alpha_value(v: &Value) -> Result<f64, String> {
+    match v.as_f64() {
+        Some(a) if a.is_finite() && a.abs() <= MAX_ALPHA => Ok(a),
+        Some(_) => Err(format!(
+            "is {v}; alpha must be finite and at most {MAX_ALPHA:e} in size"
+        )),
+        None => Err(format!("is not a number: {v}")),
+    }
+}
+
+/// A regex error on one line (the regex crate draws a caret under the pattern).
+fn one_line(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .last()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
+/// Which modules `target_modules` names, as PEFT's `check_target_module_exists` reads it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names: a module matches if its path is the name or ends with ".name".
+    Names(Vec<String>),
+    /// A regex the whole module path must match ("all-linear": every Linear but lm_head).
+    Regex(String),
+}
+
+impl TargetModules {
+    /// Whether PEFT would wrap `module` (a path like "model.layers.0.self_attn.q_proj"),
+    /// and if so whether the layer filter applies (suffix matches only, as in PEFT).
+    fn matches(&self, module: &str, kind: ModuleKind) -> Option<bool> {
+        match self {
+            TargetModules::Regex(r) if r == "all-linear" => {
+                (kind == ModuleKind::Linear && module != "lm_head").then_some(false)
+            }
+            TargetModules::Regex(r) => regex::Regex::new(&format!("^(?:{r})$"))
+                .is_ok_and(|re| re.is_match(module))
+                .then_some(false),
+            TargetModules::Names(names) => {
+                if names.iter().any(|n| n == module) {
+                    Some(false)
+                } else {
+                    names
+                        .iter()
+                        .any(|n| module.ends_with(&format!(".{n}")))
+                        .then_some(true)
+                }
+            }
+        }
+    }
+}
+
+// PEFT's layer index: re.match(r".*\.[^.]*\.(\d+)\.", key), or with a
+// layers_pattern p, re.match(rf".*\.{p}\.(\d+)\.", key).
+fn layer_regex(pattern: Option<&str>) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!(
+        r"^.*\.(?:{})\.(\d+)\.",
+        pattern.unwrap_or("[^.]*")
+    ))
+}
+
+impl PeftConfig {
+    /// The layer index PEFT reads from `module` for `layers_to_transform`.
+    fn layer_of(&self, module: &str) -> Option<u64> {
+        let patterns: Vec<Option<&str>> = if self.layers_pattern.is_empty() {
+            vec![None]
+        } else {
+            self.layers_pattern
+                .iter()
+                .map(|p| Some(p.as_str()))
+                .collect()
+        };
+        patterns.into_iter().find_map(|p| {
+            layer_regex(p)
+                .ok()?
+                .captures(module)?
+                .get(1)?
+                .as_str()
+                .parse()
+                .ok()
+        })
     }
 }
 
@@ -359,6 +551,7 @@ impl PeftAdapter {
             })?;
             collect_modules(&st, &config, &tensors_path)?
         };
+        check_config_against_tensors(&config, &config_path, &modules, &saved, &tensors_path)?;
         Ok(PeftAdapter {
             dir,
             tensors_path,
@@ -385,6 +578,11 @@ impl PeftAdapter {
         let v = st.tensor(key).map_err(|e| bad(e.to_string()))?;
         let values = crate::base::widen(v.dtype(), v.data())
             .ok_or_else(|| bad(format!("dtype {:?} is not f32, f16 or bf16", v.dtype())))?;
+        check_finite(&values).map_err(|found| PeftError::NonFinite {
+            path: self.tensors_path.clone(),
+            tensor: key.into(),
+            found,
+        })?;
         Ok((values, v.shape().to_vec()))
     }
 
@@ -530,6 +728,98 @@ fn collect_modules(
         });
     }
     Ok((modules, saved))
+}
+
+/// adapter_config.json and the tensors agree: PEFT would have created every
+/// module present from this config (target_modules, layers_to_transform), and
+/// DoRA and lora_bias are on exactly where their tensors are.
+fn check_config_against_tensors(
+    config: &PeftConfig,
+    config_path: &Path,
+    modules: &[LoraModule],
+    saved: &[SavedTensor],
+    tensors_path: &Path,
+) -> Result<(), PeftError> {
+    if modules.is_empty() && saved.is_empty() {
+        return Err(PeftError::Empty {
+            path: tensors_path.to_path_buf(),
+        });
+    }
+    let contradiction =
+        |setting: &'static str, m: &LoraModule, problem: String| PeftError::Contradiction {
+            config: config_path.to_path_buf(),
+            setting,
+            tensors: tensors_path.to_path_buf(),
+            tensor: m.key_a.clone(),
+            problem,
+        };
+    for m in modules {
+        if let Some(targets) = &config.target_modules {
+            let layer_filtered = targets.matches(&m.path, m.kind).ok_or_else(|| {
+                contradiction(
+                    "target_modules",
+                    m,
+                    format!(
+                        "module '{}' is not among the target modules, so PEFT would not have created it",
+                        m.path
+                    ),
+                )
+            })?;
+            if let (true, Some(layers)) = (layer_filtered, &config.layers_to_transform) {
+                match config.layer_of(&m.path) {
+                    Some(l) if layers.contains(&l) => {}
+                    found => {
+                        return Err(contradiction(
+                            "layers_to_transform",
+                            m,
+                            format!(
+                                "module '{}' is in {}, but layers_to_transform is {layers:?}, so PEFT would not have created it",
+                                m.path,
+                                found.map_or("no numbered layer".to_string(), |l| format!("layer {l}"))
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if m.dora != config.use_dora {
+            return Err(contradiction(
+                "use_dora",
+                m,
+                if m.dora {
+                    format!(
+                        "module '{}' has a lora_magnitude_vector (DoRA), but use_dora is false",
+                        m.path
+                    )
+                } else {
+                    format!(
+                        "use_dora is true, but module '{}' has no lora_magnitude_vector",
+                        m.path
+                    )
+                },
+            ));
+        }
+        // PEFT gives lora_B a bias only on Linear layers.
+        let bias_expected = config.lora_bias && m.kind == ModuleKind::Linear;
+        if m.bias != bias_expected {
+            return Err(contradiction(
+                "lora_bias",
+                m,
+                if m.bias {
+                    format!(
+                        "module '{}' has a lora_B.bias, but lora_bias is {}",
+                        m.path, config.lora_bias
+                    )
+                } else {
+                    format!(
+                        "lora_bias is true, but module '{}' has no lora_B.bias",
+                        m.path
+                    )
+                },
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What `lorafold inspect` reports about a PEFT adapter folder.
