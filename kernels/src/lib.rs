@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod act;
+pub mod attention;
 pub mod blocks;
 mod float;
 #[cfg(target_arch = "x86_64")]

@@ -11,7 +11,6 @@ pub mod lora;
 pub mod mapped;
 pub mod measure;
 pub mod model;
-pub mod q4;
 pub mod spm;
 pub mod summary;
 pub mod tokenizer;

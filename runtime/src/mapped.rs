@@ -109,16 +109,7 @@ impl QuantizedType for MappedBlocks {
         self.dtype
     }
     fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
-        // Our 4-bit kernels: ggml's rounding, and faster than candle 0.11's.
-        match self.dtype {
-            GgmlDType::Q4_1 => {
-                return crate::q4::matmul_4bit(crate::q4::Format::Q4_1, mkn, lhs, self.bytes(), dst)
-            }
-            GgmlDType::Q4_0 => {
-                return crate::q4::matmul_4bit(crate::q4::Format::Q4_0, mkn, lhs, self.bytes(), dst)
-            }
-            _ => {}
-        }
+        // candle's own kernels: this path is the engine's independent reference.
         dispatch!(self, matmul_t, mkn, lhs, dst)
     }
     fn matmul_t_f16(&self, mkn: (usize, usize, usize), lhs: &[f16], dst: &mut [f16]) -> Result<()> {

@@ -9,7 +9,21 @@ use lorafold_converter::gguf_writer::GgufWriter;
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_runtime::gguf::{GgmlType, MetadataValue};
 
-use super::Rng;
+/// xorshift64*, so this file stands alone (an example includes it too).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
 
 /// The shape of a synthetic llama.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +45,17 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// The K-quant benchmark model: 1024 wide, 2816 FFN, 16 layers.
+    pub const BENCH_256: Shape = Shape {
+        dim: 1024,
+        ffn: 2816,
+        layers: 16,
+        heads: 16,
+        kv_heads: 4,
+        vocab: 32000,
+        untied: true,
+    };
+
     /// Small, with every width a multiple of 256.
     pub const SMALL_256: Shape = Shape {
         dim: 256,

@@ -94,8 +94,16 @@ impl WorkerPool {
             self.shared.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0, n)));
+        // Spin for the common case (the others finish within microseconds),
+        // then yield: on a busy machine a descheduled worker needs our core.
+        let mut spins = 0u32;
         while self.shared.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            if spins < SPIN_ITERATIONS {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         *self.shared.job.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(p) = mine {

@@ -3,6 +3,7 @@
 //! nothing; and the forward pass, block by block.
 
 use half::f16;
+use lorafold_kernels::attention::{self, Row};
 use lorafold_kernels::{gemm, ActBuf, ActType, Isa, Out};
 
 use super::ops::{self, RopeStyle};
@@ -56,15 +57,11 @@ impl KvData {
         }
     }
 
-    /// The row at `at` as f32 (through `tmp` when stored as f16).
-    fn read<'a>(&'a self, at: usize, tmp: &'a mut [f32]) -> &'a [f32] {
+    /// The row of `len` values at `at`, as stored.
+    fn row(&self, at: usize, len: usize) -> Row<'_> {
         match self {
-            KvData::F32(v) => &v[at..at + tmp.len()],
-            KvData::F16(v) => {
-                use half::slice::HalfFloatSliceExt;
-                v[at..at + tmp.len()].convert_to_f32_slice(tmp);
-                tmp
-            }
+            KvData::F32(v) => Row::F32(&v[at..at + len]),
+            KvData::F16(v) => Row::F16(&v[at..at + len]),
         }
     }
 
@@ -543,13 +540,14 @@ impl<'m> CpuSession<'m> {
             ld: per,
         };
         let this = &*self;
+        let isa = self.isa;
         let work = |th: usize, n: usize| {
             // Whole copies: a closure capturing only `.ptr` would not be Sync.
             let (scratch, out) = (scratch, out);
             // SAFETY: each thread uses its own slice of the per-thread scratch.
             let mine = unsafe { std::slice::from_raw_parts_mut(scratch.ptr.add(th * per), per) };
             let (scores, rest) = mine.split_at_mut(this.max);
-            let (ktmp, acc) = rest.split_at_mut(hd);
+            let acc = &mut rest[..hd];
             // Interleaved, so the long rows at the end of a prefill are spread.
             for u in (th..units).step_by(n) {
                 let (head, i) = (u / t, u % t);
@@ -558,14 +556,14 @@ impl<'m> CpuSession<'m> {
                 let qv = &q[i * q_out + head * hd..i * q_out + (head + 1) * hd];
                 let scores = &mut scores[..=p];
                 for (j, sc) in scores.iter_mut().enumerate() {
-                    let kr = kv_k.read(this.kv_index(layer, kvh, j), ktmp);
-                    *sc = ops::dot(qv, kr) * scale;
+                    let kr = kv_k.row(this.kv_index(layer, kvh, j), hd);
+                    *sc = attention::dot(qv, kr, isa) * scale;
                 }
                 ops::softmax(scores);
                 acc.fill(0.0);
                 for (j, &pr) in scores.iter().enumerate() {
-                    let vr = kv_v.read(this.kv_index(layer, kvh, j), ktmp);
-                    ops::axpy(acc, pr, vr);
+                    let vr = kv_v.row(this.kv_index(layer, kvh, j), hd);
+                    attention::axpy(acc, pr, vr, isa);
                 }
                 // SAFETY: (i, head) pairs are disjoint between threads.
                 unsafe {
