@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use lorafold_runtime::model::Model;
+use lorafold_runtime::cpu::KvType;
+use lorafold_runtime::model::{Model, SessionOptions};
 use serde::Serialize;
 
 use crate::drift::load_path;
@@ -31,6 +32,9 @@ pub struct BenchArgs {
     /// cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// KV cache type on the CPU engine: f16 (as llama.cpp) or f32.
+    #[arg(long, default_value = "f16")]
+    kv: KvType,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -94,6 +98,17 @@ fn status_kb(key: &str) -> u64 {
         * 1024
 }
 
+/// The greedy token: what a decode step costs without a sampler's work.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Time `reps` runs of prefill (`prompt` tokens) and decode (`n` tokens) on `spec`.
 pub fn bench_path(
     spec: &str,
@@ -101,6 +116,7 @@ pub fn bench_path(
     prompt: usize,
     n: usize,
     reps: usize,
+    kv: KvType,
 ) -> Result<BenchRow> {
     let (mut load, mut ttft, mut pre, mut dec) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut mapped, mut rss) = (0, 0);
@@ -117,18 +133,19 @@ pub fn bench_path(
             .collect();
         let positions = prompt.saturating_add(n).saturating_add(1);
         let mut s = model
-            .session(positions)
+            .session_with(SessionOptions {
+                kv,
+                ..SessionOptions::new(positions)
+            })
             .with_context(|| format!("-p {prompt} -n {n} need {positions} positions"))?;
         let t = Instant::now();
-        let logits = s.forward(&ids, false)?;
-        let mut next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let mut next = argmax(s.logits(&ids, false)?);
         let prefill = t.elapsed().as_secs_f64();
         ttft.push(prefill * 1e3);
         pre.push(prompt as f64 / prefill);
         let t = Instant::now();
         for _ in 0..n {
-            let l = s.forward(&[next], false)?;
-            next = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            next = argmax(s.logits(&[next], false)?);
         }
         dec.push(n as f64 / t.elapsed().as_secs_f64());
         // With the model still mapped: its touched pages count.
@@ -184,7 +201,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let rows: Vec<BenchRow> = args
         .paths
         .iter()
-        .map(|p| bench_path(p, &dev, args.prompt, args.n, args.reps))
+        .map(|p| bench_path(p, &dev, args.prompt, args.n, args.reps, args.kv))
         .collect::<Result<_>>()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -174,7 +174,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
                     drift: d.drift.clone(),
                 })
             },
-            latency: bench_path(p, &dev, 64, 32, 3)?,
+            latency: bench_path(p, &dev, 64, 32, 3, Default::default())?,
         });
     }
     println!();

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::lora::LoraAdapter;
-use lorafold_runtime::model::{check_threads, Model};
+use lorafold_runtime::model::{check_threads, Model, SessionOptions};
 use lorafold_runtime::tokenizer::Tokenizer;
 
 /// Arguments of `lorafold run`.
@@ -57,6 +58,9 @@ pub struct RunArgs {
     /// length if smaller; at most the model's context length).
     #[arg(long)]
     ctx: Option<usize>,
+    /// KV cache type on the CPU engine: f16 (half the memory, as llama.cpp) or f32.
+    #[arg(long, default_value = "f16")]
+    kv: KvType,
 }
 
 /// Parse --device.
@@ -124,7 +128,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let ctx = args
         .ctx
         .unwrap_or_else(|| model.config.context_length.clamp(1, 2048));
-    let mut session = model.session(ctx).with_context(|| format!("--ctx {ctx}"))?;
+    let mut session = model
+        .session_with(SessionOptions {
+            kv: args.kv,
+            ..SessionOptions::new(ctx)
+        })
+        .with_context(|| format!("--ctx {ctx}"))?;
     let turns: Vec<String> = match (&args.prompt, args.chat) {
         (Some(p), _) => vec![p.clone()],
         (None, true) => std::io::stdin()

@@ -27,18 +27,20 @@ pub struct LoadedPair {
 }
 
 impl LoadedPair {
-    /// The pair as the CPU engine holds it: A `[rank, in]` and B `[out, rank]`
-    /// row-major (for the token embedding: A a row per token, B `[rank, dim]`).
+    /// The pair as the CPU engine holds it: A `[rank, in]` and Bᵀ `[rank, out]`
+    /// row-major (for the token embedding: A a row per token, Bᵀ `[rank, dim]`).
     pub fn to_f32(
         &self,
         slot: usize,
         embedding: bool,
     ) -> Result<crate::cpu::LoraF32, candle_core::Error> {
         let rank = self.b_t.dim(0)?;
-        let (a, b) = if embedding {
-            (self.a_t.clone(), self.b_t.clone())
+        // Bᵀ as loaded; A a row per rank (the embedding's: a row per token).
+        let b = self.b_t.clone();
+        let a = if embedding {
+            self.a_t.clone()
         } else {
-            (self.a_t.t()?.contiguous()?, self.b_t.t()?.contiguous()?)
+            self.a_t.t()?.contiguous()?
         };
         Ok(crate::cpu::LoraF32 {
             slot,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::gguf_writer::GgufWriter;
 use lorafold_converter::quant::QuantPolicy;
+use lorafold_runtime::gguf::value::{MetadataArray, ValueType};
 use lorafold_runtime::gguf::{GgmlType, MetadataValue};
 
 /// xorshift64*, so this file stands alone (an example includes it too).
@@ -90,6 +91,47 @@ pub fn write_f32(path: &Path, shape: Shape, seed: u64) {
         MetadataValue::string("llama"),
     );
     md(&mut w, "general.name", MetadataValue::string("synthetic"));
+    // A placeholder SentencePiece vocabulary, so llama.cpp loads the model too.
+    md(
+        &mut w,
+        "tokenizer.ggml.model",
+        MetadataValue::string("llama"),
+    );
+    let tokens = (0..vocab).map(|i| match i {
+        0 => "<unk>".to_string(),
+        1 => "<s>".to_string(),
+        2 => "</s>".to_string(),
+        i => format!("t{i}"),
+    });
+    md(
+        &mut w,
+        "tokenizer.ggml.tokens",
+        MetadataValue::string_array(tokens),
+    );
+    let array = |elem, items: Vec<MetadataValue<'static>>| {
+        MetadataValue::Array(MetadataArray::Owned { elem, items })
+    };
+    md(
+        &mut w,
+        "tokenizer.ggml.scores",
+        array(
+            ValueType::F32,
+            (0..vocab).map(|_| MetadataValue::F32(0.0)).collect(),
+        ),
+    );
+    let kind = |i: usize| match i {
+        0 => 2,     // unknown
+        1 | 2 => 3, // control
+        _ => 1,     // normal
+    };
+    md(
+        &mut w,
+        "tokenizer.ggml.token_type",
+        array(
+            ValueType::I32,
+            (0..vocab).map(|i| MetadataValue::I32(kind(i))).collect(),
+        ),
+    );
     md(
         &mut w,
         "llama.block_count",

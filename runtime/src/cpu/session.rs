@@ -447,22 +447,42 @@ impl<'m> CpuSession<'m> {
             });
         }
         let jobs = &jobs;
-        // Adapter products A·x first (small: rank values per row).
+        // Adapter products A·x first: rank values per input row, one dot
+        // product each, dealt to the threads (a prefill of 128 rows through
+        // a rank-16 adapter is 2M of them), then a barrier before the B side.
         if ax_used > 0 {
             if s.ax.len() < ax_used {
                 s.ax.resize(ax_used, 0.0);
             }
-            for job in jobs.iter().flatten() {
-                let mut off = job.ax;
-                for (l, _) in job.m.active_loras(scales) {
-                    for i in 0..t {
-                        let x = &job.input[i * k..(i + 1) * k];
-                        for r in 0..l.rank {
-                            s.ax[off + i * l.rank + r] = ops::dot(&l.a[r * k..(r + 1) * k], x);
+            let ax_out = Out {
+                ptr: s.ax.as_mut_ptr(),
+                ld: 0,
+            };
+            let products = |th: usize, n: usize| {
+                // A whole copy: capturing only `.ptr` would not be Sync.
+                let dst = ax_out;
+                let mine = share(ax_used, 1, th, n);
+                for job in jobs.iter().flatten() {
+                    let mut off = job.ax;
+                    for (l, _) in job.m.active_loras(scales) {
+                        let span = off..off + t * l.rank;
+                        let lo = mine.start.max(span.start);
+                        for u in lo..mine.end.min(span.end) {
+                            let (i, r) = ((u - off) / l.rank, (u - off) % l.rank);
+                            let x = &job.input[i * k..(i + 1) * k];
+                            let a = Row::F32(&l.a[r * k..(r + 1) * k]);
+                            // SAFETY: unit u is this thread's alone.
+                            unsafe { *dst.ptr.add(u) = attention::dot(x, a, isa) };
                         }
+                        off = span.end;
                     }
-                    off += t * l.rank;
                 }
+            };
+            if t == 1 {
+                // A decode step's few thousand products are not worth a hand-off.
+                products(0, 1);
+            } else {
+                self.pool.run(&products);
             }
         }
         let total: usize = jobs.iter().flatten().map(|j| j.m.n).sum();
@@ -482,7 +502,7 @@ impl<'m> CpuSession<'m> {
                 // SAFETY: each thread writes only its own rows' columns of
                 // each output, which holds t rows of n.
                 unsafe { gemm(&wts, rows.clone(), &acts[job.act], job.out, isa) };
-                add_bias_and_adapters(job, rows, t, ax, scales);
+                add_bias_and_adapters(job, rows, t, ax, scales, isa);
             }
         };
         self.pool.run(&work);
@@ -591,6 +611,7 @@ fn add_bias_and_adapters(
     t: usize,
     ax: &[f32],
     scales: &[Option<f64>],
+    isa: Isa,
 ) {
     let m = job.m;
     if m.bias.is_none() && m.loras.is_empty() {
@@ -607,8 +628,10 @@ fn add_bias_and_adapters(
         let mut off = job.ax;
         for (l, s) in m.active_loras(scales) {
             let a = &ax[off + i * l.rank..off + (i + 1) * l.rank];
-            for (o, r) in out.iter_mut().zip(rows.clone()) {
-                *o += s * ops::dot(&l.b[r * l.rank..(r + 1) * l.rank], a);
+            // Bᵀ is stored a row per rank: rank contiguous axpys over our rows.
+            for (kk, &av) in a.iter().enumerate() {
+                let bt = &l.b[kk * m.n + rows.start..kk * m.n + rows.end];
+                attention::axpy(out, s * av, Row::F32(bt), isa);
             }
             off += t * l.rank;
         }

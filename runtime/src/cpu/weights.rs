@@ -27,8 +27,8 @@ pub struct LoraF32 {
     pub rank: usize,
     /// A, `[rank, k]` row-major (for the token embedding: `[vocab, rank]`, a row per token).
     pub a: Vec<f32>,
-    /// B, `[n, rank]` row-major, so output row `o` reads `rank` values in a row
-    /// (for the token embedding: `[rank, dim]`).
+    /// Bᵀ, `[rank, n]` row-major, so adding B·(A·x) to a range of outputs is
+    /// `rank` contiguous axpys (for the token embedding: `[rank, dim]`).
     pub b: Vec<f32>,
     /// alpha / rank from the adapter file.
     pub file_scale: f32,
