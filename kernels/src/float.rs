@@ -172,27 +172,11 @@ pub(crate) fn dequantize(wtype: WType, bytes: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{gemm_all, reference, ActType};
+    use crate::testing::{self, run, Family, Rng};
+    use crate::{gemm_all, ActType};
     use half::{bf16, f16};
 
     const TYPES: [WType; 3] = [WType::F32, WType::F16, WType::BF16];
-
-    /// xorshift64*, deterministic.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        /// Uniform in [-1, 1).
-        fn f(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
 
     /// The bytes of `x` as `wtype` (round to nearest even, as ggml's converters).
     fn encode(wtype: WType, x: &[f32]) -> Vec<u8> {
@@ -245,12 +229,6 @@ mod tests {
         (ad.len() / LANES + 10) as f64 * f32::EPSILON as f64 * mag
     }
 
-    fn run(w: &Weights, a: &ActBuf, isa: Isa) -> Vec<f32> {
-        let mut out = vec![f32::NAN; a.rows() * w.n];
-        gemm_all(w, a, &mut out, isa);
-        out
-    }
-
     const SHAPES: [(usize, usize); 12] = [
         (1, 1),
         (5, 5),
@@ -266,111 +244,40 @@ mod tests {
         (1541, 19),
     ];
 
-    #[test]
-    fn scalar_matches_reference_within_bound() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        for wtype in TYPES {
-            for (k, n) in SHAPES {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                let (_, a) = acts(k, 3, &mut rng);
-                let out = run(&w, &a, Isa::scalar());
-                for i in 0..a.rows() {
-                    for r in 0..n {
-                        let exact = reference::dot_f64(wtype, w.row(r), &a, i);
-                        let got = out[i * n + r] as f64;
-                        let b = bound(wtype, w.row(r), &a, i);
-                        assert!(
-                            (got - exact).abs() <= b,
-                            "{wtype:?} k={k} n={n} ({i},{r}): {got} vs {exact}, bound {b}"
-                        );
-                    }
-                }
-            }
+    struct Fam;
+
+    impl Family for Fam {
+        const TYPES: &'static [WType] = &TYPES;
+        const SHAPES: &'static [(usize, usize)] = &SHAPES;
+        const TILE_SHAPES: &'static [(usize, usize)] = &[(224, 17), (99, 70), (7, 11)];
+        const TILE_ROWS: &'static [usize] = &[1, 7, 8, 13, 30];
+        fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8> {
+            weights(wtype, k, n, rng)
+        }
+        fn acts(wtype: WType, k: usize, m: usize, rng: &mut Rng) -> (Vec<f32>, ActBuf) {
+            let _ = wtype;
+            acts(k, m, rng)
+        }
+        fn bound(wtype: WType, w: &[u8], a: &ActBuf, i: usize) -> f64 {
+            bound(wtype, w, a, i)
         }
     }
 
     #[test]
+    fn scalar_matches_reference_within_bound() {
+        testing::scalar_matches_reference::<Fam>();
+    }
+
+    #[test]
     fn avx2_matches_scalar_and_reference() {
-        let isa = Isa::detect();
-        if !isa.avx2 {
-            eprintln!("no AVX2: skipped");
-            return;
-        }
-        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-        for wtype in TYPES {
-            for (k, n) in SHAPES {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                for m in [1, 13] {
-                    let (_, a) = acts(k, m, &mut rng);
-                    let simd = run(&w, &a, isa);
-                    let scalar = run(&w, &a, Isa::scalar());
-                    for i in 0..m {
-                        for r in 0..n {
-                            let b = bound(wtype, w.row(r), &a, i);
-                            let exact = reference::dot_f64(wtype, w.row(r), &a, i);
-                            let (s, v) = (scalar[i * n + r] as f64, simd[i * n + r] as f64);
-                            assert!(
-                                (v - exact).abs() <= b,
-                                "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs {exact}"
-                            );
-                            // Same order, the SIMD path fusing each multiply
-                            // with its add: both within `b` of the exact sum.
-                            assert!(
-                                (v - s).abs() <= 2.0 * b,
-                                "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs scalar {s}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        testing::avx2_matches_scalar_and_reference::<Fam>();
     }
 
     /// Every element of a tiled product equals the same element computed
     /// alone (one activation row, one weight row), bit for bit.
     #[test]
     fn tiles_are_bit_identical_to_single_products() {
-        let isa = Isa::detect();
-        let mut rng = Rng(0x1234_5678_9ABC_DEF1);
-        for wtype in TYPES {
-            for (k, n) in [(224, 17), (99, 70), (7, 11)] {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                for m in [1, 7, 8, 13, 30] {
-                    let (x, a) = acts(k, m, &mut rng);
-                    let all = run(&w, &a, isa);
-                    let mut one = ActBuf::new(ActType::F32, k, 1);
-                    for i in 0..m {
-                        one.quantize(&x[i * k..(i + 1) * k]);
-                        let row = run(&w, &one, isa);
-                        for r in 0..n {
-                            let mut single = [f32::NAN];
-                            // SAFETY: writes element (0, r) at ptr - r + r.
-                            unsafe {
-                                let o = Out {
-                                    ptr: single.as_mut_ptr().wrapping_sub(r),
-                                    ld: 1,
-                                };
-                                gemm(&w, r..r + 1, &one, o, isa);
-                            }
-                            let t = all[i * n + r];
-                            assert_eq!(
-                                t.to_bits(),
-                                row[r].to_bits(),
-                                "{wtype:?} m={m} ({i},{r}) vs row alone"
-                            );
-                            assert_eq!(
-                                t.to_bits(),
-                                single[0].to_bits(),
-                                "{wtype:?} m={m} ({i},{r}) vs element alone"
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        testing::tiles_are_bit_identical::<Fam>();
     }
 
     /// A sub-range of rows writes those rows and nothing else.

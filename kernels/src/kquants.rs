@@ -253,26 +253,10 @@ pub(crate) fn dequantize(wtype: WType, bytes: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{gemm_all, reference};
+    use crate::gemm_all;
+    use crate::testing::{self, Family, Rng};
 
     const TYPES: [WType; 5] = [WType::Q4K, WType::Q6K, WType::Q5K, WType::Q3K, WType::Q2K];
-
-    /// xorshift64*, deterministic.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        /// Uniform in [-1, 1).
-        fn f(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
 
     /// Byte offsets of the f16 super-block scales in one block of `t`.
     fn f16_fields(t: WType) -> &'static [usize] {
@@ -334,12 +318,6 @@ mod tests {
         (nb as f64 + 6.0) * f32::EPSILON as f64 * mag
     }
 
-    fn run(w: &Weights, a: &ActBuf, isa: Isa) -> Vec<f32> {
-        let mut out = vec![f32::NAN; a.rows() * w.n];
-        gemm_all(w, a, &mut out, isa);
-        out
-    }
-
     const SHAPES: [(usize, usize); 9] = [
         (256, 1),
         (256, 5),
@@ -352,111 +330,40 @@ mod tests {
         (1536, 17),
     ];
 
-    #[test]
-    fn scalar_matches_reference_within_bound() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        for wtype in TYPES {
-            for (k, n) in SHAPES {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                let (_, a) = acts(k, 3, &mut rng);
-                let out = run(&w, &a, Isa::scalar());
-                for i in 0..a.rows() {
-                    for r in 0..n {
-                        let exact = reference::dot_f64(wtype, w.row(r), &a, i);
-                        let got = out[i * n + r] as f64;
-                        let b = bound(wtype, w.row(r), &a, i);
-                        assert!(
-                            (got - exact).abs() <= b,
-                            "{wtype:?} k={k} n={n} ({i},{r}): {got} vs {exact}, bound {b}"
-                        );
-                    }
-                }
-            }
+    struct Fam;
+
+    impl Family for Fam {
+        const TYPES: &'static [WType] = &TYPES;
+        const SHAPES: &'static [(usize, usize)] = &SHAPES;
+        const TILE_SHAPES: &'static [(usize, usize)] = &[(768, 17), (256, 70)];
+        const TILE_ROWS: &'static [usize] = &[1, 8, 13];
+        fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8> {
+            weights(wtype, k, n, rng)
+        }
+        fn acts(wtype: WType, k: usize, m: usize, rng: &mut Rng) -> (Vec<f32>, ActBuf) {
+            let _ = wtype;
+            acts(k, m, rng)
+        }
+        fn bound(wtype: WType, w: &[u8], a: &ActBuf, i: usize) -> f64 {
+            bound(wtype, w, a, i)
         }
     }
 
     #[test]
+    fn scalar_matches_reference_within_bound() {
+        testing::scalar_matches_reference::<Fam>();
+    }
+
+    #[test]
     fn avx2_matches_scalar_and_reference() {
-        let isa = Isa::detect();
-        if !isa.avx2 {
-            eprintln!("no AVX2: skipped");
-            return;
-        }
-        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-        for wtype in TYPES {
-            for (k, n) in SHAPES {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                for m in [1, 13] {
-                    let (_, a) = acts(k, m, &mut rng);
-                    let simd = run(&w, &a, isa);
-                    let scalar = run(&w, &a, Isa::scalar());
-                    for i in 0..m {
-                        for r in 0..n {
-                            let b = bound(wtype, w.row(r), &a, i);
-                            let exact = reference::dot_f64(wtype, w.row(r), &a, i);
-                            let (s, v) = (scalar[i * n + r] as f64, simd[i * n + r] as f64);
-                            assert!(
-                                (v - exact).abs() <= b,
-                                "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs {exact}"
-                            );
-                            // Both are within `b` of the exact sum, and their
-                            // integer sums are equal: only f32 rounding differs.
-                            assert!(
-                                (v - s).abs() <= 2.0 * b,
-                                "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs scalar {s}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        testing::avx2_matches_scalar_and_reference::<Fam>();
     }
 
     /// Every element of a tiled product equals the same element computed
     /// alone (one activation row, one weight row), bit for bit.
     #[test]
     fn tiles_are_bit_identical_to_single_products() {
-        let isa = Isa::detect();
-        let mut rng = Rng(0x1234_5678_9ABC_DEF1);
-        for wtype in TYPES {
-            for (k, n) in [(768, 17), (256, 70)] {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                for m in [1, 8, 13] {
-                    let (x, a) = acts(k, m, &mut rng);
-                    let all = run(&w, &a, isa);
-                    let mut one = ActBuf::new(wtype.act_type(), k, 1);
-                    for i in 0..m {
-                        one.quantize(&x[i * k..(i + 1) * k]);
-                        let row = run(&w, &one, isa);
-                        for r in 0..n {
-                            let mut single = [f32::NAN];
-                            // SAFETY: writes only element (0, r), at single[0].
-                            unsafe {
-                                let o = Out {
-                                    ptr: single.as_mut_ptr().wrapping_sub(r),
-                                    ld: 1,
-                                };
-                                gemm(&w, r..r + 1, &one, o, isa);
-                            }
-                            let t = all[i * n + r];
-                            assert_eq!(
-                                t.to_bits(),
-                                row[r].to_bits(),
-                                "{wtype:?} m={m} ({i},{r}) vs row alone"
-                            );
-                            assert_eq!(
-                                t.to_bits(),
-                                single[0].to_bits(),
-                                "{wtype:?} m={m} ({i},{r}) vs element alone"
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        testing::tiles_are_bit_identical::<Fam>();
     }
 
     fn h(x: f32) -> [u8; 2] {

@@ -28,6 +28,8 @@ mod legacy;
 #[cfg(target_arch = "x86_64")]
 mod legacy_avx2;
 pub mod reference;
+#[cfg(test)]
+mod testing;
 
 use std::ops::Range;
 

@@ -1,0 +1,154 @@
+//! The checks every kernel family passes, shared by their tests: scalar
+//! against the f64 reference, AVX2 against scalar and reference, and tiles
+//! bit-identical to single products.
+
+use crate::{gemm, gemm_all, reference, ActBuf, Isa, Out, WType, Weights};
+
+/// xorshift64*: deterministic test data without a dependency.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    /// Next 64 random bits.
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [-1, 1).
+    pub(crate) fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// What a family's tests provide: its types, random weights and activations,
+/// and the error bound of one product.
+pub(crate) trait Family {
+    /// The types.
+    const TYPES: &'static [WType];
+    /// (k, n) for the accuracy checks.
+    const SHAPES: &'static [(usize, usize)];
+    /// (k, n) for the tile check.
+    const TILE_SHAPES: &'static [(usize, usize)];
+    /// Activation row counts for the tile check.
+    const TILE_ROWS: &'static [usize];
+    /// `n` rows of `k` random weights of `wtype`.
+    fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8>;
+    /// `m` random activation rows and their rounding for `wtype`.
+    fn acts(wtype: WType, k: usize, m: usize, rng: &mut Rng) -> (Vec<f32>, ActBuf);
+    /// How far a kernel may be from the f64 reference for (row `w`, act row `i`).
+    fn bound(wtype: WType, w: &[u8], a: &ActBuf, i: usize) -> f64;
+}
+
+/// Every row of `w` times every row of `a`, on this thread.
+pub(crate) fn run(w: &Weights, a: &ActBuf, isa: Isa) -> Vec<f32> {
+    let mut out = vec![f32::NAN; a.rows() * w.n];
+    gemm_all(w, a, &mut out, isa);
+    out
+}
+
+/// The scalar kernels are within the family's bound of the f64 reference.
+pub(crate) fn scalar_matches_reference<F: Family>() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for &wtype in F::TYPES {
+        for &(k, n) in F::SHAPES {
+            let wb = F::weights(wtype, k, n, &mut rng);
+            let w = Weights::new(wtype, &wb, k, n).unwrap();
+            let (_, a) = F::acts(wtype, k, 3, &mut rng);
+            let out = run(&w, &a, Isa::scalar());
+            for i in 0..a.rows() {
+                for r in 0..n {
+                    let exact = reference::dot_f64(wtype, w.row(r), &a, i);
+                    let got = out[i * n + r] as f64;
+                    let b = F::bound(wtype, w.row(r), &a, i);
+                    assert!(
+                        (got - exact).abs() <= b,
+                        "{wtype:?} k={k} n={n} ({i},{r}): {got} vs {exact}, bound {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 kernels are within the bound of the reference, and within twice
+/// it of the scalar ones (same order; FMA rounds once where scalar rounds twice).
+pub(crate) fn avx2_matches_scalar_and_reference<F: Family>() {
+    let isa = Isa::detect();
+    if !isa.avx2 {
+        eprintln!("no AVX2: skipped");
+        return;
+    }
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    for &wtype in F::TYPES {
+        for &(k, n) in F::SHAPES {
+            let wb = F::weights(wtype, k, n, &mut rng);
+            let w = Weights::new(wtype, &wb, k, n).unwrap();
+            for m in [1, 13] {
+                let (_, a) = F::acts(wtype, k, m, &mut rng);
+                let simd = run(&w, &a, isa);
+                let scalar = run(&w, &a, Isa::scalar());
+                for i in 0..m {
+                    for r in 0..n {
+                        let b = F::bound(wtype, w.row(r), &a, i);
+                        let exact = reference::dot_f64(wtype, w.row(r), &a, i);
+                        let (s, v) = (scalar[i * n + r] as f64, simd[i * n + r] as f64);
+                        assert!(
+                            (v - exact).abs() <= b,
+                            "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs {exact}"
+                        );
+                        assert!(
+                            (v - s).abs() <= 2.0 * b,
+                            "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs scalar {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every element of a tiled product equals the same element computed alone
+/// (one activation row; one weight row), bit for bit.
+pub(crate) fn tiles_are_bit_identical<F: Family>() {
+    let isa = Isa::detect();
+    let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+    for &wtype in F::TYPES {
+        for &(k, n) in F::TILE_SHAPES {
+            let wb = F::weights(wtype, k, n, &mut rng);
+            let w = Weights::new(wtype, &wb, k, n).unwrap();
+            for &m in F::TILE_ROWS {
+                let (x, a) = F::acts(wtype, k, m, &mut rng);
+                let all = run(&w, &a, isa);
+                let mut one = ActBuf::new(wtype.act_type(), k, 1);
+                for i in 0..m {
+                    one.quantize(&x[i * k..(i + 1) * k]);
+                    let row = run(&w, &one, isa);
+                    for r in 0..n {
+                        let mut single = [f32::NAN];
+                        // SAFETY: gemm writes only element (0, r), at single[0].
+                        unsafe {
+                            let o = Out {
+                                ptr: single.as_mut_ptr().wrapping_sub(r),
+                                ld: 1,
+                            };
+                            gemm(&w, r..r + 1, &one, o, isa);
+                        }
+                        let t = all[i * n + r];
+                        assert_eq!(
+                            t.to_bits(),
+                            row[r].to_bits(),
+                            "{wtype:?} m={m} ({i},{r}) vs row alone"
+                        );
+                        assert_eq!(
+                            t.to_bits(),
+                            single[0].to_bits(),
+                            "{wtype:?} m={m} ({i},{r}) vs element alone"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
