@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use crate::gguf::GgufFile;
+use crate::gguf::{GgmlType, GgufFile};
 use crate::mapped;
 use crate::model::{check_finite, Model, RuntimeError};
 
@@ -24,29 +24,40 @@ pub struct LoadedPair {
     pub a_dims: Vec<u64>,
     /// lora_b dims (ne) as stored.
     pub b_dims: Vec<u64>,
+    /// Both factors were stored as f16.
+    pub f16: bool,
 }
 
 impl LoadedPair {
     /// The pair as the CPU engine holds it: A `[rank, in]` and Bᵀ `[rank, out]`
-    /// row-major (for the token embedding: A a row per token, Bᵀ `[rank, dim]`).
-    pub fn to_f32(
+    /// row-major (for the token embedding: A a row per token, Bᵀ
+    /// `[rank, dim]`), in f16 when the file stored f16 (exactly: the values
+    /// were widened from f16) and f32 otherwise.
+    pub fn to_factors(
         &self,
         slot: usize,
         embedding: bool,
-    ) -> Result<crate::cpu::LoraF32, candle_core::Error> {
+    ) -> Result<crate::cpu::LoraFactors, candle_core::Error> {
         let rank = self.b_t.dim(0)?;
-        // Bᵀ as loaded; A a row per rank (the embedding's: a row per token).
         let b = self.b_t.clone();
         let a = if embedding {
             self.a_t.clone()
         } else {
             self.a_t.t()?.contiguous()?
         };
-        Ok(crate::cpu::LoraF32 {
+        let factor = |t: Tensor| -> Result<crate::cpu::Factor, candle_core::Error> {
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(if self.f16 {
+                crate::cpu::Factor::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect())
+            } else {
+                crate::cpu::Factor::F32(v)
+            })
+        };
+        Ok(crate::cpu::LoraFactors {
             slot,
             rank,
-            a: a.flatten_all()?.to_vec1::<f32>()?,
-            b: b.flatten_all()?.to_vec1::<f32>()?,
+            a: factor(a)?,
+            b: factor(b)?,
             file_scale: self.file_scale as f32,
         })
     }
@@ -130,6 +141,7 @@ impl LoraAdapter {
                     file_scale,
                     a_dims: ta.dims().to_vec(),
                     b_dims: tb.dims().to_vec(),
+                    f16: ta.ggml_type == GgmlType::F16 && tb.ggml_type == GgmlType::F16,
                 },
             );
         }

@@ -479,7 +479,7 @@ impl Model {
         match &mut self.weights {
             ModelWeights::Engine(w) => {
                 for (target, pair) in &adapter.pairs {
-                    let lora = pair.to_f32(slot, target == "token_embd.weight")?;
+                    let lora = pair.to_factors(slot, target == "token_embd.weight")?;
                     if target == "token_embd.weight" {
                         w.embedding_loras.push(lora);
                     } else if let Some(m) = w.projections_mut().find(|m| &m.name == target) {

@@ -10,4 +10,4 @@ pub mod session;
 pub mod weights;
 
 pub use session::{CpuSession, KvType, StepError};
-pub use weights::{CpuWeights, LoraF32, Matrix, WeightProblem};
+pub use weights::{CpuWeights, Factor, LoraFactors, Matrix, WeightProblem};

@@ -335,9 +335,9 @@ impl<'m> CpuSession<'m> {
                     continue;
                 };
                 let s = (s * l.file_scale as f64) as f32;
-                let a = &l.a[id as usize * l.rank..(id as usize + 1) * l.rank];
-                for (kk, &av) in a.iter().enumerate() {
-                    ops::axpy(x, s * av, &l.b[kk * dim..(kk + 1) * dim]);
+                for kk in 0..l.rank {
+                    let av = l.a.get(id as usize * l.rank + kk);
+                    attention::axpy(x, s * av, l.b.row(kk * dim, dim), self.isa);
                 }
             }
         }
@@ -470,7 +470,7 @@ impl<'m> CpuSession<'m> {
                         for u in lo..mine.end.min(span.end) {
                             let (i, r) = ((u - off) / l.rank, (u - off) % l.rank);
                             let x = &job.input[i * k..(i + 1) * k];
-                            let a = Row::F32(&l.a[r * k..(r + 1) * k]);
+                            let a = l.a.row(r * k, k);
                             // SAFETY: unit u is this thread's alone.
                             unsafe { *dst.ptr.add(u) = attention::dot(x, a, isa) };
                         }
@@ -630,8 +630,8 @@ fn add_bias_and_adapters(
             let a = &ax[off + i * l.rank..off + (i + 1) * l.rank];
             // Bᵀ is stored a row per rank: rank contiguous axpys over our rows.
             for (kk, &av) in a.iter().enumerate() {
-                let bt = &l.b[kk * m.n + rows.start..kk * m.n + rows.end];
-                attention::axpy(out, s * av, Row::F32(bt), isa);
+                let bt = l.b.row(kk * m.n + rows.start, rows.len());
+                attention::axpy(out, s * av, bt, isa);
             }
             off += t * l.rank;
         }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use lorafold_kernels::attention::Row;
 use lorafold_kernels::{WType, Weights};
 
 use crate::gguf::{GgufFile, TensorInfo};
@@ -18,18 +19,46 @@ enum Blocks {
     Owned(Vec<u16>, usize),
 }
 
+/// An adapter factor as its file stored it: f16 stays f16 (half the bytes
+/// read per token; the kernels widen as they go), f32 stays f32.
+#[derive(Debug, Clone)]
+pub enum Factor {
+    /// Full precision.
+    F32(Vec<f32>),
+    /// Half precision.
+    F16(Vec<half::f16>),
+}
+
+impl Factor {
+    /// `len` values from `start`.
+    pub fn row(&self, start: usize, len: usize) -> Row<'_> {
+        match self {
+            Factor::F32(v) => Row::F32(&v[start..start + len]),
+            Factor::F16(v) => Row::F16(&v[start..start + len]),
+        }
+    }
+
+    /// The value at `i`.
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Factor::F32(v) => v[i],
+            Factor::F16(v) => v[i].to_f32(),
+        }
+    }
+}
+
 /// One adapter's low-rank pair on a projection: y += scale * B (A x).
 #[derive(Debug, Clone)]
-pub struct LoraF32 {
+pub struct LoraFactors {
     /// The adapter's slot in the model.
     pub slot: usize,
     /// Rank.
     pub rank: usize,
     /// A, `[rank, k]` row-major (for the token embedding: `[vocab, rank]`, a row per token).
-    pub a: Vec<f32>,
+    pub a: Factor,
     /// Bᵀ, `[rank, n]` row-major, so adding B·(A·x) to a range of outputs is
     /// `rank` contiguous axpys (for the token embedding: `[rank, dim]`).
-    pub b: Vec<f32>,
+    pub b: Factor,
     /// alpha / rank from the adapter file.
     pub file_scale: f32,
 }
@@ -49,7 +78,7 @@ pub struct Matrix {
     /// Bias, one per row.
     pub bias: Option<Vec<f32>>,
     /// Attached adapters.
-    pub loras: Vec<LoraF32>,
+    pub loras: Vec<LoraFactors>,
 }
 
 /// Why a tensor cannot be used by the CPU engine.
@@ -131,7 +160,7 @@ impl Matrix {
     pub fn active_loras<'a>(
         &'a self,
         scales: &'a [Option<f64>],
-    ) -> impl Iterator<Item = (&'a LoraF32, f32)> + 'a {
+    ) -> impl Iterator<Item = (&'a LoraFactors, f32)> + 'a {
         self.loras.iter().filter_map(move |l| {
             let s = scales.get(l.slot).copied().flatten()?;
             (s != 0.0).then_some((l, (s * l.file_scale as f64) as f32))
@@ -186,7 +215,7 @@ pub struct CpuWeights {
     /// head reads it too).
     pub embedding: Matrix,
     /// Adapters on the token embedding (`a` a row per token, `b` `[rank, dim]`).
-    pub embedding_loras: Vec<LoraF32>,
+    pub embedding_loras: Vec<LoraFactors>,
     /// Blocks in order.
     pub blocks: Vec<BlockWeights>,
     /// Final RMSNorm weight.
