@@ -57,18 +57,12 @@ const fn abytes(t: u8) -> (usize, usize) {
     }
 }
 
-/// Weight rows per pass in a mat-vec: four activation-block loads serve
-/// four rows, and four independent accumulators hide the FMA latency.
-const NR_DECODE: usize = 4;
-
-/// Weight rows per decode pass for type `t` (see `sweep`).
-const fn decode_rows(t: u8) -> usize {
-    match t {
-        Q8_0 => 1,
-        Q4_0 => NR_DECODE,
-        _ => 2,
-    }
-}
+/// Weight rows per pass in a mat-vec. Four rows sharing each activation
+/// block win while the weights are in cache, but decode streams the whole
+/// model from memory, and there one row at a time streams fastest (one
+/// thread, 120 matrices of 576x1536: Q8_0 18-23 GB/s against 5 with four
+/// rows; SmolLM2 q4_0 decode 86 -> 124 t/s on one thread).
+const NR_DECODE: usize = 1;
 /// Activation rows per prefill tile.
 const MR_PREFILL: usize = 8;
 /// Weight rows swept per activation tile in prefill; sized so the panel
@@ -196,28 +190,9 @@ unsafe fn sweep<const T: u8, const MR: usize>(
     let mut r = rows.start;
     // Narrow tiles have registers to spare for more weight rows.
     if MR <= 2 {
-        // Weight rows per pass, per type, measured out of cache (one thread,
-        // 120 matrices of 576x1536): Q8_0 streams at 16-19 GB/s one row at a
-        // time and at 5 GB/s four at a time; Q5_x prefer two, Q4_0 four.
-        match decode_rows(T) {
-            1 => {
-                while r < rows.end {
-                    tile::<T, MR, 1>(ctx, [wp(r)], a, i0, r);
-                    r += 1;
-                }
-            }
-            2 => {
-                while r + 2 <= rows.end {
-                    tile::<T, MR, 2>(ctx, [wp(r), wp(r + 1)], a, i0, r);
-                    r += 2;
-                }
-            }
-            _ => {
-                while r + NR_DECODE <= rows.end {
-                    tile::<T, MR, NR_DECODE>(ctx, std::array::from_fn(|j| wp(r + j)), a, i0, r);
-                    r += NR_DECODE;
-                }
-            }
+        while r + NR_DECODE <= rows.end {
+            tile::<T, MR, NR_DECODE>(ctx, std::array::from_fn(|j| wp(r + j)), a, i0, r);
+            r += NR_DECODE;
         }
         match rows.end - r {
             0 => {}
