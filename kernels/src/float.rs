@@ -173,7 +173,7 @@ pub(crate) fn dequantize(wtype: WType, bytes: &[u8], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::testing::{self, run, Family, Rng};
-    use crate::{gemm_all, ActType};
+    use crate::ActType;
     use half::{bf16, f16};
 
     const TYPES: [WType; 3] = [WType::F32, WType::F16, WType::BF16];
@@ -335,51 +335,5 @@ mod tests {
         dequantize(WType::BF16, &[0x80, 0x3F, 0x49, 0x40], &mut out);
         assert_eq!(&out[..2], &[1.0, f32::from_bits(0x4049_0000)]);
         assert_eq!(WType::BF16.act_type(), ActType::F32);
-    }
-
-    /// Nanoseconds per mat-vec and per 64-row product, scalar vs AVX2:
-    /// `cargo test -p lorafold-kernels --release -- --ignored --nocapture float`.
-    #[test]
-    #[ignore]
-    fn timing() {
-        let mut rng = Rng(7);
-        for wtype in TYPES {
-            for (k, n) in [(576, 1536), (1536, 576), (576, 32)] {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                let mut line = format!("{wtype:?} {n}x{k}:");
-                for m in [1, 64] {
-                    let (_, a) = acts(k, m, &mut rng);
-                    let mut out = vec![0f32; m * n];
-                    for (name, isa) in [("scalar", Isa::scalar()), ("avx2", Isa::detect())] {
-                        let reps = if m == 1 {
-                            200_000 / (n * k / 4096).max(1)
-                        } else {
-                            5000 / (n * k / 4096).max(1)
-                        } / if isa.avx2 { 1 } else { 10 };
-                        gemm_all(&w, &a, &mut out, isa);
-                        // The best of several runs: the machine is shared.
-                        let per = reps.max(1) / 7 + 1;
-                        let ns = (0..7)
-                            .map(|_| {
-                                let t = std::time::Instant::now();
-                                for _ in 0..per {
-                                    gemm_all(&w, &a, &mut out, isa);
-                                    std::hint::black_box(&mut out);
-                                }
-                                t.elapsed().as_nanos() as f64 / per as f64
-                            })
-                            .fold(f64::INFINITY, f64::min);
-                        line += &format!(
-                            " m={m} {name} {:.1} us ({:.1} GB/s weights, {:.1} GFLOP/s);",
-                            ns / 1e3,
-                            wb.len() as f64 / ns,
-                            2.0 * (m * n * k) as f64 / ns
-                        );
-                    }
-                }
-                println!("{line}");
-            }
-        }
     }
 }

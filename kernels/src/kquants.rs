@@ -253,7 +253,6 @@ pub(crate) fn dequantize(wtype: WType, bytes: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm_all;
     use crate::testing::{self, Family, Rng};
 
     const TYPES: [WType; 5] = [WType::Q4K, WType::Q6K, WType::Q5K, WType::Q3K, WType::Q2K];
@@ -443,50 +442,5 @@ mod tests {
         assert_eq!(out[0], 0.5 * 2.0 * ((0xF | 1 << 4) - 32) as f32);
         assert_eq!(out[64], 0.5 * -3.0 * ((0x5 | 2 << 4) - 32) as f32);
         assert_eq!(out[1], 0.5 * 2.0 * -32.0);
-    }
-
-    /// Nanoseconds per mat-vec and per 64-row product, scalar vs AVX2:
-    /// `cargo test -p lorafold-kernels --release -- --ignored --nocapture kquants`.
-    #[test]
-    #[ignore]
-    fn timing() {
-        let mut rng = Rng(7);
-        for wtype in TYPES {
-            for (k, n) in [(1536, 576), (1536, 1536), (4096, 1024)] {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                let mut line = format!("{wtype:?} k={k} n={n}:");
-                for m in [1, 64] {
-                    let (_, a) = acts(k, m, &mut rng);
-                    let mut out = vec![0f32; m * n];
-                    for (name, isa) in [("scalar", Isa::scalar()), ("avx2", Isa::detect())] {
-                        let reps = if m == 1 {
-                            200_000 / (n * k / 4096).max(1)
-                        } else {
-                            5000 / (n * k / 4096).max(1)
-                        } / if isa.avx2 { 1 } else { 20 };
-                        gemm_all(&w, &a, &mut out, isa);
-                        // The best of several runs: the machine is shared.
-                        let ns = (0..7)
-                            .map(|_| {
-                                let t = std::time::Instant::now();
-                                for _ in 0..reps.max(1) / 7 + 1 {
-                                    gemm_all(&w, &a, &mut out, isa);
-                                    std::hint::black_box(&mut out);
-                                }
-                                t.elapsed().as_nanos() as f64 / (reps.max(1) / 7 + 1) as f64
-                            })
-                            .fold(f64::INFINITY, f64::min);
-                        let gbs = wb.len() as f64 / ns;
-                        line += &format!(
-                            " m={m} {name} {:.1} us ({gbs:.1} GB/s weights, {:.1} Gop/s);",
-                            ns / 1e3,
-                            2.0 * (m * n * k) as f64 / ns
-                        );
-                    }
-                }
-                println!("{line}");
-            }
-        }
     }
 }

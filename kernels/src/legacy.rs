@@ -154,7 +154,7 @@ pub(crate) fn dequantize(wtype: WType, bytes: &[u8], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::testing::{self, Family, Rng};
-    use crate::{gemm_all, ActType};
+    use crate::ActType;
 
     const TYPES: [WType; 5] = [
         WType::Q4_0,
@@ -297,50 +297,5 @@ mod tests {
         dequantize(WType::Q8_0, &[&d[..], &q8].concat(), &mut out);
         assert_eq!((out[0], out[31]), (-8.0, 7.5));
         assert_eq!(WType::Q8_0.act_type(), ActType::Q8_0);
-    }
-
-    /// Nanoseconds per mat-vec and per 64-row product, scalar vs AVX2:
-    /// `cargo test -p lorafold-kernels --release -- --ignored --nocapture legacy`.
-    #[test]
-    #[ignore]
-    fn timing() {
-        let mut rng = Rng(7);
-        for wtype in TYPES {
-            for (k, n) in [(576, 1536), (1536, 576), (576, 32)] {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                let mut line = format!("{wtype:?} {n}x{k}:");
-                for m in [1, 64] {
-                    let (_, a) = acts(wtype, k, m, &mut rng);
-                    let mut out = vec![0f32; m * n];
-                    for (name, isa) in [("scalar", Isa::scalar()), ("avx2", Isa::detect())] {
-                        let reps = if m == 1 {
-                            200_000 / (n * k / 4096).max(1)
-                        } else {
-                            5000 / (n * k / 4096).max(1)
-                        } / if isa.avx2 { 1 } else { 10 };
-                        gemm_all(&w, &a, &mut out, isa);
-                        // The best of several runs: the machine is shared.
-                        let ns = (0..7)
-                            .map(|_| {
-                                let t = std::time::Instant::now();
-                                for _ in 0..reps.max(1) / 7 + 1 {
-                                    gemm_all(&w, &a, &mut out, isa);
-                                    std::hint::black_box(&mut out);
-                                }
-                                t.elapsed().as_nanos() as f64 / (reps.max(1) / 7 + 1) as f64
-                            })
-                            .fold(f64::INFINITY, f64::min);
-                        let gbs = wb.len() as f64 / ns;
-                        line += &format!(
-                            " m={m} {name} {:.1} us ({gbs:.1} GB/s weights, {:.1} Gop/s);",
-                            ns / 1e3,
-                            2.0 * (m * n * k) as f64 / ns
-                        );
-                    }
-                }
-                println!("{line}");
-            }
-        }
     }
 }

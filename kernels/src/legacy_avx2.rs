@@ -57,12 +57,6 @@ const fn abytes(t: u8) -> (usize, usize) {
     }
 }
 
-/// Weight rows per pass in a mat-vec. Four rows sharing each activation
-/// block win while the weights are in cache, but decode streams the whole
-/// model from memory, and there one row at a time streams fastest (one
-/// thread, 120 matrices of 576x1536: Q8_0 18-23 GB/s against 5 with four
-/// rows; SmolLM2 q4_0 decode 86 -> 124 t/s on one thread).
-const NR_DECODE: usize = 1;
 /// Activation rows per prefill tile.
 const MR_PREFILL: usize = 8;
 /// Weight rows swept per activation tile in prefill; sized so the panel
@@ -188,26 +182,14 @@ unsafe fn sweep<const T: u8, const MR: usize>(
 ) {
     let wp = |r: usize| ctx.w.add(r * ctx.wrow);
     let mut r = rows.start;
-    // Narrow tiles have registers to spare for more weight rows.
-    if MR <= 2 {
-        while r + NR_DECODE <= rows.end {
-            tile::<T, MR, NR_DECODE>(ctx, std::array::from_fn(|j| wp(r + j)), a, i0, r);
-            r += NR_DECODE;
-        }
-        match rows.end - r {
-            0 => {}
-            1 => tile::<T, MR, 1>(ctx, [wp(r)], a, i0, r),
-            2 => tile::<T, MR, 2>(ctx, [wp(r), wp(r + 1)], a, i0, r),
-            _ => tile::<T, MR, 3>(ctx, [wp(r), wp(r + 1), wp(r + 2)], a, i0, r),
-        }
-    } else if MR == MR_PREFILL && ctx.nb <= MAX_PRE_BLOCKS {
+    if MR == MR_PREFILL && ctx.nb <= MAX_PRE_BLOCKS {
         // The activation scales (and sums) of the tile, block-major, so one
         // vector multiply per weight block scales all MR products.
         let (ab, _) = abytes(T);
         let stride = if has_min(T) { 2 * MR } else { MR };
-        // Uninitialised: zeroing 32 KiB per tile of a panel cost a quarter
-        // of SmolLM2's prefill (perf); only the first nb * stride are read,
-        // and all of them are written here.
+        // Uninitialised: zeroing 32 KiB for every tile of every panel was
+        // measurable in prefill; only the first nb * stride are read, and
+        // all of them are written here.
         let mut pre = std::mem::MaybeUninit::<[f32; 2 * MR_PREFILL * MAX_PRE_BLOCKS]>::uninit();
         let pre = pre.as_mut_ptr() as *mut f32;
         for b in 0..ctx.nb {
@@ -225,6 +207,12 @@ unsafe fn sweep<const T: u8, const MR: usize>(
             r += 1;
         }
     } else {
+        // One weight row per pass, decode included. Several rows sharing
+        // each activation block win while the weights are in cache, but
+        // decode streams the whole model from memory, and there one row at a
+        // time streams fastest (one thread, 120 matrices of 576x1536: Q8_0
+        // 18-23 GB/s against 5 with four rows; SmolLM2 q4_0 decode 86 -> 124
+        // t/s on one thread).
         while r < rows.end {
             tile::<T, MR, 1>(ctx, [wp(r)], a, i0, r);
             r += 1;
