@@ -41,33 +41,6 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// Dot product with eight independent lanes, so the compiler can vectorise
-/// it without reassociating (the order is fixed, the result deterministic).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// `y += a * x`.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o += a * v;
-    }
-}
-
 /// How a head's dimensions pair up for RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -136,10 +109,6 @@ mod tests {
         softmax(&mut p);
         let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|v| v.exp()).sum();
         assert!((p[2] as f64 - 3f64.exp() / z).abs() < 1e-6);
-        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32 * 0.1).collect();
-        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - exact).abs() < 1e-4);
         let mut v = [1.0f32, 0.0, 0.0, 1.0];
         let c = [0.0f32, 1.0];
         let s = [1.0f32, 0.0];

@@ -99,7 +99,7 @@ struct Scratch {
     acts: Vec<ActBuf>,
     /// Adapter products A·x.
     ax: Vec<f32>,
-    /// Per thread: scores, then two head-wide rows.
+    /// Per thread: scores, then one head-wide accumulator.
     per_thread: Vec<f32>,
     logits: Vec<f32>,
 }
@@ -223,7 +223,7 @@ impl<'m> CpuSession<'m> {
             acts,
             // Up to three projections (q, k, v) share one step.
             ax: vec![0.0; 3 * batch * max_rank],
-            per_thread: vec![0.0; pool.threads() * (max + 2 * hd)],
+            per_thread: vec![0.0; pool.threads() * (max + hd)],
             logits: vec![0.0; cfg.vocab],
         };
         CpuSession {
@@ -323,7 +323,7 @@ impl<'m> CpuSession<'m> {
         let file = w.file.as_ref();
         let t = ids.len();
         let (dim, hd) = (cfg.dim, cfg.head_dim);
-        let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        let q_out = cfg.n_head * hd;
         let eps = cfg.rms_eps as f32;
 
         let emb = w.embedding.weights(file);
@@ -382,7 +382,6 @@ impl<'m> CpuSession<'m> {
             ops::swiglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn]);
             self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
             ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
-            let _ = kv_out;
         }
 
         let Some(at) = head_at else { return };
@@ -548,7 +547,7 @@ impl<'m> CpuSession<'m> {
         let group = cfg.n_head / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let units = cfg.n_head * t;
-        let per = self.max + 2 * hd;
+        let per = self.max + hd;
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
         let out = Out {
