@@ -5,6 +5,7 @@
 pub mod arch;
 mod candle_path;
 pub mod cpu;
+pub mod finite;
 pub mod generate;
 pub mod gguf;
 pub mod lora;

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use crate::finite::check_finite;
 use crate::gguf::{GgmlType, GgufFile};
 use crate::mapped;
-use crate::model::{check_finite, Model, RuntimeError};
+use crate::model::{Model, RuntimeError};
 
 /// One target's pair, ready to multiply: A^T [in, r] and B^T [r, out].
 #[derive(Debug, Clone)]
@@ -124,7 +125,7 @@ impl LoraAdapter {
             // A NaN here turns every logit NaN, which sampling reads as token 0.
             for (t, info) in [(&a, ta), (&b, tb)] {
                 check_finite(&t.flatten_all()?.to_vec1::<f32>()?)
-                    .map_err(|p| bad(&info.name, p))?;
+                    .map_err(|p| bad(&info.name, format!("{p}: not finite")))?;
             }
             let embedding = target == "token_embd.weight";
             // ne [in, r] is torch [r, in]; the embedding's A is stored as

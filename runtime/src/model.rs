@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use crate::arch::Architecture;
 use crate::candle_path::{CandleSession, CandleWeights, LoraPair};
 use crate::cpu::{CpuSession, CpuWeights, KvType, StepError};
+use crate::finite::check_finite;
 use crate::gguf::{GgufError, GgufFile};
 use crate::mapped;
 
@@ -70,19 +71,6 @@ fn out_of_range(
         name,
         value: value.to_string(),
         expected,
-    }
-}
-
-/// Whether every value is finite; else which one is not, for an error that
-/// names the tensor. The one check for adapters, norms and biases.
-pub(crate) fn check_finite(values: &[f32]) -> Result<(), String> {
-    match values.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(format!(
-            "value {i} of {} is {}: not finite",
-            values.len(),
-            values[i]
-        )),
     }
 }
 
@@ -649,7 +637,7 @@ fn check_small_tensors(
     let bad =
         |tensor: &str, problem: String| model_err(file, format!("tensor '{tensor}': {problem}"));
     if let Some(r) = rope_freqs {
-        check_finite(r).map_err(|p| bad("rope_freqs.weight", p))?;
+        check_finite(r).map_err(|p| bad("rope_freqs.weight", format!("{p}: not finite")))?;
     }
     // The loader checked the dims of every tensor it uses; this bound keeps
     // a huge unused one from being copied.
@@ -661,7 +649,7 @@ fn check_small_tensors(
         let small = t.dims().len() == 1 && t.n_elements() <= widest;
         if small && (t.name.ends_with("_norm.weight") || t.name.ends_with(".bias")) {
             let v = mapped::small_tensor(file, t, &Device::Cpu)?.to_vec1::<f32>()?;
-            check_finite(&v).map_err(|p| bad(&t.name, p))?;
+            check_finite(&v).map_err(|p| bad(&t.name, format!("{p}: not finite")))?;
         }
     }
     Ok(())
