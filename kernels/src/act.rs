@@ -94,6 +94,10 @@ pub struct ActBuf {
     rows: usize,
     // u32 words keep every block 4-byte aligned.
     words: Vec<u32>,
+    // Q8_0 only: the sum of each block's codes, which the prefill panels
+    // need to take the weights' code offset back out (Q8_1 and Q8_K carry
+    // their sums in the block, as ggml's do).
+    sums: Vec<i32>,
 }
 
 impl ActBuf {
@@ -109,6 +113,16 @@ impl ActBuf {
             k,
             rows: 0,
             words: vec![0; act.row_words(k) * max_rows],
+            sums: vec![0; Self::row_sums(act, k) * max_rows],
+        }
+    }
+
+    /// Block sums kept per row (Q8_0 only).
+    fn row_sums(act: ActType, k: usize) -> usize {
+        if act == ActType::Q8_0 {
+            k / 32
+        } else {
+            0
         }
     }
 
@@ -142,6 +156,10 @@ impl ActBuf {
         if self.words.len() < rows * rw {
             self.words.resize(rows * rw, 0);
         }
+        let rs = Self::row_sums(self.act, k);
+        if self.sums.len() < rows * rs {
+            self.sums.resize(rows * rs, 0);
+        }
         self.rows = rows;
         for (i, xr) in x.chunks_exact(k).enumerate() {
             let dst = &mut self.words[i * rw..(i + 1) * rw];
@@ -154,8 +172,10 @@ impl ActBuf {
                 ActType::Q8_0 => {
                     // SAFETY: `dst` holds exactly k/32 ActQ8_0 (36 bytes, align 4).
                     let blocks = unsafe { cast_mut::<ActQ8_0>(dst) };
-                    for (b, xs) in blocks.iter_mut().zip(xr.chunks_exact(32)) {
+                    let sums = &mut self.sums[i * rs..(i + 1) * rs];
+                    for ((b, xs), s) in blocks.iter_mut().zip(xr.chunks_exact(32)).zip(sums) {
                         quantize_q8_0(xs, b);
+                        *s = b.qs.iter().map(|&q| q as i32).sum();
                     }
                 }
                 ActType::Q8_1 => {
@@ -194,6 +214,14 @@ impl ActBuf {
         assert_eq!(self.act, ActType::Q8_0);
         // SAFETY: the row holds whole ActQ8_0 blocks, 4-byte aligned.
         unsafe { cast::<ActQ8_0>(self.row_words(i)) }
+    }
+
+    /// The code sums of row `i`'s Q8_0 blocks.
+    pub fn q8_0_sums(&self, i: usize) -> &[i32] {
+        assert_eq!(self.act, ActType::Q8_0);
+        assert!(i < self.rows, "activation row {i} of {}", self.rows);
+        let rs = self.k / 32;
+        &self.sums[i * rs..(i + 1) * rs]
     }
 
     /// Row `i` as Q8_1 blocks.

@@ -317,7 +317,9 @@ mod tests {
         (nb as f64 + 6.0) * f32::EPSILON as f64 * mag
     }
 
-    const SHAPES: [(usize, usize); 9] = [
+    const SHAPES: [(usize, usize); 10] = [
+        // Longer than a prefill panel's 2048 columns: two chunks.
+        (2304, 9),
         (256, 1),
         (256, 5),
         (256, 17),
@@ -334,8 +336,8 @@ mod tests {
     impl Family for Fam {
         const TYPES: &'static [WType] = &TYPES;
         const SHAPES: &'static [(usize, usize)] = &SHAPES;
-        const TILE_SHAPES: &'static [(usize, usize)] = &[(768, 17), (256, 70)];
-        const TILE_ROWS: &'static [usize] = &[1, 8, 13];
+        const TILE_SHAPES: &'static [(usize, usize)] = &[(768, 17), (256, 70), (2304, 9)];
+        const TILE_ROWS: &'static [usize] = &[1, 3, 8, 13];
         fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8> {
             weights(wtype, k, n, rng)
         }

@@ -1,4 +1,6 @@
-//! AVX2+FMA kernels for the K-quant types, chosen at run time.
+//! AVX2+FMA kernels for the K-quant types, chosen at run time, for decode
+//! and batches of fewer rows than the prefill panels take (`panel_avx2`,
+//! which also unpacks its super-blocks with [`unpack`]).
 //!
 //! Every type unpacks a super-block to one shape (see [`Unpacked`]): eight
 //! vectors of 32 unsigned codes, eight vectors of 16-bit group scales (one
@@ -23,11 +25,11 @@ use crate::blocks::QK_K;
 use crate::kquants::q3k_scales;
 use crate::{ActBuf, Out, WType, Weights};
 
-const Q2K: u8 = 0;
-const Q3K: u8 = 1;
-const Q4K: u8 = 2;
-const Q5K: u8 = 3;
-const Q6K: u8 = 4;
+pub(crate) const Q2K: u8 = 0;
+pub(crate) const Q3K: u8 = 1;
+pub(crate) const Q4K: u8 = 2;
+pub(crate) const Q5K: u8 = 3;
+pub(crate) const Q6K: u8 = 4;
 
 /// Bytes of one super-block of type `T`.
 const fn wbytes(t: u8) -> usize {
@@ -44,13 +46,6 @@ const fn wbytes(t: u8) -> usize {
 const fn has_min(t: u8) -> bool {
     matches!(t, Q2K | Q4K | Q5K)
 }
-
-/// Activation rows per prefill tile.
-const MR_PREFILL: usize = 8;
-/// Weight rows swept per activation tile in prefill; sized so the panel
-/// (64 rows of 2048 Q6_K weights, 105 KiB) stays in L2 while every tile of
-/// activation rows passes over it.
-const PANEL: usize = 64;
 
 /// See [`crate::gemm`]; the caller has checked AVX2, FMA and F16C.
 ///
@@ -94,31 +89,17 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
         return;
     }
     let arow = |i: usize| -> *const ActQ8K { acts.q8k_row(i).as_ptr() };
-    if m == 1 {
-        sweep::<T, 1>(ctx, rows, 0, [arow(0)]);
-        return;
-    }
-    let mut p0 = rows.start;
-    while p0 < rows.end {
-        let panel = p0..(p0 + PANEL).min(rows.end);
-        let mut i0 = 0;
-        while i0 + MR_PREFILL <= m {
-            let a: [*const ActQ8K; MR_PREFILL] = std::array::from_fn(|j| arow(i0 + j));
-            sweep::<T, MR_PREFILL>(ctx, panel.clone(), i0, a);
-            i0 += MR_PREFILL;
-        }
-        let p = panel.clone();
+    // Decode and short batches; from panel_avx2::MIN_ROWS rows on, the
+    // prefill panels take over.
+    let mut i0 = 0;
+    while i0 < m {
+        let a = |j: usize| arow(i0 + j);
         match m - i0 {
-            0 => {}
-            1 => sweep::<T, 1>(ctx, p, i0, [arow(i0)]),
-            2 => sweep::<T, 2>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-            3 => sweep::<T, 3>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-            4 => sweep::<T, 4>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-            5 => sweep::<T, 5>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-            6 => sweep::<T, 6>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-            _ => sweep::<T, 7>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
+            1 => sweep::<T, 1>(ctx, rows.clone(), i0, [a(0)]),
+            2 => sweep::<T, 2>(ctx, rows.clone(), i0, [a(0), a(1)]),
+            _ => sweep::<T, 3>(ctx, rows.clone(), i0, [a(0), a(1), a(2)]),
         }
-        p0 = panel.end;
+        i0 += (m - i0).min(3);
     }
 }
 
@@ -137,9 +118,9 @@ unsafe fn sweep<const T: u8, const MR: usize>(
 
 /// One super-block ready to multiply: for element e of group g = e / 16,
 /// w = d sc[g] (q[e] - off) - dmin mn[g].
-struct Unpacked {
+pub(crate) struct Unpacked {
     /// Codes before the offset (0..=63), 32 elements per vector.
-    q: [__m256i; 8],
+    pub(crate) q: [__m256i; 8],
     /// Vector c: the scale of group 2c in the low eight 16-bit lanes, of
     /// group 2c + 1 in the high eight (the halves maddubs pairs fall in).
     sc: [__m256i; 8],
@@ -147,9 +128,9 @@ struct Unpacked {
     /// from the integer sum) without minimums, mn with them.
     bc: __m256i,
     /// Super-block scale.
-    d: f32,
+    pub(crate) d: f32,
     /// Super-block scale of the minimums (zero without).
-    dmin: f32,
+    pub(crate) dmin: f32,
 }
 
 /// The f16 at `p`, widened with F16C.
@@ -252,7 +233,7 @@ unsafe fn ld(p: *const u8) -> __m256i {
 /// Unpack the super-block at `p`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack<const T: u8>(p: *const u8) -> Unpacked {
+pub(crate) unsafe fn unpack<const T: u8>(p: *const u8) -> Unpacked {
     let m4 = _mm256_set1_epi8(0x0F);
     match T {
         Q2K => {

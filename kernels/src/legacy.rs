@@ -225,7 +225,9 @@ mod tests {
         (nb as f64 + 3.0) * f32::EPSILON as f64 * mag + slack
     }
 
-    const SHAPES: [(usize, usize); 9] = [
+    const SHAPES: [(usize, usize); 10] = [
+        // Longer than a prefill panel's 2048 columns: two chunks.
+        (2080, 9),
         (32, 1),
         (32, 5),
         (32, 17),
@@ -242,8 +244,8 @@ mod tests {
     impl Family for Fam {
         const TYPES: &'static [WType] = &TYPES;
         const SHAPES: &'static [(usize, usize)] = &SHAPES;
-        const TILE_SHAPES: &'static [(usize, usize)] = &[(224, 17), (96, 70)];
-        const TILE_ROWS: &'static [usize] = &[1, 8, 13];
+        const TILE_SHAPES: &'static [(usize, usize)] = &[(224, 17), (96, 70), (2080, 9)];
+        const TILE_ROWS: &'static [usize] = &[1, 3, 8, 13];
         fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8> {
             weights(wtype, k, n, rng)
         }

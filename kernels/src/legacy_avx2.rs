@@ -1,4 +1,6 @@
-//! AVX2+FMA kernels for the 32-weight block types, chosen at run time.
+//! AVX2+FMA kernels for the 32-weight block types, chosen at run time, for
+//! decode and batches of fewer rows than the prefill panels take
+//! (`panel_avx2`).
 //!
 //! One micro-kernel, generic over the type and the tile (MR activation rows
 //! by NR weight rows), does all the work: each weight block is unpacked once
@@ -17,11 +19,11 @@ use std::ops::Range;
 
 use crate::{ActBuf, Out, WType, Weights};
 
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
+pub(crate) const Q4_0: u8 = 0;
+pub(crate) const Q4_1: u8 = 1;
+pub(crate) const Q5_0: u8 = 2;
+pub(crate) const Q5_1: u8 = 3;
+pub(crate) const Q8_0: u8 = 4;
 
 /// Bytes of one weight block of type `T`.
 const fn wbytes(t: u8) -> usize {
@@ -56,16 +58,6 @@ const fn abytes(t: u8) -> (usize, usize) {
         (36, 4)
     }
 }
-
-/// Activation rows per prefill tile.
-const MR_PREFILL: usize = 8;
-/// Weight rows swept per activation tile in prefill; sized so the panel
-/// (at most 64 rows of 1536 Q8_0 weights, 100 KiB) stays in L2 while every
-/// tile of activation rows passes over it.
-const PANEL: usize = 64;
-/// Longest row (in blocks) whose prefill tile gathers its activation scales
-/// up front (32 KiB of stack for k = 16384); longer rows take the plain tile.
-const MAX_PRE_BLOCKS: usize = 512;
 
 /// See [`crate::gemm`]; the caller has checked AVX2, FMA and F16C.
 ///
@@ -115,60 +107,17 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
             acts.q8_0_row(i).as_ptr() as *const u8
         }
     };
-    if m == 1 {
-        sweep::<T, 1>(ctx, rows, 0, [arow(0)]);
-        return;
-    }
-    let mut p0 = rows.start;
-    while p0 < rows.end {
-        let panel = p0..(p0 + PANEL).min(rows.end);
-        let mut i0 = 0;
-        while i0 + MR_PREFILL <= m {
-            let a: [*const u8; MR_PREFILL] = std::array::from_fn(|j| arow(i0 + j));
-            sweep::<T, MR_PREFILL>(ctx, panel.clone(), i0, a);
-            i0 += MR_PREFILL;
-        }
+    // Decode and short batches; from panel_avx2::MIN_ROWS rows on, the
+    // prefill panels take over.
+    let mut i0 = 0;
+    while i0 < m {
+        let a = |j: usize| arow(i0 + j);
         match m - i0 {
-            0 => {}
-            1 => sweep::<T, 1>(ctx, panel.clone(), i0, [arow(i0)]),
-            2 => sweep::<T, 2>(
-                ctx,
-                panel.clone(),
-                i0,
-                std::array::from_fn(|j| arow(i0 + j)),
-            ),
-            3 => sweep::<T, 3>(
-                ctx,
-                panel.clone(),
-                i0,
-                std::array::from_fn(|j| arow(i0 + j)),
-            ),
-            4 => sweep::<T, 4>(
-                ctx,
-                panel.clone(),
-                i0,
-                std::array::from_fn(|j| arow(i0 + j)),
-            ),
-            5 => sweep::<T, 5>(
-                ctx,
-                panel.clone(),
-                i0,
-                std::array::from_fn(|j| arow(i0 + j)),
-            ),
-            6 => sweep::<T, 6>(
-                ctx,
-                panel.clone(),
-                i0,
-                std::array::from_fn(|j| arow(i0 + j)),
-            ),
-            _ => sweep::<T, 7>(
-                ctx,
-                panel.clone(),
-                i0,
-                std::array::from_fn(|j| arow(i0 + j)),
-            ),
+            1 => sweep::<T, 1>(ctx, rows.clone(), i0, [a(0)]),
+            2 => sweep::<T, 2>(ctx, rows.clone(), i0, [a(0), a(1)]),
+            _ => sweep::<T, 3>(ctx, rows.clone(), i0, [a(0), a(1), a(2)]),
         }
-        p0 = panel.end;
+        i0 += (m - i0).min(3);
     }
 }
 
@@ -180,43 +129,13 @@ unsafe fn sweep<const T: u8, const MR: usize>(
     i0: usize,
     a: [*const u8; MR],
 ) {
-    let wp = |r: usize| ctx.w.add(r * ctx.wrow);
-    let mut r = rows.start;
-    if MR == MR_PREFILL && ctx.nb <= MAX_PRE_BLOCKS {
-        // The activation scales (and sums) of the tile, block-major, so one
-        // vector multiply per weight block scales all MR products.
-        let (ab, _) = abytes(T);
-        let stride = if has_min(T) { 2 * MR } else { MR };
-        // Uninitialised: zeroing 32 KiB for every tile of every panel was
-        // measurable in prefill; only the first nb * stride are read, and
-        // all of them are written here.
-        let mut pre = std::mem::MaybeUninit::<[f32; 2 * MR_PREFILL * MAX_PRE_BLOCKS]>::uninit();
-        let pre = pre.as_mut_ptr() as *mut f32;
-        for b in 0..ctx.nb {
-            for (i, &pa) in a.iter().enumerate() {
-                let blk = pa.add(b * ab) as *const f32;
-                pre.add(b * stride + i).write(blk.read());
-                if has_min(T) {
-                    pre.add(b * stride + MR + i).write(blk.add(1).read());
-                }
-            }
-        }
-        while r < rows.end {
-            let a8: [*const u8; MR_PREFILL] = std::array::from_fn(|j| a[j]);
-            tile_pre::<T>(ctx, wp(r), a8, pre, i0, r);
-            r += 1;
-        }
-    } else {
-        // One weight row per pass, decode included. Several rows sharing
-        // each activation block win while the weights are in cache, but
-        // decode streams the whole model from memory, and there one row at a
-        // time streams fastest (one thread, 120 matrices of 576x1536: Q8_0
-        // 18-23 GB/s against 5 with four rows; SmolLM2 q4_0 decode 86 -> 124
-        // t/s on one thread).
-        while r < rows.end {
-            tile::<T, MR, 1>(ctx, [wp(r)], a, i0, r);
-            r += 1;
-        }
+    // One weight row per pass. Several rows sharing each activation block
+    // win while the weights are in cache, but decode streams the whole model
+    // from memory, and there one row at a time streams fastest (one thread,
+    // 120 matrices of 576x1536: Q8_0 18-23 GB/s against 5 with four rows;
+    // SmolLM2 q4_0 decode 86 -> 124 t/s on one thread).
+    for r in rows {
+        tile::<T, MR, 1>(ctx, [ctx.w.add(r * ctx.wrow)], a, i0, r);
     }
 }
 
@@ -271,7 +190,7 @@ unsafe fn scales<const T: u8>(p: *const u8) -> (__m256, f32) {
 /// 5-bit types, signed for Q8_0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn codes<const T: u8>(p: *const u8) -> __m256i {
+pub(crate) unsafe fn codes<const T: u8>(p: *const u8) -> __m256i {
     match T {
         Q4_0 => nibbles(p.add(2)),
         Q4_1 => nibbles(p.add(4)),
@@ -348,61 +267,5 @@ unsafe fn tile<const T: u8, const MR: usize, const NR: usize>(
         for r in 0..NR {
             *ctx.out.ptr.add((i0 + i) * ctx.out.ld + r0 + r) = hsum(acc[i][r]) + summ[i][r];
         }
-    }
-}
-
-/// [`tile`] for MR_PREFILL activation rows and one weight row, with the
-/// activations' scales (and, with a minimum, their sums) gathered in `pre`
-/// as MR_PREFILL scales (then sums) per block. Each product sees the same
-/// operations as in [`tile`]: lane i of a vector multiply or FMA rounds as
-/// the scalar one does.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_pre<const T: u8>(
-    ctx: Ctx,
-    w: *const u8,
-    a: [*const u8; MR_PREFILL],
-    pre: *const f32,
-    i0: usize,
-    r0: usize,
-) {
-    const MR: usize = MR_PREFILL;
-    let (ab, aq) = abytes(T);
-    let stride = if has_min(T) { 2 * MR } else { MR };
-    let ones = _mm256_set1_epi16(1);
-    let off = _mm256_set1_epi8(offset(T));
-    let mut acc = [_mm256_setzero_ps(); MR];
-    let mut summ = _mm256_setzero_ps();
-    for b in 0..ctx.nb {
-        let p = w.add(b * wbytes(T));
-        let (dw, mw) = scales::<T>(p);
-        let qw = codes::<T>(p);
-        let sw = if offset(T) != 0 {
-            _mm256_sub_epi8(qw, off)
-        } else {
-            qw
-        };
-        let aw = _mm256_sign_epi8(sw, sw);
-        let pb = pre.add(b * stride);
-        let mut sc = [0f32; MR];
-        _mm256_storeu_ps(sc.as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(pb)));
-        if has_min(T) {
-            summ = _mm256_fmadd_ps(_mm256_set1_ps(mw), _mm256_loadu_ps(pb.add(MR)), summ);
-        }
-        for i in 0..MR {
-            let qx = _mm256_loadu_si256(a[i].add(b * ab + aq) as *const __m256i);
-            let p16 = if has_min(T) {
-                _mm256_maddubs_epi16(qw, qx)
-            } else {
-                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, sw))
-            };
-            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[i]), dot, acc[i]);
-        }
-    }
-    let mut sm = [0f32; MR];
-    _mm256_storeu_ps(sm.as_mut_ptr(), summ);
-    for i in 0..MR {
-        *ctx.out.ptr.add((i0 + i) * ctx.out.ld + r0) = hsum(acc[i]) + sm[i];
     }
 }

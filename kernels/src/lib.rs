@@ -27,6 +27,8 @@ mod kquants_avx2;
 mod legacy;
 #[cfg(target_arch = "x86_64")]
 mod legacy_avx2;
+#[cfg(target_arch = "x86_64")]
+mod panel_avx2;
 pub mod reference;
 #[cfg(test)]
 mod testing;
@@ -155,26 +157,50 @@ impl WType {
 pub struct Isa {
     /// AVX2 and FMA (and F16C).
     pub avx2: bool,
+    /// AVX-512 VNNI on 256-bit vectors (with F, BW and VL), for prefill.
+    pub vnni: bool,
 }
 
 impl Isa {
-    /// What this CPU has.
+    /// What this CPU has, less what `LORAFOLD_ISA` takes away: `avx2` stops
+    /// at AVX2 (to measure what a CPU without AVX-512 gets), `scalar` uses
+    /// the portable path only.
     pub fn detect() -> Isa {
+        let cap = std::env::var("LORAFOLD_ISA").unwrap_or_default();
+        if cap == "scalar" {
+            return Isa::scalar();
+        }
         #[cfg(target_arch = "x86_64")]
         {
-            Isa {
-                avx2: is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c"),
-            }
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let vnni = avx2
+                && cap != "avx2"
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            Isa { avx2, vnni }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa { avx2: false }
+        Isa::scalar()
     }
 
     /// The portable path only (the reference in tests).
     pub fn scalar() -> Isa {
-        Isa { avx2: false }
+        Isa {
+            avx2: false,
+            vnni: false,
+        }
+    }
+
+    /// AVX2 without AVX-512, whatever the CPU has beyond it.
+    pub fn avx2_only(self) -> Isa {
+        Isa {
+            vnni: false,
+            ..self
+        }
     }
 }
 
@@ -260,6 +286,14 @@ pub unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, isa
     debug_assert_eq!(acts.act_type(), w.wtype.act_type());
     debug_assert_eq!(acts.k(), w.k);
     debug_assert!(rows.end <= w.n);
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2
+        && acts.rows() >= panel_avx2::MIN_ROWS
+        && !matches!(w.wtype, WType::F32 | WType::F16 | WType::BF16)
+    {
+        panel_avx2::gemm(w, rows, acts, out, isa.vnni);
+        return;
+    }
     match w.wtype {
         WType::F32 | WType::F16 | WType::BF16 => float::gemm(w, rows, acts, out, isa),
         WType::Q4_0 | WType::Q4_1 | WType::Q5_0 | WType::Q5_1 | WType::Q8_0 => {

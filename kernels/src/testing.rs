@@ -4,6 +4,12 @@
 
 use crate::{gemm, gemm_all, reference, ActBuf, Isa, Out, WType, Weights};
 
+/// Rows from which the prefill panels take over (1 where there are none).
+#[cfg(target_arch = "x86_64")]
+const PANEL_MIN_ROWS: usize = crate::panel_avx2::MIN_ROWS;
+#[cfg(not(target_arch = "x86_64"))]
+const PANEL_MIN_ROWS: usize = 1;
+
 /// xorshift64*: deterministic test data without a dependency.
 pub(crate) struct Rng(pub(crate) u64);
 
@@ -72,36 +78,45 @@ pub(crate) fn scalar_matches_reference<F: Family>() {
     }
 }
 
-/// The AVX2 kernels are within the bound of the reference, and within twice
-/// it of the scalar ones (same order; FMA rounds once where scalar rounds twice).
+/// The SIMD kernels (AVX2, and AVX-512 VNNI where the CPU has it) are
+/// within the bound of the reference, and within twice it of the scalar
+/// ones (FMA rounds once where scalar rounds twice; prefill panels scale per
+/// group where ggml's K-quant dot scales per super-block). Row counts cover
+/// decode (1), the row tiles (3) and the prefill panels with a remainder (13).
 pub(crate) fn avx2_matches_scalar_and_reference<F: Family>() {
-    let isa = Isa::detect();
-    if !isa.avx2 {
+    let detected = Isa::detect();
+    if !detected.avx2 {
         eprintln!("no AVX2: skipped");
         return;
     }
+    let mut isas = vec![detected.avx2_only()];
+    if detected.vnni {
+        isas.push(detected);
+    }
     let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-    for &wtype in F::TYPES {
-        for &(k, n) in F::SHAPES {
-            let wb = F::weights(wtype, k, n, &mut rng);
-            let w = Weights::new(wtype, &wb, k, n).unwrap();
-            for m in [1, 13] {
-                let (_, a) = F::acts(wtype, k, m, &mut rng);
-                let simd = run(&w, &a, isa);
-                let scalar = run(&w, &a, Isa::scalar());
-                for i in 0..m {
-                    for r in 0..n {
-                        let b = F::bound(wtype, w.row(r), &a, i);
-                        let exact = reference::dot_f64(wtype, w.row(r), &a, i);
-                        let (s, v) = (scalar[i * n + r] as f64, simd[i * n + r] as f64);
-                        assert!(
-                            (v - exact).abs() <= b,
-                            "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs {exact}"
-                        );
-                        assert!(
-                            (v - s).abs() <= 2.0 * b,
-                            "{wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs scalar {s}"
-                        );
+    for isa in isas {
+        for &wtype in F::TYPES {
+            for &(k, n) in F::SHAPES {
+                let wb = F::weights(wtype, k, n, &mut rng);
+                let w = Weights::new(wtype, &wb, k, n).unwrap();
+                for m in [1, 3, 13] {
+                    let (_, a) = F::acts(wtype, k, m, &mut rng);
+                    let simd = run(&w, &a, isa);
+                    let scalar = run(&w, &a, Isa::scalar());
+                    for i in 0..m {
+                        for r in 0..n {
+                            let b = F::bound(wtype, w.row(r), &a, i);
+                            let exact = reference::dot_f64(wtype, w.row(r), &a, i);
+                            let (s, v) = (scalar[i * n + r] as f64, simd[i * n + r] as f64);
+                            assert!(
+                                (v - exact).abs() <= b,
+                                "{isa:?} {wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs {exact}"
+                            );
+                            assert!(
+                                (v - s).abs() <= 2.0 * b,
+                                "{isa:?} {wtype:?} k={k} n={n} m={m} ({i},{r}): {v} vs scalar {s}"
+                            );
+                        }
                     }
                 }
             }
@@ -109,8 +124,11 @@ pub(crate) fn avx2_matches_scalar_and_reference<F: Family>() {
     }
 }
 
-/// Every element of a tiled product equals the same element computed alone
-/// (one activation row; one weight row), bit for bit.
+/// How the work is split never changes a result, bit for bit: an element
+/// computed with every weight row equals it computed alone (one weight row,
+/// as a thread's share may be), and an activation row gives the same
+/// products in any batch of the same path (decode and small tiles: alone;
+/// prefill panels: in any batch of at least their threshold of rows).
 pub(crate) fn tiles_are_bit_identical<F: Family>() {
     let isa = Isa::detect();
     let mut rng = Rng(0x1234_5678_9ABC_DEF1);
@@ -121,30 +139,43 @@ pub(crate) fn tiles_are_bit_identical<F: Family>() {
             for &m in F::TILE_ROWS {
                 let (x, a) = F::acts(wtype, k, m, &mut rng);
                 let all = run(&w, &a, isa);
-                let mut one = ActBuf::new(wtype.act_type(), k, 1);
+                // The same row in a batch of the same path: alone below the
+                // panel threshold, else with the batch's first rows around it.
+                let batch = m.min(PANEL_MIN_ROWS);
+                let mut other = ActBuf::new(wtype.act_type(), k, batch);
                 for i in 0..m {
-                    one.quantize(&x[i * k..(i + 1) * k]);
-                    let row = run(&w, &one, isa);
+                    let mut rows: Vec<f32> = Vec::with_capacity(batch * k);
+                    let peers = (0..m).filter(|&j| j != i).take(batch - 1);
+                    rows.extend_from_slice(&x[i * k..(i + 1) * k]);
+                    for j in peers {
+                        rows.extend_from_slice(&x[j * k..(j + 1) * k]);
+                    }
+                    other.quantize(&rows);
+                    let row = run(&w, &other, isa);
                     for r in 0..n {
-                        let mut single = [f32::NAN];
-                        // SAFETY: gemm writes only element (0, r), at single[0].
-                        unsafe {
-                            let o = Out {
-                                ptr: single.as_mut_ptr().wrapping_sub(r),
-                                ld: 1,
-                            };
-                            gemm(&w, r..r + 1, &one, o, isa);
-                        }
                         let t = all[i * n + r];
                         assert_eq!(
                             t.to_bits(),
                             row[r].to_bits(),
-                            "{wtype:?} m={m} ({i},{r}) vs row alone"
+                            "{wtype:?} m={m} ({i},{r}) vs the row in another batch"
                         );
+                    }
+                }
+                for r in 0..n {
+                    let mut single = vec![f32::NAN; m];
+                    // SAFETY: gemm writes only elements (i, r), at single[i].
+                    unsafe {
+                        let o = Out {
+                            ptr: single.as_mut_ptr().wrapping_sub(r),
+                            ld: 1,
+                        };
+                        gemm(&w, r..r + 1, &a, o, isa);
+                    }
+                    for i in 0..m {
                         assert_eq!(
-                            t.to_bits(),
-                            single[0].to_bits(),
-                            "{wtype:?} m={m} ({i},{r}) vs element alone"
+                            all[i * n + r].to_bits(),
+                            single[i].to_bits(),
+                            "{wtype:?} m={m} ({i},{r}) vs weight row alone"
                         );
                     }
                 }
