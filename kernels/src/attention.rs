@@ -60,6 +60,35 @@ pub fn axpy(acc: &mut [f32], p: f32, row: Row, isa: Isa) {
     }
 }
 
+/// `out[h] = q_h · row` for the `out.len()` query vectors laid end to end
+/// in `q` (a group of heads sharing one KV head): the row is loaded (and
+/// widened from f16) once for all of them, and their sums run side by side
+/// instead of one latency-bound chain each.
+pub fn dots(q: &[f32], row: Row, out: &mut [f32], isa: Isa) {
+    let hd = q.len() / out.len().max(1);
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 && hd.is_multiple_of(16) {
+        // SAFETY: the CPU has AVX2, FMA and F16C (Isa::detect).
+        return unsafe { avx2::dots(q, row, out, hd) };
+    }
+    for (o, qh) in out.iter_mut().zip(q.chunks_exact(hd)) {
+        *o = dot(qh, row, isa);
+    }
+}
+
+/// `acc_h += p[h] * row` for the `p.len()` accumulators laid end to end in `acc`.
+pub fn axpys(acc: &mut [f32], p: &[f32], row: Row, isa: Isa) {
+    let hd = acc.len() / p.len().max(1);
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 && hd.is_multiple_of(8) {
+        // SAFETY: as in `dots`.
+        return unsafe { avx2::axpys(acc, p, row, hd) };
+    }
+    for (a, &ph) in acc.chunks_exact_mut(hd).zip(p) {
+        axpy(a, ph, row, isa);
+    }
+}
+
 fn lanes(a: [f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
@@ -103,6 +132,68 @@ mod avx2 {
                 };
         }
         s
+    }
+
+    /// Queries at most this many at once (more go in turns).
+    const NQ: usize = 4;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dots(q: &[f32], row: Row, out: &mut [f32], hd: usize) {
+        let len = match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        };
+        assert!(
+            len >= hd && q.len() >= out.len() * hd,
+            "cache row shorter than q"
+        );
+        let mut h0 = 0;
+        while h0 < out.len() {
+            let nq = (out.len() - h0).min(NQ);
+            // Two accumulators per query (even and odd chunks) halve the chain.
+            let mut acc = [[_mm256_setzero_ps(); 2]; NQ];
+            let mut i = 0;
+            while i < hd {
+                let r0 = load(row, i);
+                let r1 = load(row, i + 8);
+                for (h, a) in acc.iter_mut().enumerate().take(nq) {
+                    let qp = q.as_ptr().add((h0 + h) * hd + i);
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp), r0, a[0]);
+                    a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(8)), r1, a[1]);
+                }
+                i += 16;
+            }
+            for (h, a) in acc.iter().enumerate().take(nq) {
+                let mut l = [0f32; 8];
+                _mm256_storeu_ps(l.as_mut_ptr(), _mm256_add_ps(a[0], a[1]));
+                out[h0 + h] = lanes(l);
+            }
+            h0 += nq;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpys(acc: &mut [f32], p: &[f32], row: Row, hd: usize) {
+        let len = match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        };
+        assert!(
+            len >= hd && acc.len() >= p.len() * hd,
+            "cache row shorter than the accumulator"
+        );
+        let mut i = 0;
+        while i < hd {
+            let v = load(row, i);
+            for (h, &ph) in p.iter().enumerate() {
+                let ap = acc.as_mut_ptr().add(h * hd + i);
+                _mm256_storeu_ps(
+                    ap,
+                    _mm256_fmadd_ps(_mm256_set1_ps(ph), v, _mm256_loadu_ps(ap)),
+                );
+            }
+            i += 8;
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -155,6 +246,21 @@ mod tests {
                 let s = dot(&q, row, Isa::scalar());
                 let v = dot(&q, row, Isa::detect());
                 assert!((s as f64 - exact).abs() < 1e-5 && (v as f64 - exact).abs() < 1e-5);
+                // Three heads sharing the row.
+                let q3: Vec<f32> = (0..3 * n).map(|i| (i as f32 * 0.21).cos()).collect();
+                let (mut s3, mut v3) = ([0f32; 3], [0f32; 3]);
+                dots(&q3, row, &mut s3, Isa::scalar());
+                dots(&q3, row, &mut v3, Isa::detect());
+                for h in 0..3 {
+                    let one = dot(&q3[h * n..(h + 1) * n], row, Isa::scalar());
+                    assert!((s3[h] - one).abs() < 1e-6 && (v3[h] - one).abs() < 1e-5);
+                }
+                let (mut a3, mut b3) = (vec![1f32; 3 * n], vec![1f32; 3 * n]);
+                axpys(&mut a3, &[0.5, -1.0, 2.0], row, Isa::scalar());
+                axpys(&mut b3, &[0.5, -1.0, 2.0], row, Isa::detect());
+                for (x, y) in a3.iter().zip(&b3) {
+                    assert!((x - y).abs() < 1e-6);
+                }
                 let (mut a, mut b) = (vec![1f32; n], vec![1f32; n]);
                 axpy(&mut a, 0.5, row, Isa::scalar());
                 axpy(&mut b, 0.5, row, Isa::detect());

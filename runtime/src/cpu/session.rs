@@ -223,7 +223,7 @@ impl<'m> CpuSession<'m> {
             acts,
             // Up to three projections (q, k, v) share one step.
             ax: vec![0.0; 3 * batch * max_rank],
-            per_thread: vec![0.0; pool.threads() * (max + hd)],
+            per_thread: vec![0.0; pool.threads() * (cfg.n_head / cfg.n_head_kv) * (max + hd + 1)],
             logits: vec![0.0; cfg.vocab],
         };
         CpuSession {
@@ -546,8 +546,13 @@ impl<'m> CpuSession<'m> {
         let q_out = cfg.n_head * hd;
         let group = cfg.n_head / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        let units = cfg.n_head * t;
-        let per = self.max + hd;
+        // A unit is a query position and heads sharing one KV head: in
+        // prefill the whole group, so each cache row is read once for all
+        // of it; in decode one head, so the few units still spread over
+        // the threads.
+        let hpu = if t == 1 { 1 } else { group };
+        let units = cfg.n_head / hpu * t;
+        let per = group * (self.max + hd + 1);
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
         let out = Out {
@@ -565,29 +570,49 @@ impl<'m> CpuSession<'m> {
             let (scratch, out) = (scratch, out);
             // SAFETY: each thread uses its own slice of the per-thread scratch.
             let mine = unsafe { std::slice::from_raw_parts_mut(scratch.ptr.add(th * per), per) };
-            let (scores, rest) = mine.split_at_mut(this.max);
-            let acc = &mut rest[..hd];
+            let (scores, rest) = mine.split_at_mut(group * this.max);
+            let (acc, rest) = rest.split_at_mut(group * hd);
+            let probs = &mut rest[..group];
             // Interleaved, so the long rows at the end of a prefill are spread.
             for u in (th..units).step_by(n) {
-                let (head, i) = (u / t, u % t);
+                let (h0, i) = (u / t * hpu, u % t);
                 let p = pos + i;
-                let kvh = head / group;
-                let qv = &q[i * q_out + head * hd..i * q_out + (head + 1) * hd];
-                let scores = &mut scores[..=p];
-                for (j, sc) in scores.iter_mut().enumerate() {
+                let kvh = h0 / group;
+                let qv = &q[i * q_out + h0 * hd..i * q_out + (h0 + hpu) * hd];
+                let len = p + 1;
+                let scores = &mut scores[..hpu * len];
+                let mut dots = [0f32; 16];
+                for j in 0..len {
                     let kr = kv_k.row(this.kv_index(layer, kvh, j), hd);
-                    *sc = attention::dot(qv, kr, isa) * scale;
+                    if hpu == 1 {
+                        scores[j] = attention::dot(qv, kr, isa) * scale;
+                        continue;
+                    }
+                    for c in (0..hpu).step_by(16) {
+                        let nc = (hpu - c).min(16);
+                        attention::dots(&qv[c * hd..(c + nc) * hd], kr, &mut dots[..nc], isa);
+                        for (h, &d) in dots[..nc].iter().enumerate() {
+                            scores[(c + h) * len + j] = d * scale;
+                        }
+                    }
                 }
-                ops::softmax(scores);
+                for sh in scores.chunks_exact_mut(len) {
+                    ops::softmax(sh);
+                }
+                let acc = &mut acc[..hpu * hd];
                 acc.fill(0.0);
-                for (j, &pr) in scores.iter().enumerate() {
+                let probs = &mut probs[..hpu];
+                for j in 0..len {
                     let vr = kv_v.row(this.kv_index(layer, kvh, j), hd);
-                    attention::axpy(acc, pr, vr, isa);
+                    for (h, pr) in probs.iter_mut().enumerate() {
+                        *pr = scores[h * len + j];
+                    }
+                    attention::axpys(acc, probs, vr, isa);
                 }
                 // SAFETY: (i, head) pairs are disjoint between threads.
                 unsafe {
-                    let dst = out.ptr.add(i * q_out + head * hd);
-                    std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, hd);
+                    let dst = out.ptr.add(i * q_out + h0 * hd);
+                    std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, hpu * hd);
                 }
             }
         };
