@@ -1,6 +1,7 @@
-//! Loading maps the weights instead of reading them: resident memory grows by
-//! a small fraction of the file. Alone in its test binary, so no other test
-//! allocates while it measures the process.
+//! Loading holds each weight once: matrices of the 32-weight types are
+//! interleaved into memory for decode (on AVX2 CPUs) and their mapped pages
+//! released; everything else stays mapped and untouched. Alone in its test
+//! binary, so no other test allocates while it measures the process.
 
 mod common;
 
@@ -34,9 +35,17 @@ fn resident_memory_after_load_is_far_below_the_file() {
     let after = rss();
     let grew = after.saturating_sub(before);
     eprintln!("q4_0 file {size} bytes; RSS grew {grew} bytes on load");
+    // Interleaved: the q4_0 projections and the q8_0 embedding, 96% of the
+    // file, plus the allocator's slack (measured: 1.16x the file; held twice
+    // would be 2x); without AVX2 nothing is copied and the map stays untouched.
+    let bound = if lorafold_kernels::Isa::detect().avx2 {
+        size + size / 4
+    } else {
+        size / 10
+    };
     assert!(
-        grew < size / 10,
-        "loading grew RSS by {grew} bytes for a {size}-byte file"
+        grew < bound,
+        "loading grew RSS by {grew} bytes for a {size}-byte file (bound {bound})"
     );
     drop(model);
 }

@@ -73,11 +73,11 @@ fn has_min(wtype: WType) -> bool {
 }
 
 /// ggml's `ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0`.
-fn dot_q8_0(wtype: WType, w: &[u8], a: &[ActQ8_0]) -> f32 {
-    let bb = wtype.block_bytes();
+fn dot_q8_0(w: &Weights, r: usize, a: &[ActQ8_0]) -> f32 {
     let mut sumf = 0f32;
-    for (blk, ab) in w.chunks_exact(bb).zip(a) {
-        let q = codes(wtype, blk);
+    for (b, ab) in a.iter().enumerate() {
+        let blk = w.block(r, b);
+        let q = codes(w.wtype, blk);
         let sumi: i32 = q.iter().zip(&ab.qs).map(|(&x, &y)| x * y as i32).sum();
         sumf += sumi as f32 * (f16_at(blk, 0) * ab.d);
     }
@@ -86,11 +86,11 @@ fn dot_q8_0(wtype: WType, w: &[u8], a: &[ActQ8_0]) -> f32 {
 
 /// ggml's `ggml_vec_dot_{q4_1,q5_1}_q8_1`: the minimum meets the activation
 /// block's stored scaled sum `s`.
-fn dot_q8_1(wtype: WType, w: &[u8], a: &[ActQ8_1]) -> f32 {
-    let bb = wtype.block_bytes();
+fn dot_q8_1(w: &Weights, r: usize, a: &[ActQ8_1]) -> f32 {
     let mut sumf = 0f32;
-    for (blk, ab) in w.chunks_exact(bb).zip(a) {
-        let q = codes(wtype, blk);
+    for (b, ab) in a.iter().enumerate() {
+        let blk = w.block(r, b);
+        let q = codes(w.wtype, blk);
         let sumi: i32 = q.iter().zip(&ab.qs).map(|(&x, &y)| x * y as i32).sum();
         sumf += (f16_at(blk, 0) * ab.d) * sumi as f32 + f16_at(blk, 2) * ab.s;
     }
@@ -115,11 +115,10 @@ pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: O
 pub(crate) unsafe fn gemm_scalar(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
     for i in 0..acts.rows() {
         for r in rows.clone() {
-            let wr = w.row(r);
             let v = if has_min(w.wtype) {
-                dot_q8_1(w.wtype, wr, acts.q8_1_row(i))
+                dot_q8_1(w, r, acts.q8_1_row(i))
             } else {
-                dot_q8_0(w.wtype, wr, acts.q8_0_row(i))
+                dot_q8_0(w, r, acts.q8_0_row(i))
             };
             *out.ptr.add(i * out.ld + r) = v;
         }
@@ -273,6 +272,46 @@ mod tests {
     #[test]
     fn tiles_are_bit_identical_to_single_products() {
         testing::tiles_are_bit_identical::<Fam>();
+    }
+
+    /// Interleaving rows in groups of eight changes where the bytes are, not
+    /// one bit of any product (decode, short batches, prefill panels; every
+    /// instruction set; whole groups and the row-major tail), nor the rows
+    /// an embedding lookup reads.
+    #[test]
+    fn rows8_layout_gives_the_same_products() {
+        use crate::{dequantize_row, gemm_all, Isa, Layout};
+        let mut rng = Rng(0x5EED_0008);
+        let detected = Isa::detect();
+        for wtype in TYPES {
+            for (k, n) in [(224, 17), (2080, 8), (64, 7)] {
+                let wb = weights(wtype, k, n, &mut rng);
+                let w = Weights::new(wtype, &wb, k, n).unwrap();
+                let Some(packed) = w.repack_rows8() else {
+                    assert!(n < 8);
+                    continue;
+                };
+                assert_ne!(packed, wb);
+                let p = w.with_rows8(&packed);
+                assert_eq!(p.layout, Layout::Rows8);
+                for r in 0..n {
+                    let (mut x, mut y) = (vec![0f32; k], vec![0f32; k]);
+                    dequantize_row(&w, r, &mut x);
+                    dequantize_row(&p, r, &mut y);
+                    assert_eq!(x, y, "{wtype:?} row {r}");
+                }
+                for isa in [Isa::scalar(), detected.avx2_only(), detected] {
+                    for m in [1, 3, 13] {
+                        let (_, a) = acts(wtype, k, m, &mut rng);
+                        let (mut o1, mut o2) = (vec![0f32; m * n], vec![0f32; m * n]);
+                        gemm_all(&w, &a, &mut o1, isa);
+                        gemm_all(&p, &a, &mut o2, isa);
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&o1), bits(&o2), "{wtype:?} k={k} n={n} m={m} {isa:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

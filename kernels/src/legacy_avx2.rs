@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::{ActBuf, Out, WType, Weights};
+use crate::{ActBuf, Layout, Out, WType, Weights};
 
 pub(crate) const Q4_0: u8 = 0;
 pub(crate) const Q4_1: u8 = 1;
@@ -84,7 +84,36 @@ struct Ctx {
     wrow: usize,
     /// Blocks per row.
     nb: usize,
+    /// Bytes per block.
+    bb: usize,
+    /// Rows interleaved in groups of eight ([`Layout::Rows8`]); 0 when row-major.
+    grouped: usize,
     out: Out,
+}
+
+impl Ctx {
+    /// Row `r`'s first block and the distance between its blocks.
+    #[inline(always)]
+    unsafe fn row(&self, r: usize) -> (*const u8, usize) {
+        if r < self.grouped {
+            (
+                self.w.add(r / 8 * 8 * self.wrow + r % 8 * self.bb),
+                8 * self.bb,
+            )
+        } else {
+            (self.w.add(r * self.wrow), self.bb)
+        }
+    }
+
+    /// Distance between consecutive rows of a group, and between a row's
+    /// blocks, for [`rows8`].
+    fn group_strides(&self) -> (usize, usize) {
+        if self.grouped > 0 {
+            (self.bb, 8 * self.bb)
+        } else {
+            (self.wrow, self.bb)
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -94,6 +123,11 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
         w: w.bytes.as_ptr(),
         wrow: nb * wbytes(T),
         nb,
+        bb: wbytes(T),
+        grouped: match w.layout {
+            Layout::Rows8 => w.n - w.n % 8,
+            Layout::RowMajor => 0,
+        },
         out,
     };
     let m = acts.rows();
@@ -107,8 +141,17 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
             acts.q8_0_row(i).as_ptr() as *const u8
         }
     };
-    // Decode and short batches; from panel_avx2::MIN_ROWS rows on, the
-    // prefill panels take over.
+    if m == 1 {
+        let sums = if has_min(T) {
+            std::ptr::null()
+        } else {
+            acts.q8_0_sums(0).as_ptr()
+        };
+        decode::<T>(ctx, rows, w.n, arow(0), sums);
+        return;
+    }
+    // Short batches; from panel_avx2::MIN_ROWS rows on, the prefill panels
+    // take over.
     let mut i0 = 0;
     while i0 < m {
         let a = |j: usize| arow(i0 + j);
@@ -119,6 +162,110 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
         }
         i0 += (m - i0).min(3);
     }
+}
+
+/// Decode: one activation row against weight rows `rows` of `n`. Rows in
+/// whole groups of eight, counted from row 0, go through [`rows8`] (a row
+/// split from its group is computed with the group and the rest dropped, so
+/// the result never depends on how the rows were shared out); the last
+/// `n % 8` go one at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode<const T: u8>(
+    ctx: Ctx,
+    rows: Range<usize>,
+    n: usize,
+    a: *const u8,
+    sums: *const i32,
+) {
+    let grouped = n - n % 8;
+    let mut r = rows.start;
+    while r < rows.end.min(grouped) {
+        let g0 = r - r % 8;
+        let end = (g0 + 8).min(rows.end);
+        if r == g0 && end == g0 + 8 {
+            rows8::<T>(ctx, g0, a, sums, ctx.out.ptr.add(g0));
+        } else {
+            let mut t = [0f32; 8];
+            rows8::<T>(ctx, g0, a, sums, t.as_mut_ptr());
+            for j in r..end {
+                *ctx.out.ptr.add(j) = t[j - g0];
+            }
+        }
+        r = end;
+    }
+    if r < rows.end {
+        sweep::<T, 1>(ctx, r..rows.end, 0, [a]);
+    }
+}
+
+/// Eight weight rows from `r0` times one activation row, into `dst[0..8]`.
+/// Per block, each row's exact integer dot product (unsigned codes; the
+/// offset comes back out with the activation's code sum) is reduced across
+/// its lanes so that lane j holds row j's: then the scales of all eight rows
+/// (one gather) meet it in one multiply-add, where a row at a time spends a
+/// conversion and a multiply-add per row and block (SmolLM2 q4_0 decode,
+/// one thread: see the README). Summed as ggml does: `d_w d_x sumi` per block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows8<const T: u8>(ctx: Ctx, r0: usize, a: *const u8, sums: *const i32, dst: *mut f32) {
+    let (ab, aq) = abytes(T);
+    let ones = _mm256_set1_epi16(1);
+    let base = ctx.w.add(r0 * ctx.wrow);
+    let (rs, bs) = ctx.group_strides();
+    // The low 16 bits of each gathered word (d), then the high (m), packed.
+    let low16 = _mm256_setr_epi8(
+        0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1,
+        -1, -1, -1, -1, -1, -1,
+    );
+    let high16 = _mm256_setr_epi8(
+        2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10, 11, 14, 15, -1,
+        -1, -1, -1, -1, -1, -1, -1,
+    );
+    let halves = |v: __m256i, pick: __m256i| -> __m256 {
+        let p = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(v, pick));
+        _mm256_cvtph_ps(_mm256_castsi256_si128(p))
+    };
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = _mm256_setzero_ps();
+    for b in 0..ctx.nb {
+        let pa = a.add(b * ab);
+        let qx = _mm256_loadu_si256(pa.add(aq) as *const __m256i);
+        let wb = base.add(b * bs);
+        let mut s = [_mm256_setzero_si256(); 8];
+        for (j, sj) in s.iter_mut().enumerate() {
+            let q = codes::<T>(wb.add(j * rs));
+            let p16 = if T == Q8_0 {
+                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(qx, q))
+            } else {
+                // Unsigned codes below 32 times activations: no saturation.
+                _mm256_maddubs_epi16(q, qx)
+            };
+            *sj = _mm256_madd_epi16(p16, ones);
+        }
+        let t0 = _mm256_hadd_epi32(s[0], s[1]);
+        let t1 = _mm256_hadd_epi32(s[2], s[3]);
+        let t2 = _mm256_hadd_epi32(s[4], s[5]);
+        let t3 = _mm256_hadd_epi32(s[6], s[7]);
+        let u0 = _mm256_hadd_epi32(t0, t1);
+        let u1 = _mm256_hadd_epi32(t2, t3);
+        let mut v = _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(u0, u1),
+            _mm256_permute2x128_si256::<0x31>(u0, u1),
+        );
+        if offset(T) != 0 {
+            v = _mm256_sub_epi32(v, _mm256_set1_epi32(offset(T) as i32 * *sums.add(b)));
+        }
+        let wd = |j: usize| (wb.add(j * rs) as *const i32).read_unaligned();
+        let words = _mm256_setr_epi32(wd(0), wd(1), wd(2), wd(3), wd(4), wd(5), wd(6), wd(7));
+        let dw = halves(words, low16);
+        let dx = _mm256_broadcast_ss(&*(pa as *const f32));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(v), acc);
+        if has_min(T) {
+            let mw = halves(words, high16);
+            accm = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(&*(pa.add(4) as *const f32)), accm);
+        }
+    }
+    _mm256_storeu_ps(dst, _mm256_add_ps(acc, accm));
 }
 
 /// Activation rows `a` (output rows `i0..i0 + MR`) against weight rows `rows`.
@@ -135,7 +282,8 @@ unsafe fn sweep<const T: u8, const MR: usize>(
     // 120 matrices of 576x1536: Q8_0 18-23 GB/s against 5 with four rows;
     // SmolLM2 q4_0 decode 86 -> 124 t/s on one thread).
     for r in rows {
-        tile::<T, MR, 1>(ctx, [ctx.w.add(r * ctx.wrow)], a, i0, r);
+        let (w, bs) = ctx.row(r);
+        tile::<T, MR>(ctx, w, bs, a, i0, r);
     }
 }
 
@@ -210,62 +358,52 @@ unsafe fn hsum(acc: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// The products of activation rows `a` with weight rows `w`, written to
-/// output rows `i0..` and columns `r0..`.
+/// The products of activation rows `a` with the weight row whose blocks
+/// start at `w`, `bs` bytes apart, written to output rows `i0..` of column `r`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const T: u8, const MR: usize, const NR: usize>(
+unsafe fn tile<const T: u8, const MR: usize>(
     ctx: Ctx,
-    w: [*const u8; NR],
+    w: *const u8,
+    bs: usize,
     a: [*const u8; MR],
     i0: usize,
-    r0: usize,
+    r: usize,
 ) {
     let (ab, aq) = abytes(T);
     let ones = _mm256_set1_epi16(1);
     let off = _mm256_set1_epi8(offset(T));
-    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-    let mut summ = [[0f32; NR]; MR];
+    let mut acc = [_mm256_setzero_ps(); MR];
+    let mut summ = [0f32; MR];
     for b in 0..ctx.nb {
-        for r in 0..NR {
-            let p = w[r].add(b * wbytes(T));
-            let (dw, mw) = scales::<T>(p);
-            let qw = codes::<T>(p);
-            // Signed codes for the sign trick (maddubs takes u8 x i8).
-            let sw = if offset(T) != 0 {
-                _mm256_sub_epi8(qw, off)
+        let p = w.add(b * bs);
+        let (dw, mw) = scales::<T>(p);
+        let qw = codes::<T>(p);
+        // Signed codes for the sign trick (maddubs takes u8 x i8).
+        let sw = if offset(T) != 0 {
+            _mm256_sub_epi8(qw, off)
+        } else {
+            qw
+        };
+        let aw = _mm256_sign_epi8(sw, sw);
+        for i in 0..MR {
+            let pa = a[i].add(b * ab);
+            let qx = _mm256_loadu_si256(pa.add(aq) as *const __m256i);
+            let p16 = if has_min(T) {
+                _mm256_maddubs_epi16(qw, qx)
             } else {
-                qw
+                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, sw))
             };
-            let aw = _mm256_sign_epi8(sw, sw);
-            for i in 0..MR {
-                let pa = a[i].add(b * ab);
-                let qx = _mm256_loadu_si256(pa.add(aq) as *const __m256i);
-                // Every variant below yields the same exact 16-bit pair sums,
-                // so tiles may pick the cheapest for their shape.
-                let p16 = if has_min(T) {
-                    _mm256_maddubs_epi16(qw, qx)
-                } else if offset(T) != 0 && NR > 1 {
-                    // Unsigned codes minus offset x pair sums of x: the
-                    // correction depends on x alone, shared by NR rows.
-                    let corr = _mm256_maddubs_epi16(off, qx);
-                    _mm256_sub_epi16(_mm256_maddubs_epi16(qw, qx), corr)
-                } else {
-                    _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, sw))
-                };
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                let da = _mm256_broadcast_ss(&*(pa as *const f32));
-                acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), dot, acc[i][r]);
-                if has_min(T) {
-                    let s = (pa.add(4) as *const f32).read();
-                    summ[i][r] = mw.mul_add(s, summ[i][r]);
-                }
+            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+            let da = _mm256_broadcast_ss(&*(pa as *const f32));
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), dot, acc[i]);
+            if has_min(T) {
+                let s = (pa.add(4) as *const f32).read();
+                summ[i] = mw.mul_add(s, summ[i]);
             }
         }
     }
     for i in 0..MR {
-        for r in 0..NR {
-            *ctx.out.ptr.add((i0 + i) * ctx.out.ld + r0 + r) = hsum(acc[i][r]) + summ[i][r];
-        }
+        *ctx.out.ptr.add((i0 + i) * ctx.out.ld + r) = hsum(acc[i]) + summ[i];
     }
 }

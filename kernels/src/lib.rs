@@ -219,7 +219,20 @@ pub struct Out {
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// A weight matrix: `n` rows of `k` weights of type `wtype`, row-major in `bytes`.
+/// How a matrix's blocks lie in its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Row after row, as in a GGUF file.
+    RowMajor,
+    /// Rows in groups of eight taking a block of each in turn: block `b` of
+    /// row `8g + j` at `((g * blocks_per_row + b) * 8 + j) * block_bytes`;
+    /// the last `n % 8` rows row-major after the groups. A decode step then
+    /// reads eight rows as one stream (see [`Weights::repack_rows8`]).
+    Rows8,
+}
+
+/// A weight matrix: `n` rows of `k` weights of type `wtype`, laid out in
+/// `bytes` as `layout` says.
 #[derive(Debug, Clone, Copy)]
 pub struct Weights<'a> {
     /// The type.
@@ -230,6 +243,8 @@ pub struct Weights<'a> {
     pub k: usize,
     /// Rows (the output width).
     pub n: usize,
+    /// Where each row's blocks are.
+    pub layout: Layout,
 }
 
 /// An error in a kernel's arguments.
@@ -264,13 +279,86 @@ impl<'a> Weights<'a> {
                 bytes.len()
             )));
         }
-        Ok(Weights { wtype, bytes, k, n })
+        Ok(Weights {
+            wtype,
+            bytes,
+            k,
+            n,
+            layout: Layout::RowMajor,
+        })
     }
 
-    /// The bytes of row `r`.
+    /// The bytes of row `r`, for a row-major matrix.
+    ///
+    /// # Panics
+    /// If the row is interleaved with others ([`Layout::Rows8`]): use [`Weights::block`].
     pub fn row(&self, r: usize) -> &'a [u8] {
-        let rb = self.bytes.len() / self.n.max(1);
-        &self.bytes[r * rb..(r + 1) * rb]
+        let (start, stride) = self.locate(r);
+        let bb = self.wtype.block_bytes();
+        assert!(stride == bb, "row {r} is interleaved (Rows8 layout)");
+        &self.bytes[start..start + self.wtype.row_bytes(self.k).unwrap_or(0)]
+    }
+
+    /// Where row `r`'s first block starts and how far apart its blocks are.
+    pub fn locate(&self, r: usize) -> (usize, usize) {
+        let bb = self.wtype.block_bytes();
+        let wrow = self.k / self.wtype.block_len() * bb;
+        match self.layout {
+            Layout::Rows8 if r < self.n - self.n % 8 => (r / 8 * 8 * wrow + r % 8 * bb, 8 * bb),
+            _ => (r * wrow, bb),
+        }
+    }
+
+    /// Block `b` of row `r`.
+    pub fn block(&self, r: usize, b: usize) -> &'a [u8] {
+        let (start, stride) = self.locate(r);
+        let bb = self.wtype.block_bytes();
+        &self.bytes[start + b * stride..start + b * stride + bb]
+    }
+
+    /// Whether [`Weights::repack_rows8`] applies: a row-major matrix of a
+    /// 32-weight type (the kernels that read the layout) with eight rows or more.
+    pub fn packs_rows8(&self) -> bool {
+        self.layout == Layout::RowMajor && self.wtype.block_len() == 32 && self.n >= 8
+    }
+
+    /// These rows in [`Layout::Rows8`] order, or None where that does not
+    /// apply ([`Weights::packs_rows8`]).
+    pub fn repack_rows8(&self) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; self.bytes.len()];
+        self.repack_rows8_into(&mut out).then_some(out)
+    }
+
+    /// [`Weights::repack_rows8`] into `out` (as long as the matrix); false
+    /// where that does not apply.
+    pub fn repack_rows8_into(&self, out: &mut [u8]) -> bool {
+        if !self.packs_rows8() {
+            return false;
+        }
+        assert_eq!(out.len(), self.bytes.len(), "repack buffer");
+        let bb = self.wtype.block_bytes();
+        let nb = self.k / 32;
+        let grouped = self.n - self.n % 8;
+        for r in 0..grouped {
+            let src = self.row(r);
+            for b in 0..nb {
+                let dst = ((r / 8 * nb + b) * 8 + r % 8) * bb;
+                out[dst..dst + bb].copy_from_slice(&src[b * bb..(b + 1) * bb]);
+            }
+        }
+        let tail = grouped * nb * bb;
+        out[tail..].copy_from_slice(&self.bytes[tail..]);
+        true
+    }
+
+    /// The same matrix over `bytes` that [`Weights::repack_rows8`] made.
+    pub fn with_rows8(self, bytes: &'a [u8]) -> Weights<'a> {
+        assert_eq!(bytes.len(), self.bytes.len(), "repacked bytes");
+        Weights {
+            bytes,
+            layout: Layout::Rows8,
+            ..self
+        }
     }
 }
 
@@ -324,5 +412,8 @@ pub fn gemm_all(w: &Weights, acts: &ActBuf, out: &mut [f32], isa: Isa) {
 
 /// Row `r` of `w` as f32 values (an embedding lookup).
 pub fn dequantize_row(w: &Weights, r: usize, out: &mut [f32]) {
-    reference::dequantize(w.wtype, w.row(r), &mut out[..w.k]);
+    let bl = w.wtype.block_len();
+    for (b, o) in out[..w.k].chunks_exact_mut(bl).enumerate() {
+        reference::dequantize(w.wtype, w.block(r, b), o);
+    }
 }

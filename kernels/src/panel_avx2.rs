@@ -179,7 +179,6 @@ unsafe fn gemm_t<const T: u8, const VNNI: bool>(
         }
     };
     let bb = w.wtype.block_bytes();
-    let wrow = w.k / wlen(T) * bb;
     let mut panel = MaybeUninit::<Panel>::uninit();
     let panel = panel.as_mut_ptr();
     let mut r0 = rows.start;
@@ -190,8 +189,9 @@ unsafe fn gemm_t<const T: u8, const VNNI: bool>(
             let kc = (w.k - c0).min(KC);
             for r in 0..NR {
                 if r < nr {
-                    let src = w.bytes.as_ptr().add((r0 + r) * wrow + c0 / wlen(T) * bb);
-                    pack::<T, VNNI>(src, bb, kc, panel, r);
+                    let (start, stride) = w.locate(r0 + r);
+                    let src = w.bytes.as_ptr().add(start + c0 / wlen(T) * stride);
+                    pack::<T, VNNI>(src, bb, stride, kc, panel, r);
                 } else {
                     clear(kc / group(T), kc, panel, r);
                 }
@@ -258,11 +258,13 @@ unsafe fn put(p: *mut Panel, r: usize, c: usize, v: __m256i) {
     }
 }
 
-/// Unpack `kc` columns of one weight row (blocks of `bb` bytes from `src`) into lane `r`.
+/// Unpack `kc` columns of one weight row (blocks of `bb` bytes, `stride`
+/// apart, from `src`) into lane `r`.
 #[inline(always)]
 unsafe fn pack<const T: u8, const VNNI: bool>(
     src: *const u8,
     bb: usize,
+    stride: usize,
     kc: usize,
     p: *mut Panel,
     r: usize,
@@ -275,7 +277,7 @@ unsafe fn pack<const T: u8, const VNNI: bool>(
     };
     if wlen(T) == 32 {
         for b in 0..kc / 32 {
-            let blk = src.add(b * bb);
+            let blk = src.add(b * stride);
             let v = match T {
                 Q4_0 => crate::legacy_avx2::codes::<{ crate::legacy_avx2::Q4_0 }>(blk),
                 Q4_1 => crate::legacy_avx2::codes::<{ crate::legacy_avx2::Q4_1 }>(blk),
@@ -299,7 +301,7 @@ unsafe fn pack<const T: u8, const VNNI: bool>(
     }
     use crate::kquants_avx2 as k;
     for b in 0..kc / QK_K {
-        let blk = src.add(b * bb);
+        let blk = src.add(b * stride);
         let u = match T {
             Q2K => k::unpack::<{ k::Q2K }>(blk),
             Q3K => k::unpack::<{ k::Q3K }>(blk),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use lorafold_kernels::attention::Row;
-use lorafold_kernels::{WType, Weights};
+use lorafold_kernels::{Layout, WType, Weights};
 
 use crate::gguf::{GgufFile, TensorInfo};
 
@@ -71,6 +71,7 @@ pub struct Matrix {
     /// Block type.
     pub wtype: WType,
     blocks: Blocks,
+    layout: Layout,
     /// Inputs per row.
     pub k: usize,
     /// Rows (outputs).
@@ -111,11 +112,31 @@ impl Matrix {
         // The reader checked n_bytes against the dims and type.
         Weights::new(wtype, file.tensor_data(info), k, n).map_err(|e| bad(e.to_string()))?;
         let data = file.tensor_data(info);
-        let blocks = if (data.as_ptr() as usize).is_multiple_of(4) {
-            Blocks::Mapped {
-                start: data.as_ptr() as usize - file.raw_bytes().as_ptr() as usize,
-                len: data.len(),
-            }
+        let rows8 = Weights::new(wtype, data, k, n).is_ok_and(|w| w.packs_rows8())
+            && lorafold_kernels::Isa::detect().avx2;
+        let (blocks, layout) = if rows8 {
+            // Interleaved once here, so a decode step reads eight rows as
+            // one stream (SmolLM2 q4_0 decode, one thread: 128 -> 162 t/s).
+            // The map's pages are released afterwards, so each weight is
+            // held once (a copy read with pread instead stayed resident in
+            // the allocator's heap: +22 MB on SmolLM2).
+            let src = Weights::new(wtype, data, k, n).map_err(|e| bad(e.to_string()))?;
+            let mut words = vec![0u16; data.len().div_ceil(2)];
+            // SAFETY: `words` holds at least data.len() initialised bytes.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len())
+            };
+            src.repack_rows8_into(out);
+            file.release_pages(data);
+            (Blocks::Owned(words, data.len()), Layout::Rows8)
+        } else if (data.as_ptr() as usize).is_multiple_of(4) {
+            (
+                Blocks::Mapped {
+                    start: data.as_ptr() as usize - file.raw_bytes().as_ptr() as usize,
+                    len: data.len(),
+                },
+                Layout::RowMajor,
+            )
         } else {
             let mut words = vec![0u16; data.len().div_ceil(2)];
             // SAFETY: `words` holds at least data.len() bytes.
@@ -126,12 +147,13 @@ impl Matrix {
                     data.len(),
                 )
             };
-            Blocks::Owned(words, data.len())
+            (Blocks::Owned(words, data.len()), Layout::RowMajor)
         };
         Ok(Matrix {
             name: info.name.clone(),
             wtype,
             blocks,
+            layout,
             k,
             n,
             bias: None,
@@ -153,6 +175,7 @@ impl Matrix {
             bytes,
             k: self.k,
             n: self.n,
+            layout: self.layout,
         }
     }
 

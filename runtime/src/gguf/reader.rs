@@ -219,6 +219,23 @@ impl GgufFile {
         }
     }
 
+    /// Drop the mapped pages under `data` (a slice of [`GgufFile::raw_bytes`])
+    /// from this process once they have been copied elsewhere, so resident
+    /// memory holds them once. Reading them again faults them back in.
+    pub fn release_pages(&self, data: &[u8]) {
+        #[cfg(unix)]
+        if let Storage::Mapped(map, _) = &self.storage {
+            let offset = data.as_ptr() as usize - map.as_ptr() as usize;
+            assert!(offset + data.len() <= map.len(), "not a slice of the map");
+            // SAFETY: the map is private and read-only, so DONTNEED only
+            // drops clean pages that a later read maps again from the file.
+            // A failure leaves the pages resident, which is only memory.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len())
+            };
+        }
+    }
+
     /// The whole file's bytes (the map).
     pub fn raw_bytes(&self) -> &[u8] {
         self.storage.bytes()
