@@ -374,6 +374,11 @@ fn quantize_q8_1(xs: &[f32], b: &mut ActQ8_1) {
 /// ggml's `quantize_row_q8_K_ref`: the scale comes from the signed value of
 /// largest magnitude, codes round half to even (its `nearest_int`), clamped at 127.
 fn quantize_q8k(xs: &[f32], b: &mut ActQ8K) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; `xs` holds QK_K values.
+        return unsafe { quantize_q8k_avx2(xs, b) };
+    }
     let (mut amax, mut max) = (0f32, 0f32);
     for &x in xs {
         if x.abs() > amax {
@@ -397,9 +402,108 @@ fn quantize_q8k(xs: &[f32], b: &mut ActQ8K) {
     b.d = 1.0 / iscale;
 }
 
+/// [`quantize_q8k`] in eight lanes: the same largest magnitude (the first
+/// value that has it gives the sign), the same scale, and `vroundps` rounds
+/// half to even as `nearest_int` does. The scalar loop was 8% of a K-quant
+/// prefill.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_q8k_avx2(xs: &[f32], b: &mut ActQ8K) {
+    use std::arch::x86_64::*;
+    assert!(xs.len() >= QK_K);
+    let p = xs.as_ptr();
+    let abs = _mm256_set1_ps(f32::from_bits(0x7fff_ffff));
+    let mut m = _mm256_setzero_ps();
+    for c in 0..QK_K / 8 {
+        // max(|x|, m) keeps m where |x| is NaN, as the scalar `>` does.
+        m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p.add(8 * c)), abs), m);
+    }
+    let mut l = [0f32; 8];
+    _mm256_storeu_ps(l.as_mut_ptr(), m);
+    let amax = l.iter().fold(0f32, |a, &v| a.max(v));
+    if amax == 0.0 {
+        b.d = 0.0;
+        b.qs = [0; QK_K];
+        b.bsums = [0; QK_K / 16];
+        return;
+    }
+    let max = xs[..QK_K]
+        .iter()
+        .copied()
+        .find(|x| x.abs() == amax)
+        .unwrap_or(amax);
+    let iscale = -127.0 / max;
+    let is = _mm256_set1_ps(iscale);
+    let top = _mm256_set1_epi32(127);
+    for c in 0..QK_K / 32 {
+        let r: [__m256i; 4] = std::array::from_fn(|j| {
+            let y = _mm256_mul_ps(is, _mm256_loadu_ps(p.add(32 * c + 8 * j)));
+            let y = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+            // NaN becomes 0, as `as i32` makes it.
+            let y = _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+            _mm256_min_epi32(_mm256_cvtps_epi32(y), top)
+        });
+        let w = _mm256_packs_epi16(
+            _mm256_packs_epi32(r[0], r[1]),
+            _mm256_packs_epi32(r[2], r[3]),
+        );
+        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(b.qs.as_mut_ptr().add(32 * c) as *mut __m256i, w);
+    }
+    for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+        *s = g.iter().map(|&q| q as i16).sum();
+    }
+    b.d = 1.0 / iscale;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn q8k_simd_equals_scalar() {
+        let mut x: Vec<f32> = (0..QK_K * 6)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.0031)
+            .collect();
+        // A negative extreme, exact ties, a zero block, a NaN.
+        x[..QK_K]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 * 0.5 - 127.0);
+        x[QK_K..2 * QK_K].iter_mut().for_each(|v| *v = 0.0);
+        x[2 * QK_K + 5] = f32::NAN;
+        for xs in x.chunks_exact(QK_K) {
+            let mut a = ActQ8K {
+                d: 0.0,
+                qs: [0; QK_K],
+                bsums: [0; QK_K / 16],
+            };
+            let mut b = a;
+            quantize_q8k(xs, &mut a);
+            // The scalar reference, inline.
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &v in xs {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            if amax != 0.0 {
+                let iscale = -127.0 / max;
+                for (q, &v) in b.qs.iter_mut().zip(xs) {
+                    *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+                }
+                for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+                    *s = g.iter().map(|&q| q as i16).sum();
+                }
+                b.d = 1.0 / iscale;
+            }
+            assert_eq!(
+                (a.d.to_bits(), a.qs, a.bsums),
+                (b.d.to_bits(), b.qs, b.bsums)
+            );
+        }
+    }
 
     #[test]
     fn q8_codes_simd_equals_scalar() {

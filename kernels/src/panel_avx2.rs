@@ -11,14 +11,17 @@
 //! stays in L1 while every activation row passes over it; longer rows are
 //! done in chunks that continue the same f32 accumulators through `out`.
 //!
-//! Every type is brought to one shape, groups of G (16 or 32) columns:
-//! `w = ws[g] * (u - OFF) - wm[g]` with unsigned codes `u`. The integer dot
-//! product of a group is exact; the offset is taken out with the
-//! activation's code sum, also in integers; then the group's scales meet it
-//! in f32. ggml's vec_dot kernels scale per block in the same way for the
-//! 32-weight types, and per super-block for the K-quants (their integer
-//! sub-block scales are applied in integers there, in f32 here), so
-//! products agree with theirs within f32 rounding, not bit for bit.
+//! Every type is brought to one shape, groups of G (16 or 32) columns of
+//! unsigned codes `u`. The integer dot product of a group is exact. For the
+//! 32-weight types, `w = ws[g] (u - OFF) - wm[g]`: the offset comes back out
+//! with the activation's code sum, in integers, and the group's f32 scales
+//! meet the sum per block, as ggml's vec_dot kernels do. For the K-quants,
+//! as ggml does too, the group sums are multiplied by the integer sub-block
+//! scales and summed over the super-block (likewise the minimums, or the
+//! offset times the scale, with the activation's group sums), and only then
+//! scaled by the super-block's f32 `d` (and `dmin`). Products agree with
+//! ggml's within f32 rounding, not bit for bit (the order of the f32 sums
+//! differs).
 //!
 //! Each output element has its own lane and sees the same operations in the
 //! same order wherever its row falls in a panel and however many activation
@@ -102,8 +105,17 @@ struct Panel {
     codes: [u8; NR * KC],
     /// Group g's scales at 8g..8g+8, one lane per row.
     ws: [f32; NR * KC / 16],
-    /// Group g's minimums, likewise (types with minimums only).
+    /// Group g's minimums, likewise (32-weight types with minimums only).
     wm: [f32; NR * KC / 16],
+    /// K-quants: group g's integer scale, one lane per row.
+    isc: [i32; NR * KC / 16],
+    /// K-quants: what group g's activation code sum is multiplied by (the
+    /// integer minimum, or the offset times the scale).
+    imn: [i32; NR * KC / 16],
+    /// K-quants: super-block s's scale at 8s..8s+8.
+    d: [f32; NR * KC / QK_K],
+    /// K-quants: super-block s's scale of `imn` (dmin, or d for offsets).
+    dm: [f32; NR * KC / QK_K],
 }
 
 /// See [`crate::gemm`], for `acts.rows() >= MIN_ROWS` and a quantized type.
@@ -238,6 +250,12 @@ unsafe fn clear(ng: usize, kc: usize, p: *mut Panel, r: usize) {
     for g in 0..ng {
         (*p).ws[g * NR + r] = 0.0;
         (*p).wm[g * NR + r] = 0.0;
+        (*p).isc[g * NR + r] = 0;
+        (*p).imn[g * NR + r] = 0;
+    }
+    for sb in 0..kc / QK_K {
+        (*p).d[sb * NR + r] = 0.0;
+        (*p).dm[sb * NR + r] = 0.0;
     }
 }
 
@@ -313,27 +331,39 @@ unsafe fn pack<const T: u8, const VNNI: bool>(
             put(p, r, 8 * b + c, v);
         }
         let bytes = std::slice::from_raw_parts(blk, bb);
+        let isc = (*p).isc.as_mut_ptr();
+        let imn = (*p).imn.as_mut_ptr();
+        let set = |g: usize, sc: i32, mn: i32| {
+            *isc.add(g * NR + r) = sc;
+            *imn.add(g * NR + r) = mn;
+        };
+        // Offset types fold the offset into `imn` (off x sc), scaled by d.
+        let dm = if has_min(T) { u.dmin } else { u.d };
+        (*p).d[b * NR + r] = u.d;
+        (*p).dm[b * NR + r] = dm;
         match T {
             Q4K | Q5K => {
                 for j in 0..8 {
                     let (sc, mn) = crate::kquants::scale_min_k4(j, &bytes[4..16]);
-                    set(8 * b + j, u.d * sc as f32, u.dmin * mn as f32);
+                    set(8 * b + j, sc as i32, mn as i32);
                 }
             }
             Q2K => {
                 for (j, &s) in bytes[..16].iter().enumerate() {
-                    set(16 * b + j, u.d * (s & 0xF) as f32, u.dmin * (s >> 4) as f32);
+                    set(16 * b + j, (s & 0xF) as i32, (s >> 4) as i32);
                 }
             }
             Q3K => {
                 let s = crate::kquants::q3k_scales(&bytes[96..108]);
                 for (j, &s) in s.iter().enumerate() {
-                    set(16 * b + j, u.d * (s as i32 - 32) as f32, 0.0);
+                    let sc = s as i32 - 32;
+                    set(16 * b + j, sc, 4 * sc);
                 }
             }
             _ => {
                 for (j, &s) in bytes[192..208].iter().enumerate() {
-                    set(16 * b + j, u.d * (s as i8) as f32, 0.0);
+                    let sc = s as i8 as i32;
+                    set(16 * b + j, sc, 32 * sc);
                 }
             }
         }
@@ -391,7 +421,6 @@ unsafe fn tile<const T: u8, const VNNI: bool, const M: usize>(
 ) {
     let gl = group(T);
     let off = offset(T, VNNI);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); M];
     if !first {
         for i in 0..M {
@@ -399,57 +428,110 @@ unsafe fn tile<const T: u8, const VNNI: bool, const M: usize>(
         }
     }
     let g0 = c0 / gl;
-    for g in 0..kc / gl {
-        let mut groups = [(std::ptr::null(), 0f32, 0i32, 0f32); M];
-        for i in 0..M {
-            groups[i] = act_group::<T>(&a[i], g0 + g);
+    if T >= Q2K {
+        // ggml's order: integer group sums times integer scales summed over
+        // the super-block, then scaled once (exact until that multiply).
+        let per = QK_K / gl;
+        for sb in 0..kc / QK_K {
+            let mut iacc = [_mm256_setzero_si256(); M];
+            let mut macc = [_mm256_setzero_si256(); M];
+            let mut da = [0f32; M];
+            for g in sb * per..(sb + 1) * per {
+                let (ia, groups) = group_dot::<T, VNNI, M>(p, &a, g0 + g, g);
+                let scv = _mm256_load_si256(p.isc.as_ptr().add(g * NR) as *const __m256i);
+                let mnv = _mm256_load_si256(p.imn.as_ptr().add(g * NR) as *const __m256i);
+                for i in 0..M {
+                    let (_, d, isum, _) = groups[i];
+                    da[i] = d;
+                    iacc[i] = _mm256_add_epi32(iacc[i], _mm256_mullo_epi32(ia[i], scv));
+                    macc[i] =
+                        _mm256_add_epi32(macc[i], _mm256_mullo_epi32(mnv, _mm256_set1_epi32(isum)));
+                }
+            }
+            let dv = _mm256_load_ps(p.d.as_ptr().add(sb * NR));
+            let dmv = _mm256_load_ps(p.dm.as_ptr().add(sb * NR));
+            for i in 0..M {
+                let dav = _mm256_set1_ps(da[i]);
+                if has_min(T) {
+                    let v = _mm256_cvtepi32_ps(iacc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dv, dav), v, acc[i]);
+                    let m = _mm256_cvtepi32_ps(macc[i]);
+                    acc[i] = _mm256_fnmadd_ps(_mm256_mul_ps(dmv, dav), m, acc[i]);
+                } else {
+                    let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(iacc[i], macc[i]));
+                    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dv, dav), v, acc[i]);
+                }
+            }
         }
-        let mut ia = [_mm256_setzero_si256(); M];
-        let cw = p.codes.as_ptr().add(g * gl * NR);
-        for q in 0..gl / 4 {
-            let wv = _mm256_load_si256(cw.add(32 * q) as *const __m256i);
-            let wabs = if signed(T, VNNI) {
-                _mm256_sign_epi8(wv, wv)
+    } else {
+        for g in 0..kc / gl {
+            let (ia, groups) = group_dot::<T, VNNI, M>(p, &a, g0 + g, g);
+            let wsv = _mm256_load_ps(p.ws.as_ptr().add(g * NR));
+            let wmv = if has_min(T) {
+                _mm256_load_ps(p.wm.as_ptr().add(g * NR))
             } else {
-                wv
+                _mm256_setzero_ps()
             };
             for i in 0..M {
-                let x = _mm256_set1_epi32((groups[i].0.add(4 * q) as *const i32).read_unaligned());
-                ia[i] = if VNNI {
-                    _mm256_dpbusd_epi32(ia[i], wv, x)
-                } else if signed(T, VNNI) {
-                    let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, wv));
-                    _mm256_add_epi32(ia[i], _mm256_madd_epi16(p16, ones))
-                } else {
-                    // Codes are at most 63 and activations at least -128:
-                    // the pair sums fit in 16 bits.
-                    let p16 = _mm256_maddubs_epi16(wv, x);
-                    _mm256_add_epi32(ia[i], _mm256_madd_epi16(p16, ones))
-                };
-            }
-        }
-        let wsv = _mm256_load_ps(p.ws.as_ptr().add(g * NR));
-        let wmv = if has_min(T) {
-            _mm256_load_ps(p.wm.as_ptr().add(g * NR))
-        } else {
-            _mm256_setzero_ps()
-        };
-        for i in 0..M {
-            let (_, da, isum, s) = groups[i];
-            let mut v = ia[i];
-            if off != 0 {
-                v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * isum));
-            }
-            let scale = _mm256_mul_ps(wsv, _mm256_set1_ps(da));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), scale, acc[i]);
-            if has_min(T) {
-                acc[i] = _mm256_fnmadd_ps(wmv, _mm256_set1_ps(s), acc[i]);
+                let (_, da, isum, s) = groups[i];
+                let mut v = ia[i];
+                if off != 0 {
+                    v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * isum));
+                }
+                let scale = _mm256_mul_ps(wsv, _mm256_set1_ps(da));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), scale, acc[i]);
+                if has_min(T) {
+                    acc[i] = _mm256_fnmadd_ps(wmv, _mm256_set1_ps(s), acc[i]);
+                }
             }
         }
     }
     for i in 0..M {
         store_lanes(dst[i], nr, acc[i]);
     }
+}
+
+/// The integer dot products of panel group `g` (activation group `ga`)
+/// with each activation row, one lane per weight row, and the rows' group data.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+unsafe fn group_dot<const T: u8, const VNNI: bool, const M: usize>(
+    p: &Panel,
+    a: &[ActRow; M],
+    ga: usize,
+    g: usize,
+) -> ([__m256i; M], [(*const u8, f32, i32, f32); M]) {
+    let gl = group(T);
+    let ones = _mm256_set1_epi16(1);
+    let mut groups = [(std::ptr::null(), 0f32, 0i32, 0f32); M];
+    for i in 0..M {
+        groups[i] = act_group::<T>(&a[i], ga);
+    }
+    let mut ia = [_mm256_setzero_si256(); M];
+    let cw = p.codes.as_ptr().add(g * gl * NR);
+    for q in 0..gl / 4 {
+        let wv = _mm256_load_si256(cw.add(32 * q) as *const __m256i);
+        let wabs = if signed(T, VNNI) {
+            _mm256_sign_epi8(wv, wv)
+        } else {
+            wv
+        };
+        for i in 0..M {
+            let x = _mm256_set1_epi32((groups[i].0.add(4 * q) as *const i32).read_unaligned());
+            ia[i] = if VNNI {
+                _mm256_dpbusd_epi32(ia[i], wv, x)
+            } else if signed(T, VNNI) {
+                let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, wv));
+                _mm256_add_epi32(ia[i], _mm256_madd_epi16(p16, ones))
+            } else {
+                // Codes are at most 63 and activations at least -128:
+                // the pair sums fit in 16 bits.
+                let p16 = _mm256_maddubs_epi16(wv, x);
+                _mm256_add_epi32(ia[i], _mm256_madd_epi16(p16, ones))
+            };
+        }
+    }
+    (ia, groups)
 }
 
 /// The first `nr` floats at `p`, the rest zero.
