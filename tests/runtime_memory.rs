@@ -1,4 +1,4 @@
-//! Loading holds each weight once: matrices of the 32-weight types are
+//! Loading holds each weight once: matrices of the block-quantized types are
 //! interleaved into memory for decode (on AVX2 CPUs) and their mapped pages
 //! released; everything else stays mapped and untouched. Alone in its test
 //! binary, so no other test allocates while it measures the process.

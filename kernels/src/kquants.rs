@@ -187,11 +187,10 @@ fn decode(wtype: WType, blk: &[u8]) -> Decoded {
 
 /// ggml's `ggml_vec_dot_q*_K_q8_K`: per super-block, the integer sums
 /// `sumi = sum sc q a` and `summ = sum mn bsum`, scaled in f32.
-fn dot(wtype: WType, w: &[u8], a: &[ActQ8K]) -> f32 {
-    let bb = wtype.block_bytes();
+fn dot(w: &Weights, r: usize, a: &[ActQ8K]) -> f32 {
     let mut sumf = 0f32;
-    for (blk, ab) in w.chunks_exact(bb).zip(a) {
-        let x = decode(wtype, blk);
+    for (b, ab) in a.iter().enumerate() {
+        let x = decode(w.wtype, w.block(r, b));
         let mut sumi = 0i32;
         for g in 0..NG {
             let s: i32 = (0..16)
@@ -224,7 +223,7 @@ pub(crate) unsafe fn gemm_scalar(w: &Weights, rows: Range<usize>, acts: &ActBuf,
     for i in 0..acts.rows() {
         let a = acts.q8k_row(i);
         for r in rows.clone() {
-            *out.ptr.add(i * out.ld + r) = dot(w.wtype, w.row(r), a);
+            *out.ptr.add(i * out.ld + r) = dot(w, r, a);
         }
     }
 }
@@ -365,6 +364,11 @@ mod tests {
     #[test]
     fn tiles_are_bit_identical_to_single_products() {
         testing::tiles_are_bit_identical::<Fam>();
+    }
+
+    #[test]
+    fn rows8_layout_gives_the_same_products() {
+        testing::rows8_layout_gives_the_same_products::<Fam>();
     }
 
     fn h(x: f32) -> [u8; 2] {

@@ -23,6 +23,7 @@ use std::ops::Range;
 use crate::act::ActQ8K;
 use crate::blocks::QK_K;
 use crate::kquants::q3k_scales;
+use crate::rows8_avx2::{decode_rows, reduce8, RowMap};
 use crate::{ActBuf, Out, WType, Weights};
 
 pub(crate) const Q2K: u8 = 0;
@@ -30,17 +31,6 @@ pub(crate) const Q3K: u8 = 1;
 pub(crate) const Q4K: u8 = 2;
 pub(crate) const Q5K: u8 = 3;
 pub(crate) const Q6K: u8 = 4;
-
-/// Bytes of one super-block of type `T`.
-const fn wbytes(t: u8) -> usize {
-    match t {
-        Q2K => 84,
-        Q3K => 110,
-        Q4K => 144,
-        Q5K => 176,
-        _ => 210,
-    }
-}
 
 /// Whether `T` has minimums (w = d sc q - dmin mn).
 const fn has_min(t: u8) -> bool {
@@ -66,10 +56,7 @@ pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: O
 /// Where one tile reads and writes.
 #[derive(Clone, Copy)]
 struct Ctx {
-    /// Row 0 of the weights.
-    w: *const u8,
-    /// Bytes per weight row.
-    wrow: usize,
+    rows: RowMap,
     /// Super-blocks per row.
     nb: usize,
     out: Out,
@@ -79,8 +66,7 @@ struct Ctx {
 unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
     let nb = w.k / QK_K;
     let ctx = Ctx {
-        w: w.bytes.as_ptr(),
-        wrow: nb * wbytes(T),
+        rows: RowMap::new(w),
         nb,
         out,
     };
@@ -89,8 +75,19 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
         return;
     }
     let arow = |i: usize| -> *const ActQ8K { acts.q8k_row(i).as_ptr() };
-    // Decode and short batches; from panel_avx2::MIN_ROWS rows on, the
-    // prefill panels take over.
+    if m == 1 {
+        let a = arow(0);
+        decode_rows(
+            rows,
+            w.n,
+            out.ptr,
+            |g0, dst| rows8::<T>(ctx, g0, a, dst),
+            |rest| sweep::<T, 1>(ctx, rest, 0, [a]),
+        );
+        return;
+    }
+    // Short batches; from panel_avx2::MIN_ROWS rows on, the prefill panels
+    // take over.
     let mut i0 = 0;
     while i0 < m {
         let a = |j: usize| arow(i0 + j);
@@ -112,8 +109,54 @@ unsafe fn sweep<const T: u8, const MR: usize>(
     a: [*const ActQ8K; MR],
 ) {
     for r in rows {
-        tile::<T, MR>(ctx, ctx.w.add(r * ctx.wrow), a, i0, r);
+        let (w, bs) = ctx.rows.row(r);
+        tile::<T, MR>(ctx, w, bs, a, i0, r);
     }
+}
+
+/// Eight weight rows from `r0` times one activation row, into `dst[0..8]`:
+/// per super-block, each row's integer sums (codes times activations with
+/// the group scales, and the offsets or minimums times the group sums) are
+/// reduced so that lane j holds row j's, then scaled for all eight rows at
+/// once, as ggml does per row: `d da sumi - dmin da summ`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows8<const T: u8>(ctx: Ctx, r0: usize, a: *const ActQ8K, dst: *mut f32) {
+    let (base, rs, bs) = ctx.rows.group(r0);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..ctx.nb {
+        let ab = a.add(b);
+        let qa = (*ab).qs.as_ptr() as *const u8;
+        let bsums = _mm256_loadu_si256((*ab).bsums.as_ptr() as *const __m256i);
+        let mut s = [_mm256_setzero_si256(); 8];
+        let mut m = [_mm256_setzero_si256(); 8];
+        let mut d = [0f32; 8];
+        let mut dmin = [0f32; 8];
+        for j in 0..8 {
+            let u = unpack::<T>(base.add(b * bs + j * rs));
+            let mut sumi = _mm256_setzero_si256();
+            for c in 0..8 {
+                // As in `tile`: maddubs does not saturate.
+                let p16 = _mm256_maddubs_epi16(u.q[c], ld(qa.add(32 * c)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, u.sc[c]));
+            }
+            s[j] = sumi;
+            m[j] = _mm256_madd_epi16(u.bc, bsums);
+            d[j] = u.d;
+            dmin[j] = u.dmin;
+        }
+        let (sv, mv) = (reduce8(s), reduce8(m));
+        let da = _mm256_set1_ps((*ab).d);
+        let dv = _mm256_mul_ps(_mm256_loadu_ps(d.as_ptr()), da);
+        if has_min(T) {
+            acc = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(sv), acc);
+            let dm = _mm256_mul_ps(_mm256_loadu_ps(dmin.as_ptr()), da);
+            acc = _mm256_fnmadd_ps(dm, _mm256_cvtepi32_ps(mv), acc);
+        } else {
+            acc = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(_mm256_sub_epi32(sv, mv)), acc);
+        }
+    }
+    _mm256_storeu_ps(dst, acc);
 }
 
 /// One super-block ready to multiply: for element e of group g = e / 16,
@@ -380,13 +423,14 @@ unsafe fn hsum(acc: __m256) -> f32 {
 unsafe fn tile<const T: u8, const MR: usize>(
     ctx: Ctx,
     w: *const u8,
+    bs: usize,
     a: [*const ActQ8K; MR],
     i0: usize,
     r: usize,
 ) {
     let mut acc = [_mm256_setzero_ps(); MR];
     for b in 0..ctx.nb {
-        let u = unpack::<T>(w.add(b * wbytes(T)));
+        let u = unpack::<T>(w.add(b * bs));
         // Row-major: one activation row's eight chunks at a time, the
         // unpacked vectors reloaded from L1 (cheaper than holding MR sums).
         for i in 0..MR {

@@ -274,44 +274,9 @@ mod tests {
         testing::tiles_are_bit_identical::<Fam>();
     }
 
-    /// Interleaving rows in groups of eight changes where the bytes are, not
-    /// one bit of any product (decode, short batches, prefill panels; every
-    /// instruction set; whole groups and the row-major tail), nor the rows
-    /// an embedding lookup reads.
     #[test]
     fn rows8_layout_gives_the_same_products() {
-        use crate::{dequantize_row, gemm_all, Isa, Layout};
-        let mut rng = Rng(0x5EED_0008);
-        let detected = Isa::detect();
-        for wtype in TYPES {
-            for (k, n) in [(224, 17), (2080, 8), (64, 7)] {
-                let wb = weights(wtype, k, n, &mut rng);
-                let w = Weights::new(wtype, &wb, k, n).unwrap();
-                let Some(packed) = w.repack_rows8() else {
-                    assert!(n < 8);
-                    continue;
-                };
-                assert_ne!(packed, wb);
-                let p = w.with_rows8(&packed);
-                assert_eq!(p.layout, Layout::Rows8);
-                for r in 0..n {
-                    let (mut x, mut y) = (vec![0f32; k], vec![0f32; k]);
-                    dequantize_row(&w, r, &mut x);
-                    dequantize_row(&p, r, &mut y);
-                    assert_eq!(x, y, "{wtype:?} row {r}");
-                }
-                for isa in [Isa::scalar(), detected.avx2_only(), detected] {
-                    for m in [1, 3, 13] {
-                        let (_, a) = acts(wtype, k, m, &mut rng);
-                        let (mut o1, mut o2) = (vec![0f32; m * n], vec![0f32; m * n]);
-                        gemm_all(&w, &a, &mut o1, isa);
-                        gemm_all(&p, &a, &mut o2, isa);
-                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&o1), bits(&o2), "{wtype:?} k={k} n={n} m={m} {isa:?}");
-                    }
-                }
-            }
-        }
+        testing::rows8_layout_gives_the_same_products::<Fam>();
     }
 
     #[test]

@@ -17,24 +17,14 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::{ActBuf, Layout, Out, WType, Weights};
+use crate::rows8_avx2::{decode_rows, reduce8, RowMap};
+use crate::{ActBuf, Out, WType, Weights};
 
 pub(crate) const Q4_0: u8 = 0;
 pub(crate) const Q4_1: u8 = 1;
 pub(crate) const Q5_0: u8 = 2;
 pub(crate) const Q5_1: u8 = 3;
 pub(crate) const Q8_0: u8 = 4;
-
-/// Bytes of one weight block of type `T`.
-const fn wbytes(t: u8) -> usize {
-    match t {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        Q5_0 => 22,
-        Q5_1 => 24,
-        _ => 34,
-    }
-}
 
 /// Whether `T` has a minimum and takes Q8_1 activations.
 const fn has_min(t: u8) -> bool {
@@ -78,56 +68,18 @@ pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: O
 /// Where one tile reads and writes.
 #[derive(Clone, Copy)]
 struct Ctx {
-    /// Row 0 of the weights.
-    w: *const u8,
-    /// Bytes per weight row.
-    wrow: usize,
+    rows: RowMap,
     /// Blocks per row.
     nb: usize,
-    /// Bytes per block.
-    bb: usize,
-    /// Rows interleaved in groups of eight ([`Layout::Rows8`]); 0 when row-major.
-    grouped: usize,
     out: Out,
-}
-
-impl Ctx {
-    /// Row `r`'s first block and the distance between its blocks.
-    #[inline(always)]
-    unsafe fn row(&self, r: usize) -> (*const u8, usize) {
-        if r < self.grouped {
-            (
-                self.w.add(r / 8 * 8 * self.wrow + r % 8 * self.bb),
-                8 * self.bb,
-            )
-        } else {
-            (self.w.add(r * self.wrow), self.bb)
-        }
-    }
-
-    /// Distance between consecutive rows of a group, and between a row's
-    /// blocks, for [`rows8`].
-    fn group_strides(&self) -> (usize, usize) {
-        if self.grouped > 0 {
-            (self.bb, 8 * self.bb)
-        } else {
-            (self.wrow, self.bb)
-        }
-    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
     let nb = w.k / 32;
     let ctx = Ctx {
-        w: w.bytes.as_ptr(),
-        wrow: nb * wbytes(T),
+        rows: RowMap::new(w),
         nb,
-        bb: wbytes(T),
-        grouped: match w.layout {
-            Layout::Rows8 => w.n - w.n % 8,
-            Layout::RowMajor => 0,
-        },
         out,
     };
     let m = acts.rows();
@@ -147,7 +99,14 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
         } else {
             acts.q8_0_sums(0).as_ptr()
         };
-        decode::<T>(ctx, rows, w.n, arow(0), sums);
+        let a = arow(0);
+        decode_rows(
+            rows,
+            w.n,
+            out.ptr,
+            |g0, dst| rows8::<T>(ctx, g0, a, sums, dst),
+            |rest| sweep::<T, 1>(ctx, rest, 0, [a]),
+        );
         return;
     }
     // Short batches; from panel_avx2::MIN_ROWS rows on, the prefill panels
@@ -164,40 +123,6 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
     }
 }
 
-/// Decode: one activation row against weight rows `rows` of `n`. Rows in
-/// whole groups of eight, counted from row 0, go through [`rows8`] (a row
-/// split from its group is computed with the group and the rest dropped, so
-/// the result never depends on how the rows were shared out); the last
-/// `n % 8` go one at a time.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode<const T: u8>(
-    ctx: Ctx,
-    rows: Range<usize>,
-    n: usize,
-    a: *const u8,
-    sums: *const i32,
-) {
-    let grouped = n - n % 8;
-    let mut r = rows.start;
-    while r < rows.end.min(grouped) {
-        let g0 = r - r % 8;
-        let end = (g0 + 8).min(rows.end);
-        if r == g0 && end == g0 + 8 {
-            rows8::<T>(ctx, g0, a, sums, ctx.out.ptr.add(g0));
-        } else {
-            let mut t = [0f32; 8];
-            rows8::<T>(ctx, g0, a, sums, t.as_mut_ptr());
-            for j in r..end {
-                *ctx.out.ptr.add(j) = t[j - g0];
-            }
-        }
-        r = end;
-    }
-    if r < rows.end {
-        sweep::<T, 1>(ctx, r..rows.end, 0, [a]);
-    }
-}
-
 /// Eight weight rows from `r0` times one activation row, into `dst[0..8]`.
 /// Per block, each row's exact integer dot product (unsigned codes; the
 /// offset comes back out with the activation's code sum) is reduced across
@@ -210,8 +135,7 @@ unsafe fn decode<const T: u8>(
 unsafe fn rows8<const T: u8>(ctx: Ctx, r0: usize, a: *const u8, sums: *const i32, dst: *mut f32) {
     let (ab, aq) = abytes(T);
     let ones = _mm256_set1_epi16(1);
-    let base = ctx.w.add(r0 * ctx.wrow);
-    let (rs, bs) = ctx.group_strides();
+    let (base, rs, bs) = ctx.rows.group(r0);
     // The low 16 bits of each gathered word (d), then the high (m), packed.
     let low16 = _mm256_setr_epi8(
         0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1,
@@ -242,16 +166,7 @@ unsafe fn rows8<const T: u8>(ctx: Ctx, r0: usize, a: *const u8, sums: *const i32
             };
             *sj = _mm256_madd_epi16(p16, ones);
         }
-        let t0 = _mm256_hadd_epi32(s[0], s[1]);
-        let t1 = _mm256_hadd_epi32(s[2], s[3]);
-        let t2 = _mm256_hadd_epi32(s[4], s[5]);
-        let t3 = _mm256_hadd_epi32(s[6], s[7]);
-        let u0 = _mm256_hadd_epi32(t0, t1);
-        let u1 = _mm256_hadd_epi32(t2, t3);
-        let mut v = _mm256_add_epi32(
-            _mm256_permute2x128_si256::<0x20>(u0, u1),
-            _mm256_permute2x128_si256::<0x31>(u0, u1),
-        );
+        let mut v = reduce8(s);
         if offset(T) != 0 {
             v = _mm256_sub_epi32(v, _mm256_set1_epi32(offset(T) as i32 * *sums.add(b)));
         }
@@ -282,7 +197,7 @@ unsafe fn sweep<const T: u8, const MR: usize>(
     // 120 matrices of 576x1536: Q8_0 18-23 GB/s against 5 with four rows;
     // SmolLM2 q4_0 decode 86 -> 124 t/s on one thread).
     for r in rows {
-        let (w, bs) = ctx.row(r);
+        let (w, bs) = ctx.rows.row(r);
         tile::<T, MR>(ctx, w, bs, a, i0, r);
     }
 }

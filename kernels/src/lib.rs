@@ -30,6 +30,8 @@ mod legacy_avx2;
 #[cfg(target_arch = "x86_64")]
 mod panel_avx2;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod rows8_avx2;
 #[cfg(test)]
 mod testing;
 
@@ -317,9 +319,9 @@ impl<'a> Weights<'a> {
     }
 
     /// Whether [`Weights::repack_rows8`] applies: a row-major matrix of a
-    /// 32-weight type (the kernels that read the layout) with eight rows or more.
+    /// block type (not a float type) with eight rows or more.
     pub fn packs_rows8(&self) -> bool {
-        self.layout == Layout::RowMajor && self.wtype.block_len() == 32 && self.n >= 8
+        self.layout == Layout::RowMajor && self.wtype.block_len() > 1 && self.n >= 8
     }
 
     /// These rows in [`Layout::Rows8`] order, or None where that does not
@@ -337,7 +339,7 @@ impl<'a> Weights<'a> {
         }
         assert_eq!(out.len(), self.bytes.len(), "repack buffer");
         let bb = self.wtype.block_bytes();
-        let nb = self.k / 32;
+        let nb = self.k / self.wtype.block_len();
         let grouped = self.n - self.n % 8;
         for r in 0..grouped {
             let src = self.row(r);

@@ -183,3 +183,45 @@ pub(crate) fn tiles_are_bit_identical<F: Family>() {
         }
     }
 }
+
+/// Interleaving rows in groups of eight ([`crate::Layout::Rows8`]) changes
+/// where the bytes are, not one bit of any product (decode, short batches,
+/// prefill panels; every instruction set; whole groups and the row-major
+/// tail), nor the rows an embedding lookup reads.
+pub(crate) fn rows8_layout_gives_the_same_products<F: Family>() {
+    use crate::{dequantize_row, Layout};
+    let mut rng = Rng(0x5EED_0008);
+    let detected = Isa::detect();
+    for &wtype in F::TYPES {
+        for &(k, n) in F::TILE_SHAPES {
+            let wb = F::weights(wtype, k, n, &mut rng);
+            let w = Weights::new(wtype, &wb, k, n).unwrap();
+            let packed = w.repack_rows8().expect("eight rows or more");
+            // With one block per row the two layouts coincide.
+            assert!(
+                k == wtype.block_len() || packed != wb,
+                "{wtype:?} not interleaved"
+            );
+            let p = w.with_rows8(&packed);
+            assert_eq!(p.layout, Layout::Rows8);
+            for r in 0..n {
+                let (mut x, mut y) = (vec![0f32; k], vec![0f32; k]);
+                dequantize_row(&w, r, &mut x);
+                dequantize_row(&p, r, &mut y);
+                assert_eq!(x, y, "{wtype:?} row {r}");
+            }
+            for isa in [Isa::scalar(), detected.avx2_only(), detected] {
+                for m in [1, 3, 13] {
+                    let (_, a) = F::acts(wtype, k, m, &mut rng);
+                    let bits = |w: &Weights| {
+                        run(w, &a, isa)
+                            .iter()
+                            .map(|f| f.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(&w), bits(&p), "{wtype:?} k={k} n={n} m={m} {isa:?}");
+                }
+            }
+        }
+    }
+}
