@@ -453,6 +453,21 @@ impl<'m> CpuSession<'m> {
             if s.ax.len() < ax_used {
                 s.ax.resize(ax_used, 0.0);
             }
+            // Prefill: the input once more as f32 rows for the float kernels'
+            // register tiles (made on the first prefill with an adapter).
+            let f32_act = (t > 1).then(|| {
+                let at = s
+                    .acts
+                    .iter()
+                    .position(|b| b.act_type() == ActType::F32 && b.k() == k);
+                let at = at.unwrap_or_else(|| {
+                    s.acts.push(ActBuf::new(ActType::F32, k, t));
+                    s.acts.len() - 1
+                });
+                s.acts[at].quantize(input);
+                at
+            });
+            let acts = &s.acts;
             let ax_out = Out {
                 ptr: s.ax.as_mut_ptr(),
                 ld: 0,
@@ -460,6 +475,25 @@ impl<'m> CpuSession<'m> {
             let products = |th: usize, n: usize| {
                 // A whole copy: capturing only `.ptr` would not be Sync.
                 let dst = ax_out;
+                if let Some(fa) = f32_act {
+                    // Each thread takes its share of every A's rows.
+                    for job in jobs.iter().flatten() {
+                        let mut off = job.ax;
+                        for (l, _) in job.m.active_loras(scales) {
+                            let rows = share(l.rank, 1, th, n);
+                            let o = Out {
+                                // SAFETY: inside `ax`, which holds ax_used values.
+                                ptr: unsafe { dst.ptr.add(off) },
+                                ld: l.rank,
+                            };
+                            // SAFETY: this thread alone writes columns `rows`
+                            // of this adapter's t rows of rank.
+                            unsafe { gemm(&l.a.weights(k, l.rank), rows, &acts[fa], o, isa) };
+                            off += t * l.rank;
+                        }
+                    }
+                    return;
+                }
                 let mine = share(ax_used, 1, th, n);
                 for job in jobs.iter().flatten() {
                     let mut off = job.ax;

@@ -41,6 +41,21 @@ impl Factor {
         }
     }
 
+    /// The factor as an `[n, k]` row-major matrix for the kernels.
+    pub fn weights(&self, k: usize, n: usize) -> Weights<'_> {
+        let (wtype, bytes) = match self {
+            // SAFETY: f32 and f16 are plain old data; the byte view covers
+            // exactly the vector's elements.
+            Factor::F32(v) => (WType::F32, unsafe {
+                std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4)
+            }),
+            Factor::F16(v) => (WType::F16, unsafe {
+                std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2)
+            }),
+        };
+        Weights::new(wtype, bytes, k, n).expect("factor holds n rows of k")
+    }
+
     /// The value at `i`.
     pub fn get(&self, i: usize) -> f32 {
         match self {
