@@ -1,6 +1,7 @@
 //! `lorafold`: the command line over lorafold-converter and lorafold-runtime.
 
 mod bench;
+mod calibrate;
 mod convert;
 mod demo;
 mod drift;
@@ -31,6 +32,8 @@ enum Command {
     Drift(drift::DriftArgs),
     /// Describe a GGUF model or adapter, a PEFT adapter folder, or a safetensors file / HF model folder.
     Inspect(inspect::InspectArgs),
+    /// Accumulate XᵀX of every linear layer's input over a text (for drift-aware rounding).
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 fn main() {
@@ -44,6 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(args) => convert::run(&args),
+        Command::Calibrate(args) => calibrate::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Drift(args) => drift::run(&args),

@@ -251,3 +251,97 @@ fn bad_models_and_adapters_are_clear_errors() {
         .to_string();
     assert!(e.contains("tiny.gguf: tensor 'blk.0.attn_k.weight.lora_a': lora_a [96, 8] / lora_b [8, 32] do not fit 'blk.0.attn_k.weight' (576 -> 192; an adapter for another model?)"), "{e}");
 }
+
+/// Calibration sees what the linear layers read: the statistics of the f32
+/// base with the pirate adapter attached equal those of the f32 merged file
+/// (1e-5 relative), layer 0's q/k/v input equals RMSNorm of the embedding
+/// rows computed here from the file, and the file written reads back.
+#[test]
+fn calibration_of_base_plus_adapter_equals_the_merged_model() {
+    use lorafold_converter::calib::{tensor_name, CalibStats};
+    use lorafold_runtime::cpu::LinearInput;
+    let f = files();
+    let text =
+        std::fs::read_to_string(common::shared_data().join("smollm2-adapters/pirate/train.txt"))
+            .unwrap();
+    let merged = Model::load(&f.pirate_merged_f32, &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_gguf(merged.file()).unwrap();
+    let windows: Vec<Vec<u32>> = text
+        .lines()
+        .take(4)
+        .map(|l| tok.encode(l).unwrap())
+        .collect();
+    let a = CalibStats::collect(&merged, &windows).unwrap();
+    let mut adapted = Model::load(&f.base_f32, &Device::Cpu).unwrap();
+    adapted
+        .attach(&LoraAdapter::load(&f.pirate_f32).unwrap(), 1.0)
+        .unwrap();
+    let b = CalibStats::collect(&adapted, &windows).unwrap();
+    let tokens: usize = windows.iter().map(Vec::len).sum();
+    assert_eq!((a.tokens, b.tokens), (tokens as u64, tokens as u64));
+    assert_eq!(a.inputs.len(), 4 * merged.config.n_layers);
+    let rel = |x: &[f64], y: &[f64]| {
+        let d: f64 = x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum();
+        let n: f64 = y.iter().map(|q| q * q).sum();
+        (d / n).sqrt()
+    };
+    let mut worst = 0f64;
+    for (key, sa) in &a.inputs {
+        worst = worst.max(rel(&b.inputs[key].xtx, &sa.xtx));
+    }
+    eprintln!("calibration, base + pirate vs merged: worst relative difference {worst:e}");
+    assert!(worst <= 1e-5, "{worst}");
+
+    // Layer 0's q/k/v input from the file by hand: RMSNorm(embedding) * weight.
+    let file = merged.file();
+    let dim = merged.config.dim;
+    let read = |name: &str| -> Vec<f32> {
+        let t = file.tensor(name).unwrap();
+        assert_eq!(t.ggml_type, GgmlType::F32);
+        file.tensor_data(t)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let (emb, norm) = (read("token_embd.weight"), read("blk.0.attn_norm.weight"));
+    let eps = merged.config.rms_eps;
+    let mut want = vec![0f64; dim * dim];
+    for &id in windows.iter().flatten() {
+        let e = &emb[id as usize * dim..(id as usize + 1) * dim];
+        let ms: f64 = e.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64;
+        let x: Vec<f64> = e
+            .iter()
+            .zip(&norm)
+            .map(|(&v, &g)| v as f64 / (ms + eps).sqrt() * g as f64)
+            .collect();
+        for i in 0..dim {
+            for j in 0..dim {
+                want[i * dim + j] += x[i] * x[j];
+            }
+        }
+    }
+    let got = &a.inputs[&(0, LinearInput::AttnIn)].xtx;
+    let d = rel(got, &want);
+    eprintln!("layer 0 q/k/v input vs RMSNorm of the embeddings: {d:e}");
+    assert!(d <= 1e-5, "{d}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calib.gguf");
+    a.write(
+        &path,
+        &[("lorafold.calibration.text", "pirate/train.txt".into())],
+    )
+    .unwrap();
+    let back = CalibStats::read(&path).unwrap();
+    assert_eq!(back.tokens, a.tokens);
+    assert_eq!(back.inputs.len(), a.inputs.len());
+    for (key, s) in &a.inputs {
+        let r = &back.inputs[key];
+        assert_eq!(r.k, s.k, "{}", tensor_name(key.0, key.1));
+        assert!(r
+            .xtx
+            .iter()
+            .zip(&s.xtx)
+            .all(|(x, y)| *x == *y as f32 as f64));
+    }
+}

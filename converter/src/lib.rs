@@ -4,6 +4,7 @@
 
 pub mod adapter_gguf;
 pub mod base;
+pub mod calib;
 pub mod convert;
 pub mod error;
 pub mod gguf_writer;

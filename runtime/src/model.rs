@@ -737,6 +737,33 @@ impl Session<'_> {
         Ok(logits)
     }
 
+    /// Run `tokens` as [`Session::logits`] does (last position's logits),
+    /// showing `observer` the f32 rows every block's linear layers read:
+    /// what calibration accumulates. The CPU engine only.
+    pub fn observe(
+        &mut self,
+        tokens: &[u32],
+        observer: &mut crate::cpu::LinearObserver<'_>,
+    ) -> Result<(), RuntimeError> {
+        let m = self.model;
+        let err = |problem: String| RuntimeError::Model {
+            path: m.file.path().to_string(),
+            problem,
+        };
+        match &mut self.inner {
+            SessionKind::Engine(s) => {
+                let l = s
+                    .forward_observed(tokens, false, &m.scales, Some(observer))
+                    .map_err(|e| err(e.to_string()))?;
+                check_finite(l).map_err(|p| err(format!("the logits are not finite ({p})")))?;
+                Ok(())
+            }
+            SessionKind::Candle(_) => Err(err(
+                "observing layer inputs needs the CPU engine, not candle's path".into(),
+            )),
+        }
+    }
+
     /// [`Session::logits`] as a `[n, vocab]` tensor on the CPU.
     pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Tensor, RuntimeError> {
         let vocab = self.model.config.vocab;

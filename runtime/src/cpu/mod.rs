@@ -9,5 +9,5 @@ pub mod pool;
 pub mod session;
 pub mod weights;
 
-pub use session::{CpuSession, KvType, StepError};
+pub use session::{CpuSession, KvType, LinearInput, LinearObserver, StepError};
 pub use weights::{CpuWeights, Factor, LoraFactors, Matrix, WeightProblem};

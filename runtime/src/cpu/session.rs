@@ -280,6 +280,18 @@ impl<'m> CpuSession<'m> {
         all: bool,
         scales: &[Option<f64>],
     ) -> Result<&[f32], StepError> {
+        self.forward_observed(tokens, all, scales, None)
+    }
+
+    /// [`CpuSession::forward`], showing `observer` the f32 rows each block's
+    /// linear layers read (before they are rounded for the kernels).
+    pub fn forward_observed(
+        &mut self,
+        tokens: &[u32],
+        all: bool,
+        scales: &[Option<f64>],
+        mut observer: Option<&mut LinearObserver<'_>>,
+    ) -> Result<&[f32], StepError> {
         let vocab = self.cfg.vocab;
         if tokens.is_empty() {
             return Err(StepError::Empty);
@@ -309,7 +321,7 @@ impl<'m> CpuSession<'m> {
             } else {
                 None
             };
-            self.step(chunk, head_rows, all, scales);
+            self.step(chunk, head_rows, all, scales, observer.as_deref_mut());
             self.pos += chunk.len();
         }
         Ok(&self.s.logits[..rows_out * vocab])
@@ -318,7 +330,19 @@ impl<'m> CpuSession<'m> {
     /// One chunk of at most `batch` tokens at `self.pos`. `head_at`: where in
     /// the logits this chunk's rows go (every row when `all`, else the last
     /// row at 0), or None when no logits are wanted from it.
-    fn step(&mut self, ids: &[u32], head_at: Option<usize>, all: bool, scales: &[Option<f64>]) {
+    fn step(
+        &mut self,
+        ids: &[u32],
+        head_at: Option<usize>,
+        all: bool,
+        scales: &[Option<f64>],
+        mut observer: Option<&mut LinearObserver<'_>>,
+    ) {
+        let mut observe = |layer: usize, input: LinearInput, rows: &[f32], k: usize| {
+            if let Some(o) = observer.as_deref_mut() {
+                o(layer, input, rows, k);
+            }
+        };
         let (w, cfg) = (self.w, self.cfg);
         let file = w.file.as_ref();
         let t = ids.len();
@@ -351,6 +375,7 @@ impl<'m> CpuSession<'m> {
                     &mut self.s.h[i * dim..(i + 1) * dim],
                 );
             }
+            observe(layer, LinearInput::AttnIn, &self.s.h[..t * dim], dim);
             let (hq, hk, hv) = (
                 self.s.q.as_mut_ptr(),
                 self.s.k.as_mut_ptr(),
@@ -366,6 +391,12 @@ impl<'m> CpuSession<'m> {
             self.rope_and_cache(layer, t);
             self.attention(layer, t);
             let tmp = self.s.tmp.as_mut_ptr();
+            observe(
+                layer,
+                LinearInput::AttnOut,
+                &self.s.attn[..t * q_out],
+                q_out,
+            );
             self.matmuls(&[(&b.o, tmp)], Input::Attn, t, q_out, scales);
             ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
             for i in 0..t {
@@ -376,10 +407,12 @@ impl<'m> CpuSession<'m> {
                     &mut self.s.h[i * dim..(i + 1) * dim],
                 );
             }
+            observe(layer, LinearInput::FfnIn, &self.s.h[..t * dim], dim);
             let (g, u) = (self.s.gate.as_mut_ptr(), self.s.up.as_mut_ptr());
             self.matmuls(&[(&b.gate, g), (&b.up, u)], Input::H, t, dim, scales);
             let ffn = b.gate.n;
             ops::swiglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn]);
+            observe(layer, LinearInput::FfnDown, &self.s.gate[..t * ffn], ffn);
             self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
             ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
         }
@@ -653,6 +686,44 @@ impl<'m> CpuSession<'m> {
         self.pool.run(&work);
     }
 }
+
+/// The input a block's linear layers read: q, k and v share one, gate and
+/// up share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearInput {
+    /// The normed residual that q, k and v read.
+    AttnIn,
+    /// The attention output that the output projection reads.
+    AttnOut,
+    /// The normed residual that gate and up read.
+    FfnIn,
+    /// SwiGLU's output that the down projection reads.
+    FfnDown,
+}
+
+impl LinearInput {
+    /// Every input, in block order.
+    pub const ALL: [LinearInput; 4] = [
+        LinearInput::AttnIn,
+        LinearInput::AttnOut,
+        LinearInput::FfnIn,
+        LinearInput::FfnDown,
+    ];
+
+    /// The tensors (GGUF names after `blk.N.`) that read it.
+    pub fn readers(self) -> &'static [&'static str] {
+        match self {
+            LinearInput::AttnIn => &["attn_q", "attn_k", "attn_v"],
+            LinearInput::AttnOut => &["attn_output"],
+            LinearInput::FfnIn => &["ffn_gate", "ffn_up"],
+            LinearInput::FfnDown => &["ffn_down"],
+        }
+    }
+}
+
+/// What [`CpuSession::forward_observed`] calls: (layer, input, rows, width),
+/// the rows being `rows.len() / width` tokens.
+pub type LinearObserver<'a> = dyn FnMut(usize, LinearInput, &[f32], usize) + 'a;
 
 /// Which scratch buffer a matmul reads.
 #[derive(Clone, Copy)]

@@ -1,0 +1,258 @@
+//! Calibration statistics: for the input of every linear layer, the
+//! second-moment matrix XᵀX over a text and the number of tokens, what
+//! error-feedback rounding (GPTQ) and importance-weighted rounding need.
+//!
+//! The runtime shows us the f32 rows each block's linear layers read
+//! ([`Session::observe`]); q, k and v share one input and gate and up share
+//! one, so a block has four. Each batch of rows is multiplied out in f32
+//! (candle's matmul) and added into f64 accumulators, so a long text loses
+//! nothing to the running sum. Stored as f32 in a GGUF of its own.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use lorafold_runtime::cpu::{KvType, LinearInput};
+use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataValue};
+use lorafold_runtime::model::{Model, SessionOptions};
+
+use crate::gguf_writer::{GgufWriter, WriteError};
+
+/// What calibration can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibError {
+    /// Running the model failed.
+    #[error("{0}")]
+    Run(String),
+    /// Writing the statistics failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// A statistics file cannot be used.
+    #[error("{path}: {problem}")]
+    File {
+        /// the file
+        path: String,
+        /// what is wrong
+        problem: String,
+    },
+}
+
+/// `general.type` of a calibration file.
+pub const CALIBRATION_TYPE: &str = "lorafold-calibration";
+/// Metadata key: tokens accumulated.
+pub const KEY_TOKENS: &str = "lorafold.calibration.tokens";
+
+/// The tensor name of an input's XᵀX.
+pub fn tensor_name(layer: usize, input: LinearInput) -> String {
+    let what = match input {
+        LinearInput::AttnIn => "attn_in",
+        LinearInput::AttnOut => "attn_output_in",
+        LinearInput::FfnIn => "ffn_in",
+        LinearInput::FfnDown => "ffn_down_in",
+    };
+    format!("blk.{layer}.{what}.xtx")
+}
+
+/// One input's accumulated statistics.
+#[derive(Debug, Clone)]
+pub struct InputStats {
+    /// Width of the input.
+    pub k: usize,
+    /// Σ x xᵀ over every token, `[k, k]` row-major.
+    pub xtx: Vec<f64>,
+    /// Rows not yet multiplied out: short windows are gathered into one
+    /// product, since adding a k x k product into f64 costs as much as
+    /// computing it from a few dozen rows.
+    pending: Vec<f32>,
+}
+
+/// Rows gathered before one product is added into the f64 sums.
+const FLUSH_ROWS: usize = 512;
+
+impl InputStats {
+    /// Multiply out the pending rows and add them into `xtx`.
+    fn flush(&mut self) -> candle_core::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let t = self.pending.len() / self.k;
+        let x = Tensor::from_slice(&self.pending, (t, self.k), &Device::Cpu)?;
+        let g = x
+            .t()?
+            .contiguous()?
+            .matmul(&x)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (a, &v) in self.xtx.iter_mut().zip(&g) {
+            *a += v as f64;
+        }
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+/// Every input's statistics over one text.
+#[derive(Debug, Clone, Default)]
+pub struct CalibStats {
+    /// By (layer, input).
+    pub inputs: BTreeMap<(usize, LinearInput), InputStats>,
+    /// Tokens accumulated.
+    pub tokens: u64,
+}
+
+impl CalibStats {
+    /// Add `rows` (tokens of width `k`) to the statistics of `input` of `layer`.
+    pub fn add(
+        &mut self,
+        layer: usize,
+        input: LinearInput,
+        rows: &[f32],
+        k: usize,
+    ) -> candle_core::Result<()> {
+        let s = self
+            .inputs
+            .entry((layer, input))
+            .or_insert_with(|| InputStats {
+                k,
+                xtx: vec![0.0; k * k],
+                pending: Vec::new(),
+            });
+        s.pending.extend_from_slice(rows);
+        if s.pending.len() >= FLUSH_ROWS * k {
+            s.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Add every input's pending rows into its sums.
+    pub fn flush(&mut self) -> candle_core::Result<()> {
+        self.inputs.values_mut().try_for_each(InputStats::flush)
+    }
+
+    /// Run `model` (with its adapters) over `windows` of token ids, each
+    /// from an empty cache, and accumulate every block's linear inputs.
+    /// An f32 KV cache: the statistics are the weights', not the cache's.
+    pub fn collect(model: &Model, windows: &[Vec<u32>]) -> Result<CalibStats, CalibError> {
+        let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
+        let mut session = model
+            .session_with(SessionOptions {
+                kv: KvType::F32,
+                ..SessionOptions::new(ctx)
+            })
+            .map_err(|e| CalibError::Run(e.to_string()))?;
+        let mut stats = CalibStats::default();
+        let mut failed = None;
+        for w in windows {
+            session.reset();
+            let mut observe = |layer: usize, input: LinearInput, rows: &[f32], k: usize| {
+                if failed.is_none() {
+                    if let Err(e) = stats.add(layer, input, rows, k) {
+                        failed = Some(e.to_string());
+                    }
+                }
+            };
+            session
+                .observe(w, &mut observe)
+                .map_err(|e| CalibError::Run(e.to_string()))?;
+            if let Some(e) = failed.take() {
+                return Err(CalibError::Run(e));
+            }
+            stats.tokens += w.len() as u64;
+        }
+        stats.flush().map_err(|e| CalibError::Run(e.to_string()))?;
+        Ok(stats)
+    }
+
+    /// Write the statistics (f32) to `path`, through a temporary file
+    /// (after [`CalibStats::flush`]; pending rows are not written).
+    /// `provenance` adds string metadata (model, adapters, text hash).
+    pub fn write(&self, path: &Path, provenance: &[(&str, String)]) -> Result<(), CalibError> {
+        let mut w = GgufWriter::new(path);
+        w.add_metadata(
+            "general.type",
+            &MetadataValue::String(CALIBRATION_TYPE.into()),
+        )?;
+        w.add_metadata(KEY_TOKENS, &MetadataValue::U64(self.tokens))?;
+        for (k, v) in provenance {
+            w.add_metadata(k, &MetadataValue::String(v.as_str().into()))?;
+        }
+        for (&(layer, input), s) in &self.inputs {
+            w.add_tensor(
+                &tensor_name(layer, input),
+                GgmlType::F32,
+                &[s.k as u64, s.k as u64],
+            )?;
+        }
+        let mut stream = w.start()?;
+        for (&(layer, input), s) in &self.inputs {
+            let bytes: Vec<u8> = s
+                .xtx
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect();
+            stream.write_tensor(&tensor_name(layer, input), &bytes)?;
+        }
+        stream.finish()?;
+        Ok(())
+    }
+
+    /// Read statistics written by [`CalibStats::write`].
+    pub fn read(path: &Path) -> Result<CalibStats, CalibError> {
+        let shown = path.display().to_string();
+        let bad = |problem: String| CalibError::File {
+            path: shown.clone(),
+            problem,
+        };
+        let f = GgufFile::open(path).map_err(|e| bad(e.to_string()))?;
+        match f.get("general.type") {
+            Some(MetadataValue::String(s)) if s == CALIBRATION_TYPE => {}
+            _ => {
+                return Err(bad(format!(
+                    "not a calibration file (general.type is not {CALIBRATION_TYPE})"
+                )))
+            }
+        }
+        let tokens = match f.get(KEY_TOKENS) {
+            Some(MetadataValue::U64(n)) => n,
+            _ => return Err(bad(format!("{KEY_TOKENS} missing"))),
+        };
+        let mut stats = CalibStats {
+            tokens,
+            ..CalibStats::default()
+        };
+        for layer in 0.. {
+            let mut found = false;
+            for input in LinearInput::ALL {
+                let name = tensor_name(layer, input);
+                let Some(t) = f.tensor(&name) else { continue };
+                found = true;
+                let k = match t.dims() {
+                    [a, b] if a == b && t.ggml_type == GgmlType::F32 => *a as usize,
+                    d => {
+                        return Err(bad(format!(
+                            "tensor '{name}': expected f32 [k, k], got {} {d:?}",
+                            t.ggml_type
+                        )))
+                    }
+                };
+                let xtx = f
+                    .tensor_data(t)
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                    .collect();
+                stats.inputs.insert(
+                    (layer, input),
+                    InputStats {
+                        k,
+                        xtx,
+                        pending: Vec::new(),
+                    },
+                );
+            }
+            if !found {
+                break;
+            }
+        }
+        Ok(stats)
+    }
+}

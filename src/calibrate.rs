@@ -1,0 +1,72 @@
+//! `lorafold calibrate`: second-moment statistics of every linear layer's
+//! input over a text, for drift-aware rounding (issue 11's first part).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use lorafold_converter::calib::CalibStats;
+use lorafold_converter::output::check_file_destination;
+use lorafold_runtime::tokenizer::Tokenizer;
+
+use crate::drift::{load_path, windows};
+use crate::run::{device, set_threads};
+
+/// Arguments of `lorafold calibrate`.
+#[derive(clap::Args)]
+pub struct CalibrateArgs {
+    /// The model to observe: MODEL.gguf[+ADAPTER.gguf[:SCALE]]... (an f32 base
+    /// with the adapter attached equals the f32 merged model).
+    path: String,
+    /// The calibration text (the adapter's training text).
+    #[arg(long)]
+    text: PathBuf,
+    /// Run each non-empty line alone instead of windows of --ctx tokens.
+    #[arg(long)]
+    lines: bool,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 128)]
+    ctx: usize,
+    /// Where to write the statistics (GGUF).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Run `lorafold calibrate`.
+pub fn run(args: &CalibrateArgs) -> Result<()> {
+    check_file_destination(&args.output)?;
+    set_threads(args.threads)?;
+    let model = load_path(&args.path, &device("cpu")?)?;
+    model
+        .session(args.ctx)
+        .with_context(|| format!("--ctx {}", args.ctx))?;
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("{}: cannot read the text", args.text.display()))?;
+    let tok = Tokenizer::from_gguf(model.file())?;
+    let w = windows(&tok, &text, args.lines, args.ctx)?;
+    anyhow::ensure!(
+        !w.is_empty(),
+        "{}: no window of 2 tokens or more to calibrate on",
+        args.text.display()
+    );
+    let start = std::time::Instant::now();
+    let stats = CalibStats::collect(&model, &w)?;
+    stats.write(
+        &args.output,
+        &[
+            ("lorafold.calibration.path", args.path.clone()),
+            ("lorafold.calibration.text", args.text.display().to_string()),
+        ],
+    )?;
+    eprintln!(
+        "{}: {} inputs over {} tokens in {} windows ({:.1} s)",
+        args.output.display(),
+        stats.inputs.len(),
+        stats.tokens,
+        w.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
