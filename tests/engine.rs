@@ -102,11 +102,11 @@ fn engine_vs_candle(path: &Path, ids: &[u32], max_kl: f64) {
     );
 }
 
-fn synthetic_dir() -> &'static (tempfile::TempDir, PathBuf) {
-    static D: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+fn synthetic_dir() -> &'static (PathBuf, PathBuf) {
+    static D: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     D.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("f32.gguf");
+        let dir = common::shared_scratch("engine");
+        let base = dir.join("f32.gguf");
         synthetic::write_f32(&base, Shape::SMALL_256, 11);
         (dir, base)
     })
@@ -121,7 +121,7 @@ fn engine_equals_candle_at_every_type() {
         "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k",
         "q5_k", "q6_k",
     ] {
-        let path = synthetic::quantize(base, quant, &dir.path().join(format!("{quant}.gguf")));
+        let path = synthetic::quantize(base, quant, &dir.join(format!("{quant}.gguf")));
         // Float weights leave only summation order; quantized ones also the
         // activations' rounding (which candle does in its own order).
         let bound = if quant.starts_with('f') || quant == "bf16" {
@@ -137,7 +137,7 @@ fn engine_equals_candle_at_every_type() {
 fn decoding_allocates_nothing() {
     let _turn = serial();
     let (dir, base) = synthetic_dir();
-    let path = synthetic::quantize(base, "q4_0", &dir.path().join("alloc-q4_0.gguf"));
+    let path = synthetic::quantize(base, "q4_0", &dir.join("alloc-q4_0.gguf"));
     let model = Model::load(&path, &Device::Cpu).unwrap();
     let mut s = model
         .session_with(SessionOptions {

@@ -19,7 +19,6 @@ use safetensors::SafeTensors;
 
 /// Files converted once for all tests here.
 struct Files {
-    _dir: tempfile::TempDir,
     q8_0: PathBuf,
     base_f32: PathBuf,
     pirate_f32: PathBuf,
@@ -38,8 +37,8 @@ fn adapter_dir(name: &str) -> PathBuf {
 fn files() -> &'static Files {
     static F: OnceLock<Files> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let p = |n: &str| dir.path().join(n);
+        let dir = common::shared_scratch("runtime");
+        let p = |n: &str| dir.join(n);
         let run = |base: &Path,
                    adapter: Option<&str>,
                    quant: &str,
@@ -94,7 +93,6 @@ fn files() -> &'static Files {
             pirate_merged_f32: p("pirate-merged.gguf"),
             chef_f32: p("chef.gguf"),
             both_merged_f32: p("both-merged.gguf"),
-            _dir: dir,
         }
     })
 }

@@ -41,6 +41,19 @@ pub fn shared_data() -> PathBuf {
         })
 }
 
+/// A fresh folder for files a whole test binary shares (made once, from a
+/// static): under cargo's target/tmp, emptied on first use, so each run
+/// replaces the last one's files. A `TempDir` in a static is never dropped
+/// and left 2.2 GB behind per run.
+pub fn shared_scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("lorafold-tests")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// SmolLM2-135M-Instruct Q4_1, fetched into the cache on first use.
 pub fn smollm2() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
