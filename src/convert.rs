@@ -54,6 +54,10 @@ pub struct ConvertArgs {
     /// Merge adapters that assume a modified base (PiSSA, OLoRA, LoftQ, QA-LoRA) anyway.
     #[arg(long)]
     force: bool,
+    /// Calibration statistics from `lorafold calibrate`: Q4_0 tensors of the
+    /// merged output are rounded by GPTQ (error feedback) instead of nearest.
+    #[arg(long)]
+    calib: Option<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -115,6 +119,12 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         force: args.force,
         max_rel_error: args.max_rel_error,
         min_retention: args.min_retention,
+        calib: match &args.calib {
+            Some(p) => Some(std::sync::Arc::new(
+                lorafold_converter::calib::CalibStats::read(p)?,
+            )),
+            None => None,
+        },
         ..ConvertOptions::new(&args.base, args.adapter.clone(), policy, PathBuf::new())
     };
     let tty = std::io::stderr().is_terminal();

@@ -124,6 +124,18 @@ impl CalibStats {
         Ok(())
     }
 
+    /// The statistics of the input tensor `name` (GGUF name) reads, if any.
+    pub fn for_tensor(&self, name: &str) -> Option<&InputStats> {
+        let rest = name.strip_prefix("blk.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let what = rest.strip_suffix(".weight")?;
+        let input = LinearInput::ALL
+            .into_iter()
+            .find(|i| i.readers().contains(&what))?;
+        self.inputs.get(&(layer, input))
+    }
+
     /// Add every input's pending rows into its sums.
     pub fn flush(&mut self) -> candle_core::Result<()> {
         self.inputs.values_mut().try_for_each(InputStats::flush)

@@ -93,6 +93,9 @@ pub struct ConvertOptions {
     pub max_rel_error: Option<f64>,
     /// Fail if the pooled adapter retention is below this.
     pub min_retention: Option<f64>,
+    /// Calibration statistics (`lorafold calibrate`): Q4_0 tensors of the
+    /// merged output whose input they cover are rounded by GPTQ.
+    pub calib: Option<std::sync::Arc<crate::calib::CalibStats>>,
 }
 
 impl ConvertOptions {
@@ -114,6 +117,7 @@ impl ConvertOptions {
             force: false,
             max_rel_error: None,
             min_retention: None,
+            calib: None,
         }
     }
 }
@@ -259,6 +263,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
                         choice.fallback.clone(),
                         &base,
                         adapter.as_ref(),
+                        opts.calib.as_deref(),
                     )
                 })
                 .collect();
@@ -405,6 +410,9 @@ fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorR
     }
 }
 
+/// GPTQ's damping: this fraction of the mean diagonal of XᵀX, as the paper.
+const GPTQ_DAMP: f64 = 0.01;
+
 /// One tensor, merged, quantized and measured.
 struct Processed {
     /// The merged tensor's bytes.
@@ -421,6 +429,7 @@ fn process(
     fallback: Option<String>,
     base: &BaseModel,
     adapter: Option<&PeftAdapter>,
+    calib: Option<&crate::calib::CalibStats>,
 ) -> Result<Processed, ConvertError> {
     let n: usize = t.dims.iter().product::<u64>() as usize;
     let w0 = match t.base {
@@ -438,7 +447,25 @@ fn process(
             delta: None,
         },
     };
-    let bytes = quant::quantize(ggml_type, &merged.values, &t.name)?;
+    let gptq = match (ggml_type, calib.and_then(|c| c.for_tensor(&t.name))) {
+        (GgmlType::Q4_0, Some(stats)) if stats.k == row_len => {
+            let bad = |e: crate::gptq::GptqError| quant::QuantError::Codec {
+                tensor: t.name.clone(),
+                problem: e.to_string(),
+            };
+            let (u, dead) =
+                crate::gptq::inverse_cholesky(&stats.xtx, row_len, GPTQ_DAMP).map_err(bad)?;
+            Some(
+                crate::gptq::gptq_q4_0(&merged.values, n / row_len, row_len, &u, &dead)
+                    .map_err(bad)?,
+            )
+        }
+        _ => None,
+    };
+    let bytes = match gptq {
+        Some(b) => b,
+        None => quant::quantize(ggml_type, &merged.values, &t.name)?,
+    };
     let qw = quant::dequantize(ggml_type, &bytes, n, &t.name)?;
     let mut base_bytes = None;
     let mut changed = None;

@@ -8,6 +8,7 @@ pub mod calib;
 pub mod convert;
 pub mod error;
 pub mod gguf_writer;
+pub mod gptq;
 pub mod hf_tokenizer;
 pub mod merge;
 pub mod output;
