@@ -64,12 +64,27 @@ pub struct InputStats {
     /// product, since adding a k x k product into f64 costs as much as
     /// computing it from a few dozen rows.
     pending: Vec<f32>,
+    /// GPTQ's factor of the damped inverse, made once for all the tensors
+    /// that read this input (q, k and v; gate and up).
+    factor: std::sync::OnceLock<Result<GptqFactor, crate::gptq::GptqError>>,
 }
+
+/// The upper Cholesky factor of the damped inverse and the dead inputs.
+pub type GptqFactor = (Vec<f64>, Vec<bool>);
 
 /// Rows gathered before one product is added into the f64 sums.
 const FLUSH_ROWS: usize = 512;
 
 impl InputStats {
+    /// [`crate::gptq::inverse_cholesky`] of these statistics, computed on
+    /// first use (`damp` must be the same at every call).
+    pub fn gptq_factor(&self, damp: f64) -> Result<&GptqFactor, crate::gptq::GptqError> {
+        self.factor
+            .get_or_init(|| crate::gptq::inverse_cholesky(&self.xtx, self.k, damp))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
     /// Multiply out the pending rows and add them into `xtx`.
     fn flush(&mut self) -> candle_core::Result<()> {
         if self.pending.is_empty() {
@@ -116,6 +131,7 @@ impl CalibStats {
                 k,
                 xtx: vec![0.0; k * k],
                 pending: Vec::new(),
+                factor: Default::default(),
             });
         s.pending.extend_from_slice(rows);
         if s.pending.len() >= FLUSH_ROWS * k {
@@ -258,6 +274,7 @@ impl CalibStats {
                         k,
                         xtx,
                         pending: Vec::new(),
+                        factor: Default::default(),
                     },
                 );
             }

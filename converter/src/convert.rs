@@ -453,10 +453,9 @@ fn process(
                 tensor: t.name.clone(),
                 problem: e.to_string(),
             };
-            let (u, dead) =
-                crate::gptq::inverse_cholesky(&stats.xtx, row_len, GPTQ_DAMP).map_err(bad)?;
+            let (u, dead) = stats.gptq_factor(GPTQ_DAMP).map_err(bad)?;
             Some(
-                crate::gptq::gptq_q4_0(&merged.values, n / row_len, row_len, &u, &dead)
+                crate::gptq::gptq_q4_0(&merged.values, n / row_len, row_len, u, dead)
                     .map_err(bad)?,
             )
         }

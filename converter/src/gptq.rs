@@ -197,14 +197,15 @@ fn code_row(row: &mut [f32], u: &[f64], k: usize, dst: &mut [u8]) {
                 *v -= (ej * u[j * k + c]) as f32;
             }
         }
-        // The band's errors, applied to every later column in one pass.
+        // The band's errors, applied to every later column: row by row of
+        // U, so the inner loop runs along memory and vectorises.
         if b1 < k {
-            for c in b1..k {
-                let mut s = 0f64;
-                for j in b0..b1 {
-                    s += err[j - b0] * u[j * k + c];
+            for j in b0..b1 {
+                let e = err[j - b0];
+                let uj = &u[j * k + b1..(j + 1) * k];
+                for (v, &x) in row[b1..].iter_mut().zip(uj) {
+                    *v -= (e * x) as f32;
                 }
-                row[c] -= s as f32;
             }
         }
     }
