@@ -59,23 +59,27 @@ pub fn inverse_cholesky(
     }
     // H = L Lᵀ (lower, in place).
     cholesky_lower(&mut a, k)?;
-    // H⁻¹ = L⁻ᵀ L⁻¹: invert L (lower) in place, then multiply.
-    let mut linv = vec![0f64; k * k];
-    for i in 0..k {
-        linv[i * k + i] = 1.0 / a[i * k + i];
-        for j in 0..i {
-            let mut s = 0f64;
-            for m in j..i {
-                s += a[i * k + m] * linv[m * k + j];
-            }
-            linv[i * k + j] = -s / a[i * k + i];
+    // H⁻¹ = L⁻ᵀ L⁻¹. Column j of L⁻¹ solves L x = e_j; it is kept as row j
+    // of `lt` (L⁻¹ transposed), so every inner loop runs along memory.
+    let mut lt = vec![0f64; k * k];
+    for j in 0..k {
+        let x = &mut lt[j * k..(j + 1) * k];
+        x[j] = 1.0 / a[j * k + j];
+        for i in j + 1..k {
+            let row = &a[i * k + j..i * k + i];
+            let s: f64 = row.iter().zip(&x[j..i]).map(|(l, v)| l * v).sum();
+            x[i] = -s / a[i * k + i];
         }
     }
     let mut inv = vec![0f64; k * k];
     for i in 0..k {
         for j in 0..=i {
-            // (L⁻ᵀ L⁻¹)_ij = Σ_m L⁻¹_mi L⁻¹_mj over m >= max(i, j) = i.
-            let s: f64 = (i..k).map(|m| linv[m * k + i] * linv[m * k + j]).sum();
+            // (L⁻ᵀ L⁻¹)_ij = Σ_m L⁻¹_mi L⁻¹_mj, nonzero for m >= i.
+            let s: f64 = lt[i * k + i..(i + 1) * k]
+                .iter()
+                .zip(&lt[j * k + i..(j + 1) * k])
+                .map(|(p, q)| p * q)
+                .sum();
             inv[i * k + j] = s;
             inv[j * k + i] = s;
         }
