@@ -921,3 +921,45 @@ fn hostile_gguf_bases_are_refused_without_panic() {
         &["tensor 'blk.1.ffn_down.weight': element 7 is NaN; a model's weights must be finite"],
     );
 }
+
+/// Calibration statistics of another model (other widths) are refused
+/// naming the tensor, with no output; a file that is not calibration
+/// statistics is refused naming the file.
+#[test]
+fn calibration_of_another_model_is_refused() {
+    use lorafold_converter::calib::CalibStats;
+    use lorafold_runtime::cpu::LinearInput;
+    let dir = tempfile::tempdir().unwrap();
+    let base = hf_base(dir.path(), "base", &hf_config(), &hf_tensors(false));
+    let k = HIDDEN + 32;
+    let mut stats = CalibStats::default();
+    let rows: Vec<f32> = (0..4 * k).map(|i| (i % 7) as f32 - 3.0).collect();
+    stats.add(0, LinearInput::AttnIn, &rows, k).unwrap();
+    stats.flush().unwrap();
+    let calib = dir.path().join("calib.gguf");
+    stats.write(&calib, &[]).unwrap();
+    let out = dir.path().join("out.gguf");
+    let opts = ConvertOptions {
+        calib: Some(std::sync::Arc::new(CalibStats::read(&calib).unwrap())),
+        ..ConvertOptions::new(&base, None, QuantPolicy::parse("q4_0", &[]).unwrap(), &out)
+    };
+    let err = convert(&opts, &|_, _, _| {}).unwrap_err().to_string();
+    assert_has(
+        &err,
+        &["blk.0.attn_q.weight", "another model", &format!("{k} wide")],
+    );
+    assert!(!out.exists());
+    let (code, stderr) = cli(&[
+        Path::new("--base"),
+        &base,
+        Path::new("--quant"),
+        Path::new("q4_0"),
+        Path::new("--calib"),
+        &base.join("config.json"),
+        Path::new("-o"),
+        &out,
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_has(&stderr, &["config.json", "not a GGUF file"]);
+    assert!(!out.exists());
+}

@@ -231,7 +231,8 @@ impl CalibStats {
             path: shown.clone(),
             problem,
         };
-        let f = GgufFile::open(path).map_err(|e| bad(e.to_string()))?;
+        // The reader's errors name the file already.
+        let f = GgufFile::open(path).map_err(|e| CalibError::Run(e.to_string()))?;
         match f.get("general.type") {
             Some(MetadataValue::String(s)) if s == CALIBRATION_TYPE => {}
             _ => {

@@ -447,8 +447,19 @@ fn process(
             delta: None,
         },
     };
-    let gptq = match (ggml_type, calib.and_then(|c| c.for_tensor(&t.name))) {
-        (GgmlType::Q4_0, Some(stats)) if stats.k == row_len => {
+    let stats = calib.and_then(|c| c.for_tensor(&t.name));
+    if let Some(s) = stats.filter(|s| s.k != row_len) {
+        return Err(quant::QuantError::Codec {
+            tensor: t.name.clone(),
+            problem: format!(
+                "the calibration statistics of its input are {} wide, the tensor's rows {row_len}: statistics of another model",
+                s.k
+            ),
+        }
+        .into());
+    }
+    let gptq = match (ggml_type, stats) {
+        (GgmlType::Q4_0, Some(stats)) => {
             let bad = |e: crate::gptq::GptqError| quant::QuantError::Codec {
                 tensor: t.name.clone(),
                 problem: e.to_string(),
