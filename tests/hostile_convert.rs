@@ -962,4 +962,28 @@ fn calibration_of_another_model_is_refused() {
     assert_eq!(code, Some(1), "{stderr}");
     assert_has(&stderr, &["config.json", "not a GGUF file"]);
     assert!(!out.exists());
+
+    // Statistics of this model: the output records what rounded it.
+    let mut ours = CalibStats::default();
+    let rows: Vec<f32> = (0..4 * HIDDEN).map(|i| (i % 5) as f32 - 2.0).collect();
+    ours.add(0, LinearInput::AttnIn, &rows, HIDDEN).unwrap();
+    ours.flush().unwrap();
+    ours.write(&calib, &[]).unwrap();
+    let read = CalibStats::read(&calib).unwrap();
+    let sha = read.source_sha256.clone().unwrap();
+    let opts = ConvertOptions {
+        calib: Some(std::sync::Arc::new(read)),
+        ..ConvertOptions::new(&base, None, QuantPolicy::parse("q4_0", &[]).unwrap(), &out)
+    };
+    convert(&opts, &|_, _, _| {}).unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(
+        f.get("lorafold.calibration.sha256")
+            .and_then(|v| v.as_str().map(str::to_owned)),
+        Some(sha)
+    );
+    assert!(f
+        .get("lorafold.rounding")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .is_some_and(|r| r.starts_with("gptq")));
 }

@@ -113,6 +113,8 @@ pub struct CalibStats {
     pub inputs: BTreeMap<(usize, LinearInput), InputStats>,
     /// Tokens accumulated.
     pub tokens: u64,
+    /// The sha256 of the file these were read from ([`CalibStats::read`]).
+    pub source_sha256: Option<String>,
 }
 
 impl CalibStats {
@@ -247,6 +249,7 @@ impl CalibStats {
         };
         let mut stats = CalibStats {
             tokens,
+            source_sha256: Some(crate::convert::sha256_file(path).map_err(|e| bad(e.to_string()))?),
             ..CalibStats::default()
         };
         for layer in 0.. {

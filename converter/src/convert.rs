@@ -229,7 +229,11 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             let base_provenance: Vec<_> = provenance
                 .iter()
                 .filter(|(k, _)| {
-                    !k.starts_with("lorafold.adapter.") && !k.starts_with("lorafold.merge.")
+                    // Nor the rounding: the base output is rounded to nearest.
+                    !k.starts_with("lorafold.adapter.")
+                        && !k.starts_with("lorafold.merge.")
+                        && !k.starts_with("lorafold.calibration.")
+                        && k != "lorafold.rounding"
                 })
                 .cloned()
                 .collect();
@@ -505,7 +509,7 @@ fn process(
     })
 }
 
-fn sha256_file(path: &Path) -> Result<String, ConvertError> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String, ConvertError> {
     let io = |source| ConvertError::Io {
         path: path.to_path_buf(),
         source,
@@ -595,5 +599,23 @@ fn provenance(
         "lorafold.quant.policy".into(),
         MetadataValue::string(serde_json::to_string(&opts.policy).unwrap_or_default()),
     ));
+    if let Some(c) = &opts.calib {
+        md.push((
+            "lorafold.rounding".into(),
+            MetadataValue::string(format!(
+                "gptq for Q4_0 tensors whose input has calibration statistics (damping {GPTQ_DAMP} of the mean diagonal of XᵀX), nearest for the rest"
+            )),
+        ));
+        md.push((
+            "lorafold.calibration.tokens".into(),
+            MetadataValue::U64(c.tokens),
+        ));
+        if let Some(h) = &c.source_sha256 {
+            md.push((
+                "lorafold.calibration.sha256".into(),
+                MetadataValue::string(h.clone()),
+            ));
+        }
+    }
     Ok(md)
 }
