@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::rows8_avx2::{decode_rows, reduce8, RowMap};
+use crate::rows8_avx2::{decode_rows, reduce8, Ctx};
 use crate::{ActBuf, Out, WType, Weights};
 
 pub(crate) const Q4_0: u8 = 0;
@@ -65,23 +65,9 @@ pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: O
     }
 }
 
-/// Where one tile reads and writes.
-#[derive(Clone, Copy)]
-struct Ctx {
-    rows: RowMap,
-    /// Blocks per row.
-    nb: usize,
-    out: Out,
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
-    let nb = w.k / 32;
-    let ctx = Ctx {
-        rows: RowMap::new(w),
-        nb,
-        out,
-    };
+    let ctx = Ctx::new(w, out);
     let m = acts.rows();
     if m == 0 || rows.is_empty() {
         return;

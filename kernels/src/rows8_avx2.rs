@@ -1,12 +1,34 @@
 //! What the decode kernels of both block families share for
 //! [`Layout::Rows8`](crate::Layout::Rows8): where a row's blocks are, how
-//! a range of rows is cut into whole groups of eight, and the reduction
-//! that leaves one row's sum in each lane.
+//! a range of rows is cut into whole groups of eight, the reduction that
+//! leaves one row's sum in each lane, and the context a tile works in.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::{Layout, Weights};
+use crate::{Layout, Out, Weights};
+
+/// Where one tile of either family reads and writes.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx {
+    /// Where the weight rows lie.
+    pub(crate) rows: RowMap,
+    /// Blocks per row.
+    pub(crate) nb: usize,
+    /// The output.
+    pub(crate) out: Out,
+}
+
+impl Ctx {
+    /// The context of products of `w` into `out`.
+    pub(crate) fn new(w: &Weights, out: Out) -> Ctx {
+        Ctx {
+            rows: RowMap::new(w),
+            nb: w.k / w.wtype.block_len(),
+            out,
+        }
+    }
+}
 
 /// Where the rows of a matrix lie.
 #[derive(Clone, Copy)]

@@ -223,7 +223,10 @@ impl<'m> CpuSession<'m> {
             acts,
             // Up to three projections (q, k, v) share one step.
             ax: vec![0.0; 3 * batch * max_rank],
-            per_thread: vec![0.0; pool.threads() * (cfg.n_head / cfg.n_head_kv) * (max + hd + 1)],
+            per_thread: vec![
+                0.0;
+                pool.threads() * attention_scratch(cfg.n_head / cfg.n_head_kv, max, hd)
+            ],
             logits: vec![0.0; cfg.vocab],
         };
         CpuSession {
@@ -619,7 +622,7 @@ impl<'m> CpuSession<'m> {
         // the threads.
         let hpu = if t == 1 { 1 } else { group };
         let units = cfg.n_head / hpu * t;
-        let per = group * (self.max + hd + 1);
+        let per = attention_scratch(group, self.max, hd);
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
         let out = Out {
@@ -685,6 +688,13 @@ impl<'m> CpuSession<'m> {
         };
         self.pool.run(&work);
     }
+}
+
+/// Floats of per-thread attention scratch for a unit of `group` query
+/// heads: their scores over `max` positions, their accumulators of `hd`,
+/// and one probability each.
+fn attention_scratch(group: usize, max: usize, hd: usize) -> usize {
+    group * (max + hd + 1)
 }
 
 /// The input a block's linear layers read: q, k and v share one, gate and
