@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lorafold_converter::convert::{convert, ConvertError, ConvertOptions};
+use lorafold_converter::convert::{convert, ConvertError, ConvertOptions, Rounding};
 use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::report::ConvertReport;
@@ -54,16 +54,35 @@ pub struct ConvertArgs {
     /// Merge adapters that assume a modified base (PiSSA, OLoRA, LoftQ, QA-LoRA) anyway.
     #[arg(long)]
     force: bool,
-    /// Calibration statistics from `lorafold calibrate`: Q4_0 tensors of the
-    /// merged output are rounded by GPTQ (error feedback) instead of nearest.
+    /// Calibration statistics: from `lorafold calibrate`, or an imatrix
+    /// GGUF from llama.cpp's `llama-imatrix` (its diagonal only).
     #[arg(long)]
     calib: Option<PathBuf>,
+    /// How the merged output's block-quantized tensors are rounded (default:
+    /// gptq with `lorafold calibrate` statistics, imatrix with an imatrix
+    /// file, nearest without calibration).
+    #[arg(long, value_enum)]
+    rounding: Option<RoundingArg>,
+    /// GPTQ's damping, as a fraction of XᵀX's mean diagonal.
+    #[arg(long, default_value_t = lorafold_converter::convert::DEFAULT_DAMP)]
+    damp: f64,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Print only the totals, not the per-tensor table.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// `--rounding`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoundingArg {
+    /// ggml's quantizers (llama.cpp's bytes).
+    Nearest,
+    /// Importance-weighted block scales (the statistics' diagonal).
+    Imatrix,
+    /// Error feedback (GPTQ; the whole XᵀX).
+    Gptq,
 }
 
 /// Run `lorafold convert`.
@@ -111,6 +130,19 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         (None, false) => QuantPolicy::parse("f16", &[])?, // unused: only the adapter is written
         (None, true) => bail!("--quant is needed for the merged and base outputs"),
     };
+    let calib = match &args.calib {
+        Some(p) => Some(std::sync::Arc::new(
+            lorafold_converter::calib::CalibStats::read(p)?,
+        )),
+        None => None,
+    };
+    if args
+        .rounding
+        .is_some_and(|r| !matches!(r, RoundingArg::Nearest))
+        && calib.is_none()
+    {
+        bail!("--rounding imatrix and gptq need --calib (statistics from `lorafold calibrate`)");
+    }
     let opts = ConvertOptions {
         output,
         base_output: base_out,
@@ -119,12 +151,16 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         force: args.force,
         max_rel_error: args.max_rel_error,
         min_retention: args.min_retention,
-        calib: match &args.calib {
-            Some(p) => Some(std::sync::Arc::new(
-                lorafold_converter::calib::CalibStats::read(p)?,
-            )),
-            None => None,
+        rounding: match (args.rounding, &calib) {
+            (Some(RoundingArg::Nearest), _) => Rounding::Nearest,
+            (Some(RoundingArg::Imatrix), _) => Rounding::Imatrix,
+            (Some(RoundingArg::Gptq), _) => Rounding::Gptq,
+            (None, None) => Rounding::Nearest,
+            (None, Some(c)) if c.has_matrices() => Rounding::Gptq,
+            (None, Some(_)) => Rounding::Imatrix,
         },
+        damp: args.damp,
+        calib,
         ..ConvertOptions::new(&args.base, args.adapter.clone(), policy, PathBuf::new())
     };
     let tty = std::io::stderr().is_terminal();

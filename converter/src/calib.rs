@@ -17,6 +17,7 @@ use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataValue};
 use lorafold_runtime::model::{Model, SessionOptions};
 
 use crate::gguf_writer::{GgufWriter, WriteError};
+use crate::gptq::GptqFactor;
 
 /// What calibration can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +59,11 @@ pub fn tensor_name(layer: usize, input: LinearInput) -> String {
 pub struct InputStats {
     /// Width of the input.
     pub k: usize,
-    /// Σ x xᵀ over every token, `[k, k]` row-major.
+    /// Σ x xᵀ over every token, `[k, k]` row-major; empty when only the
+    /// diagonal is known (statistics read from llama.cpp's imatrix layout).
     pub xtx: Vec<f64>,
+    /// Σ x² per input: the diagonal, what importance weighting needs.
+    pub sum2: Vec<f64>,
     /// Rows not yet multiplied out: short windows are gathered into one
     /// product, since adding a k x k product into f64 costs as much as
     /// computing it from a few dozen rows.
@@ -68,9 +72,6 @@ pub struct InputStats {
     /// that read this input (q, k and v; gate and up).
     factor: std::sync::OnceLock<Result<GptqFactor, crate::gptq::GptqError>>,
 }
-
-/// The upper Cholesky factor of the damped inverse and the dead inputs.
-pub type GptqFactor = (Vec<f64>, Vec<bool>);
 
 /// Rows gathered before one product is added into the f64 sums.
 const FLUSH_ROWS: usize = 512;
@@ -83,6 +84,17 @@ impl InputStats {
             .get_or_init(|| crate::gptq::inverse_cholesky(&self.xtx, self.k, damp))
             .as_ref()
             .map_err(Clone::clone)
+    }
+
+    /// Whether the whole matrix is known (GPTQ needs it; importance
+    /// weighting needs only the diagonal).
+    pub fn has_matrix(&self) -> bool {
+        self.xtx.len() == self.k * self.k
+    }
+
+    /// Each input's weight for importance rounding: its Σ x².
+    pub fn importance(&self) -> Vec<f32> {
+        self.sum2.iter().map(|&v| v as f32).collect()
     }
 
     /// Multiply out the pending rows and add them into `xtx`.
@@ -100,6 +112,9 @@ impl InputStats {
             .to_vec1::<f32>()?;
         for (a, &v) in self.xtx.iter_mut().zip(&g) {
             *a += v as f64;
+        }
+        for (i, d) in self.sum2.iter_mut().enumerate() {
+            *d = self.xtx[i * self.k + i];
         }
         self.pending.clear();
         Ok(())
@@ -132,6 +147,7 @@ impl CalibStats {
             .or_insert_with(|| InputStats {
                 k,
                 xtx: vec![0.0; k * k],
+                sum2: vec![0.0; k],
                 pending: Vec::new(),
                 factor: Default::default(),
             });
@@ -140,6 +156,11 @@ impl CalibStats {
             s.flush()?;
         }
         Ok(())
+    }
+
+    /// Whether every input's whole XᵀX is known (not just the diagonal).
+    pub fn has_matrices(&self) -> bool {
+        self.inputs.values().all(InputStats::has_matrix)
     }
 
     /// The statistics of the input tensor `name` (GGUF name) reads, if any.
@@ -267,7 +288,7 @@ impl CalibStats {
                         )))
                     }
                 };
-                let xtx = f
+                let xtx: Vec<f64> = f
                     .tensor_data(t)
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
@@ -276,6 +297,7 @@ impl CalibStats {
                     (layer, input),
                     InputStats {
                         k,
+                        sum2: (0..k).map(|i| xtx[i * k + i]).collect(),
                         xtx,
                         pending: Vec::new(),
                         factor: Default::default(),

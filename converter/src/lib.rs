@@ -10,6 +10,7 @@ pub mod error;
 pub mod gguf_writer;
 pub mod gptq;
 pub mod hf_tokenizer;
+pub mod importance;
 pub mod merge;
 pub mod output;
 pub mod peft;

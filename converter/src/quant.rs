@@ -253,6 +253,21 @@ fn fit(wanted: GgmlType, row_len: u64) -> TypeChoice {
     }
 }
 
+/// The block types whose codes can be chosen by a rounding method other
+/// than nearest (GPTQ, importance weighting): every block type we write.
+pub const BLOCK_TYPES: [GgmlType; 10] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
 fn candle_type(t: GgmlType) -> GgmlDType {
     t.to_candle().expect("WRITABLE types are candle types")
 }

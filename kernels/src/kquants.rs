@@ -21,7 +21,7 @@ use crate::blocks::QK_K;
 use crate::{ActBuf, Isa, Out, WType, Weights};
 
 /// Groups of 16 per super-block.
-const NG: usize = QK_K / 16;
+pub(crate) const NG: usize = QK_K / 16;
 
 /// The f16 at byte `i` of `b`.
 #[inline(always)]
@@ -66,21 +66,21 @@ pub(crate) fn q3k_scales(s: &[u8]) -> [u8; 16] {
 
 /// One super-block in the common shape: w = (d sc[g]) q - dmin mn[g] for
 /// element e of group g = e / 16.
-struct Decoded {
+pub(crate) struct Decoded {
     /// Signed codes in element order, offsets already subtracted.
-    q: [i8; QK_K],
+    pub(crate) q: [i8; QK_K],
     /// Integer scale per group of 16.
-    sc: [i32; NG],
+    pub(crate) sc: [i32; NG],
     /// Integer minimum per group of 16 (zero for Q3_K and Q6_K).
-    mn: [i32; NG],
+    pub(crate) mn: [i32; NG],
     /// Super-block scale.
-    d: f32,
+    pub(crate) d: f32,
     /// Super-block scale of the minimums (zero for Q3_K and Q6_K).
-    dmin: f32,
+    pub(crate) dmin: f32,
 }
 
 /// Decode one super-block of `wtype` (the layouts of ggml's `dequantize_row_q*_K`).
-fn decode(wtype: WType, blk: &[u8]) -> Decoded {
+pub(crate) fn decode(wtype: WType, blk: &[u8]) -> Decoded {
     let mut o = Decoded {
         q: [0; QK_K],
         sc: [0; NG],

@@ -17,7 +17,7 @@ pub(crate) const QK: usize = 32;
 
 /// The f16 at byte `i` of `b`.
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
@@ -30,7 +30,7 @@ fn qh_at(b: &[u8], i: usize) -> u32 {
 /// The 32 integer codes of one block, in element order, as the dot product
 /// multiplies them (offsets already subtracted for the symmetric types).
 #[inline(always)]
-fn codes(wtype: WType, blk: &[u8]) -> [i32; QK] {
+pub(crate) fn codes(wtype: WType, blk: &[u8]) -> [i32; QK] {
     let mut q = [0i32; QK];
     match wtype {
         WType::Q4_0 | WType::Q4_1 => {
@@ -68,7 +68,7 @@ fn codes(wtype: WType, blk: &[u8]) -> [i32; QK] {
 }
 
 /// Whether blocks of `wtype` carry a minimum `m` (w = d q + m).
-fn has_min(wtype: WType) -> bool {
+pub(crate) fn has_min(wtype: WType) -> bool {
     matches!(wtype, WType::Q4_1 | WType::Q5_1)
 }
 

@@ -21,6 +21,7 @@ pub mod blocks;
 mod float;
 #[cfg(target_arch = "x86_64")]
 mod float_avx2;
+pub mod grid;
 mod kquants;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
