@@ -29,6 +29,10 @@ pub struct CalibrateArgs {
     /// Where to write the statistics (GGUF).
     #[arg(short, long)]
     output: PathBuf,
+    /// Also write the diagonal in llama.cpp's imatrix GGUF layout here (for
+    /// `llama-quantize --imatrix`).
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
     /// CPU threads.
     #[arg(long)]
     threads: Option<usize>,
@@ -37,6 +41,9 @@ pub struct CalibrateArgs {
 /// Run `lorafold calibrate`.
 pub fn run(args: &CalibrateArgs) -> Result<()> {
     check_file_destination(&args.output)?;
+    if let Some(p) = &args.imatrix {
+        check_file_destination(p)?;
+    }
     set_threads(args.threads)?;
     let model = load_path(&args.path, &device("cpu")?)?;
     model
@@ -60,6 +67,15 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
             ("lorafold.calibration.text", args.text.display().to_string()),
         ],
     )?;
+    if let Some(p) = &args.imatrix {
+        let longest = w.iter().map(Vec::len).max().unwrap_or(0);
+        stats.write_imatrix(
+            p,
+            &args.text.display().to_string(),
+            w.len() as u32,
+            longest as u32,
+        )?;
+    }
     eprintln!(
         "{}: {} inputs over {} tokens in {} windows ({:.1} s)",
         args.output.display(),

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use lorafold_runtime::cpu::{KvType, LinearInput};
-use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataValue};
+use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataArray, MetadataValue, ValueType};
 use lorafold_runtime::model::{Model, SessionOptions};
 
 use crate::gguf_writer::{GgufWriter, WriteError};
@@ -40,6 +40,8 @@ pub enum CalibError {
 
 /// `general.type` of a calibration file.
 pub const CALIBRATION_TYPE: &str = "lorafold-calibration";
+/// `general.type` of llama.cpp's imatrix GGUF.
+pub const IMATRIX_TYPE: &str = "imatrix";
 /// Metadata key: tokens accumulated.
 pub const KEY_TOKENS: &str = "lorafold.calibration.tokens";
 
@@ -165,14 +167,7 @@ impl CalibStats {
 
     /// The statistics of the input tensor `name` (GGUF name) reads, if any.
     pub fn for_tensor(&self, name: &str) -> Option<&InputStats> {
-        let rest = name.strip_prefix("blk.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        let what = rest.strip_suffix(".weight")?;
-        let input = LinearInput::ALL
-            .into_iter()
-            .find(|i| i.readers().contains(&what))?;
-        self.inputs.get(&(layer, input))
+        self.inputs.get(&input_of(name)?)
     }
 
     /// Add every input's pending rows into its sums.
@@ -218,6 +213,12 @@ impl CalibStats {
     /// (after [`CalibStats::flush`]; pending rows are not written).
     /// `provenance` adds string metadata (model, adapters, text hash).
     pub fn write(&self, path: &Path, provenance: &[(&str, String)]) -> Result<(), CalibError> {
+        if !self.has_matrices() {
+            return Err(CalibError::File {
+                path: path.display().to_string(),
+                problem: "these statistics hold only diagonals (an imatrix); write them with write_imatrix".into(),
+            });
+        }
         let mut w = GgufWriter::new(path);
         w.add_metadata(
             "general.type",
@@ -247,6 +248,62 @@ impl CalibStats {
         Ok(())
     }
 
+    /// Write the diagonal in llama.cpp's imatrix GGUF layout (what
+    /// `llama-imatrix` writes and `llama-quantize --imatrix` reads):
+    /// `general.type = imatrix`, `imatrix.datasets`, `imatrix.chunk_count`,
+    /// `imatrix.chunk_size`, and per weight tensor `<name>.in_sum2` (Σ x²,
+    /// f32 `[k]`) and `<name>.counts` (tokens, f32 `[1]`); the three
+    /// tensors that share an input get the same values.
+    pub fn write_imatrix(
+        &self,
+        path: &Path,
+        dataset: &str,
+        chunks: u32,
+        chunk_size: u32,
+    ) -> Result<(), CalibError> {
+        let mut w = GgufWriter::new(path);
+        w.add_metadata("general.type", &MetadataValue::String(IMATRIX_TYPE.into()))?;
+        w.add_metadata(
+            "imatrix.datasets",
+            &MetadataValue::Array(MetadataArray::Owned {
+                elem: ValueType::String,
+                items: vec![MetadataValue::String(dataset.into())],
+            }),
+        )?;
+        w.add_metadata("imatrix.chunk_count", &MetadataValue::U32(chunks))?;
+        w.add_metadata("imatrix.chunk_size", &MetadataValue::U32(chunk_size))?;
+        let weights = |layer: usize, input: LinearInput| {
+            input
+                .readers()
+                .iter()
+                .map(move |r| format!("blk.{layer}.{r}.weight"))
+        };
+        for (&(layer, input), s) in &self.inputs {
+            for name in weights(layer, input) {
+                // Trailing dims of 1 dropped, as ggml writes them.
+                w.add_tensor(&format!("{name}.in_sum2"), GgmlType::F32, &[s.k as u64])?;
+                w.add_tensor(&format!("{name}.counts"), GgmlType::F32, &[1])?;
+            }
+        }
+        let mut stream = w.start()?;
+        for (&(layer, input), s) in &self.inputs {
+            let sums: Vec<u8> = s
+                .sum2
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect();
+            for name in weights(layer, input) {
+                stream.write_tensor(&format!("{name}.in_sum2"), &sums)?;
+                stream.write_tensor(
+                    &format!("{name}.counts"),
+                    &(self.tokens as f32).to_le_bytes(),
+                )?;
+            }
+        }
+        stream.finish()?;
+        Ok(())
+    }
+
     /// Read statistics written by [`CalibStats::write`].
     pub fn read(path: &Path) -> Result<CalibStats, CalibError> {
         let shown = path.display().to_string();
@@ -256,11 +313,15 @@ impl CalibStats {
         };
         // The reader's errors name the file already.
         let f = GgufFile::open(path).map_err(|e| CalibError::Run(e.to_string()))?;
+        let sha = crate::convert::sha256_file(path).map_err(|e| bad(e.to_string()))?;
         match f.get("general.type") {
             Some(MetadataValue::String(s)) if s == CALIBRATION_TYPE => {}
+            Some(MetadataValue::String(s)) if s == IMATRIX_TYPE => {
+                return read_imatrix(&f, sha).map_err(bad);
+            }
             _ => {
                 return Err(bad(format!(
-                    "not a calibration file (general.type is not {CALIBRATION_TYPE})"
+                    "not calibration statistics (general.type is neither {CALIBRATION_TYPE} nor {IMATRIX_TYPE})"
                 )))
             }
         }
@@ -270,7 +331,7 @@ impl CalibStats {
         };
         let mut stats = CalibStats {
             tokens,
-            source_sha256: Some(crate::convert::sha256_file(path).map_err(|e| bad(e.to_string()))?),
+            source_sha256: Some(sha),
             ..CalibStats::default()
         };
         for layer in 0.. {
@@ -310,4 +371,86 @@ impl CalibStats {
         }
         Ok(stats)
     }
+}
+
+/// The diagonal statistics of an imatrix GGUF (llama.cpp's layout, see
+/// [`CalibStats::write_imatrix`]): Σ x² / count per input, from the first
+/// weight tensor that reads it; tensors we do not read (experts, the output
+/// head) are skipped.
+fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
+    let mut stats = CalibStats {
+        source_sha256: Some(sha),
+        ..CalibStats::default()
+    };
+    let floats = |name: &str| -> Result<Option<Vec<f32>>, String> {
+        let Some(t) = f.tensor(name) else {
+            return Ok(None);
+        };
+        if t.ggml_type != GgmlType::F32 {
+            return Err(format!("tensor '{name}' is {}, not f32", t.ggml_type));
+        }
+        Ok(Some(
+            f.tensor_data(t)
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ))
+    };
+    for t in f.tensors() {
+        let Some(weight) = t.name.strip_suffix(".in_sum2") else {
+            continue;
+        };
+        let Some((layer, input)) = input_of(weight) else {
+            continue;
+        };
+        if stats.inputs.contains_key(&(layer, input)) {
+            continue;
+        }
+        let sums = floats(&t.name)?.unwrap_or_default();
+        let counts = floats(&format!("{weight}.counts"))?
+            .ok_or_else(|| format!("tensor '{weight}.counts' missing beside its .in_sum2"))?;
+        // One matrix per expert; a dense weight has one.
+        let &[count] = counts.as_slice() else {
+            return Err(format!(
+                "tensor '{weight}.counts': {} matrices (experts are not read)",
+                counts.len()
+            ));
+        };
+        if count.is_nan()
+            || count <= 0.0
+            || sums.is_empty()
+            || sums.iter().any(|v| !v.is_finite() || *v < 0.0)
+        {
+            return Err(format!(
+                "tensor '{weight}.in_sum2': empty, negative or not finite, or no count"
+            ));
+        }
+        stats.tokens = stats.tokens.max(count as u64);
+        stats.inputs.insert(
+            (layer, input),
+            InputStats {
+                k: sums.len(),
+                xtx: Vec::new(),
+                sum2: sums.iter().map(|&v| v as f64 / count as f64).collect(),
+                pending: Vec::new(),
+                factor: Default::default(),
+            },
+        );
+    }
+    if stats.inputs.is_empty() {
+        return Err("an imatrix with no tensor of a block's linear layers".into());
+    }
+    Ok(stats)
+}
+
+/// (layer, input) that the weight tensor `name` (GGUF name) reads.
+fn input_of(name: &str) -> Option<(usize, LinearInput)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let what = rest.strip_suffix(".weight")?;
+    let input = LinearInput::ALL
+        .into_iter()
+        .find(|i| i.readers().contains(&what))?;
+    Some((layer, input))
 }
