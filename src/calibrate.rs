@@ -11,6 +11,9 @@ use lorafold_runtime::tokenizer::Tokenizer;
 use crate::drift::{load_path, windows};
 use crate::run::{device, set_threads};
 
+/// Tokens per window (a longer line is split), here and in `convert --calib-text`.
+pub const DEFAULT_CTX: usize = 128;
+
 /// Arguments of `lorafold calibrate`.
 #[derive(clap::Args)]
 pub struct CalibrateArgs {
@@ -24,7 +27,7 @@ pub struct CalibrateArgs {
     #[arg(long)]
     lines: bool,
     /// Window length in tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = DEFAULT_CTX)]
     ctx: usize,
     /// Where to write the statistics (GGUF).
     #[arg(short, long)]

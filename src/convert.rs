@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use lorafold_converter::calib::CalibStats;
 use lorafold_converter::convert::{convert, ConvertError, ConvertOptions, Rounding};
 use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
@@ -58,6 +59,11 @@ pub struct ConvertArgs {
     /// GGUF from llama.cpp's `llama-imatrix` (its diagonal only).
     #[arg(long)]
     calib: Option<PathBuf>,
+    /// Calibrate in this run on this text (the adapter's training text), one
+    /// window per non-empty line, as `lorafold calibrate --lines` does: the f32 merged model is written to a
+    /// temporary file beside the output, observed, and removed.
+    #[arg(long, conflicts_with = "calib")]
+    calib_text: Option<PathBuf>,
     /// How the merged output's block-quantized tensors are rounded (default:
     /// gptq with `lorafold calibrate` statistics, imatrix with an imatrix
     /// file, nearest without calibration).
@@ -72,6 +78,52 @@ pub struct ConvertArgs {
     /// Print only the totals, not the per-tensor table.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// Statistics of the f32 merged model over `text`, one window per line.
+fn calibrate_in_run(args: &ConvertArgs, text: &Path) -> Result<CalibStats> {
+    let words = std::fs::read_to_string(text)
+        .with_context(|| format!("{}: cannot read the calibration text", text.display()))?;
+    let beside = args
+        .output
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let dir = tempfile::Builder::new()
+        .prefix(".lorafold-calib")
+        .tempdir_in(&beside)
+        .with_context(|| format!("{}: cannot make a temporary folder", beside.display()))?;
+    let f32 = dir.path().join("merged-f32.gguf");
+    let start = std::time::Instant::now();
+    convert(
+        &ConvertOptions::new(
+            &args.base,
+            args.adapter.clone(),
+            QuantPolicy::parse("f32", &[])?,
+            &f32,
+        ),
+        &|_, _, _| {},
+    )?;
+    let model = lorafold_runtime::model::Model::load(&f32, &crate::run::device("cpu")?)?;
+    let tok = lorafold_runtime::tokenizer::Tokenizer::from_gguf(model.file())?;
+    let windows = crate::drift::windows(&tok, &words, true, crate::calibrate::DEFAULT_CTX)?;
+    anyhow::ensure!(
+        !windows.is_empty(),
+        "{}: no line of 2 tokens or more to calibrate on",
+        text.display()
+    );
+    let mut stats = CalibStats::collect(&model, &windows)?;
+    stats.round_as_stored();
+    stats.source_sha256 = Some(lorafold_converter::convert::sha256_file(text)?);
+    eprintln!(
+        "calibrated on {}: {} tokens in {} lines ({:.1} s)",
+        text.display(),
+        stats.tokens,
+        windows.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(stats)
 }
 
 /// `--rounding`.
@@ -130,18 +182,17 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         (None, false) => QuantPolicy::parse("f16", &[])?, // unused: only the adapter is written
         (None, true) => bail!("--quant is needed for the merged and base outputs"),
     };
-    let calib = match &args.calib {
-        Some(p) => Some(std::sync::Arc::new(
-            lorafold_converter::calib::CalibStats::read(p)?,
-        )),
-        None => None,
+    let calib = match (&args.calib, &args.calib_text) {
+        (Some(p), _) => Some(std::sync::Arc::new(CalibStats::read(p)?)),
+        (None, Some(text)) => Some(std::sync::Arc::new(calibrate_in_run(args, text)?)),
+        (None, None) => None,
     };
     if args
         .rounding
         .is_some_and(|r| !matches!(r, RoundingArg::Nearest))
         && calib.is_none()
     {
-        bail!("--rounding imatrix and gptq need --calib (statistics from `lorafold calibrate`)");
+        bail!("--rounding imatrix and gptq need --calib (statistics from `lorafold calibrate`) or --calib-text");
     }
     let opts = ConvertOptions {
         output,

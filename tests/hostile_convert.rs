@@ -973,6 +973,7 @@ fn calibration_of_another_model_is_refused() {
     let sha = read.source_sha256.clone().unwrap();
     let opts = ConvertOptions {
         calib: Some(std::sync::Arc::new(read)),
+        rounding: lorafold_converter::convert::Rounding::Gptq,
         ..ConvertOptions::new(&base, None, QuantPolicy::parse("q4_0", &[]).unwrap(), &out)
     };
     convert(&opts, &|_, _, _| {}).unwrap();

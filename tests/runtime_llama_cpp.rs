@@ -240,12 +240,53 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
     };
     convert(&gptq, &|_, _, _| {}).unwrap();
     convert(&opts("q4_0", &p("nearest.gguf")), &|_, _, _| {}).unwrap();
+    // The CLI calibrating in the same run (--calib-text, a window per
+    // line) writes the same tensors as calibrate-then-convert.
+    let lines: Vec<&str> = text.lines().take(12).collect();
+    std::fs::write(p("lines.txt"), lines.join("\n")).unwrap();
+    let out = common::lorafold()
+        .args(["convert", "--quant", "q4_0", "-q", "--base"])
+        .arg(common::smollm2())
+        .arg("--adapter")
+        .arg(adapter.join("adapter"))
+        .args([
+            "--tensor-type",
+            r"attn_v\.weight=q5_1",
+            "--tensor-type",
+            r"ffn_down\.weight=q6_k",
+        ])
+        .arg("--calib-text")
+        .arg(p("lines.txt"))
+        .arg("-o")
+        .arg(p("cli.gguf"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // gguf-py decodes every tensor to the values we decode.
     let theirs: serde_json::Value =
         serde_json::from_str(common::run_python(DECODE, &[&p("gptq.gguf")]).trim()).unwrap();
     let file = GgufFile::open(p("gptq.gguf")).unwrap();
     let nearest = GgufFile::open(p("nearest.gguf")).unwrap();
+    let cli = GgufFile::open(&p("cli.gguf")).unwrap();
+    assert_eq!(
+        cli.get("lorafold.calibration.sha256")
+            .and_then(|v| v.as_str().map(str::to_owned)),
+        Some(lorafold_converter::convert::sha256_file(&p("lines.txt")).unwrap())
+    );
+    for t in file.tensors() {
+        let c = cli.tensor(&t.name).unwrap();
+        assert_eq!(
+            cli.tensor_data(c),
+            file.tensor_data(t),
+            "--calib-text: {}",
+            t.name
+        );
+    }
     let mut types = std::collections::BTreeSet::new();
     let mut changed = 0;
     for t in file.tensors() {

@@ -160,6 +160,17 @@ impl CalibStats {
         Ok(())
     }
 
+    /// Round the sums to f32, as [`CalibStats::write`] stores them, so that
+    /// statistics used in the run that collected them round weights to the
+    /// same bytes as the same statistics read back from a file.
+    pub fn round_as_stored(&mut self) {
+        for s in self.inputs.values_mut() {
+            for v in s.xtx.iter_mut().chain(s.sum2.iter_mut()) {
+                *v = *v as f32 as f64;
+            }
+        }
+    }
+
     /// Whether every input's whole XᵀX is known (not just the diagonal).
     pub fn has_matrices(&self) -> bool {
         self.inputs.values().all(InputStats::has_matrix)

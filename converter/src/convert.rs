@@ -570,7 +570,8 @@ fn process(
     })
 }
 
-pub(crate) fn sha256_file(path: &Path) -> Result<String, ConvertError> {
+/// The sha256 of a file's bytes, in hex.
+pub fn sha256_file(path: &Path) -> Result<String, ConvertError> {
     let io = |source| ConvertError::Io {
         path: path.to_path_buf(),
         source,

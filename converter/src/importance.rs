@@ -102,47 +102,51 @@ pub(crate) fn round_block(
             }
         })
         .collect();
-    let stretched = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
-        x.iter()
-            .enumerate()
-            .map(|(e, &v)| {
-                let c = centre[e / sb];
-                c + (v - c) * f(e / sb)
-            })
-            .collect()
+    let stretch = |y: &mut Vec<f32>, f: &dyn Fn(usize) -> f32| {
+        y.clear();
+        y.extend(x.iter().enumerate().map(|(e, &v)| {
+            let c = centre[e / sb];
+            c + (v - c) * f(e / sb)
+        }));
     };
-    let mut codes = vec![0i32; bl];
-    // (bytes with codes, per-sub-block weighted errors)
-    let mut try_grid = |y: &[f32]| -> Result<(Vec<u8>, Vec<f64>), QuantError> {
+    let mut codes = [0i32; lorafold_kernels::blocks::QK_K];
+    let mut errs = [0f64; lorafold_kernels::grid::GROUPS];
+    // The block's bytes for a grid picked from `y`, codes nearest `x`; the
+    // weighted error per sub-block left in `errs`.
+    let mut try_grid = |y: &[f32], errs: &mut [f64]| -> Result<Vec<u8>, QuantError> {
         let mut blk = quant::quantize(wtype, y, tensor)?;
         let g = Grid::read(kt, &blk);
-        let mut errs = vec![0f64; nsub];
+        errs[..nsub].fill(0.0);
         for e in 0..bl {
             let q = g.nearest(e, x[e]);
             codes[e] = q;
             let d = (g.value(e, q) - x[e]) as f64;
             errs[e / sb] += imp[e] as f64 * d * d;
         }
-        grid::write_codes(kt, &mut blk, &codes);
-        Ok((blk, errs))
+        grid::write_codes(kt, &mut blk, &codes[..bl]);
+        Ok(blk)
     };
-    let (plain, plain_errs) = try_grid(x)?;
-    let mut best = vec![(f64::INFINITY, 1f32); nsub];
+    let plain = try_grid(x, &mut errs)?;
+    let plain_errs = errs;
+    let mut best = [(f64::INFINITY, 1f32); lorafold_kernels::grid::GROUPS];
+    let mut y = Vec::with_capacity(bl);
     for f in FACTORS {
-        let (_, errs) = if f == 1.0 {
-            (Vec::new(), plain_errs.clone())
+        if f == 1.0 {
+            errs = plain_errs;
         } else {
-            try_grid(&stretched(&|_| f))?
-        };
-        for (b, e) in best.iter_mut().zip(errs) {
+            stretch(&mut y, &|_| f);
+            try_grid(&y, &mut errs)?;
+        }
+        for (b, &e) in best.iter_mut().zip(&errs[..nsub]) {
             if e < b.0 {
                 *b = (e, f);
             }
         }
     }
-    let total = |e: &[f64]| e.iter().sum::<f64>();
-    let (mixed, mixed_errs) = try_grid(&stretched(&|s| best[s].1))?;
-    dst.copy_from_slice(if total(&mixed_errs) < total(&plain_errs) {
+    let total = |e: &[f64]| e[..nsub].iter().sum::<f64>();
+    stretch(&mut y, &|s| best[s].1);
+    let mixed = try_grid(&y, &mut errs)?;
+    dst.copy_from_slice(if total(&errs) < total(&plain_errs) {
         &mixed
     } else {
         &plain

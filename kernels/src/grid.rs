@@ -8,13 +8,15 @@
 use crate::blocks::QK_K;
 use crate::{kquants, legacy, WType};
 
-/// The values a block's codes can take, weight by weight.
-#[derive(Debug, Clone)]
+/// The values a block's codes can take, group of weights by group.
+#[derive(Debug, Clone, Copy)]
 pub struct Grid {
-    /// Per weight: value of code q is `d[e] * q + m[e]`.
-    pub d: [f32; QK_K],
-    /// Per weight: the offset (a block minimum; zero for symmetric types).
-    pub m: [f32; QK_K],
+    /// Per group: value of code q is `d[g] * q + m[g]`.
+    pub d: [f32; GROUPS],
+    /// Per group: the offset (a block minimum; zero for symmetric types).
+    pub m: [f32; GROUPS],
+    /// Weights per group, as a shift: group of weight e is `e >> shift`.
+    pub shift: u32,
     /// Weights in the block.
     pub len: usize,
     /// Smallest code (signed, offsets subtracted, as the products use it).
@@ -22,6 +24,9 @@ pub struct Grid {
     /// Largest code.
     pub hi: i32,
 }
+
+/// Most groups a block has (K-quants: 16 of 16 weights).
+pub const GROUPS: usize = QK_K / 16;
 
 /// The signed code range of a block type; None for float types.
 ///
@@ -49,26 +54,24 @@ impl Grid {
     pub fn read(wtype: WType, blk: &[u8]) -> Grid {
         let (lo, hi) = code_range(wtype).expect("a block-quantized type");
         let mut g = Grid {
-            d: [0.0; QK_K],
-            m: [0.0; QK_K],
+            d: [0.0; GROUPS],
+            m: [0.0; GROUPS],
+            shift: 4,
             len: wtype.block_len(),
             lo,
             hi,
         };
         if g.len == legacy::QK {
-            let d = legacy::f16_at(blk, 0);
-            let m = if legacy::has_min(wtype) {
-                legacy::f16_at(blk, 2)
-            } else {
-                0.0
-            };
-            g.d[..legacy::QK].fill(d);
-            g.m[..legacy::QK].fill(m);
+            g.shift = 5;
+            g.d[0] = legacy::f16_at(blk, 0);
+            if legacy::has_min(wtype) {
+                g.m[0] = legacy::f16_at(blk, 2);
+            }
         } else {
             let x = kquants::decode(wtype, blk);
-            for e in 0..QK_K {
-                g.d[e] = x.d * x.sc[e / 16] as f32;
-                g.m[e] = -(x.dmin * x.mn[e / 16] as f32);
+            for k in 0..GROUPS {
+                g.d[k] = x.d * x.sc[k] as f32;
+                g.m[k] = -(x.dmin * x.mn[k] as f32);
             }
         }
         g
@@ -77,19 +80,23 @@ impl Grid {
     /// The value of code `q` at weight `e`, as ggml dequantizes it.
     #[inline(always)]
     pub fn value(&self, e: usize, q: i32) -> f32 {
-        self.d[e] * q as f32 + self.m[e]
+        let k = e >> self.shift;
+        self.d[k] * q as f32 + self.m[k]
     }
 
     /// The code whose value is nearest `x` at weight `e` (ties away from zero).
     #[inline(always)]
     pub fn nearest(&self, e: usize, x: f32) -> i32 {
-        let d = self.d[e];
+        let k = e >> self.shift;
+        let d = self.d[k];
         if d == 0.0 {
             return 0.clamp(self.lo, self.hi);
         }
-        let q = ((x - self.m[e]) / d).round();
-        // Clamp in f32 first: a huge ratio must not wrap in the cast.
-        q.clamp(self.lo as f32, self.hi as f32) as i32
+        // Clamp in f32 first (a huge ratio must not wrap in the cast), then
+        // round half away from zero by truncation: `f32::round` is a libm
+        // call on baseline x86-64, 6% of a calibrated conversion.
+        let v = ((x - self.m[k]) / d).clamp(self.lo as f32, self.hi as f32);
+        (v + 0.5f32.copysign(v)) as i32
     }
 }
 
