@@ -8,7 +8,7 @@ use lorafold_converter::calib::CalibStats;
 use lorafold_converter::convert::{convert, ConvertError, ConvertOptions, Rounding};
 use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
-use lorafold_converter::report::ConvertReport;
+use lorafold_converter::report::{ConvertReport, TensorReport};
 use lorafold_runtime::gguf::GgmlType;
 
 /// Arguments of `lorafold convert`.
@@ -114,7 +114,6 @@ fn calibrate_in_run(args: &ConvertArgs, text: &Path) -> Result<CalibStats> {
         text.display()
     );
     let mut stats = CalibStats::collect(&model, &windows)?;
-    stats.round_as_stored();
     stats.source_sha256 = Some(lorafold_converter::convert::sha256_file(text)?);
     eprintln!(
         "calibrated on {}: {} tokens in {} lines ({:.1} s)",
@@ -262,18 +261,21 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
 fn print_report(r: &ConvertReport, quiet: bool) {
     if !quiet && !r.tensors.is_empty() {
         println!(
-            "{:<32} {:<6} {:>12} {:>10} {:>10} {:>9}",
-            "tensor", "type", "bytes", "rel.err", "retention", "|dW|/|W|"
+            "{:<32} {:<6} {:>12} {:>10} {:>10} {:>9} {:>10} {:>10}",
+            "tensor", "type", "bytes", "rel.err", "retention", "|dW|/|W|", "out.err", "nearest"
         );
+        let e = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3e}"));
         for t in &r.tensors {
             println!(
-                "{:<32} {:<6} {:>12} {:>10.3e} {:>10} {:>9}",
+                "{:<32} {:<6} {:>12} {:>10.3e} {:>10} {:>9} {:>10} {:>10}",
                 t.name,
                 t.ggml_type,
                 t.n_bytes,
                 t.rel_error,
                 t.retention.map_or("-".into(), |x| format!("{x:.4}")),
                 t.delta_rel_norm.map_or("-".into(), |x| format!("{x:.2e}")),
+                e(t.output_error),
+                e(t.output_error_nearest),
             );
         }
     }
@@ -314,6 +316,25 @@ fn print_report(r: &ConvertReport, quiet: bool) {
         "relative error: mean {:.3e}, max {:.3e} ({})",
         t.mean_rel_error, t.max_rel_error, t.max_rel_error_tensor
     );
+    let covered: Vec<&TensorReport> = r
+        .tensors
+        .iter()
+        .filter(|t| t.output_error.is_some())
+        .collect();
+    if !covered.is_empty() {
+        let mean = |f: &dyn Fn(&TensorReport) -> Option<f64>| {
+            covered.iter().filter_map(|t| f(t)).sum::<f64>() / covered.len() as f64
+        };
+        print!(
+            "output error ||(Q(W)-W)X||/||WX|| over {} calibrated tensors: mean {:.3e}",
+            covered.len(),
+            mean(&|t| t.output_error)
+        );
+        if covered.iter().all(|t| t.output_error_nearest.is_some()) {
+            print!(" (nearest: {:.3e})", mean(&|t| t.output_error_nearest));
+        }
+        println!();
+    }
     if let Some(ret) = t.retention {
         println!(
             "adapter retention over {} changed tensors: pooled {:.4}, mean {:.4}, min {:.4}",

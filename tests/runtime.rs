@@ -278,14 +278,19 @@ fn calibration_of_base_plus_adapter_equals_the_merged_model() {
     let tokens: usize = windows.iter().map(Vec::len).sum();
     assert_eq!((a.tokens, b.tokens), (tokens as u64, tokens as u64));
     assert_eq!(a.inputs.len(), 4 * merged.config.n_layers);
-    let rel = |x: &[f64], y: &[f64]| {
-        let d: f64 = x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum();
+    let rel = |x: &[f32], y: &[f64]| {
+        let d: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(&p, q)| (p as f64 - q) * (p as f64 - q))
+            .sum();
         let n: f64 = y.iter().map(|q| q * q).sum();
         (d / n).sqrt()
     };
     let mut worst = 0f64;
     for (key, sa) in &a.inputs {
-        worst = worst.max(rel(&b.inputs[key].xtx, &sa.xtx));
+        let want: Vec<f64> = sa.xtx.iter().map(|&v| v as f64).collect();
+        worst = worst.max(rel(&b.inputs[key].xtx, &want));
     }
     eprintln!("calibration, base + pirate vs merged: worst relative difference {worst:e}");
     assert!(worst <= 1e-5, "{worst}");
@@ -336,10 +341,6 @@ fn calibration_of_base_plus_adapter_equals_the_merged_model() {
     for (key, s) in &a.inputs {
         let r = &back.inputs[key];
         assert_eq!(r.k, s.k, "{}", tensor_name(key.0, key.1));
-        assert!(r
-            .xtx
-            .iter()
-            .zip(&s.xtx)
-            .all(|(x, y)| *x == *y as f32 as f64));
+        assert!(r.xtx.iter().zip(&s.xtx).all(|(x, y)| x == y));
     }
 }

@@ -272,7 +272,7 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
         serde_json::from_str(common::run_python(DECODE, &[&p("gptq.gguf")]).trim()).unwrap();
     let file = GgufFile::open(p("gptq.gguf")).unwrap();
     let nearest = GgufFile::open(p("nearest.gguf")).unwrap();
-    let cli = GgufFile::open(&p("cli.gguf")).unwrap();
+    let cli = GgufFile::open(p("cli.gguf")).unwrap();
     assert_eq!(
         cli.get("lorafold.calibration.sha256")
             .and_then(|v| v.as_str().map(str::to_owned)),

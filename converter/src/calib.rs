@@ -61,11 +61,15 @@ pub fn tensor_name(layer: usize, input: LinearInput) -> String {
 pub struct InputStats {
     /// Width of the input.
     pub k: usize,
-    /// Σ x xᵀ over every token, `[k, k]` row-major; empty when only the
-    /// diagonal is known (statistics read from llama.cpp's imatrix layout).
-    pub xtx: Vec<f64>,
+    /// Σ x xᵀ over every token, `[k, k]` row-major, rounded to f32 as the
+    /// file stores it; empty when only the diagonal is known (statistics
+    /// read from llama.cpp's imatrix layout).
+    pub xtx: Vec<f32>,
     /// Σ x² per input: the diagonal, what importance weighting needs.
     pub sum2: Vec<f64>,
+    /// The f64 sums while statistics are collected ([`CalibStats::flush`]
+    /// rounds them into `xtx`).
+    acc: Vec<f64>,
     /// Rows not yet multiplied out: short windows are gathered into one
     /// product, since adding a k x k product into f64 costs as much as
     /// computing it from a few dozen rows.
@@ -99,8 +103,30 @@ impl InputStats {
         self.sum2.iter().map(|&v| v as f32).collect()
     }
 
-    /// Multiply out the pending rows and add them into `xtx`.
-    fn flush(&mut self) -> candle_core::Result<()> {
+    /// Σ over rows of r H rᵀ for `rows` (row-major, rows of `k`): the
+    /// squared norm of their products with the calibration inputs, ‖R X‖².
+    /// With only the diagonal known, Σ H_ii r_i².
+    pub fn output_norm2(&self, rows: &[f32]) -> candle_core::Result<f64> {
+        let k = self.k;
+        if !self.has_matrix() {
+            return Ok(rows
+                .chunks_exact(k)
+                .flat_map(|r| {
+                    r.iter()
+                        .zip(&self.sum2)
+                        .map(|(&v, &h)| h * v as f64 * v as f64)
+                })
+                .sum());
+        }
+        let h = Tensor::from_slice(&self.xtx, (k, k), &Device::Cpu)?;
+        let r = Tensor::from_slice(rows, (rows.len() / k, k), &Device::Cpu)?;
+        let rh = r.matmul(&h)?;
+        let s = (rh * r)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(s as f64)
+    }
+
+    /// Multiply out the pending rows and add them into the f64 sums.
+    fn multiply_out(&mut self) -> candle_core::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -112,13 +138,25 @@ impl InputStats {
             .matmul(&x)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        for (a, &v) in self.xtx.iter_mut().zip(&g) {
+        if self.acc.is_empty() {
+            self.acc = vec![0.0; self.k * self.k];
+        }
+        for (a, &v) in self.acc.iter_mut().zip(&g) {
             *a += v as f64;
         }
-        for (i, d) in self.sum2.iter_mut().enumerate() {
-            *d = self.xtx[i * self.k + i];
-        }
         self.pending.clear();
+        Ok(())
+    }
+
+    /// Multiply out the pending rows and round the sums into `xtx` and `sum2`.
+    fn flush(&mut self) -> candle_core::Result<()> {
+        self.multiply_out()?;
+        if !self.acc.is_empty() {
+            self.xtx = self.acc.iter().map(|&v| v as f32).collect();
+            self.sum2 = (0..self.k)
+                .map(|i| self.xtx[i * self.k + i] as f64)
+                .collect();
+        }
         Ok(())
     }
 }
@@ -148,27 +186,17 @@ impl CalibStats {
             .entry((layer, input))
             .or_insert_with(|| InputStats {
                 k,
-                xtx: vec![0.0; k * k],
+                xtx: Vec::new(),
                 sum2: vec![0.0; k],
+                acc: Vec::new(),
                 pending: Vec::new(),
                 factor: Default::default(),
             });
         s.pending.extend_from_slice(rows);
         if s.pending.len() >= FLUSH_ROWS * k {
-            s.flush()?;
+            s.multiply_out()?;
         }
         Ok(())
-    }
-
-    /// Round the sums to f32, as [`CalibStats::write`] stores them, so that
-    /// statistics used in the run that collected them round weights to the
-    /// same bytes as the same statistics read back from a file.
-    pub fn round_as_stored(&mut self) {
-        for s in self.inputs.values_mut() {
-            for v in s.xtx.iter_mut().chain(s.sum2.iter_mut()) {
-                *v = *v as f32 as f64;
-            }
-        }
     }
 
     /// Whether every input's whole XᵀX is known (not just the diagonal).
@@ -248,11 +276,7 @@ impl CalibStats {
         }
         let mut stream = w.start()?;
         for (&(layer, input), s) in &self.inputs {
-            let bytes: Vec<u8> = s
-                .xtx
-                .iter()
-                .flat_map(|&v| (v as f32).to_le_bytes())
-                .collect();
+            let bytes: Vec<u8> = s.xtx.iter().flat_map(|v| v.to_le_bytes()).collect();
             stream.write_tensor(&tensor_name(layer, input), &bytes)?;
         }
         stream.finish()?;
@@ -360,17 +384,18 @@ impl CalibStats {
                         )))
                     }
                 };
-                let xtx: Vec<f64> = f
+                let xtx: Vec<f32> = f
                     .tensor_data(t)
                     .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 stats.inputs.insert(
                     (layer, input),
                     InputStats {
                         k,
-                        sum2: (0..k).map(|i| xtx[i * k + i]).collect(),
+                        sum2: (0..k).map(|i| xtx[i * k + i] as f64).collect(),
                         xtx,
+                        acc: Vec::new(),
                         pending: Vec::new(),
                         factor: Default::default(),
                     },
@@ -443,6 +468,7 @@ fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
                 k: sums.len(),
                 xtx: Vec::new(),
                 sum2: sums.iter().map(|&v| v as f64 / count as f64).collect(),
+                acc: Vec::new(),
                 pending: Vec::new(),
                 factor: Default::default(),
             },

@@ -552,7 +552,7 @@ fn process(
         // A saved tensor replaced the base's: the base file keeps the base's.
         base_bytes = Some(quant::quantize(ggml_type, &merged.base, &t.name)?);
     }
-    let report = TensorReport::measure(
+    let mut report = TensorReport::measure(
         &t.name,
         ggml_type.name().to_string(),
         fallback,
@@ -563,6 +563,29 @@ fn process(
             .as_ref()
             .map(|(q_w0, dw)| (merged.base.as_slice(), q_w0.as_slice(), dw.as_slice())),
     );
+    if let Some(s) = stats {
+        let codec = |e: candle_core::Error| quant::QuantError::Codec {
+            tensor: t.name.clone(),
+            problem: format!("output error: {e}"),
+        };
+        let w = &merged.values;
+        let norm = s.output_norm2(w).map_err(codec)?;
+        let rel = |q: &[f32]| -> Result<f64, quant::QuantError> {
+            let d: Vec<f32> = q.iter().zip(w).map(|(a, b)| a - b).collect();
+            let e = s.output_norm2(&d).map_err(codec)?;
+            Ok(if norm > 0.0 {
+                (e / norm).sqrt()
+            } else {
+                e.sqrt()
+            })
+        };
+        report.output_error = Some(rel(&qw)?);
+        if chosen {
+            let near = quant::quantize(ggml_type, w, &t.name)?;
+            report.output_error_nearest =
+                Some(rel(&quant::dequantize(ggml_type, &near, n, &t.name)?)?);
+        }
+    }
     Ok(Processed {
         bytes,
         base_bytes,

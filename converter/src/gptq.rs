@@ -67,7 +67,7 @@ pub struct GptqFactor {
 /// P H P = RᵀR (P reverses the order, R upper), then H = V Vᵀ with
 /// V = P Rᵀ P upper, and U = V⁻¹ = P R⁻ᵀ P. Accumulated in f64 with
 /// every inner loop along memory.
-pub fn inverse_cholesky(h: &[f64], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
+pub fn inverse_cholesky(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present; the body is the portable code, compiled
@@ -80,12 +80,12 @@ pub fn inverse_cholesky(h: &[f64], k: usize, damp: f64) -> Result<GptqFactor, Gp
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn inverse_cholesky_avx2(h: &[f64], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
+unsafe fn inverse_cholesky_avx2(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
     inverse_cholesky_portable(h, k, damp)
 }
 
 #[inline(always)]
-fn inverse_cholesky_portable(h: &[f64], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
+fn inverse_cholesky_portable(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
     if h.len() != k * k {
         return Err(GptqError::Shape(format!(
             "{} values are not a {k} x {k} matrix",
@@ -94,14 +94,14 @@ fn inverse_cholesky_portable(h: &[f64], k: usize, damp: f64) -> Result<GptqFacto
     }
     // Exactly zero: a NaN or negative diagonal is a broken file, and fails below.
     let dead: Vec<bool> = (0..k).map(|i| h[i * k + i] == 0.0).collect();
-    let diag = |i: usize| if dead[i] { 1.0 } else { h[i * k + i] };
+    let diag = |i: usize| if dead[i] { 1.0 } else { h[i * k + i] as f64 };
     let mean = (0..k).map(diag).sum::<f64>() / k as f64;
     // a = P H P, damped.
     let rev = |i: usize| k - 1 - i;
     let mut a = vec![0f64; k * k];
     for i in 0..k {
         for j in i..k {
-            a[i * k + j] = h[rev(i) * k + rev(j)];
+            a[i * k + j] = h[rev(i) * k + rev(j)] as f64;
         }
         a[i * k + i] = diag(rev(i)) + damp * mean;
     }
@@ -424,7 +424,7 @@ mod tests {
 
     /// `m` inputs of width `k` with a few strong shared directions plus a
     /// little noise, input 5 dead; and H = XᵀX in f64.
-    fn correlated_inputs(m: usize, k: usize, rng: &mut Rng) -> (Tensor, Vec<f64>) {
+    fn correlated_inputs(m: usize, k: usize, rng: &mut Rng) -> (Tensor, Vec<f32>) {
         let dirs: Vec<f32> = (0..6 * k).map(|_| rng.f()).collect();
         let mut x = vec![0f32; m * k];
         for i in 0..m {
@@ -435,7 +435,7 @@ mod tests {
             x[i * k + 5] = 0.0;
         }
         let x = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
-        let h: Vec<f64> = x
+        let h: Vec<f32> = x
             .t()
             .unwrap()
             .matmul(&x)
@@ -443,10 +443,7 @@ mod tests {
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect();
+            .unwrap();
         (x, h)
     }
 
@@ -462,7 +459,7 @@ mod tests {
             let f = inverse_cholesky(&h, k, 0.01).unwrap();
             assert!(f.dead[5] && f.dead.iter().filter(|&&d| d).count() == 1);
             let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.f()).collect();
-            let imp: Vec<f32> = (0..k).map(|i| h[i * k + i] as f32).collect();
+            let imp: Vec<f32> = (0..k).map(|i| h[i * k + i]).collect();
             for t in TYPES {
                 let nq = dequantize(t, &quantize(t, &w, "w").unwrap(), n * k, "w").unwrap();
                 let en = output_error(&nq, &w, &x, n, k);
@@ -488,7 +485,7 @@ mod tests {
         let mut rng = Rng(42);
         let (n, k) = (3, 512);
         let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
-        let mut h = vec![0f64; k * k];
+        let mut h = vec![0f32; k * k];
         for i in 0..k {
             h[i * k + i] = 1.0;
         }
@@ -538,7 +535,7 @@ mod tests {
         }
         let f = inverse_cholesky(&h, k, 0.01).unwrap();
         assert!(f.dead[5] && f.dead[7]);
-        let mut hd = h.clone();
+        let mut hd: Vec<f64> = h.iter().map(|&v| v as f64).collect();
         hd[5 * k + 5] = 1.0;
         hd[7 * k + 7] = 1.0;
         let mean = (0..k).map(|i| hd[i * k + i]).sum::<f64>() / k as f64;
@@ -575,7 +572,7 @@ mod tests {
             Err(GptqError::NotPositiveDefinite { .. })
         ));
         assert!(matches!(
-            inverse_cholesky(&[f64::NAN], 1, 0.0),
+            inverse_cholesky(&[f32::NAN], 1, 0.0),
             Err(GptqError::NotPositiveDefinite { .. })
         ));
         let f = inverse_cholesky(&[1.0; 1], 1, 0.0).unwrap();

@@ -24,6 +24,12 @@ pub struct TensorReport {
     /// <Q(W0 + dW) - Q(W0), dW> and ||dW||^2, kept to pool retention over tensors.
     #[serde(skip)]
     pub retention_terms: Option<(f64, f64)>,
+    /// ||(Q(W) - W) X|| / ||W X|| over the calibration inputs, for tensors
+    /// whose input has statistics (with only their diagonal: the
+    /// importance-weighted error, inputs taken as uncorrelated).
+    pub output_error: Option<f64>,
+    /// The same for ggml's nearest rounding, when another method was chosen.
+    pub output_error_nearest: Option<f64>,
 }
 
 impl TensorReport {
@@ -77,6 +83,8 @@ impl TensorReport {
             retention,
             delta_rel_norm,
             retention_terms,
+            output_error: None,
+            output_error_nearest: None,
         }
     }
 }
