@@ -72,6 +72,10 @@ pub struct ConvertArgs {
     /// GPTQ's damping, as a fraction of XᵀX's mean diagonal.
     #[arg(long, default_value_t = lorafold_converter::convert::DEFAULT_DAMP)]
     damp: f64,
+    /// GPTQ: code columns by decreasing input energy, every block's scales
+    /// fixed before coding (better at q4_0, worse at q4_1 on SmolLM2's adapters).
+    #[arg(long)]
+    act_order: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -210,6 +214,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             (None, Some(_)) => Rounding::Imatrix,
         },
         damp: args.damp,
+        act_order: args.act_order,
         calib,
         ..ConvertOptions::new(&args.base, args.adapter.clone(), policy, PathBuf::new())
     };

@@ -85,9 +85,13 @@ const FLUSH_ROWS: usize = 512;
 impl InputStats {
     /// [`crate::gptq::inverse_cholesky`] of these statistics, computed on
     /// first use (`damp` must be the same at every call).
-    pub fn gptq_factor(&self, damp: f64) -> Result<&GptqFactor, crate::gptq::GptqError> {
+    pub fn gptq_factor(
+        &self,
+        damp: f64,
+        act_order: bool,
+    ) -> Result<&GptqFactor, crate::gptq::GptqError> {
         self.factor
-            .get_or_init(|| crate::gptq::inverse_cholesky(&self.xtx, self.k, damp))
+            .get_or_init(|| crate::gptq::inverse_cholesky(&self.xtx, self.k, damp, act_order))
             .as_ref()
             .map_err(Clone::clone)
     }

@@ -58,6 +58,9 @@ pub struct GptqFactor {
     pub u: Vec<f32>,
     /// Inputs that never fired (H_ii = 0): their weights are zeroed.
     pub dead: Vec<bool>,
+    /// The order columns are coded in, when not their own (U is then the
+    /// factor of H with rows and columns in this order).
+    pub order: Option<Vec<usize>>,
 }
 
 /// The factor U of the inverse of `h` (`[k, k]`, damped by `damp` times
@@ -67,7 +70,35 @@ pub struct GptqFactor {
 /// P H P = RᵀR (P reverses the order, R upper), then H = V Vᵀ with
 /// V = P Rᵀ P upper, and U = V⁻¹ = P R⁻ᵀ P. Accumulated in f64 with
 /// every inner loop along memory.
-pub fn inverse_cholesky(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
+///
+/// With `act_order`, columns are coded by decreasing H_ii (dead inputs
+/// last), the reference code's `act_order`: the factor is then of H with
+/// rows and columns in that order, and [`gptq`] fixes every block's scales
+/// before coding (static grids).
+pub fn inverse_cholesky(
+    h: &[f32],
+    k: usize,
+    damp: f64,
+    act_order: bool,
+) -> Result<GptqFactor, GptqError> {
+    if act_order && h.len() == k * k {
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+        let mut hp = vec![0f32; k * k];
+        for (i, &a) in order.iter().enumerate() {
+            for (j, &b) in order.iter().enumerate() {
+                hp[i * k + j] = h[a * k + b];
+            }
+        }
+        let mut f = inverse_cholesky_any(&hp, k, damp)?;
+        f.dead = (0..k).map(|i| h[i * k + i] == 0.0).collect();
+        f.order = Some(order);
+        return Ok(f);
+    }
+    inverse_cholesky_any(h, k, damp)
+}
+
+fn inverse_cholesky_any(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present; the body is the portable code, compiled
@@ -185,7 +216,12 @@ fn inverse_cholesky_portable(h: &[f32], k: usize, damp: f64) -> Result<GptqFacto
             u[i * k + j] = t[rev(j) * k + rev(i)] as f32;
         }
     }
-    Ok(GptqFactor { k, u, dead })
+    Ok(GptqFactor {
+        k,
+        u,
+        dead,
+        order: None,
+    })
 }
 
 /// `w` (`n` rows of `k`, row-major) rounded to `wtype`'s blocks by GPTQ
@@ -247,6 +283,9 @@ struct Coder<'a> {
 impl Coder<'_> {
     /// GPTQ over a group of at most [`ROWS`] rows.
     fn code_rows(&self, src: &[f32], dst: &mut [u8]) -> Result<(), GptqError> {
+        if let Some(order) = &self.f.order {
+            return self.code_rows_in_order(src, dst, order);
+        }
         let Coder {
             wtype,
             kt,
@@ -322,6 +361,105 @@ impl Coder<'_> {
             }
             if b1 < k {
                 lazy_update(&mut w, rows, k, &err, u, b0, b1);
+            }
+        }
+        Ok(())
+    }
+
+    /// GPTQ in `order` with static grids: every block's scales fixed from
+    /// the weights before any error is pushed.
+    fn code_rows_in_order(
+        &self,
+        src: &[f32],
+        dst: &mut [u8],
+        order: &[usize],
+    ) -> Result<(), GptqError> {
+        let Coder {
+            wtype,
+            kt,
+            f,
+            imp,
+            tensor,
+        } = *self;
+        let k = f.k;
+        let (bl, bb) = (kt.block_len(), kt.block_bytes());
+        let (rows, nb) = (src.len() / k, k / bl);
+        let row_bytes = nb * bb;
+        let mut w = src.to_vec();
+        for row in w.chunks_exact_mut(k) {
+            for (x, &d) in row.iter_mut().zip(&f.dead) {
+                if d {
+                    *x = 0.0;
+                }
+            }
+        }
+        let mut grids: Vec<Grid> = Vec::with_capacity(rows * nb);
+        for r in 0..rows {
+            for b in 0..nb {
+                let x = &w[r * k + b * bl..r * k + (b + 1) * bl];
+                let blk = match imp {
+                    Some(imp) => {
+                        let mut o = vec![0u8; bb];
+                        crate::importance::round_block(
+                            wtype,
+                            kt,
+                            x,
+                            &imp[b * bl..(b + 1) * bl],
+                            &mut o,
+                            tensor,
+                        )
+                        .map(|_| o)
+                    }
+                    None => crate::quant::quantize(wtype, x, tensor),
+                }
+                .map_err(|e| GptqError::Shape(e.to_string()))?;
+                let at = r * row_bytes + b * bb;
+                dst[at..at + bb].copy_from_slice(&blk);
+                grids.push(Grid::read(kt, &blk));
+            }
+        }
+        // Work in coding order.
+        let mut wp = vec![0f32; rows * k];
+        for r in 0..rows {
+            for (p, &c) in order.iter().enumerate() {
+                wp[r * k + p] = w[r * k + c];
+            }
+        }
+        let u = &f.u;
+        let mut codes = vec![0i32; rows * k];
+        let mut err = vec![0f32; rows * BAND];
+        for b0 in (0..k).step_by(BAND) {
+            let b1 = (b0 + BAND).min(k);
+            for p in b0..b1 {
+                let c = order[p];
+                let (b, e) = (c / bl, c % bl);
+                let upp = u[p * k + p];
+                let up = &u[p * k + p + 1..p * k + b1];
+                for r in 0..rows {
+                    let row = &mut wp[r * k..(r + 1) * k];
+                    let x = row[p];
+                    let g = &grids[r * nb + b];
+                    let q = g.nearest(e, x);
+                    codes[r * k + c] = q;
+                    let ep = (x - g.value(e, q)) / upp;
+                    err[r * BAND + p - b0] = ep;
+                    for (v, &y) in row[p + 1..b1].iter_mut().zip(up) {
+                        *v -= ep * y;
+                    }
+                }
+            }
+            if b1 < k {
+                lazy_update(&mut wp, rows, k, &err, u, b0, b1);
+            }
+        }
+        for r in 0..rows {
+            for b in 0..nb {
+                let at = r * row_bytes + b * bb;
+                grid::write_codes(
+                    kt,
+                    &mut dst[at..at + bb],
+                    &codes[r * k + b * bl..r * k + (b + 1) * bl],
+                );
             }
         }
         Ok(())
@@ -449,22 +587,32 @@ mod tests {
 
     /// On random linears fed correlated inputs (a few strong directions,
     /// one dead input), GPTQ's output error is below nearest rounding's for
-    /// every type, with whole bands and a remainder band; its blocks decode
-    /// through candle's readers.
+    /// every type, with whole bands and a remainder band, in natural and in
+    /// act order; its blocks decode through candle's readers.
     #[test]
     fn gptq_beats_nearest_on_correlated_inputs_for_every_type() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for (n, k) in [(16, 256), (9, 512 + 256)] {
             let (x, h) = correlated_inputs(2 * k, k, &mut rng);
-            let f = inverse_cholesky(&h, k, 0.01).unwrap();
+            let f = inverse_cholesky(&h, k, 0.01, false).unwrap();
             assert!(f.dead[5] && f.dead.iter().filter(|&&d| d).count() == 1);
+            let fa = inverse_cholesky(&h, k, 0.01, true).unwrap();
+            assert_eq!(
+                fa.order.as_ref().map(|o| o[k - 1]),
+                Some(5),
+                "dead input last"
+            );
             let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.f()).collect();
             let imp: Vec<f32> = (0..k).map(|i| h[i * k + i]).collect();
             for t in TYPES {
                 let nq = dequantize(t, &quantize(t, &w, "w").unwrap(), n * k, "w").unwrap();
                 let en = output_error(&nq, &w, &x, n, k);
-                for (how, imp) in [("ggml scales", None), ("searched scales", Some(&imp[..]))] {
-                    let g = gptq(t, &w, n, &f, imp, "w").unwrap();
+                for (how, f, imp) in [
+                    ("ggml scales", &f, None),
+                    ("searched scales", &f, Some(&imp[..])),
+                    ("act order", &fa, Some(&imp[..])),
+                ] {
+                    let g = gptq(t, &w, n, f, imp, "w").unwrap();
                     let gq = dequantize(t, &g, n * k, "w").unwrap();
                     let eg = output_error(&gq, &w, &x, n, k);
                     eprintln!("{t} {n}x{k} {how}: output error gptq {eg:.4e}, nearest {en:.4e}");
@@ -489,7 +637,7 @@ mod tests {
         for i in 0..k {
             h[i * k + i] = 1.0;
         }
-        let f = inverse_cholesky(&h, k, 0.0).unwrap();
+        let f = inverse_cholesky(&h, k, 0.0, false).unwrap();
         for t in TYPES {
             let kt = WType::from_ggml_id(t.id()).unwrap();
             let g = gptq(t, &w, n, &f, None, "w").unwrap();
@@ -533,7 +681,7 @@ mod tests {
             h[7 * k + i] = 0.0;
             h[i * k + 7] = 0.0;
         }
-        let f = inverse_cholesky(&h, k, 0.01).unwrap();
+        let f = inverse_cholesky(&h, k, 0.01, false).unwrap();
         assert!(f.dead[5] && f.dead[7]);
         let mut hd: Vec<f64> = h.iter().map(|&v| v as f64).collect();
         hd[5 * k + 5] = 1.0;
@@ -568,14 +716,14 @@ mod tests {
     #[test]
     fn bad_statistics_are_errors() {
         assert!(matches!(
-            inverse_cholesky(&[1.0, 2.0, 2.0, 1.0], 2, 0.0),
+            inverse_cholesky(&[1.0, 2.0, 2.0, 1.0], 2, 0.0, false),
             Err(GptqError::NotPositiveDefinite { .. })
         ));
         assert!(matches!(
-            inverse_cholesky(&[f32::NAN], 1, 0.0),
+            inverse_cholesky(&[f32::NAN], 1, 0.0, false),
             Err(GptqError::NotPositiveDefinite { .. })
         ));
-        let f = inverse_cholesky(&[1.0; 1], 1, 0.0).unwrap();
+        let f = inverse_cholesky(&[1.0; 1], 1, 0.0, false).unwrap();
         assert!(matches!(
             gptq(GgmlType::Q4_0, &[0.0; 1], 1, &f, None, "w"),
             Err(GptqError::Shape(_))
