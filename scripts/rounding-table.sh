@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 11's measurement: for each shared SmolLM2 adapter, calibrate on its
-# train.txt, convert at each type with each rounding (gptq-act: GPTQ with
-# --act-order --damp 0.05), and measure on its
+# train.txt, convert at each type with each rounding (gptq: the defaults, act
+# order and damping 0.05; gptq-natural: --act-order false --damp 0.01, the
+# reference code's defaults), and measure on its
 # held-out eval.txt against the f32 merged model (KL, top-1, gain retained)
 # and on the other adapter's eval.txt (text it never saw).
 #   scripts/rounding-table.sh OUTDIR [TYPES...]     (default: q4_0 q4_1 q4_k_m)
@@ -25,10 +26,10 @@ for a in pirate chef; do
   [ -f "$stats" ] || $lf calibrate "$f32" --text "$data/$a/train.txt" --lines -o "$stats" --imatrix "$out/$a-imatrix.gguf" >&2
   for t in $types; do
     cands=()
-    for r in nearest imatrix gptq gptq-act; do
+    for r in nearest imatrix gptq gptq-natural; do
       o="$out/$a-$t-$r.gguf"
       calib=(); [ $r = nearest ] || calib=(--calib "$stats")
-      how=(--rounding "$r"); [ $r = gptq-act ] && how=(--rounding gptq --act-order --damp 0.05)
+      how=(--rounding "$r"); [ $r = gptq-natural ] && how=(--rounding gptq --act-order false --damp 0.01)
       [ -f "$o" ] || /usr/bin/time -f "$a $t $r: %e s, %M KiB" $lf convert --base "$base" \
         --adapter "$data/$a/adapter" --quant "$t" "${calib[@]}" "${how[@]}" -q -o "$o" 2>>"$out/times.txt" >/dev/null
       cands+=(--cand "$r=$o")

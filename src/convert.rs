@@ -69,12 +69,14 @@ pub struct ConvertArgs {
     /// file, nearest without calibration).
     #[arg(long, value_enum)]
     rounding: Option<RoundingArg>,
-    /// GPTQ's damping, as a fraction of XᵀX's mean diagonal.
+    /// GPTQ's damping, as a fraction of XᵀX's mean diagonal (5%: calibration
+    /// texts of a few thousand tokens leave XᵀX of wide inputs rank-deficient).
     #[arg(long, default_value_t = lorafold_converter::convert::DEFAULT_DAMP)]
     damp: f64,
     /// GPTQ: code columns by decreasing input energy, every block's scales
-    /// fixed before coding (better at q4_0, worse at q4_1 on SmolLM2's adapters).
-    #[arg(long)]
+    /// fixed before coding (`false`: columns in order, each block's scales
+    /// fixed when it starts; better at q4_1 on SmolLM2's adapters, worse at q4_0).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     act_order: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]

@@ -189,10 +189,11 @@ w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); 
 "#;
 
 /// Calibrated rounding writes files the peers read. GPTQ statistics of the
-/// pirate's first 12 training lines; a conversion into Q4_0, Q5_1 (attn_v)
-/// and Q6_K (ffn_down) decodes in gguf-py to exactly the values we decode,
-/// and llama.cpp runs it with logits as close to ours as on SmolLM2's own
-/// file. An imatrix written by gguf-py in llama.cpp's layout is read as
+/// pirate's first 12 training lines; a conversion with three blocks in Q4_0,
+/// Q5_1 (attn_v) and Q6_K (ffn_down) decodes in gguf-py to exactly the
+/// values we decode, and llama.cpp runs it with logits as close to ours as
+/// on the nearest file of the same types; `convert --calib-text` writes the
+/// same tensors as calibrate-then-convert. An imatrix written by gguf-py in llama.cpp's layout is read as
 /// Σx² / count and steers imatrix rounding: every tensor it covers has a
 /// lower importance-weighted error than nearest rounding gives.
 #[test]
@@ -206,13 +207,21 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let adapter = common::shared_data().join("smollm2-adapters/pirate");
-    // The f32 reference as is; quantized files with three block types.
+    // The f32 reference as is; the others f16 but for three blocks' linear
+    // layers in three block types (GPTQ over all 30 blocks would take most
+    // of a minute here; three cover every path).
+    const MIX: [&str; 3] = [
+        r"blk\.[0-2]\.attn_v\.weight=q5_1",
+        r"blk\.[0-2]\.ffn_down\.weight=q6_k",
+        r"blk\.[0-2]\.(attn_q|attn_k|attn_output|ffn_gate|ffn_up)\.weight=q4_0",
+    ];
     let policy = |q: &str| {
-        let mix = [
-            r"attn_v\.weight=q5_1".into(),
-            r"ffn_down\.weight=q6_k".into(),
-        ];
-        QuantPolicy::parse(q, if q == "f32" { &[] } else { &mix }).unwrap()
+        let mix: Vec<String> = MIX.iter().map(|m| m.to_string()).collect();
+        match q {
+            "f32" => QuantPolicy::parse("f32", &[]),
+            _ => QuantPolicy::parse("f16", &mix),
+        }
+        .unwrap()
     };
     let opts = |q: &str, out: &Path| {
         ConvertOptions::new(
@@ -245,16 +254,11 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
     let lines: Vec<&str> = text.lines().take(12).collect();
     std::fs::write(p("lines.txt"), lines.join("\n")).unwrap();
     let out = common::lorafold()
-        .args(["convert", "--quant", "q4_0", "-q", "--base"])
+        .args(["convert", "--quant", "f16", "-q", "--base"])
         .arg(common::smollm2())
         .arg("--adapter")
         .arg(adapter.join("adapter"))
-        .args([
-            "--tensor-type",
-            r"attn_v\.weight=q5_1",
-            "--tensor-type",
-            r"ffn_down\.weight=q6_k",
-        ])
+        .args(MIX.iter().flat_map(|m| ["--tensor-type", m]))
         .arg("--calib-text")
         .arg(p("lines.txt"))
         .arg("-o")
@@ -314,29 +318,30 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
     for ty in ["Q4_0", "Q5_1", "Q6_K"] {
         assert!(types.contains(ty), "{ty} missing: {types:?}");
     }
-    // Every linear layer of the 30 blocks: 7 each.
-    assert!(changed >= 210, "{changed}");
+    // Every linear layer of the three blocks: 7 each.
+    assert_eq!(changed, 21);
     // llama.cpp against us on the GPTQ file: as close as on the nearest
-    // file of the same types (Q4_0 rounds activations to Q8_0, coarser than
-    // Q4_1's Q8_1 path: measured max 1.99 nearest, 1.43 gptq).
+    // file of the same types (measured: max |diff| 0.10 nearest, 0.024
+    // gptq; KL per position at most 7.7e-5 and 4.6e-6).
     let (near, ours) = (
         compare_with_llama_cpp(&p("nearest.gguf")),
         compare_with_llama_cpp(&p("gptq.gguf")),
     );
+    let worst = |c: &Comparison| c.kl.iter().fold(0f64, |a, &b| a.max(b));
     assert!(
-        ours.max <= near.max.max(1.0) * 1.25,
+        ours.max <= near.max.max(0.1) * 1.5,
         "{} vs {}",
         ours.max,
         near.max
     );
-    assert!(ours.kl.iter().all(|&k| k < 2e-2), "{:?}", ours.kl);
-    assert!(ours.argmax_differs.len() <= 1, "{:?}", ours.argmax_differs);
+    assert!(worst(&ours) <= 1e-3, "{:?} vs {:?}", ours.kl, near.kl);
+    assert!(ours.argmax_differs.is_empty(), "{:?}", ours.argmax_differs);
 
-    // An imatrix from gguf-py for layer 3's weights.
+    // An imatrix from gguf-py for layer 1's weights.
     let widths: std::collections::BTreeMap<String, usize> = file
         .tensors()
         .iter()
-        .filter(|t| t.name.starts_with("blk.3.") && t.dims().len() == 2)
+        .filter(|t| t.name.starts_with("blk.1.") && t.dims().len() == 2)
         .map(|t| (t.name.clone(), t.dims()[0] as usize))
         .collect();
     assert_eq!(widths.len(), 7);
@@ -354,7 +359,7 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
     };
     let err = convert(&wrong, &|_, _, _| {}).unwrap_err().to_string();
     assert!(
-        err.contains("blk.3.") && err.contains("only its diagonal"),
+        err.contains("blk.1.") && err.contains("only its diagonal"),
         "{err}"
     );
     assert!(!p("wrong.gguf").exists());
@@ -385,7 +390,7 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
         assert!(e_im < 0.97 * e_near, "{name}: {e_im} vs {e_near}");
     }
     // Tensors it does not cover are nearest, byte for byte.
-    for name in ["blk.4.attn_q.weight", "token_embd.weight"] {
+    for name in ["blk.2.attn_q.weight", "token_embd.weight"] {
         let (a, b) = (ours.tensor(name).unwrap(), nearest.tensor(name).unwrap());
         assert_eq!(ours.tensor_data(a), nearest.tensor_data(b), "{name}");
     }

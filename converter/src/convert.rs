@@ -130,9 +130,13 @@ impl Rounding {
     }
 }
 
-/// GPTQ's damping unless told otherwise: 1% of the mean diagonal, as the
-/// paper's reference code.
-pub const DEFAULT_DAMP: f64 = 0.01;
+/// GPTQ's damping unless told otherwise: 5% of the mean diagonal. The
+/// paper's reference code uses 1% with 128 x 2048 calibration tokens; an
+/// adapter's training text is a few thousand, fewer than a wide input's
+/// width (SmolLM2's ffn_down: 1536), and on SmolLM2's adapters at q4_0 5%
+/// kept more of the gain on held-out text (96.9% / 99.6% against 95.8% /
+/// 97.9% at 1%, act order).
+pub const DEFAULT_DAMP: f64 = 0.05;
 
 impl ConvertOptions {
     /// Options for a merged output only, with no budget and no --force.
@@ -156,7 +160,7 @@ impl ConvertOptions {
             calib: None,
             rounding: Rounding::Nearest,
             damp: DEFAULT_DAMP,
-            act_order: false,
+            act_order: true,
         }
     }
 }
