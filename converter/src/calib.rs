@@ -17,7 +17,9 @@ use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataArray, MetadataValue, V
 use lorafold_runtime::model::{Model, SessionOptions};
 
 use crate::gguf_writer::{GgufWriter, WriteError};
-use crate::gptq::GptqFactor;
+use crate::gptq::{GptqError, GptqFactor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What calibration can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +59,7 @@ pub fn tensor_name(layer: usize, input: LinearInput) -> String {
 }
 
 /// One input's accumulated statistics.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct InputStats {
     /// Width of the input.
     pub k: usize,
@@ -75,8 +77,26 @@ pub struct InputStats {
     /// computing it from a few dozen rows.
     pending: Vec<f32>,
     /// GPTQ's factor of the damped inverse, made once for all the tensors
-    /// that read this input (q, k and v; gate and up).
-    factor: std::sync::OnceLock<Result<GptqFactor, crate::gptq::GptqError>>,
+    /// that read this input (q, k and v; gate and up), and dropped when the
+    /// last of them is done (a 7B model's factors would not fit at once).
+    factor: Mutex<Option<Result<Arc<GptqFactor>, GptqError>>>,
+    /// Tensors still to read the factor ([`CalibStats::expect_readers`]).
+    readers_left: AtomicUsize,
+}
+
+impl Clone for InputStats {
+    /// The statistics, without the factor or the reader count.
+    fn clone(&self) -> InputStats {
+        InputStats {
+            k: self.k,
+            xtx: self.xtx.clone(),
+            sum2: self.sum2.clone(),
+            acc: self.acc.clone(),
+            pending: self.pending.clone(),
+            factor: Mutex::default(),
+            readers_left: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// Rows gathered before one product is added into the f64 sums.
@@ -85,15 +105,25 @@ const FLUSH_ROWS: usize = 512;
 impl InputStats {
     /// [`crate::gptq::inverse_cholesky`] of these statistics, computed on
     /// first use (`damp` must be the same at every call).
-    pub fn gptq_factor(
-        &self,
-        damp: f64,
-        act_order: bool,
-    ) -> Result<&GptqFactor, crate::gptq::GptqError> {
-        self.factor
-            .get_or_init(|| crate::gptq::inverse_cholesky(&self.xtx, self.k, damp, act_order))
-            .as_ref()
-            .map_err(Clone::clone)
+    pub fn gptq_factor(&self, damp: f64, act_order: bool) -> Result<Arc<GptqFactor>, GptqError> {
+        // A poisoned lock only means another tensor's thread panicked.
+        let mut slot = self.factor.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(|| {
+            crate::gptq::inverse_cholesky(&self.xtx, self.k, damp, act_order).map(Arc::new)
+        })
+        .clone()
+    }
+
+    /// One of the tensors counted by [`CalibStats::expect_readers`] is done
+    /// with this input: the last one drops the factor.
+    pub fn reader_done(&self) {
+        let last = self
+            .readers_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            == Ok(1);
+        if last {
+            *self.factor.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     /// Whether the whole matrix is known (GPTQ needs it; importance
@@ -194,13 +224,28 @@ impl CalibStats {
                 sum2: vec![0.0; k],
                 acc: Vec::new(),
                 pending: Vec::new(),
-                factor: Default::default(),
+                factor: Mutex::default(),
+                readers_left: AtomicUsize::new(0),
             });
         s.pending.extend_from_slice(rows);
         if s.pending.len() >= FLUSH_ROWS * k {
             s.multiply_out()?;
         }
         Ok(())
+    }
+
+    /// Count, for each input, the tensors among `names` (GGUF names) that
+    /// read it, so that each input's GPTQ factor is dropped after its last
+    /// reader ([`InputStats::reader_done`]).
+    pub fn expect_readers<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for s in self.inputs.values() {
+            s.readers_left.store(0, Ordering::Release);
+        }
+        for name in names {
+            if let Some(s) = self.for_tensor(name) {
+                s.readers_left.fetch_add(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Whether every input's whole XᵀX is known (not just the diagonal).
@@ -401,7 +446,8 @@ impl CalibStats {
                         xtx,
                         acc: Vec::new(),
                         pending: Vec::new(),
-                        factor: Default::default(),
+                        factor: Mutex::default(),
+                readers_left: AtomicUsize::new(0),
                     },
                 );
             }
@@ -474,7 +520,8 @@ fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
                 sum2: sums.iter().map(|&v| v as f64 / count as f64).collect(),
                 acc: Vec::new(),
                 pending: Vec::new(),
-                factor: Default::default(),
+                factor: Mutex::default(),
+                readers_left: AtomicUsize::new(0),
             },
         );
     }

@@ -258,6 +258,9 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             }
         }
     }
+    if let Some(c) = &opts.calib {
+        c.expect_readers(out.iter().map(|t| t.name.as_str()));
+    }
     let has_output = out.iter().any(|t| t.name == "output.weight");
     let n_layers = base.shape.n_layers;
     for t in &mut out {
@@ -534,6 +537,7 @@ fn process(
         )?,
         Some(s) if s.has_matrix() => {
             let f = s.gptq_factor(opts.damp, opts.act_order).map_err(bad)?;
+            let f = &*f;
             // Block scales searched with the diagonal's weights, as imatrix
             // rounding does: on SmolLM2 + pirate at q4_0, KL 0.114 -> 0.090
             // against ggml's nearest scales.
@@ -549,6 +553,9 @@ fn process(
             .into())
         }
     };
+    if let Some(s) = stats {
+        s.reader_done();
+    }
     let qw = quant::dequantize(ggml_type, &bytes, n, &t.name)?;
     let mut base_bytes = None;
     let mut changed = None;

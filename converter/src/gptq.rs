@@ -625,6 +625,34 @@ mod tests {
         }
     }
 
+    /// The bytes do not depend on the number of threads (rows are coded in
+    /// fixed groups), in either order, nor do importance rounding's.
+    #[test]
+    fn bytes_are_the_same_for_any_thread_count() {
+        let mut rng = Rng(77);
+        let (n, k) = (37, 512);
+        let (_, h) = correlated_inputs(k, k, &mut rng);
+        let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.f()).collect();
+        let imp: Vec<f32> = (0..k).map(|i| h[i * k + i]).collect();
+        let run = |threads: usize, act: bool, t: GgmlType| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let f = inverse_cholesky(&h, k, 0.05, act).unwrap();
+                let g = gptq(t, &w, n, &f, Some(&imp), "w").unwrap();
+                let i = crate::importance::importance_round(t, &w, n, &imp, "w").unwrap();
+                (g, i)
+            })
+        };
+        for t in [GgmlType::Q4_0, GgmlType::Q4_K] {
+            for act in [false, true] {
+                assert!(run(1, act, t) == run(3, act, t), "{t} act order {act}");
+            }
+        }
+    }
+
     /// Without calibration signal (H = I), GPTQ is nearest rounding on the
     /// grid ggml's quantizer picks: the same scales, and no weight further
     /// from its value than ggml's own code puts it.
