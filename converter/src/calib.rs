@@ -447,7 +447,7 @@ impl CalibStats {
                         acc: Vec::new(),
                         pending: Vec::new(),
                         factor: Mutex::default(),
-                readers_left: AtomicUsize::new(0),
+                        readers_left: AtomicUsize::new(0),
                     },
                 );
             }
