@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build (once) llama.cpp's llama-quantize and llama-imatrix from the
+# Build (once) llama.cpp's llama-quantize, llama-imatrix and llama-export-lora from the
 # llama-cpp-python 0.3.36 source the tests use (GGML_NATIVE, static, cached)
-# and print the directory holding the two binaries:
+# and print the directory holding the binaries:
 #   tools=$(scripts/llama-tools.sh) && "$tools/llama-imatrix" ... && "$tools/llama-quantize" ...
 # Logs go to stderr; stdout is only the directory. Set LLAMA_TOOLS_JOBS to
 # change the build parallelism (default 2).
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 cache="${LORAFOLD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafold}"
 dir="$cache/llama-tools-0.3.36"
-tools="llama-quantize llama-imatrix"
+tools="llama-quantize llama-imatrix llama-export-lora"
 
 have_all() {
   local t
