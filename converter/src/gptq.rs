@@ -1,19 +1,20 @@
 //! Error-feedback rounding (GPTQ, Frantar et al. 2022) into ggml's own
-//! blocks: columns are coded in order, and each column's rounding error is
-//! pushed into the columns not yet coded, weighted by the inverse Hessian
-//! of the layer's inputs (H = XᵀX from `lorafold calibrate`), so the
-//! layer's output error ‖(Q(W) − W) X‖ shrinks where nearest rounding
+//! blocks: columns are coded one at a time, and each column's rounding
+//! error is pushed into the columns not yet coded, weighted by the inverse
+//! Hessian of the layer's inputs (H = XᵀX from `lorafold calibrate`), so
+//! the layer's output error ‖(Q(W) − W) X‖ shrinks where nearest rounding
 //! minimises the weight error alone. The file stays a plain GGUF of the
 //! same types.
 //!
 //! Steps, as in the paper's reference code: dead inputs (H_ii = 0) get
 //! H_ii = 1 and zero weights; H is damped by a fraction of its mean
-//! diagonal; U is the upper Cholesky factor of H⁻¹. When a block starts,
-//! its scales (and minimum, and a K-quant's sub-block scales) are fixed
-//! from the error-updated weights, by ggml's own quantizer or, given each
-//! input's importance (H's diagonal), by the search of
-//! [`crate::importance`]; then its columns
-//! are coded one by one to the nearest value of that grid
+//! diagonal; U is the upper Cholesky factor of H⁻¹. Block scales (and
+//! minimum, and a K-quant's sub-block scales) come from ggml's own
+//! quantizer or, given each input's importance (H's diagonal), from the
+//! search of [`crate::importance`]: in natural column order, when each
+//! block starts, from the error-updated weights; in act order (columns by
+//! decreasing H_ii), for every block before coding starts. Each weight
+//! then takes the nearest value of its block's grid
 //! ([`lorafold_kernels::grid`]). Updates to later columns are applied
 //! lazily, a band of columns at a time, as a small matrix product.
 //!
@@ -42,6 +43,9 @@ pub enum GptqError {
     /// The type has no blocks to code.
     #[error("GPTQ does not write {0}")]
     Type(String),
+    /// ggml's quantizer refused a block (its message).
+    #[error("{0}")]
+    Quantizer(String),
 }
 
 /// Columns per lazily applied band of updates (a multiple of every block length).
@@ -333,7 +337,7 @@ impl Coder<'_> {
                             }
                             None => crate::quant::quantize(wtype, x, tensor),
                         }
-                        .map_err(|e| GptqError::Shape(e.to_string()))?;
+                        .map_err(|e| GptqError::Quantizer(e.to_string()))?;
                         let at = r * row_bytes + j / bl * bb;
                         dst[at..at + bb].copy_from_slice(&blk);
                         grids.push(Grid::read(kt, &blk));
@@ -412,7 +416,7 @@ impl Coder<'_> {
                     }
                     None => crate::quant::quantize(wtype, x, tensor),
                 }
-                .map_err(|e| GptqError::Shape(e.to_string()))?;
+                .map_err(|e| GptqError::Quantizer(e.to_string()))?;
                 let at = r * row_bytes + b * bb;
                 dst[at..at + bb].copy_from_slice(&blk);
                 grids.push(Grid::read(kt, &blk));
