@@ -146,12 +146,71 @@ pub(crate) fn round_block(
     let total = |e: &[f64]| e[..nsub].iter().sum::<f64>();
     stretch(&mut y, &|s| best[s].1);
     let mixed = try_grid(&y, &mut errs)?;
-    dst.copy_from_slice(if total(&errs) < total(&plain_errs) {
-        &mixed
+    let (mut blk, mut err) = if total(&errs) < total(&plain_errs) {
+        (mixed, total(&errs))
     } else {
-        &plain
-    });
+        (plain, total(&plain_errs))
+    };
+    if bl == 32 {
+        // A 32-weight block's scale (and minimum) refitted by weighted
+        // least squares to its codes, as ggml's make_qx_quants does, while
+        // that lowers the error.
+        for _ in 0..2 {
+            match refit(kt, &blk, x, imp) {
+                Some((b, e)) if e < err => (blk, err) = (b, e),
+                _ => break,
+            }
+        }
+    }
+    dst.copy_from_slice(&blk);
     Ok(())
+}
+
+/// `blk` with d (and m) set to the weighted least-squares fit of `x` on its
+/// codes, then every code the nearest of the new grid; and its weighted
+/// error. None where the fit is degenerate.
+fn refit(kt: WType, blk: &[u8], x: &[f32], imp: &[f32]) -> Option<(Vec<u8>, f64)> {
+    let mut q = [0i32; 32];
+    grid::read_codes(kt, blk, &mut q);
+    let has_min = matches!(kt, WType::Q4_1 | WType::Q5_1);
+    let (mut sw, mut swq, mut swqq, mut swx, mut swxq) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for e in 0..32 {
+        let (w, qe, xe) = (imp[e] as f64, q[e] as f64, x[e] as f64);
+        sw += w;
+        swq += w * qe;
+        swqq += w * qe * qe;
+        swx += w * xe;
+        swxq += w * xe * qe;
+    }
+    let (d, m) = if has_min {
+        let det = swqq * sw - swq * swq;
+        if det.is_nan() || det.abs() <= 1e-30 {
+            return None;
+        }
+        (
+            (swxq * sw - swq * swx) / det,
+            (swqq * swx - swq * swxq) / det,
+        )
+    } else {
+        if swqq.is_nan() || swqq <= 0.0 {
+            return None;
+        }
+        (swxq / swqq, 0.0)
+    };
+    let mut out = blk.to_vec();
+    out[0..2].copy_from_slice(&half::f16::from_f64(d).to_le_bytes());
+    if has_min {
+        out[2..4].copy_from_slice(&half::f16::from_f64(m).to_le_bytes());
+    }
+    let g = Grid::read(kt, &out);
+    let mut err = 0f64;
+    for e in 0..32 {
+        q[e] = g.nearest(e, x[e]);
+        let r = (g.value(e, q[e]) - x[e]) as f64;
+        err += imp[e] as f64 * r * r;
+    }
+    grid::write_codes(kt, &mut out, &q);
+    Some((out, err))
 }
 
 #[cfg(test)]
