@@ -13,8 +13,11 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use lorafold_runtime::cpu::{KvType, LinearInput};
-use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataArray, MetadataValue, ValueType};
+use lorafold_runtime::gguf::{
+    GgmlType, GgufFile, MetadataArray, MetadataValue, TensorInfo, ValueType,
+};
 use lorafold_runtime::model::{Model, SessionOptions};
+use std::borrow::Cow;
 
 use crate::gguf_writer::{GgufWriter, WriteError};
 use crate::gptq::{GptqError, GptqFactor};
@@ -64,9 +67,8 @@ pub struct InputStats {
     /// Width of the input.
     pub k: usize,
     /// Σ x xᵀ over every token, `[k, k]` row-major, rounded to f32 as the
-    /// file stores it; empty when only the diagonal is known (statistics
-    /// read from llama.cpp's imatrix layout).
-    pub xtx: Vec<f32>,
+    /// file stores it ([`InputStats::xtx`]).
+    matrix: Matrix,
     /// Σ x² per input: the diagonal, what importance weighting needs.
     pub sum2: Vec<f64>,
     /// The f64 sums while statistics are collected ([`CalibStats::flush`]
@@ -89,7 +91,7 @@ impl Clone for InputStats {
     fn clone(&self) -> InputStats {
         InputStats {
             k: self.k,
-            xtx: self.xtx.clone(),
+            matrix: self.matrix.clone(),
             sum2: self.sum2.clone(),
             acc: self.acc.clone(),
             pending: self.pending.clone(),
@@ -97,6 +99,19 @@ impl Clone for InputStats {
             readers_left: AtomicUsize::new(0),
         }
     }
+}
+
+/// Where an input's XᵀX is.
+#[derive(Debug, Clone)]
+enum Matrix {
+    /// Only the diagonal is known (llama.cpp's imatrix layout).
+    Missing,
+    /// Collected in this run.
+    Owned(Vec<f32>),
+    /// In a statistics file, read when used: a model's matrices together
+    /// are far larger than any one (a 7B model's: 33 GB), and reads
+    /// through the page cache do not count against the process.
+    InFile(Arc<GgufFile>, TensorInfo),
 }
 
 /// Rows gathered before one product is added into the f64 sums.
@@ -109,7 +124,8 @@ impl InputStats {
         // A poisoned lock only means another tensor's thread panicked.
         let mut slot = self.factor.lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert_with(|| {
-            crate::gptq::inverse_cholesky(&self.xtx, self.k, damp, act_order).map(Arc::new)
+            let h = self.xtx().map_err(|e| GptqError::Io(e.to_string()))?;
+            crate::gptq::inverse_cholesky(&h, self.k, damp, act_order).map(Arc::new)
         })
         .clone()
     }
@@ -129,7 +145,23 @@ impl InputStats {
     /// Whether the whole matrix is known (GPTQ needs it; importance
     /// weighting needs only the diagonal).
     pub fn has_matrix(&self) -> bool {
-        self.xtx.len() == self.k * self.k
+        !matches!(self.matrix, Matrix::Missing)
+    }
+
+    /// Σ x xᵀ, `[k, k]` row-major (f32, as stored); empty when only the
+    /// diagonal is known. Read from the statistics file at each call when
+    /// the statistics came from one.
+    pub fn xtx(&self) -> std::io::Result<Cow<'_, [f32]>> {
+        Ok(match &self.matrix {
+            Matrix::Missing => Cow::Borrowed(&[]),
+            Matrix::Owned(v) => Cow::Borrowed(v),
+            Matrix::InFile(f, t) => Cow::Owned(
+                f.tensor_data_copy(t)?
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+        })
     }
 
     /// Each input's weight for importance rounding: its Σ x².
@@ -152,7 +184,8 @@ impl InputStats {
                 })
                 .sum());
         }
-        let h = Tensor::from_slice(&self.xtx, (k, k), &Device::Cpu)?;
+        let h = self.xtx()?;
+        let h = Tensor::from_slice(&h, (k, k), &Device::Cpu)?;
         let r = Tensor::from_slice(rows, (rows.len() / k, k), &Device::Cpu)?;
         let rh = r.matmul(&h)?;
         let s = (rh * r)?.sum_all()?.to_scalar::<f32>()?;
@@ -186,10 +219,9 @@ impl InputStats {
     fn flush(&mut self) -> candle_core::Result<()> {
         self.multiply_out()?;
         if !self.acc.is_empty() {
-            self.xtx = self.acc.iter().map(|&v| v as f32).collect();
-            self.sum2 = (0..self.k)
-                .map(|i| self.xtx[i * self.k + i] as f64)
-                .collect();
+            let xtx: Vec<f32> = self.acc.iter().map(|&v| v as f32).collect();
+            self.sum2 = (0..self.k).map(|i| xtx[i * self.k + i] as f64).collect();
+            self.matrix = Matrix::Owned(xtx);
         }
         Ok(())
     }
@@ -220,7 +252,7 @@ impl CalibStats {
             .entry((layer, input))
             .or_insert_with(|| InputStats {
                 k,
-                xtx: Vec::new(),
+                matrix: Matrix::Missing,
                 sum2: vec![0.0; k],
                 acc: Vec::new(),
                 pending: Vec::new(),
@@ -325,7 +357,8 @@ impl CalibStats {
         }
         let mut stream = w.start()?;
         for (&(layer, input), s) in &self.inputs {
-            let bytes: Vec<u8> = s.xtx.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let xtx = s.xtx().map_err(|e| CalibError::Run(e.to_string()))?;
+            let bytes: Vec<u8> = xtx.iter().flat_map(|v| v.to_le_bytes()).collect();
             stream.write_tensor(&tensor_name(layer, input), &bytes)?;
         }
         stream.finish()?;
@@ -396,12 +429,13 @@ impl CalibStats {
             problem,
         };
         // The reader's errors name the file already.
-        let f = GgufFile::open(path).map_err(|e| CalibError::Run(e.to_string()))?;
+        let file = Arc::new(GgufFile::open(path).map_err(|e| CalibError::Run(e.to_string()))?);
+        let f = &*file;
         let sha = crate::convert::sha256_file(path).map_err(|e| bad(e.to_string()))?;
         match f.get("general.type") {
             Some(MetadataValue::String(s)) if s == CALIBRATION_TYPE => {}
             Some(MetadataValue::String(s)) if s == IMATRIX_TYPE => {
-                return read_imatrix(&f, sha).map_err(bad);
+                return read_imatrix(f, sha).map_err(bad);
             }
             _ => {
                 return Err(bad(format!(
@@ -433,17 +467,20 @@ impl CalibStats {
                         )))
                     }
                 };
-                let xtx: Vec<f32> = f
-                    .tensor_data(t)
+                // The diagonal now; the matrix when it is used.
+                let diag: Vec<f64> = f
+                    .tensor_data_copy(t)
+                    .map_err(|e| bad(format!("tensor '{name}': {e}")))?
                     .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .step_by(k + 1)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
                     .collect();
                 stats.inputs.insert(
                     (layer, input),
                     InputStats {
                         k,
-                        sum2: (0..k).map(|i| xtx[i * k + i] as f64).collect(),
-                        xtx,
+                        sum2: diag,
+                        matrix: Matrix::InFile(file.clone(), t.clone()),
                         acc: Vec::new(),
                         pending: Vec::new(),
                         factor: Mutex::default(),
@@ -516,7 +553,7 @@ fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
             (layer, input),
             InputStats {
                 k: sums.len(),
-                xtx: Vec::new(),
+                matrix: Matrix::Missing,
                 sum2: sums.iter().map(|&v| v as f64 / count as f64).collect(),
                 acc: Vec::new(),
                 pending: Vec::new(),

@@ -46,6 +46,9 @@ pub enum GptqError {
     /// ggml's quantizer refused a block (its message).
     #[error("{0}")]
     Quantizer(String),
+    /// The statistics could not be read from their file.
+    #[error("reading the statistics: {0}")]
+    Io(String),
 }
 
 /// Columns per lazily applied band of updates (a multiple of every block length).
