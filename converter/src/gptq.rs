@@ -288,30 +288,50 @@ struct Coder<'a> {
 }
 
 impl Coder<'_> {
-    /// GPTQ over a group of at most [`ROWS`] rows.
-    fn code_rows(&self, src: &[f32], dst: &mut [u8]) -> Result<(), GptqError> {
-        if let Some(order) = &self.f.order {
-            return self.code_rows_in_order(src, dst, order);
-        }
-        let Coder {
-            wtype,
-            kt,
-            f,
-            imp,
-            tensor,
-        } = *self;
-        let k = f.k;
-        let (bl, bb) = (kt.block_len(), kt.block_bytes());
-        let rows = src.len() / k;
-        let row_bytes = k / bl * bb;
+    /// The rows of `src` with the dead inputs' weights zeroed.
+    fn live_weights(&self, src: &[f32]) -> Vec<f32> {
         let mut w = src.to_vec();
-        for row in w.chunks_exact_mut(k) {
-            for (x, &d) in row.iter_mut().zip(&f.dead) {
+        for row in w.chunks_exact_mut(self.f.k) {
+            for (x, &d) in row.iter_mut().zip(&self.f.dead) {
                 if d {
                     *x = 0.0;
                 }
             }
         }
+        w
+    }
+
+    /// Fix the scales of the block `x` (starting at column `c0`) into
+    /// `dst`, by the importance search or ggml's quantizer; its grid.
+    fn set_block(&self, x: &[f32], c0: usize, dst: &mut [u8]) -> Result<Grid, GptqError> {
+        match self.imp {
+            Some(imp) => crate::importance::round_block(
+                self.wtype,
+                self.kt,
+                x,
+                &imp[c0..c0 + x.len()],
+                dst,
+                self.tensor,
+            ),
+            None => {
+                crate::quant::quantize(self.wtype, x, self.tensor).map(|b| dst.copy_from_slice(&b))
+            }
+        }
+        .map_err(|e| GptqError::Quantizer(e.to_string()))?;
+        Ok(Grid::read(self.kt, dst))
+    }
+
+    /// GPTQ over a group of at most [`ROWS`] rows.
+    fn code_rows(&self, src: &[f32], dst: &mut [u8]) -> Result<(), GptqError> {
+        if let Some(order) = &self.f.order {
+            return self.code_rows_in_order(src, dst, order);
+        }
+        let (kt, f) = (self.kt, self.f);
+        let k = f.k;
+        let (bl, bb) = (kt.block_len(), kt.block_bytes());
+        let rows = src.len() / k;
+        let row_bytes = k / bl * bb;
+        let mut w = self.live_weights(src);
         let u = &f.u;
         let mut grids: Vec<Grid> = Vec::with_capacity(rows);
         let mut codes = vec![0i32; rows * bl];
@@ -324,26 +344,9 @@ impl Coder<'_> {
                     // The block's scales, from the weights as updated so far.
                     grids.clear();
                     for r in 0..rows {
-                        let x = &w[r * k + j..r * k + j + bl];
-                        let blk = match imp {
-                            Some(imp) => {
-                                let mut b = vec![0u8; bb];
-                                crate::importance::round_block(
-                                    wtype,
-                                    kt,
-                                    x,
-                                    &imp[j..j + bl],
-                                    &mut b,
-                                    tensor,
-                                )
-                                .map(|_| b)
-                            }
-                            None => crate::quant::quantize(wtype, x, tensor),
-                        }
-                        .map_err(|e| GptqError::Quantizer(e.to_string()))?;
                         let at = r * row_bytes + j / bl * bb;
-                        dst[at..at + bb].copy_from_slice(&blk);
-                        grids.push(Grid::read(kt, &blk));
+                        let x = &w[r * k + j..r * k + j + bl];
+                        grids.push(self.set_block(x, j, &mut dst[at..at + bb])?);
                     }
                 }
                 let ujj = u[j * k + j];
@@ -381,48 +384,18 @@ impl Coder<'_> {
         dst: &mut [u8],
         order: &[usize],
     ) -> Result<(), GptqError> {
-        let Coder {
-            wtype,
-            kt,
-            f,
-            imp,
-            tensor,
-        } = *self;
+        let (kt, f) = (self.kt, self.f);
         let k = f.k;
         let (bl, bb) = (kt.block_len(), kt.block_bytes());
         let (rows, nb) = (src.len() / k, k / bl);
         let row_bytes = nb * bb;
-        let mut w = src.to_vec();
-        for row in w.chunks_exact_mut(k) {
-            for (x, &d) in row.iter_mut().zip(&f.dead) {
-                if d {
-                    *x = 0.0;
-                }
-            }
-        }
+        let w = self.live_weights(src);
         let mut grids: Vec<Grid> = Vec::with_capacity(rows * nb);
         for r in 0..rows {
             for b in 0..nb {
-                let x = &w[r * k + b * bl..r * k + (b + 1) * bl];
-                let blk = match imp {
-                    Some(imp) => {
-                        let mut o = vec![0u8; bb];
-                        crate::importance::round_block(
-                            wtype,
-                            kt,
-                            x,
-                            &imp[b * bl..(b + 1) * bl],
-                            &mut o,
-                            tensor,
-                        )
-                        .map(|_| o)
-                    }
-                    None => crate::quant::quantize(wtype, x, tensor),
-                }
-                .map_err(|e| GptqError::Quantizer(e.to_string()))?;
                 let at = r * row_bytes + b * bb;
-                dst[at..at + bb].copy_from_slice(&blk);
-                grids.push(Grid::read(kt, &blk));
+                let x = &w[r * k + b * bl..r * k + (b + 1) * bl];
+                grids.push(self.set_block(x, b * bl, &mut dst[at..at + bb])?);
             }
         }
         // Work in coding order.
