@@ -515,15 +515,7 @@ mod tests {
     use crate::quant::{dequantize, quantize};
     use candle_core::{Device, Tensor};
 
-    struct Rng(u64);
-    impl Rng {
-        fn f(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
+    use crate::test_rng::Rng;
 
     use crate::quant::BLOCK_TYPES as TYPES;
 

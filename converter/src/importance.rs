@@ -218,15 +218,7 @@ mod tests {
     use super::*;
     use crate::quant::{dequantize, quantize};
 
-    struct Rng(u64);
-    impl Rng {
-        fn f(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
+    use crate::test_rng::Rng;
 
     fn weighted(q: &[f32], w: &[f32], imp: &[f32]) -> f64 {
         let k = imp.len();

@@ -17,5 +17,7 @@ pub mod peft;
 pub mod quant;
 pub mod report;
 pub mod safetensors_dir;
+#[cfg(test)]
+mod test_rng;
 
 pub use gguf_writer::{GgufStream, GgufWriter, WriteError};
