@@ -1,11 +1,12 @@
 //! `lorafold calibrate`: second-moment statistics of every linear layer's
 //! input over a text, for drift-aware rounding (issue 11's first part).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use lorafold_converter::calib::CalibStats;
 use lorafold_converter::output::check_file_destination;
+use lorafold_runtime::model::Model;
 use lorafold_runtime::tokenizer::Tokenizer;
 
 use crate::drift::{load_path, windows};
@@ -41,6 +42,25 @@ pub struct CalibrateArgs {
     threads: Option<usize>,
 }
 
+/// Statistics of `model` over `text` (read from `shown`): a window per
+/// non-empty line with `lines`, else windows of `ctx` tokens; and the windows.
+pub fn stats_over(
+    model: &Model,
+    text: &str,
+    shown: &Path,
+    lines: bool,
+    ctx: usize,
+) -> Result<(CalibStats, Vec<Vec<u32>>)> {
+    let tok = Tokenizer::from_gguf(model.file())?;
+    let w = windows(&tok, text, lines, ctx)?;
+    anyhow::ensure!(
+        !w.is_empty(),
+        "{}: no window of 2 tokens or more to calibrate on",
+        shown.display()
+    );
+    Ok((CalibStats::collect(model, &w)?, w))
+}
+
 /// Run `lorafold calibrate`.
 pub fn run(args: &CalibrateArgs) -> Result<()> {
     check_file_destination(&args.output)?;
@@ -54,15 +74,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         .with_context(|| format!("--ctx {}", args.ctx))?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("{}: cannot read the text", args.text.display()))?;
-    let tok = Tokenizer::from_gguf(model.file())?;
-    let w = windows(&tok, &text, args.lines, args.ctx)?;
-    anyhow::ensure!(
-        !w.is_empty(),
-        "{}: no window of 2 tokens or more to calibrate on",
-        args.text.display()
-    );
     let start = std::time::Instant::now();
-    let stats = CalibStats::collect(&model, &w)?;
+    let (stats, w) = stats_over(&model, &text, &args.text, args.lines, args.ctx)?;
     stats.write(
         &args.output,
         &[

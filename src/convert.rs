@@ -112,14 +112,8 @@ fn calibrate_in_run(args: &ConvertArgs, text: &Path) -> Result<CalibStats> {
         &|_, _, _| {},
     )?;
     let model = lorafold_runtime::model::Model::load(&f32, &crate::run::device("cpu")?)?;
-    let tok = lorafold_runtime::tokenizer::Tokenizer::from_gguf(model.file())?;
-    let windows = crate::drift::windows(&tok, &words, true, crate::calibrate::DEFAULT_CTX)?;
-    anyhow::ensure!(
-        !windows.is_empty(),
-        "{}: no line of 2 tokens or more to calibrate on",
-        text.display()
-    );
-    let mut stats = CalibStats::collect(&model, &windows)?;
+    let (mut stats, windows) =
+        crate::calibrate::stats_over(&model, &words, text, true, crate::calibrate::DEFAULT_CTX)?;
     stats.source_sha256 = Some(lorafold_converter::convert::sha256_file(text)?);
     eprintln!(
         "calibrated on {}: {} tokens in {} lines ({:.1} s)",
