@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build (once) llama.cpp's llama-quantize, llama-imatrix and llama-export-lora from the
+# Build (once) llama.cpp's llama-quantize, llama-imatrix, llama-export-lora and llama-bench from the
 # llama-cpp-python 0.3.36 source the tests use (GGML_NATIVE, static, cached)
 # and print the directory holding the binaries:
 #   tools=$(scripts/llama-tools.sh) && "$tools/llama-imatrix" ... && "$tools/llama-quantize" ...
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 cache="${LORAFOLD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafold}"
 dir="$cache/llama-tools-0.3.36"
-tools="llama-quantize llama-imatrix llama-export-lora"
+tools="llama-quantize llama-imatrix llama-export-lora llama-bench"
 
 have_all() {
   local t

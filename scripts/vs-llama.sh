@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # lorafold's runtime against llama.cpp on the same files and threads:
 #   scripts/vs-llama.sh [-p 128] [-n 64] [-r 3] [-t "1 2"] FILE.gguf...
-# Builds llama.cpp's llama-bench once (from the llama-cpp-python 0.3.36 source
-# the tests use, GGML_NATIVE, cached), builds `lorafold` in release, then for
+# Builds llama.cpp's llama-bench once (scripts/llama-tools.sh: the
+# llama-cpp-python 0.3.36 source the tests use, GGML_NATIVE, cached), builds `lorafold` in release, then for
 # each file and thread count runs ours and theirs alternately, `rounds` times,
 # and prints the medians and the ratio ours/llama.cpp for prefill and decode.
 set -euo pipefail
@@ -17,24 +17,8 @@ done
 shift $((OPTIND - 1))
 [ $# -gt 0 ] || { echo "give at least one GGUF file" >&2; exit 2; }
 
-cache="${LORAFOLD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafold}"
 py=$(scripts/python-env.sh)
-bench="$cache/llama-bench-0.3.36/llama-bench"
-if [ ! -x "$bench" ]; then
-  work=$(mktemp -d "$cache/llama-src.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-  "$py" -m pip install --quiet --disable-pip-version-check cmake ninja >&2
-  "$py" -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$work" llama-cpp-python==0.3.36 >&2
-  tar -xzf "$work"/llama_cpp_python-0.3.36.tar.gz -C "$work"
-  bin=$(dirname "$py")
-  "$bin/cmake" -S "$work/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$work/build" -G Ninja \
-    -DCMAKE_MAKE_PROGRAM="$bin/ninja" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >&2
-  "$bin/cmake" --build "$work/build" --target llama-bench -j "$(nproc)" >&2
-  mkdir -p "$(dirname "$bench")"
-  cp "$work/build/bin/llama-bench" "$bench.tmp" && mv "$bench.tmp" "$bench"
-fi
+bench="$(scripts/llama-tools.sh)/llama-bench"
 cargo build --release --quiet
 ours=target/release/lorafold
 
