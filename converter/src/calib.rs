@@ -169,27 +169,35 @@ impl InputStats {
         self.sum2.iter().map(|&v| v as f32).collect()
     }
 
-    /// Σ over rows of r H rᵀ for `rows` (row-major, rows of `k`): the
-    /// squared norm of their products with the calibration inputs, ‖R X‖².
-    /// With only the diagonal known, Σ H_ii r_i².
-    pub fn output_norm2(&self, rows: &[f32]) -> candle_core::Result<f64> {
+    /// For each matrix in `each` (row-major, rows of `k`), Σ over its rows
+    /// of r H rᵀ: the squared norm of its products with the calibration
+    /// inputs, ‖R X‖². With only the diagonal known, Σ H_ii r_i². H is read
+    /// once for all of them.
+    pub fn output_norms2(&self, each: &[&[f32]]) -> candle_core::Result<Vec<f64>> {
         let k = self.k;
         if !self.has_matrix() {
-            return Ok(rows
-                .chunks_exact(k)
-                .flat_map(|r| {
-                    r.iter()
-                        .zip(&self.sum2)
-                        .map(|(&v, &h)| h * v as f64 * v as f64)
+            return Ok(each
+                .iter()
+                .map(|rows| {
+                    rows.chunks_exact(k)
+                        .flat_map(|r| {
+                            r.iter()
+                                .zip(&self.sum2)
+                                .map(|(&v, &h)| h * v as f64 * v as f64)
+                        })
+                        .sum()
                 })
-                .sum());
+                .collect());
         }
         let h = self.xtx()?;
         let h = Tensor::from_slice(&h, (k, k), &Device::Cpu)?;
-        let r = Tensor::from_slice(rows, (rows.len() / k, k), &Device::Cpu)?;
-        let rh = r.matmul(&h)?;
-        let s = (rh * r)?.sum_all()?.to_scalar::<f32>()?;
-        Ok(s as f64)
+        each.iter()
+            .map(|rows| {
+                let r = Tensor::from_slice(rows, (rows.len() / k, k), &Device::Cpu)?;
+                let s = (r.matmul(&h)? * r)?.sum_all()?.to_scalar::<f32>()?;
+                Ok(s as f64)
+            })
+            .collect()
     }
 
     /// Multiply out the pending rows and add them into the f64 sums.
