@@ -155,12 +155,7 @@ impl InputStats {
         Ok(match &self.matrix {
             Matrix::Missing => Cow::Borrowed(&[]),
             Matrix::Owned(v) => Cow::Borrowed(v),
-            Matrix::InFile(f, t) => Cow::Owned(
-                f.tensor_data_copy(t)?
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
+            Matrix::InFile(f, t) => Cow::Owned(le_f32s(&f.tensor_data_copy(t)?).collect()),
         })
     }
 
@@ -476,13 +471,10 @@ impl CalibStats {
                     }
                 };
                 // The diagonal now; the matrix when it is used.
-                let diag: Vec<f64> = f
+                let bytes = f
                     .tensor_data_copy(t)
-                    .map_err(|e| bad(format!("tensor '{name}': {e}")))?
-                    .chunks_exact(4)
-                    .step_by(k + 1)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-                    .collect();
+                    .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
+                let diag: Vec<f64> = le_f32s(&bytes).step_by(k + 1).map(f64::from).collect();
                 stats.inputs.insert(
                     (layer, input),
                     InputStats {
@@ -520,12 +512,7 @@ fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
         if t.ggml_type != GgmlType::F32 {
             return Err(format!("tensor '{name}' is {}, not f32", t.ggml_type));
         }
-        Ok(Some(
-            f.tensor_data(t)
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        ))
+        Ok(Some(le_f32s(f.tensor_data(t)).collect()))
     };
     for t in f.tensors() {
         let Some(weight) = t.name.strip_suffix(".in_sum2") else {
@@ -586,4 +573,11 @@ fn input_of(name: &str) -> Option<(usize, LinearInput)> {
         .into_iter()
         .find(|i| i.readers().contains(&what))?;
     Some((layer, input))
+}
+
+/// The little-endian f32 values of a tensor's bytes.
+fn le_f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
