@@ -1,15 +1,13 @@
 //! `lorafold calibrate`: second-moment statistics of every linear layer's
 //! input over a text, for drift-aware rounding (issue 11's first part).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use lorafold_converter::calib::CalibStats;
 use lorafold_converter::output::check_file_destination;
-use lorafold_runtime::model::Model;
-use lorafold_runtime::tokenizer::Tokenizer;
 
-use crate::drift::{load_path, windows};
+use crate::drift::load_path;
 use crate::run::{device, set_threads};
 
 /// Tokens per window (a longer line is split), here and in `convert --calib-text`.
@@ -42,25 +40,6 @@ pub struct CalibrateArgs {
     threads: Option<usize>,
 }
 
-/// Statistics of `model` over `text` (read from `shown`): a window per
-/// non-empty line with `lines`, else windows of `ctx` tokens; and the windows.
-pub fn stats_over(
-    model: &Model,
-    text: &str,
-    shown: &Path,
-    lines: bool,
-    ctx: usize,
-) -> Result<(CalibStats, Vec<Vec<u32>>)> {
-    let tok = Tokenizer::from_gguf(model.file())?;
-    let w = windows(&tok, text, lines, ctx)?;
-    anyhow::ensure!(
-        !w.is_empty(),
-        "{}: no window of 2 tokens or more to calibrate on",
-        shown.display()
-    );
-    Ok((CalibStats::collect(model, &w)?, w))
-}
-
 /// Run `lorafold calibrate`.
 pub fn run(args: &CalibrateArgs) -> Result<()> {
     check_file_destination(&args.output)?;
@@ -75,7 +54,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("{}: cannot read the text", args.text.display()))?;
     let start = std::time::Instant::now();
-    let (stats, w) = stats_over(&model, &text, &args.text, args.lines, args.ctx)?;
+    let (stats, w) = CalibStats::over_text(&model, &text, args.lines, args.ctx)
+        .with_context(|| args.text.display().to_string())?;
     stats.write(
         &args.output,
         &[

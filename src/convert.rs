@@ -4,10 +4,12 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use lorafold_converter::budget::{convert_within, BudgetRound, DriftBudget, DriftTarget};
 use lorafold_converter::calib::CalibStats;
 use lorafold_converter::convert::{convert, ConvertError, ConvertOptions, Rounding};
 use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::reference::F32Reference;
 use lorafold_converter::report::{ConvertReport, TensorReport};
 use lorafold_runtime::gguf::GgmlType;
 
@@ -78,6 +80,18 @@ pub struct ConvertArgs {
     /// fixed when it starts; better at q4_1 on SmolLM2's adapters, worse at q4_0).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     act_order: bool,
+    /// Spend bytes until the merged file's mean KL from the f32 merged model,
+    /// measured over the --calib-text, is at most this (nats/token): tensors
+    /// move up --ladder where a byte removes the most predicted output error.
+    #[arg(long, requires = "calib_text", conflicts_with = "min_gain")]
+    budget_kl: Option<f64>,
+    /// As --budget-kl, for the share of the adapter's gain (loss drop below
+    /// the base's) the merged file keeps on the --calib-text, e.g. 0.97.
+    #[arg(long, requires = "calib_text")]
+    min_gain: Option<f64>,
+    /// Types a tensor may move up to under a budget.
+    #[arg(long, value_delimiter = ',', value_parser = parse_ggml_type, default_values_t = lorafold_converter::budget::DEFAULT_LADDER.to_vec())]
+    ladder: Vec<GgmlType>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -86,8 +100,16 @@ pub struct ConvertArgs {
     quiet: bool,
 }
 
+/// What `--calib-text` makes: the statistics, the f32 models they were
+/// taken from (kept for a drift budget) and the text's windows.
+struct TextCalibration {
+    stats: CalibStats,
+    reference: F32Reference,
+    windows: Vec<Vec<u32>>,
+}
+
 /// Statistics of the f32 merged model over `text`, one window per line.
-fn calibrate_in_run(args: &ConvertArgs, text: &Path) -> Result<CalibStats> {
+fn calibrate_in_run(args: &ConvertArgs, text: &Path, with_base: bool) -> Result<TextCalibration> {
     let words = std::fs::read_to_string(text)
         .with_context(|| format!("{}: cannot read the calibration text", text.display()))?;
     let beside = args
@@ -96,24 +118,13 @@ fn calibrate_in_run(args: &ConvertArgs, text: &Path) -> Result<CalibStats> {
         .and_then(Path::parent)
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(std::env::temp_dir, Path::to_path_buf);
-    let dir = tempfile::Builder::new()
-        .prefix(".lorafold-calib")
-        .tempdir_in(&beside)
-        .with_context(|| format!("{}: cannot make a temporary folder", beside.display()))?;
-    let f32 = dir.path().join("merged-f32.gguf");
     let start = std::time::Instant::now();
-    convert(
-        &ConvertOptions::new(
-            &args.base,
-            args.adapter.clone(),
-            QuantPolicy::parse("f32", &[])?,
-            &f32,
-        ),
-        &|_, _, _| {},
-    )?;
-    let model = lorafold_runtime::model::Model::load(&f32, &crate::run::device("cpu")?)?;
+    let reference = F32Reference::write(&args.base, args.adapter.as_deref(), &beside, with_base)?;
+    let model =
+        lorafold_runtime::model::Model::load(&reference.merged, &crate::run::device("cpu")?)?;
     let (mut stats, windows) =
-        crate::calibrate::stats_over(&model, &words, text, true, crate::calibrate::DEFAULT_CTX)?;
+        CalibStats::over_text(&model, &words, true, crate::calibrate::DEFAULT_CTX)
+            .with_context(|| text.display().to_string())?;
     stats.source_sha256 = Some(lorafold_converter::convert::sha256_file(text)?);
     eprintln!(
         "calibrated on {}: {} tokens in {} lines ({:.1} s)",
@@ -122,7 +133,17 @@ fn calibrate_in_run(args: &ConvertArgs, text: &Path) -> Result<CalibStats> {
         windows.len(),
         start.elapsed().as_secs_f64()
     );
-    Ok(stats)
+    Ok(TextCalibration {
+        stats,
+        reference,
+        windows,
+    })
+}
+
+fn parse_ggml_type(s: &str) -> Result<GgmlType, String> {
+    GgmlType::from_name(s)
+        .filter(|t| lorafold_converter::quant::WRITABLE.contains(t))
+        .ok_or_else(|| format!("'{s}' is not a type lorafold writes"))
 }
 
 /// `--rounding`.
@@ -181,9 +202,23 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         (None, false) => QuantPolicy::parse("f16", &[])?, // unused: only the adapter is written
         (None, true) => bail!("--quant is needed for the merged and base outputs"),
     };
+    let target = match (args.budget_kl, args.min_gain) {
+        (Some(x), _) => Some(DriftTarget::KlMean(x)),
+        (None, Some(y)) => Some(DriftTarget::MinGain(y)),
+        (None, None) => None,
+    };
+    if target.is_some() && args.calib_text.is_none() {
+        bail!("--budget-kl and --min-gain measure the files over the adapter's text: give it with --calib-text");
+    }
+    let mut text_calibration = None;
     let calib = match (&args.calib, &args.calib_text) {
         (Some(p), _) => Some(std::sync::Arc::new(CalibStats::read(p)?)),
-        (None, Some(text)) => Some(std::sync::Arc::new(calibrate_in_run(args, text)?)),
+        (None, Some(text)) => {
+            let c = calibrate_in_run(args, text, target.is_some_and(DriftTarget::needs_base))?;
+            let stats = std::sync::Arc::new(c.stats);
+            text_calibration = Some((c.reference, c.windows));
+            Some(stats)
+        }
         (None, None) => None,
     };
     if args
@@ -224,7 +259,35 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
     };
-    let (mut report, broken) = match convert(&opts, &progress) {
+    let converted = match (target, text_calibration) {
+        (Some(target), Some((reference, windows))) => convert_within(
+            &opts,
+            &DriftBudget {
+                target,
+                ladder: args.ladder.clone(),
+                windows,
+                reference: reference.merged.clone(),
+                base_reference: reference.base.clone(),
+                max_rounds: 4,
+            },
+            &progress,
+            &|r: &BudgetRound| {
+                eprintln!(
+                    "budget round: {} tensors above the policy, {:.1} MB of tensors, predicted error {:.4}: KL {:.4}, top-1 {:.1}%{}{}",
+                    r.upgraded,
+                    r.tensor_bytes as f64 / 1e6,
+                    r.predicted_error,
+                    r.kl_mean,
+                    100.0 * r.top1_agreement,
+                    r.gain_retained
+                        .map_or(String::new(), |g| format!(", gain {:.1}%", 100.0 * g)),
+                    if r.within { " (within budget)" } else { "" }
+                )
+            },
+        ),
+        _ => convert(&opts, &progress),
+    };
+    let (mut report, broken) = match converted {
         Ok(r) => (r, None),
         Err(ConvertError::Budget(why, r)) => (*r, Some(why)),
         Err(e) => return Err(e.into()),
@@ -335,6 +398,29 @@ fn print_report(r: &ConvertReport, quiet: bool) {
             print!(" (nearest: {:.3e})", mean(&|t| t.output_error_nearest));
         }
         println!();
+    }
+    if let Some(b) = &r.budget {
+        let mut kinds = std::collections::BTreeMap::new();
+        for (_, _, to) in &b.upgrades {
+            *kinds.entry(to.as_str()).or_insert(0) += 1;
+        }
+        let last = b.rounds.last();
+        println!(
+            "budget {}: {} over {} tokens after {} round(s); {} tensors above the policy ({})",
+            b.target,
+            last.map_or("-".into(), |l| match l.gain_retained {
+                Some(g) => format!("KL {:.4}, gain {:.1}%", l.kl_mean, 100.0 * g),
+                None => format!("KL {:.4}", l.kl_mean),
+            }),
+            b.tokens,
+            b.rounds.len(),
+            b.upgrades.len(),
+            kinds
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if let Some(ret) = t.retention {
         println!(

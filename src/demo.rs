@@ -12,8 +12,9 @@ use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 use crate::bench::{bench_path, BenchRow};
-use crate::drift::{load_path, measure, windows, DriftRow};
+use crate::drift::{load_path, measure, DriftRow};
 use crate::run::set_threads;
+use lorafold_runtime::measure::windows;
 
 /// Arguments of `lorafold demo`.
 #[derive(clap::Args)]

@@ -3,10 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::lora::LoraAdapter;
-use lorafold_runtime::measure::{log_softmax, DriftAccumulator, DriftReport};
-use lorafold_runtime::model::{Model, SessionOptions};
+use lorafold_runtime::measure::{drift, windows, DriftReport};
+use lorafold_runtime::model::Model;
 use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -70,26 +69,6 @@ pub struct DriftRow {
     pub drift: DriftReport,
 }
 
-/// Token windows of the text (`ctx` tokens at most each).
-pub fn windows(tok: &Tokenizer, text: &str, lines: bool, ctx: usize) -> Result<Vec<Vec<u32>>> {
-    anyhow::ensure!(ctx > 0, "a window of 0 tokens holds nothing");
-    let enc = |s: &str| tok.encode(s).map_err(anyhow::Error::msg);
-    let w: Vec<Vec<u32>> = if lines {
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                enc(l).map(|mut v| {
-                    v.truncate(ctx);
-                    v
-                })
-            })
-            .collect::<Result<_>>()?
-    } else {
-        enc(text)?.chunks(ctx).map(|c| c.to_vec()).collect()
-    };
-    Ok(w.into_iter().filter(|w| w.len() >= 2).collect())
-}
-
 /// Run every path over `windows`; returns one row per candidate.
 pub fn measure(
     reference: &Model,
@@ -97,48 +76,15 @@ pub fn measure(
     base: Option<&Model>,
     windows: &[Vec<u32>],
 ) -> Result<Vec<DriftRow>> {
-    let mut accs = vec![DriftAccumulator::default(); candidates.len()];
-    let (mut base_nll, mut base_n) = (0f64, 0usize);
-    let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
-    for w in windows {
-        let all = |m: &Model| -> Result<Vec<Vec<f32>>> {
-            // An f32 cache: the drift measured is the weights', not the cache's.
-            let mut s = m.session_with(SessionOptions {
-                kv: KvType::F32,
-                ..SessionOptions::new(ctx)
-            })?;
-            let l = s.logits(w, true)?;
-            Ok(l.chunks_exact(m.config.vocab)
-                .map(<[f32]>::to_vec)
-                .collect())
-        };
-        let r = all(reference)?;
-        for ((_, _, m), acc) in candidates.iter().zip(accs.iter_mut()) {
-            let c = all(m)?;
-            for i in 0..w.len() {
-                acc.add(&r[i], &c[i], w.get(i + 1).copied());
-            }
-        }
-        if let Some(b) = base {
-            for (i, row) in all(b)?.iter().enumerate().take(w.len() - 1) {
-                base_nll -= log_softmax(row)[w[i + 1] as usize];
-                base_n += 1;
-            }
-        }
-    }
+    let models: Vec<&Model> = candidates.iter().map(|(_, _, m)| m).collect();
+    let reports = drift(reference, &models, base, windows)?;
     Ok(candidates
         .iter()
-        .zip(accs)
-        .map(|((name, path, _), acc)| {
-            let mut d = acc.report();
-            if base_n > 0 {
-                d = d.with_base(base_nll / base_n as f64);
-            }
-            DriftRow {
-                name: name.clone(),
-                path: path.clone(),
-                drift: d,
-            }
+        .zip(reports)
+        .map(|((name, path, _), drift)| DriftRow {
+            name: name.clone(),
+            path: path.clone(),
+            drift,
         })
         .collect())
 }

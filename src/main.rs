@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Merge a PEFT adapter into a base and quantize to one GGUF (or quantize a base alone).
-    Convert(convert::ConvertArgs),
+    Convert(Box<convert::ConvertArgs>),
     /// Generate text with a GGUF model, optionally with LoRA adapters attached.
     Run(run::RunArgs),
     /// Time load, first token, prefill and decode for each path, side by side.

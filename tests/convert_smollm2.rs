@@ -163,3 +163,116 @@ fn q4_k_m_falls_back_where_576_wide_rows_do_not_fit() {
         .iter()
         .any(|n| n.starts_with("blk.5.attn_q.weight: Q4_K -> Q5_0")));
 }
+
+/// `convert --budget-kl`: three blocks' linear layers (21 tensors) start at
+/// q4_0 in a q8_0 model. With no wider type on the ladder a budget fails and
+/// writes nothing; a budget a third of the plain mix's KL is met by moving
+/// some of them up the ladder, and the KL the report states is the written
+/// file's, measured again here over the same windows.
+#[test]
+fn a_drift_budget_is_met_as_measured_or_nothing_is_written() {
+    use lorafold_runtime::measure::{drift, windows};
+    use lorafold_runtime::model::Model;
+    use lorafold_runtime::tokenizer::Tokenizer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let adapter = common::shared_data().join("smollm2-adapters/pirate");
+    let text = std::fs::read_to_string(adapter.join("train.txt")).unwrap();
+    let lines: Vec<&str> = text.lines().take(6).collect();
+    std::fs::write(p("lines.txt"), lines.join("\n")).unwrap();
+    let budget = |kl: f64, out: &str, ladder: &str| {
+        common::lorafold()
+            .args(["convert", "--quant", "q8_0", "-q", "--rounding", "nearest"])
+            .args([
+                "--tensor-type",
+                r"blk\.[0-2]\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight=q4_0",
+            ])
+            .arg("--base")
+            .arg(common::smollm2())
+            .arg("--adapter")
+            .arg(adapter.join("adapter"))
+            .arg("--calib-text")
+            .arg(p("lines.txt"))
+            .args(["--budget-kl", &kl.to_string(), "--ladder", ladder])
+            .arg("--report")
+            .arg(p(&format!("{out}.json")))
+            .arg("-o")
+            .arg(p(out))
+            .output()
+            .unwrap()
+    };
+    let report = |out: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p(&format!("{out}.json"))).unwrap()).unwrap()
+    };
+    let ok = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // Unreachable: no type on the ladder is wider than q4_0. Nothing is
+    // written but the report asked for by name: the policy's own mix.
+    let o = budget(1e-9, "tight.gguf", "q4_0");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("mean KL <= 0.000000001"), "{err}");
+    assert!(!p("tight.gguf").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let tight = report("tight.gguf");
+    let rounds = tight["budget"]["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0]["upgraded"], 0);
+    let kl0 = rounds[0]["kl_mean"].as_f64().unwrap();
+    assert!(kl0 > 1e-3, "the q4_0 blocks drift: {kl0}");
+
+    let target = kl0 / 3.0;
+    ok(&budget(target, "budget.gguf", "q5_0,q8_0"));
+    let got = report("budget.gguf");
+    let b = &got["budget"];
+    let last = b["rounds"].as_array().unwrap().last().unwrap().clone();
+    let kl = last["kl_mean"].as_f64().unwrap();
+    assert!(last["within"].as_bool().unwrap() && kl <= target, "{b}");
+    let upgrades = b["upgrades"].as_array().unwrap();
+    assert!(!upgrades.is_empty() && upgrades.len() <= 21, "{b}");
+    // The file holds the types the report lists, and nothing else moved.
+    let file = GgufFile::open(p("budget.gguf")).unwrap();
+    let mut q4 = 0;
+    for t in file.tensors() {
+        let listed = upgrades.iter().find(|u| u[0] == t.name.as_str());
+        match listed {
+            Some(u) => {
+                assert_eq!(u[1], "Q4_0");
+                assert_eq!(u[2], t.ggml_type.name(), "{}", t.name);
+                assert!(matches!(t.ggml_type.name(), "Q5_0" | "Q8_0"));
+            }
+            None => q4 += (t.ggml_type == GgmlType::Q4_0) as usize,
+        }
+    }
+    assert_eq!(q4 + upgrades.len(), 21);
+    // Measured again: the stated KL is this file's.
+    let f32 = p("f32.gguf");
+    convert(
+        &ConvertOptions::new(
+            common::smollm2(),
+            Some(adapter.join("adapter")),
+            QuantPolicy::parse("f32", &[]).unwrap(),
+            &f32,
+        ),
+        &|_, _, _| {},
+    )
+    .unwrap();
+    let reference = Model::load(&f32, &candle_core::Device::Cpu).unwrap();
+    let written = Model::load(p("budget.gguf"), &candle_core::Device::Cpu).unwrap();
+    let tok = Tokenizer::from_gguf(reference.file()).unwrap();
+    let w = windows(&tok, &lines.join("\n"), true, 128).unwrap();
+    let again = drift(&reference, &[&written], None, &w).unwrap().remove(0);
+    assert!(
+        (again.kl_mean - kl).abs() <= 1e-9 * kl,
+        "{} vs {kl}",
+        again.kl_mean
+    );
+    assert_eq!(again.tokens as u64, b["tokens"].as_u64().unwrap());
+}

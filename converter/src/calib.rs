@@ -33,6 +33,9 @@ pub enum CalibError {
     /// Writing the statistics failed.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The text gives nothing to run.
+    #[error("{0}")]
+    Text(String),
     /// A statistics file cannot be used.
     #[error("{path}: {problem}")]
     File {
@@ -330,6 +333,26 @@ impl CalibStats {
         }
         stats.flush().map_err(|e| CalibError::Run(e.to_string()))?;
         Ok(stats)
+    }
+
+    /// Statistics of `model` over `text`: a window per non-empty line with
+    /// `lines`, else windows of `ctx` tokens; and the windows.
+    pub fn over_text(
+        model: &Model,
+        text: &str,
+        lines: bool,
+        ctx: usize,
+    ) -> Result<(CalibStats, Vec<Vec<u32>>), CalibError> {
+        let tok = lorafold_runtime::tokenizer::Tokenizer::from_gguf(model.file())
+            .map_err(|e| CalibError::Run(e.to_string()))?;
+        let w = lorafold_runtime::measure::windows(&tok, text, lines, ctx)
+            .map_err(|e| CalibError::Text(e.to_string()))?;
+        if w.is_empty() {
+            return Err(CalibError::Text(
+                "no window of 2 tokens or more to calibrate on".into(),
+            ));
+        }
+        Ok((CalibStats::collect(model, &w)?, w))
     }
 
     /// Write the statistics (f32) to `path`, through a temporary file

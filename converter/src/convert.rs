@@ -104,6 +104,9 @@ pub struct ConvertOptions {
     /// GPTQ codes columns by decreasing input energy, block scales fixed
     /// up front ([`crate::gptq::inverse_cholesky`]).
     pub act_order: bool,
+    /// The drift budget the type mix was chosen for, recorded in the
+    /// provenance ([`crate::budget`]).
+    pub budget: Option<String>,
 }
 
 /// How block codes are chosen.
@@ -161,6 +164,7 @@ impl ConvertOptions {
             rounding: Rounding::Nearest,
             damp: DEFAULT_DAMP,
             act_order: true,
+            budget: None,
         }
     }
 }
@@ -234,37 +238,9 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     // Only the merged output carries the adapter's edits; a base-only pass
     // measures the base's own quantization.
     let merging = opts.output.is_some();
-    let mut out: Vec<OutTensor> = base
-        .tensors
-        .iter()
-        .map(|t| OutTensor {
-            name: t.name.clone(),
-            dims: t.dims.clone(),
-            base: Some(t),
-            edit: plan.edits.get(&t.name).filter(|_| merging),
-            role: TensorRole::Other,
-        })
-        .collect();
-    if merging {
-        for (name, e) in &plan.edits {
-            if let Some(dims) = &e.new_dims {
-                out.push(OutTensor {
-                    name: name.clone(),
-                    dims: dims.clone(),
-                    base: None,
-                    edit: Some(e),
-                    role: TensorRole::Other,
-                });
-            }
-        }
-    }
+    let out = out_tensors(&base, &plan, merging);
     if let Some(c) = &opts.calib {
         c.expect_readers(out.iter().map(|t| t.name.as_str()));
-    }
-    let has_output = out.iter().any(|t| t.name == "output.weight");
-    let n_layers = base.shape.n_layers;
-    for t in &mut out {
-        t.role = role(&t.name, t.dims.len(), has_output, n_layers);
     }
     let choices: Vec<_> = out
         .iter()
@@ -361,6 +337,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         base_file_size: None,
         adapter_gguf: adapter_file.as_ref().map(|(_, r)| r.clone()),
         notes,
+        budget: None,
     };
     let mut broken = Vec::new();
     if let Some(max) = opts.max_rel_error {
@@ -395,6 +372,108 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     }
     report.totals.wall_seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// One precision a tensor can take: its type, its size and its predicted
+/// squared output error relative to the output, ‖(Q(W) − W)X‖² / ‖WX‖².
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rung {
+    /// The ggml type.
+    pub ggml_type: GgmlType,
+    /// The tensor's bytes in this type.
+    pub bytes: u64,
+    /// Predicted relative squared output error.
+    pub error2: f64,
+}
+
+/// The precisions one merged tensor can take, its policy's type first.
+#[derive(Debug, Clone)]
+pub struct TensorLadder {
+    /// The tensor.
+    pub tensor: String,
+    /// The policy's type, then each wider one of the ladder, by size.
+    pub rungs: Vec<Rung>,
+}
+
+/// For every merged tensor of a block type whose input the calibration
+/// statistics cover, the output error of its policy type and of each type of
+/// `ladder` that is wider and fits its rows, each rounded as `opts` says
+/// (the prediction a drift budget spends bytes by). Tensors run in parallel;
+/// each type's error is one more read of its input's XᵀX.
+pub fn predict_ladder(
+    opts: &ConvertOptions,
+    ladder: &[GgmlType],
+) -> Result<Vec<TensorLadder>, ConvertError> {
+    let Some(calib) = &opts.calib else {
+        return Err(ConvertError::Usage(
+            "predicting output errors needs calibration statistics".into(),
+        ));
+    };
+    let base = BaseModel::open(&opts.base)?;
+    let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
+    let plan = match &adapter {
+        Some(a) => MergePlan::new(&base, a)?,
+        None => MergePlan::default(),
+    };
+    let out = out_tensors(&base, &plan, true);
+    let todo: Vec<(&OutTensor, GgmlType)> = out
+        .iter()
+        .filter(|t| calib.for_tensor(&t.name).is_some())
+        .map(|t| {
+            let c = opts.policy.choose(&t.name, t.role, t.dims[0]);
+            (t, c.ggml_type)
+        })
+        .filter(|(_, ty)| quant::BLOCK_TYPES.contains(ty))
+        .collect();
+    // Each input's GPTQ factor is dropped after its last tensor here too.
+    calib.expect_readers(todo.iter().map(|(t, _)| t.name.as_str()));
+    todo.par_iter()
+        .map(|&(t, policy_type)| {
+            let n: u64 = t.dims.iter().product();
+            let merged = merged_values(t, &base, adapter.as_ref())?;
+            let stats = stats_of(t, opts)?.expect("filtered to covered tensors");
+            let size = |ty: GgmlType| ty.bytes_for(n).unwrap_or(u64::MAX);
+            let mut types = vec![policy_type];
+            types.extend(
+                ladder.iter().copied().filter(|&ty| {
+                    size(ty) > size(policy_type) && (t.dims[0] % ty.block_size()) == 0
+                }),
+            );
+            types.sort_by_key(|&ty| size(ty));
+            types.dedup();
+            let codec = |e: candle_core::Error| quant::QuantError::Codec {
+                tensor: t.name.clone(),
+                problem: format!("output error: {e}"),
+            };
+            let w = &merged.values;
+            let mut rungs = Vec::with_capacity(types.len());
+            let mut norm2 = None;
+            for ty in types {
+                let bytes = round(t, ty, w, Some(stats), opts)?;
+                let q = quant::dequantize(ty, &bytes, n as usize, &t.name)?;
+                let d: Vec<f32> = q.iter().zip(w).map(|(a, b)| a - b).collect();
+                let norms = match norm2 {
+                    None => stats.output_norms2(&[w, &d]).map_err(codec)?,
+                    Some(wn) => vec![wn, stats.output_norms2(&[&d]).map_err(codec)?[0]],
+                };
+                norm2 = Some(norms[0]);
+                rungs.push(Rung {
+                    ggml_type: ty,
+                    bytes: bytes.len() as u64,
+                    error2: if norms[0] > 0.0 {
+                        norms[1] / norms[0]
+                    } else {
+                        norms[1]
+                    },
+                });
+            }
+            stats.reader_done();
+            Ok(TensorLadder {
+                tensor: t.name.clone(),
+                rungs,
+            })
+        })
+        .collect()
 }
 
 /// Every output path is usable (its folder exists; nothing but a regular file
@@ -446,6 +525,41 @@ fn start_model<'a>(
     Ok(w.start()?)
 }
 
+/// The output's tensors in file order: the base's, then those the adapter
+/// adds; with `merging`, each carries its edit, and every one its role.
+fn out_tensors<'a>(base: &'a BaseModel, plan: &'a MergePlan, merging: bool) -> Vec<OutTensor<'a>> {
+    let mut out: Vec<OutTensor> = base
+        .tensors
+        .iter()
+        .map(|t| OutTensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            base: Some(t),
+            edit: plan.edits.get(&t.name).filter(|_| merging),
+            role: TensorRole::Other,
+        })
+        .collect();
+    if merging {
+        for (name, e) in &plan.edits {
+            if let Some(dims) = &e.new_dims {
+                out.push(OutTensor {
+                    name: name.clone(),
+                    dims: dims.clone(),
+                    base: None,
+                    edit: Some(e),
+                    role: TensorRole::Other,
+                });
+            }
+        }
+    }
+    let has_output = out.iter().any(|t| t.name == "output.weight");
+    let n_layers = base.shape.n_layers;
+    for t in &mut out {
+        t.role = role(&t.name, t.dims.len(), has_output, n_layers);
+    }
+    out
+}
+
 fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorRole {
     if n_dims < 2 {
         return TensorRole::Vector;
@@ -481,6 +595,99 @@ struct Processed {
     report: TensorReport,
 }
 
+/// W0 + s·B·A for one tensor (W0 alone without an edit), in f32.
+fn merged_values(
+    t: &OutTensor,
+    base: &BaseModel,
+    adapter: Option<&PeftAdapter>,
+) -> Result<merge::Merged, ConvertError> {
+    let n: usize = t.dims.iter().product::<u64>() as usize;
+    let w0 = match t.base {
+        Some(b) => base.values(b)?,
+        None => vec![0f32; n],
+    };
+    Ok(match (t.edit, adapter) {
+        (Some(e), Some(a)) => merge::apply(&t.name, e, w0, row_len(t), a)?,
+        _ => merge::Merged {
+            values: w0,
+            base: Vec::new(),
+            delta: None,
+        },
+    })
+}
+
+// Bases are checked at open to have no 0-dimensional or empty tensor; a
+// missing dim still must not panic here.
+fn row_len(t: &OutTensor) -> usize {
+    t.dims.first().map_or(1, |&d| d.max(1) as usize)
+}
+
+/// The calibration statistics of a tensor's input, checked to be as wide as
+/// its rows.
+fn stats_of<'o>(
+    t: &OutTensor,
+    opts: &'o ConvertOptions,
+) -> Result<Option<&'o crate::calib::InputStats>, ConvertError> {
+    let stats = opts.calib.as_deref().and_then(|c| c.for_tensor(&t.name));
+    match stats {
+        Some(s) if s.k != row_len(t) => Err(quant::QuantError::Codec {
+            tensor: t.name.clone(),
+            problem: format!(
+                "the calibration statistics of its input are {} wide, the tensor's rows {}: statistics of another model",
+                s.k,
+                row_len(t)
+            ),
+        }
+        .into()),
+        s => Ok(s),
+    }
+}
+
+/// Whether a tensor of `ggml_type` whose input has statistics takes the
+/// chosen rounding rather than ggml's nearest.
+fn is_chosen(ggml_type: GgmlType, opts: &ConvertOptions) -> bool {
+    opts.rounding != Rounding::Nearest && quant::BLOCK_TYPES.contains(&ggml_type)
+}
+
+/// `values` quantized to `ggml_type` by the chosen rounding where `stats`
+/// cover the input, by ggml's quantizer elsewhere.
+fn round(
+    t: &OutTensor,
+    ggml_type: GgmlType,
+    values: &[f32],
+    stats: Option<&crate::calib::InputStats>,
+    opts: &ConvertOptions,
+) -> Result<Vec<u8>, ConvertError> {
+    let bad = |e: crate::gptq::GptqError| quant::QuantError::Codec {
+        tensor: t.name.clone(),
+        problem: e.to_string(),
+    };
+    let rows = values.len() / row_len(t);
+    // Tensors whose input no statistics cover (embeddings, the output
+    // head) and float or nearest tensors take ggml's quantizer.
+    Ok(match stats.filter(|_| is_chosen(ggml_type, opts)) {
+        None => quant::quantize(ggml_type, values, &t.name)?,
+        Some(s) if opts.rounding == Rounding::Imatrix => {
+            crate::importance::importance_round(ggml_type, values, rows, &s.importance(), &t.name)?
+        }
+        Some(s) if s.has_matrix() => {
+            let f = s.gptq_factor(opts.damp, opts.act_order).map_err(bad)?;
+            // Block scales searched with the diagonal's weights, as imatrix
+            // rounding does (SmolLM2 + pirate at q4_0, natural order, when
+            // introduced: KL 0.114 -> 0.090 against ggml's nearest scales).
+            let imp = s.importance();
+            crate::gptq::gptq(ggml_type, values, rows, &f, Some(&imp), &t.name).map_err(bad)?
+        }
+        Some(_) => {
+            return Err(quant::QuantError::Codec {
+                tensor: t.name.clone(),
+                problem: "GPTQ needs the whole XᵀX of its input; these statistics hold only its diagonal (an imatrix): use imatrix rounding".into(),
+            }
+            .into())
+        }
+    })
+}
+
 /// Merge, quantize and measure one tensor.
 fn process(
     t: &OutTensor,
@@ -490,69 +697,11 @@ fn process(
     adapter: Option<&PeftAdapter>,
     opts: &ConvertOptions,
 ) -> Result<Processed, ConvertError> {
-    let (calib, rounding) = (opts.calib.as_deref(), opts.rounding);
     let n: usize = t.dims.iter().product::<u64>() as usize;
-    let w0 = match t.base {
-        Some(b) => base.values(b)?,
-        None => vec![0f32; n],
-    };
-    // Bases are checked at open to have no 0-dimensional or empty tensor; a
-    // missing dim still must not panic here.
-    let row_len = t.dims.first().map_or(1, |&d| d.max(1) as usize);
-    let merged = match (t.edit, adapter) {
-        (Some(e), Some(a)) => merge::apply(&t.name, e, w0, row_len, a)?,
-        _ => merge::Merged {
-            values: w0,
-            base: Vec::new(),
-            delta: None,
-        },
-    };
-    let stats = calib.and_then(|c| c.for_tensor(&t.name));
-    if let Some(s) = stats.filter(|s| s.k != row_len) {
-        return Err(quant::QuantError::Codec {
-            tensor: t.name.clone(),
-            problem: format!(
-                "the calibration statistics of its input are {} wide, the tensor's rows {row_len}: statistics of another model",
-                s.k
-            ),
-        }
-        .into());
-    }
-    let bad = |e: crate::gptq::GptqError| quant::QuantError::Codec {
-        tensor: t.name.clone(),
-        problem: e.to_string(),
-    };
-    let rows = n / row_len;
-    let chosen = rounding != Rounding::Nearest && quant::BLOCK_TYPES.contains(&ggml_type);
-    // Tensors whose input no statistics cover (embeddings, the output
-    // head) and float or nearest tensors take ggml's quantizer.
-    let bytes = match stats.filter(|_| chosen) {
-        None => quant::quantize(ggml_type, &merged.values, &t.name)?,
-        Some(s) if rounding == Rounding::Imatrix => crate::importance::importance_round(
-            ggml_type,
-            &merged.values,
-            rows,
-            &s.importance(),
-            &t.name,
-        )?,
-        Some(s) if s.has_matrix() => {
-            let f = s.gptq_factor(opts.damp, opts.act_order).map_err(bad)?;
-            let f = &*f;
-            // Block scales searched with the diagonal's weights, as imatrix
-            // rounding does (SmolLM2 + pirate at q4_0, natural order, when
-            // introduced: KL 0.114 -> 0.090 against ggml's nearest scales).
-            let imp = s.importance();
-            crate::gptq::gptq(ggml_type, &merged.values, rows, f, Some(&imp), &t.name)
-                .map_err(bad)?
-        }
-        Some(_) => {
-            return Err(quant::QuantError::Codec {
-                tensor: t.name.clone(),
-                problem: "GPTQ needs the whole XᵀX of its input; these statistics hold only its diagonal (an imatrix): use imatrix rounding".into(),
-            }
-            .into())
-        }
-    };
+    let merged = merged_values(t, base, adapter)?;
+    let stats = stats_of(t, opts)?;
+    let chosen = stats.is_some() && is_chosen(ggml_type, opts);
+    let bytes = round(t, ggml_type, &merged.values, stats, opts)?;
     if let Some(s) = stats {
         s.reader_done();
     }
@@ -708,6 +857,14 @@ fn provenance(
             Rounding::Gptq => format!("gptq{}: error feedback through XᵀX damped by {} of its mean diagonal, block scales searched as imatrix rounding does, for block-quantized tensors whose input has calibration statistics; nearest for the rest", if opts.act_order { " (act order, static block scales)" } else { "" }, opts.damp),
         };
         md.push(("lorafold.rounding".into(), MetadataValue::string(how)));
+    }
+    if let Some(b) = &opts.budget {
+        md.push((
+            "lorafold.budget".into(),
+            MetadataValue::string(format!(
+                "{b} over the calibration text, measured against the f32 merged model; the types chosen are lorafold.quant.policy's overrides"
+            )),
+        ));
     }
     if let Some(c) = opts
         .calib

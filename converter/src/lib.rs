@@ -4,6 +4,7 @@
 
 pub mod adapter_gguf;
 pub mod base;
+pub mod budget;
 pub mod calib;
 pub mod convert;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod merge;
 pub mod output;
 pub mod peft;
 pub mod quant;
+pub mod reference;
 pub mod report;
 pub mod safetensors_dir;
 #[cfg(test)]

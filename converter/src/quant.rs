@@ -156,6 +156,24 @@ impl QuantPolicy {
         })
     }
 
+    /// This policy with `types` for the tensors named, before every other
+    /// rule (how a drift budget's choices are written down).
+    pub fn with_tensor_types(&self, types: &[(String, GgmlType)]) -> QuantPolicy {
+        let mut p = self.clone();
+        let exact: Vec<_> = types
+            .iter()
+            .map(|(name, t)| {
+                let re = format!("^{}$", regex::escape(name));
+                let compiled = regex::Regex::new(&re).expect("an escaped name is a regex");
+                ((re, t.name().to_string()), (compiled, *t))
+            })
+            .collect();
+        let (pairs, compiled): (Vec<_>, Vec<_>) = exact.into_iter().unzip();
+        p.overrides.splice(0..0, pairs);
+        p.compiled.splice(0..0, compiled);
+        p
+    }
+
     /// llama.cpp's `general.file_type` for this policy.
     pub fn file_type(&self) -> u32 {
         match (self.base_type, self.mix.as_deref()) {

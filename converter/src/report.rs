@@ -112,6 +112,9 @@ pub struct ConvertReport {
     pub totals: Totals,
     /// Notes: fallbacks, ignored options, untied heads.
     pub notes: Vec<String>,
+    /// The drift budget's rounds and choices, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::BudgetReport>,
 }
 
 /// Totals over the conversion.

@@ -3,6 +3,100 @@
 
 use serde::Serialize;
 
+use crate::cpu::KvType;
+use crate::model::{Model, RuntimeError, SessionOptions};
+use crate::tokenizer::Tokenizer;
+
+/// A text that cannot be cut into windows.
+#[derive(Debug, thiserror::Error)]
+pub enum WindowError {
+    /// A window must hold a token.
+    #[error("a window of 0 tokens holds nothing")]
+    ZeroContext,
+    /// The tokenizer refused the text.
+    #[error("tokenizing: {0}")]
+    Tokenize(String),
+}
+
+/// Token windows of `text`: one per non-empty line (cut to `ctx` tokens)
+/// with `lines`, else consecutive runs of `ctx` tokens; a window of fewer
+/// than 2 tokens predicts nothing and is dropped.
+pub fn windows(
+    tok: &Tokenizer,
+    text: &str,
+    lines: bool,
+    ctx: usize,
+) -> Result<Vec<Vec<u32>>, WindowError> {
+    if ctx == 0 {
+        return Err(WindowError::ZeroContext);
+    }
+    let enc = |s: &str| tok.encode(s).map_err(WindowError::Tokenize);
+    let w: Vec<Vec<u32>> = if lines {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                enc(l).map(|mut v| {
+                    v.truncate(ctx);
+                    v
+                })
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        enc(text)?.chunks(ctx).map(|c| c.to_vec()).collect()
+    };
+    Ok(w.into_iter().filter(|w| w.len() >= 2).collect())
+}
+
+/// Every candidate's drift from `reference` over `windows` (an f32 KV cache,
+/// so the drift measured is the weights'), with the gain retained when the
+/// un-adapted `base` is given.
+pub fn drift(
+    reference: &Model,
+    candidates: &[&Model],
+    base: Option<&Model>,
+    windows: &[Vec<u32>],
+) -> Result<Vec<DriftReport>, RuntimeError> {
+    let mut accs = vec![DriftAccumulator::default(); candidates.len()];
+    let (mut base_nll, mut base_n) = (0f64, 0usize);
+    let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
+    for w in windows {
+        let all = |m: &Model| -> Result<Vec<Vec<f32>>, RuntimeError> {
+            let mut s = m.session_with(SessionOptions {
+                kv: KvType::F32,
+                ..SessionOptions::new(ctx)
+            })?;
+            let l = s.logits(w, true)?;
+            Ok(l.chunks_exact(m.config.vocab)
+                .map(<[f32]>::to_vec)
+                .collect())
+        };
+        let r = all(reference)?;
+        for (m, acc) in candidates.iter().zip(accs.iter_mut()) {
+            let c = all(m)?;
+            for i in 0..w.len() {
+                acc.add(&r[i], &c[i], w.get(i + 1).copied());
+            }
+        }
+        if let Some(b) = base {
+            for (i, row) in all(b)?.iter().enumerate().take(w.len() - 1) {
+                base_nll -= log_softmax(row)[w[i + 1] as usize];
+                base_n += 1;
+            }
+        }
+    }
+    Ok(accs
+        .iter()
+        .map(|acc| {
+            let d = acc.report();
+            if base_n > 0 {
+                d.with_base(base_nll / base_n as f64)
+            } else {
+                d
+            }
+        })
+        .collect())
+}
+
 /// Log-softmax of one row of logits, in f64.
 pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits

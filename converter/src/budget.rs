@@ -1,0 +1,382 @@
+//! A drift budget: tensors moved up a ladder of wider types, most predicted
+//! output error removed per added byte first, until the drift of the
+//! written file, measured over the calibration text, is within the budget.
+//!
+//! The prediction is each tensor's ‖(Q(W) − W)X‖² / ‖WX‖² from the
+//! calibration statistics ([`crate::convert::predict_ladder`]); the model
+//! from it to drift is fitted to measurements of the files themselves
+//! (drift ≈ κ · Σ error, then a line through the last two rounds), so what
+//! is promised is what was measured, not what was predicted.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use lorafold_runtime::gguf::GgmlType;
+use lorafold_runtime::measure::{drift, DriftReport};
+use lorafold_runtime::model::Model;
+use serde::Serialize;
+
+use crate::convert::{
+    convert, predict_ladder, ConvertError, ConvertOptions, Progress, TensorLadder,
+};
+use crate::report::ConvertReport;
+
+/// What the budget bounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DriftTarget {
+    /// Mean KL divergence from the f32 merged model, nats per token.
+    KlMean(f64),
+    /// The least share of the adapter's gain (loss drop of the f32 merged
+    /// model below the base's) the file keeps on the text.
+    MinGain(f64),
+}
+
+impl DriftTarget {
+    /// The measured quantity kept at or below [`DriftTarget::limit`].
+    fn value(self, d: &DriftReport) -> f64 {
+        match self {
+            DriftTarget::KlMean(_) => d.kl_mean,
+            DriftTarget::MinGain(_) => 1.0 - d.gain_retained.unwrap_or(f64::NEG_INFINITY),
+        }
+    }
+
+    fn limit(self) -> f64 {
+        match self {
+            DriftTarget::KlMean(x) => x,
+            DriftTarget::MinGain(y) => 1.0 - y,
+        }
+    }
+
+    /// Whether measuring needs the base without the adapter.
+    pub fn needs_base(self) -> bool {
+        matches!(self, DriftTarget::MinGain(_))
+    }
+
+    /// How the target reads in reports and provenance.
+    pub fn describe(self) -> String {
+        match self {
+            DriftTarget::KlMean(x) => format!("mean KL <= {x}"),
+            DriftTarget::MinGain(y) => format!("gain retained >= {y}"),
+        }
+    }
+}
+
+/// The types a tensor may move up to, widest last: llama.cpp's K-quant
+/// ladder with the legacy types that fit rows K-quants don't (256 weights).
+pub const DEFAULT_LADDER: [GgmlType; 7] = [
+    GgmlType::Q4_K,
+    GgmlType::Q5_0,
+    GgmlType::Q5_K,
+    GgmlType::Q5_1,
+    GgmlType::Q6_K,
+    GgmlType::Q8_0,
+    GgmlType::F16,
+];
+
+/// A drift budget and how to check it.
+#[derive(Debug, Clone)]
+pub struct DriftBudget {
+    /// The bound.
+    pub target: DriftTarget,
+    /// Types a tensor may move up to.
+    pub ladder: Vec<GgmlType>,
+    /// Token windows of the text drift is measured over.
+    pub windows: Vec<Vec<u32>>,
+    /// The f32 merged model (the reference).
+    pub reference: PathBuf,
+    /// The f32 base without the adapter ([`DriftTarget::MinGain`] only).
+    pub base_reference: Option<PathBuf>,
+    /// Files written and measured at most.
+    pub max_rounds: usize,
+}
+
+/// One written and measured mix.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetRound {
+    /// Tensors above their policy type.
+    pub upgraded: usize,
+    /// Σ of the predicted relative squared output errors.
+    pub predicted_error: f64,
+    /// Tensor bytes of the file.
+    pub tensor_bytes: u64,
+    /// Measured mean KL from the reference.
+    pub kl_mean: f64,
+    /// Measured top-1 agreement.
+    pub top1_agreement: f64,
+    /// Measured gain retained, when the base was measured.
+    pub gain_retained: Option<f64>,
+    /// Whether the budget holds for this mix.
+    pub within: bool,
+}
+
+/// What the budget chose and what was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetReport {
+    /// The bound, in words.
+    pub target: String,
+    /// Tokens measured.
+    pub tokens: usize,
+    /// Seconds spent predicting every tensor's error at every rung.
+    pub predict_seconds: f64,
+    /// Every round, the last one the file written (when within budget).
+    pub rounds: Vec<BudgetRound>,
+    /// Each upgraded tensor: (name, policy type, type written).
+    pub upgrades: Vec<(String, String, String)>,
+}
+
+/// Rung index per tensor: from the policy's types, moves that remove the
+/// most predicted error per added byte until the sum is at most `target`
+/// (or no move is left).
+pub fn plan_upgrades(ladders: &[TensorLadder], target: f64) -> Vec<usize> {
+    let mut at = vec![0usize; ladders.len()];
+    let mut total: f64 = ladders.iter().map(|l| l.rungs[0].error2).sum();
+    while total > target {
+        // The best move of each tensor, then the best of all; ties go to
+        // the earlier tensor, so the plan does not depend on anything else.
+        let mut best: Option<(f64, usize, usize)> = None;
+        for (i, l) in ladders.iter().enumerate() {
+            let cur = l.rungs[at[i]];
+            for (j, r) in l.rungs.iter().enumerate().skip(at[i] + 1) {
+                if r.error2 >= cur.error2 || r.bytes <= cur.bytes {
+                    continue;
+                }
+                let gain = (cur.error2 - r.error2) / (r.bytes - cur.bytes) as f64;
+                if best.is_none_or(|(g, _, _)| gain > g) {
+                    best = Some((gain, i, j));
+                }
+            }
+        }
+        let Some((_, i, j)) = best else { break };
+        total += ladders[i].rungs[j].error2 - ladders[i].rungs[at[i]].error2;
+        at[i] = j;
+    }
+    at
+}
+
+fn predicted(ladders: &[TensorLadder], at: &[usize]) -> f64 {
+    ladders
+        .iter()
+        .zip(at)
+        .map(|(l, &i)| l.rungs[i].error2)
+        .sum()
+}
+
+/// The predicted error sum to aim at, from the rounds measured so far:
+/// proportional through the last, or a line through the last two when it
+/// rises with the error.
+fn aim(points: &[(f64, f64)], limit: f64) -> f64 {
+    // Aim a little under: the fitted model is a straight line through
+    // something that is not.
+    let want = 0.9 * limit;
+    let (s1, v1) = points[points.len() - 1];
+    if let [.., (s0, v0), _] = points {
+        let slope = (v1 - v0) / (s1 - s0);
+        if slope.is_finite() && slope > 0.0 {
+            return s1 + (want - v1) / slope;
+        }
+    }
+    if v1 > 0.0 {
+        s1 * want / v1
+    } else {
+        s1
+    }
+}
+
+/// Convert per `opts` (a merged output only, with calibration statistics)
+/// into the cheapest mix found within `budget`, measured; nothing is written
+/// when no mix on the ladder keeps it.
+pub fn convert_within(
+    opts: &ConvertOptions,
+    budget: &DriftBudget,
+    progress: Progress,
+    on_round: &dyn Fn(&BudgetRound),
+) -> Result<ConvertReport, ConvertError> {
+    let start = std::time::Instant::now();
+    let usage = |m: &str| Err(ConvertError::Usage(m.into()));
+    let Some(output) = opts.output.clone() else {
+        return usage("a drift budget needs a merged output");
+    };
+    if opts.base_output.is_some() || opts.adapter_output.is_some() {
+        return usage(
+            "a drift budget applies to the merged output only, not to a base or adapter output",
+        );
+    }
+    if budget.windows.is_empty() {
+        return usage("a drift budget needs a text to measure on");
+    }
+    if budget.target.needs_base() && budget.base_reference.is_none() {
+        return usage("a gain budget needs the base without the adapter to measure against");
+    }
+    let limit = budget.target.limit();
+    if !(limit.is_finite() && limit > 0.0) {
+        return usage(&format!(
+            "{}: the budget must leave room for some drift",
+            budget.target.describe()
+        ));
+    }
+    crate::output::check_file_destination(&output)?;
+    let ladders = predict_ladder(opts, &budget.ladder)?;
+    let predict_seconds = start.elapsed().as_secs_f64();
+    let load = |p: &Path| {
+        Model::load(p, &Device::Cpu)
+            .map_err(|e| ConvertError::Usage(format!("{}: {e}", p.display())))
+    };
+    let reference = load(&budget.reference)?;
+    let base = budget.base_reference.as_deref().map(load).transpose()?;
+    let beside = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = tempfile::Builder::new()
+        .prefix(".lorafold-budget")
+        .tempdir_in(beside)
+        .map_err(|source| ConvertError::Io {
+            path: beside.to_path_buf(),
+            source,
+        })?;
+    let mut rounds: Vec<BudgetRound> = Vec::new();
+    let mut points = Vec::new();
+    let mut at = vec![0usize; ladders.len()];
+    for round in 0..budget.max_rounds.max(1) {
+        let types: Vec<(String, GgmlType)> = ladders
+            .iter()
+            .zip(&at)
+            .filter(|(_, &i)| i > 0)
+            .map(|(l, &i)| (l.tensor.clone(), l.rungs[i].ggml_type))
+            .collect();
+        let candidate = dir.path().join(format!("round-{round}.gguf"));
+        let mut report = convert(
+            &ConvertOptions {
+                output: Some(candidate.clone()),
+                policy: opts.policy.with_tensor_types(&types),
+                budget: Some(budget.target.describe()),
+                ..opts.clone()
+            },
+            progress,
+        )?;
+        let model = load(&candidate)?;
+        let measured = drift(&reference, &[&model], base.as_ref(), &budget.windows)
+            .map_err(|e| ConvertError::Usage(format!("measuring drift: {e}")))?
+            .remove(0);
+        drop(model);
+        let value = budget.target.value(&measured);
+        let s = predicted(&ladders, &at);
+        rounds.push(BudgetRound {
+            upgraded: types.len(),
+            predicted_error: s,
+            tensor_bytes: report.totals.tensor_bytes,
+            kl_mean: measured.kl_mean,
+            top1_agreement: measured.top1_agreement,
+            gain_retained: measured.gain_retained,
+            within: value <= limit,
+        });
+        on_round(&rounds[rounds.len() - 1]);
+        let summary = BudgetReport {
+            target: budget.target.describe(),
+            predict_seconds,
+            tokens: measured.tokens,
+            rounds: rounds.clone(),
+            upgrades: ladders
+                .iter()
+                .zip(&at)
+                .filter(|(_, &i)| i > 0)
+                .map(|(l, &i)| {
+                    (
+                        l.tensor.clone(),
+                        l.rungs[0].ggml_type.name().to_string(),
+                        l.rungs[i].ggml_type.name().to_string(),
+                    )
+                })
+                .collect(),
+        };
+        report.budget = Some(summary);
+        report.totals.wall_seconds = start.elapsed().as_secs_f64();
+        if value <= limit {
+            std::fs::rename(&candidate, &output).map_err(|source| ConvertError::Io {
+                path: output.clone(),
+                source,
+            })?;
+            report.output = Some(output.display().to_string());
+            return Ok(report);
+        }
+        let _ = std::fs::remove_file(&candidate);
+        points.push((s, value));
+        let next = plan_upgrades(&ladders, aim(&points, limit));
+        if next == at || round + 1 == budget.max_rounds.max(1) {
+            let why = if next == at {
+                "no wider type on the ladder lowers it further"
+            } else {
+                "the rounds ran out"
+            };
+            report.output = None;
+            return Err(ConvertError::Budget(
+                format!(
+                    "{}: measured {:.4} after {} round(s) ({why})",
+                    budget.target.describe(),
+                    match budget.target {
+                        DriftTarget::KlMean(_) => measured.kl_mean,
+                        DriftTarget::MinGain(_) => 1.0 - value,
+                    },
+                    rounds.len()
+                ),
+                Box::new(report),
+            ));
+        }
+        at = next;
+    }
+    unreachable!("the last round returns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::Rung;
+
+    fn ladder(name: &str, rungs: &[(u64, f64)]) -> TensorLadder {
+        TensorLadder {
+            tensor: name.into(),
+            rungs: rungs
+                .iter()
+                .map(|&(bytes, error2)| Rung {
+                    ggml_type: GgmlType::Q4_0,
+                    bytes,
+                    error2,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn upgrades_go_where_a_byte_removes_most_error() {
+        let ls = [
+            ladder("a", &[(100, 1.0), (150, 0.5), (200, 0.1)]),
+            ladder("b", &[(100, 4.0), (150, 1.0), (200, 0.9)]),
+        ];
+        // Nothing needed: policy types stay.
+        assert_eq!(plan_upgrades(&ls, 5.0), vec![0, 0]);
+        // b's first step removes 3.0 for 50 bytes: the best move.
+        assert_eq!(plan_upgrades(&ls, 4.5), vec![0, 1]);
+        // Then a's first step (0.5 for 50 bytes) beats its jump to the
+        // last rung (0.9 for 100) and b's last step (0.1 for 50).
+        assert_eq!(plan_upgrades(&ls, 1.6), vec![1, 1]);
+        assert_eq!(plan_upgrades(&ls, 1.15), vec![2, 1]);
+        // Unreachable: everything at the top, and no further.
+        assert_eq!(plan_upgrades(&ls, 0.0), vec![2, 2]);
+    }
+
+    #[test]
+    fn a_rung_that_does_not_lower_the_error_is_skipped() {
+        let ls = [ladder("a", &[(100, 1.0), (150, 1.2), (200, 0.2)])];
+        assert_eq!(plan_upgrades(&ls, 0.5), vec![2]);
+    }
+
+    #[test]
+    fn aim_follows_the_measurements() {
+        // Proportional through one point: 0.9 of the limit.
+        assert!((aim(&[(10.0, 2.0)], 1.0) - 4.5).abs() < 1e-12);
+        // A line through two: v = 1 + 0.1 s, so 0.9 needs s < 0.
+        assert!(aim(&[(10.0, 2.0), (5.0, 1.5)], 1.0) < 0.0);
+        // A line through two: v = 0.2 s, so 0.9 is at s = 4.5.
+        assert!((aim(&[(10.0, 2.0), (5.0, 1.0)], 1.0) - 4.5).abs() < 1e-12);
+    }
+}
