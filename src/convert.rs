@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use lorafold_converter::budget::{convert_within, BudgetRound, DriftBudget, DriftTarget};
 use lorafold_converter::calib::CalibStats;
-use lorafold_converter::convert::{convert, ConvertError, ConvertOptions, Rounding};
+use lorafold_converter::convert::{convert, Compensate, ConvertError, ConvertOptions, Rounding};
 use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::reference::F32Reference;
@@ -89,6 +89,15 @@ pub struct ConvertArgs {
     /// the base's) the merged file keeps on the --calib-text, e.g. 0.97.
     #[arg(long, requires = "calib_text")]
     min_gain: Option<f64>,
+    /// Also write the rank-R approximation of each adapted module's rounding
+    /// error W - Q(W) (nearest in the calibration's output norm when given)
+    /// as an f16 LoRA GGUF for llama.cpp's --lora, beside the merged file.
+    #[arg(long, value_name = "R")]
+    compensate: Option<usize>,
+    /// Where --compensate writes (default: the merged output's name with
+    /// .compensation.gguf).
+    #[arg(long, requires = "compensate")]
+    compensate_out: Option<PathBuf>,
     /// Types a tensor may move up to under a budget.
     #[arg(long, value_delimiter = ',', value_parser = parse_ggml_type, default_values_t = lorafold_converter::budget::DEFAULT_LADDER.to_vec())]
     ladder: Vec<GgmlType>,
@@ -228,6 +237,17 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     {
         bail!("--rounding imatrix and gptq need --calib (statistics from `lorafold calibrate`) or --calib-text");
     }
+    let compensate = match (args.compensate, &output) {
+        (Some(rank), Some(out)) => Some(Compensate {
+            rank,
+            output: args
+                .compensate_out
+                .clone()
+                .unwrap_or_else(|| out.with_extension("compensation.gguf")),
+        }),
+        (Some(_), None) => bail!("--compensate writes beside the merged output: give -o"),
+        (None, _) => None,
+    };
     let opts = ConvertOptions {
         output,
         base_output: base_out,
@@ -246,6 +266,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         },
         damp: args.damp,
         act_order: args.act_order,
+        compensate,
         calib,
         ..ConvertOptions::new(&args.base, args.adapter.clone(), policy, PathBuf::new())
     };
@@ -420,6 +441,28 @@ fn print_report(r: &ConvertReport, quiet: bool) {
                 .map(|(k, n)| format!("{n} {k}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    }
+    if let Some(c) = &r.compensation {
+        let left: Vec<f64> = r
+            .tensors
+            .iter()
+            .filter_map(|t| t.output_error_compensated)
+            .collect();
+        println!(
+            "compensation {}: rank {} for {} modules, {} bytes{}",
+            c.path,
+            c.rank,
+            c.modules,
+            c.file_size,
+            if left.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; output error with it: mean {:.3e}",
+                    left.iter().sum::<f64>() / left.len() as f64
+                )
+            }
         );
     }
     if let Some(ret) = t.retention {

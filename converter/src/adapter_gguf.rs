@@ -135,6 +135,17 @@ pub fn lora_pair(
     })
 }
 
+/// A GGUF writer with llama.cpp's LoRA adapter keys: llama.cpp scales each
+/// pair by `alpha` / its rank.
+pub fn lora_writer(path: &Path, arch: &str, alpha: f32) -> Result<GgufWriter, WriteError> {
+    let mut w = GgufWriter::new(path);
+    w.add_metadata("general.architecture", &MetadataValue::string(arch))?;
+    w.add_metadata("general.type", &MetadataValue::string("adapter"))?;
+    w.add_metadata("adapter.type", &MetadataValue::string("lora"))?;
+    w.add_metadata("adapter.lora.alpha", &MetadataValue::F32(alpha))?;
+    Ok(w)
+}
+
 /// Prepare `adapter` as a llama.cpp LoRA GGUF for `base` at `path`: the
 /// returned stream holds the complete file and appears at `path` when
 /// finished, so a caller writing several files can commit them together.
@@ -173,14 +184,7 @@ pub fn write_adapter_gguf(
         )));
     }
     let alpha = adapter.config.lora_alpha;
-    let mut w = GgufWriter::new(path);
-    w.add_metadata(
-        "general.architecture",
-        &MetadataValue::string(base.arch.gguf_name()),
-    )?;
-    w.add_metadata("general.type", &MetadataValue::string("adapter"))?;
-    w.add_metadata("adapter.type", &MetadataValue::string("lora"))?;
-    w.add_metadata("adapter.lora.alpha", &MetadataValue::F32(alpha as f32))?;
+    let mut w = lora_writer(path, base.arch.gguf_name(), alpha as f32)?;
     // Adapters are small (SmolLM2's chef: 4.9M parameters), so all pairs are
     // built before the header, which needs their shapes.
     let mut modules = Vec::new();

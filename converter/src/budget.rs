@@ -17,7 +17,7 @@ use lorafold_runtime::model::Model;
 use serde::Serialize;
 
 use crate::convert::{
-    convert, predict_ladder, ConvertError, ConvertOptions, Progress, TensorLadder,
+    convert, predict_ladder, Compensate, ConvertError, ConvertOptions, Progress, TensorLadder,
 };
 use crate::report::ConvertReport;
 
@@ -245,9 +245,15 @@ pub fn convert_within(
             .map(|(l, &i)| (l.tensor.clone(), l.rungs[i].ggml_type))
             .collect();
         let candidate = dir.path().join(format!("round-{round}.gguf"));
+        // A compensation adapter is the last round's, moved with its file.
+        let compensation = opts.compensate.as_ref().map(|c| Compensate {
+            rank: c.rank,
+            output: dir.path().join(format!("round-{round}.compensation.gguf")),
+        });
         let mut report = convert(
             &ConvertOptions {
                 output: Some(candidate.clone()),
+                compensate: compensation.clone(),
                 policy: opts.policy.with_tensor_types(&types),
                 budget: Some(budget.target.describe()),
                 ..opts.clone()
@@ -292,10 +298,21 @@ pub fn convert_within(
         report.budget = Some(summary);
         report.totals.wall_seconds = start.elapsed().as_secs_f64();
         if value <= limit {
-            std::fs::rename(&candidate, &output).map_err(|source| ConvertError::Io {
-                path: output.clone(),
-                source,
-            })?;
+            let publish = |from: &Path, to: &Path| {
+                std::fs::rename(from, to).map_err(|source| ConvertError::Io {
+                    path: to.to_path_buf(),
+                    source,
+                })
+            };
+            if let (Some(from), Some(to), Some(r)) = (
+                &compensation,
+                &opts.compensate,
+                report.compensation.as_mut(),
+            ) {
+                publish(&from.output, &to.output)?;
+                r.path = to.output.display().to_string();
+            }
+            publish(&candidate, &output)?;
             report.output = Some(output.display().to_string());
             return Ok(report);
         }

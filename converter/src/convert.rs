@@ -11,12 +11,13 @@ use sha2::{Digest, Sha256};
 
 use crate::adapter_gguf::{write_adapter_gguf, AdapterError};
 use crate::base::{BaseError, BaseModel, BaseTensor};
+use crate::compensate::LowRank;
 use crate::gguf_writer::{GgufStream, GgufWriter, WriteError};
 use crate::merge::{self, MergeError, MergePlan, TensorEdit};
 use crate::output::{check_distinct, check_file_destination, OutputError};
-use crate::peft::{PeftAdapter, PeftError};
+use crate::peft::{ModuleKind, PeftAdapter, PeftError};
 use crate::quant::{self, QuantError, QuantPolicy, TensorRole};
-use crate::report::{peak_rss_bytes, ConvertReport, TensorReport, Totals};
+use crate::report::{peak_rss_bytes, CompensationReport, ConvertReport, TensorReport, Totals};
 
 /// The tool version recorded in outputs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -107,6 +108,18 @@ pub struct ConvertOptions {
     /// The drift budget the type mix was chosen for, recorded in the
     /// provenance ([`crate::budget`]).
     pub budget: Option<String>,
+    /// Also write the rank-R compensation of the adapted modules' rounding
+    /// error as a LoRA GGUF ([`crate::compensate`]).
+    pub compensate: Option<Compensate>,
+}
+
+/// A compensation adapter to write beside the merged output.
+#[derive(Debug, Clone)]
+pub struct Compensate {
+    /// Rank of each module's pair.
+    pub rank: usize,
+    /// The adapter GGUF (llama.cpp's LoRA layout, `adapter_type` values).
+    pub output: PathBuf,
 }
 
 /// How block codes are chosen.
@@ -165,6 +178,7 @@ impl ConvertOptions {
             damp: DEFAULT_DAMP,
             act_order: true,
             budget: None,
+            compensate: None,
         }
     }
 }
@@ -200,6 +214,13 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             "damping {} is not a finite fraction >= 0",
             opts.damp
         )));
+    }
+    if let Some(c) = &opts.compensate {
+        if opts.output.is_none() || opts.adapter.is_none() || c.rank == 0 {
+            return Err(ConvertError::Usage(
+                "compensation needs a merged output, an adapter whose modules it covers, and a rank of 1 or more".into(),
+            ));
+        }
     }
     check_outputs(opts)?;
     let base = BaseModel::open(&opts.base)?;
@@ -286,6 +307,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     // memory to a few tensors in flight; results are written in order, so the
     // output does not depend on scheduling.
     let mut reports = Vec::with_capacity(out.len());
+    let mut pairs = Vec::new();
     if merged_stream.is_some() || base_stream.is_some() {
         let batch = rayon::current_num_threads().max(1) * 2;
         let total = out.len();
@@ -314,6 +336,9 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
                     s.write_tensor(&t.name, p.base_bytes.as_ref().unwrap_or(&p.bytes))?;
                 }
                 reports.push(p.report);
+                if let Some(c) = p.compensation {
+                    pairs.push((t.name.clone(), c));
+                }
                 progress(reports.len(), total, &t.name);
             }
         }
@@ -338,6 +363,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         adapter_gguf: adapter_file.as_ref().map(|(_, r)| r.clone()),
         notes,
         budget: None,
+        compensation: None,
     };
     let mut broken = Vec::new();
     if let Some(max) = opts.max_rel_error {
@@ -355,6 +381,10 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             ));
         }
     }
+    let compensation = match &opts.compensate {
+        Some(c) => Some(start_compensation(c, &base, opts, &provenance, &pairs)?),
+        None => None,
+    };
     report.totals.peak_rss_bytes = peak_rss_bytes();
     if !broken.is_empty() {
         report.totals.wall_seconds = start.elapsed().as_secs_f64();
@@ -369,6 +399,18 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     }
     if let (Some((s, _)), Some(r)) = (adapter_file, report.adapter_gguf.as_mut()) {
         r.file_size = s.finish()?;
+    }
+    if let Some(s) = compensation {
+        report.compensation = Some(CompensationReport {
+            path: opts
+                .compensate
+                .as_ref()
+                .map(|c| c.output.display().to_string())
+                .unwrap_or_default(),
+            rank: opts.compensate.as_ref().map_or(0, |c| c.rank),
+            modules: pairs.len(),
+            file_size: s.finish()?,
+        });
     }
     report.totals.wall_seconds = start.elapsed().as_secs_f64();
     Ok(report)
@@ -476,14 +518,67 @@ pub fn predict_ladder(
         .collect()
 }
 
+/// Declare the compensation adapter (llama.cpp's LoRA layout, scale 1 for
+/// every pair: alpha = rank, B scaled where a tensor's rank is lower) and
+/// start its stream.
+fn start_compensation(
+    c: &Compensate,
+    base: &BaseModel,
+    opts: &ConvertOptions,
+    provenance: &[(String, MetadataValue<'static>)],
+    pairs: &[(String, LowRank)],
+) -> Result<GgufStream, ConvertError> {
+    let alpha = c.rank as f32;
+    let mut w = crate::adapter_gguf::lora_writer(&c.output, base.arch.gguf_name(), alpha)?;
+    w.add_metadata(
+        "lorafold.compensation",
+        &MetadataValue::string(format!(
+            "rank-{} approximation of W - Q(W) of each adapted module{}; add to the merged file at scale 1",
+            c.rank,
+            if opts.calib.is_some() {
+                format!(", nearest in the output norm of the calibration's XᵀX damped by {}", opts.damp)
+            } else {
+                String::new()
+            }
+        )),
+    )?;
+    for (k, v) in provenance {
+        w.add_metadata(k, v)?;
+    }
+    let ty = opts.adapter_type;
+    for (name, lr) in pairs {
+        let k = (lr.a.len() / lr.rank.max(1)) as u64;
+        let rows = (lr.b.len() / lr.rank.max(1)) as u64;
+        w.add_tensor(&format!("{name}.lora_a"), ty, &[k, lr.rank as u64])?;
+        w.add_tensor(&format!("{name}.lora_b"), ty, &[lr.rank as u64, rows])?;
+    }
+    let mut stream = w.start()?;
+    for (name, lr) in pairs {
+        let fold = lr.rank as f32 / alpha;
+        let b: Vec<f32> = lr.b.iter().map(|&x| x * fold).collect();
+        stream.write_tensor(
+            &format!("{name}.lora_a"),
+            &quant::quantize(ty, &lr.a, name)?,
+        )?;
+        stream.write_tensor(&format!("{name}.lora_b"), &quant::quantize(ty, &b, name)?)?;
+    }
+    Ok(stream)
+}
+
 /// Every output path is usable (its folder exists; nothing but a regular file
 /// is there) and distinct, checked before any input is read.
 fn check_outputs(opts: &ConvertOptions) -> Result<(), OutputError> {
-    let outputs: Vec<&Path> = [&opts.output, &opts.base_output, &opts.adapter_output]
-        .into_iter()
-        .flatten()
-        .map(PathBuf::as_path)
-        .collect();
+    let compensation = opts.compensate.as_ref().map(|c| &c.output);
+    let outputs: Vec<&Path> = [
+        opts.output.as_ref(),
+        opts.base_output.as_ref(),
+        opts.adapter_output.as_ref(),
+        compensation,
+    ]
+    .into_iter()
+    .flatten()
+    .map(PathBuf::as_path)
+    .collect();
     for p in &outputs {
         check_file_destination(p)?;
     }
@@ -593,6 +688,8 @@ struct Processed {
     /// The base tensor's bytes, where they differ from `bytes`.
     base_bytes: Option<Vec<u8>>,
     report: TensorReport,
+    /// The rank-R pair for the rounding error, when compensating.
+    compensation: Option<LowRank>,
 }
 
 /// W0 + s·B·A for one tensor (W0 alone without an edit), in f32.
@@ -752,10 +849,64 @@ fn process(
         report.output_error = Some(rel(norms[1]));
         report.output_error_nearest = norms.get(2).map(|&e| rel(e));
     }
+    let linear = t.dims.len() == 2
+        && t.edit.is_some_and(|e| {
+            e.lora
+                .as_ref()
+                .is_some_and(|l| l.module.kind == ModuleKind::Linear)
+        });
+    let compensation = match &opts.compensate {
+        Some(c) if linear => {
+            let w = &merged.values;
+            let residual: Vec<f32> = w.iter().zip(&qw).map(|(a, q)| a - q).collect();
+            let h = match stats.filter(|s| s.has_matrix()) {
+                Some(s) => Some(s.xtx().map_err(|e| ConvertError::Io {
+                    path: PathBuf::from(&t.name),
+                    source: e,
+                })?),
+                None => None,
+            };
+            let (rows, k) = (n / row_len(t), row_len(t));
+            let lr =
+                crate::compensate::low_rank(&residual, rows, k, c.rank, h.as_deref(), opts.damp)
+                    .map_err(|e| quant::QuantError::Codec {
+                        tensor: t.name.clone(),
+                        problem: format!("compensation: {e}"),
+                    })?;
+            if let Some(s) = stats {
+                // The output error left once the pair is added back.
+                let mut left = vec![0f32; n];
+                for (r, row) in left.chunks_exact_mut(k).enumerate() {
+                    for (c, a) in lr.a.chunks_exact(k).enumerate() {
+                        let b = lr.b[r * lr.rank + c];
+                        row.iter_mut().zip(a).for_each(|(x, &a)| *x += b * a);
+                    }
+                    let i = r * k;
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = qw[i + j] + *x - w[i + j];
+                    }
+                }
+                let norms = s
+                    .output_norms2(&[w, &left])
+                    .map_err(|e| quant::QuantError::Codec {
+                        tensor: t.name.clone(),
+                        problem: format!("output error: {e}"),
+                    })?;
+                report.output_error_compensated = Some(if norms[0] > 0.0 {
+                    (norms[1] / norms[0]).sqrt()
+                } else {
+                    norms[1].sqrt()
+                });
+            }
+            Some(lr)
+        }
+        _ => None,
+    };
     Ok(Processed {
         bytes,
         base_bytes,
         report,
+        compensation,
     })
 }
 

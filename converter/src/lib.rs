@@ -6,6 +6,7 @@ pub mod adapter_gguf;
 pub mod base;
 pub mod budget;
 pub mod calib;
+pub mod compensate;
 pub mod convert;
 pub mod error;
 pub mod gguf_writer;

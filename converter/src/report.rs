@@ -30,6 +30,9 @@ pub struct TensorReport {
     pub output_error: Option<f64>,
     /// The same for ggml's nearest rounding, when another method was chosen.
     pub output_error_nearest: Option<f64>,
+    /// The output error left once the compensation pair is added back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_error_compensated: Option<f64>,
 }
 
 impl TensorReport {
@@ -85,6 +88,7 @@ impl TensorReport {
             retention_terms,
             output_error: None,
             output_error_nearest: None,
+            output_error_compensated: None,
         }
     }
 }
@@ -115,6 +119,22 @@ pub struct ConvertReport {
     /// The drift budget's rounds and choices, when one was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<crate::budget::BudgetReport>,
+    /// The compensation adapter, when one was written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<CompensationReport>,
+}
+
+/// The compensation adapter written beside the merged output.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompensationReport {
+    /// The file.
+    pub path: String,
+    /// The rank asked for.
+    pub rank: usize,
+    /// Modules compensated.
+    pub modules: usize,
+    /// File size.
+    pub file_size: u64,
 }
 
 /// Totals over the conversion.
