@@ -111,6 +111,23 @@ pub struct ConvertOptions {
     /// Also write the rank-R compensation of the adapted modules' rounding
     /// error as a LoRA GGUF ([`crate::compensate`]).
     pub compensate: Option<Compensate>,
+    /// Tensors already rounded (by [`predict_ladder`]), taken instead of
+    /// rounding again.
+    pub rounded: Option<RoundedTensors>,
+}
+
+/// Bytes of tensors already rounded, by (name, type): a drift budget's
+/// rounds reuse what its prediction computed (GPTQ is most of a
+/// conversion's time).
+#[derive(Clone)]
+pub struct RoundedTensors(
+    pub std::sync::Arc<dyn Fn(&str, GgmlType) -> Option<Vec<u8>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for RoundedTensors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoundedTensors")
+    }
 }
 
 /// A compensation adapter to write beside the merged output.
@@ -179,6 +196,7 @@ impl ConvertOptions {
             act_order: true,
             budget: None,
             compensate: None,
+            rounded: None,
         }
     }
 }
@@ -440,11 +458,13 @@ pub struct TensorLadder {
 /// For every merged tensor of a block type whose input the calibration
 /// statistics cover, the output error of its policy type and of each type of
 /// `ladder` that is wider and fits its rows, each rounded as `opts` says
-/// (the prediction a drift budget spends bytes by). Tensors run in parallel;
-/// each type's error is one more read of its input's XᵀX.
+/// (the prediction a drift budget spends bytes by); `keep` is given every
+/// rounded tensor. Tensors run in parallel; each type's error is one more
+/// read of its input's XᵀX.
 pub fn predict_ladder(
     opts: &ConvertOptions,
     ladder: &[GgmlType],
+    keep: &(dyn Fn(&str, GgmlType, &[u8]) -> std::io::Result<()> + Sync),
 ) -> Result<Vec<TensorLadder>, ConvertError> {
     let Some(calib) = &opts.calib else {
         return Err(ConvertError::Usage(
@@ -492,6 +512,10 @@ pub fn predict_ladder(
             let mut norm2 = None;
             for ty in types {
                 let bytes = round(t, ty, w, Some(stats), opts)?;
+                keep(&t.name, ty, &bytes).map_err(|source| ConvertError::Io {
+                    path: PathBuf::from(&t.name),
+                    source,
+                })?;
                 let q = quant::dequantize(ty, &bytes, n as usize, &t.name)?;
                 let d: Vec<f32> = q.iter().zip(w).map(|(a, b)| a - b).collect();
                 let norms = match norm2 {
@@ -798,7 +822,14 @@ fn process(
     let merged = merged_values(t, base, adapter)?;
     let stats = stats_of(t, opts)?;
     let chosen = stats.is_some() && is_chosen(ggml_type, opts);
-    let bytes = round(t, ggml_type, &merged.values, stats, opts)?;
+    let bytes = match opts
+        .rounded
+        .as_ref()
+        .and_then(|r| (r.0)(&t.name, ggml_type))
+    {
+        Some(b) => b,
+        None => round(t, ggml_type, &merged.values, stats, opts)?,
+    };
     if let Some(s) = stats {
         s.reader_done();
     }
