@@ -133,8 +133,11 @@ pub struct BudgetReport {
 /// temporary folder (a model's rungs together are several times its size),
 /// so that the rounds write files without rounding again.
 struct RungCache {
-    file: Mutex<(File, HashMap<(String, GgmlType), (u64, usize)>)>,
+    file: Mutex<(File, RungIndex)>,
 }
+
+/// (tensor, type) -> (offset, length) in the cache file.
+type RungIndex = HashMap<(String, GgmlType), (u64, usize)>;
 
 impl RungCache {
     fn new(path: &Path) -> std::io::Result<RungCache> {

@@ -17,7 +17,9 @@ use crate::merge::{self, MergeError, MergePlan, TensorEdit};
 use crate::output::{check_distinct, check_file_destination, OutputError};
 use crate::peft::{ModuleKind, PeftAdapter, PeftError};
 use crate::quant::{self, QuantError, QuantPolicy, TensorRole};
-use crate::report::{peak_rss_bytes, CompensationReport, ConvertReport, TensorReport, Totals};
+use crate::report::{
+    peak_rss_bytes, CompensationReport, ConvertReport, ErrorSums, TensorReport, Totals,
+};
 
 /// The tool version recorded in outputs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -120,9 +122,13 @@ pub struct ConvertOptions {
 /// rounds reuse what its prediction computed (GPTQ is most of a
 /// conversion's time).
 #[derive(Clone)]
-pub struct RoundedTensors(
-    pub std::sync::Arc<dyn Fn(&str, GgmlType) -> Option<Vec<u8>> + Send + Sync>,
-);
+pub struct RoundedTensors(pub std::sync::Arc<RoundedLookup>);
+
+/// Where [`RoundedTensors`] looks a tensor's bytes up: (name, type) -> bytes.
+pub type RoundedLookup = dyn Fn(&str, GgmlType) -> Option<Vec<u8>> + Send + Sync;
+
+/// What [`predict_ladder`] hands every rounded tensor to: (name, type, bytes).
+pub type KeepRounded<'a> = dyn Fn(&str, GgmlType, &[u8]) -> std::io::Result<()> + Sync + 'a;
 
 impl std::fmt::Debug for RoundedTensors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -464,7 +470,7 @@ pub struct TensorLadder {
 pub fn predict_ladder(
     opts: &ConvertOptions,
     ladder: &[GgmlType],
-    keep: &(dyn Fn(&str, GgmlType, &[u8]) -> std::io::Result<()> + Sync),
+    keep: &KeepRounded<'_>,
 ) -> Result<Vec<TensorLadder>, ConvertError> {
     let Some(calib) = &opts.calib else {
         return Err(ConvertError::Usage(
@@ -705,6 +711,9 @@ fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorR
     }
 }
 
+/// Values dequantized at a time to measure a tensor's error.
+const MEASURE_RUN: usize = 1 << 16;
+
 /// One tensor, merged, quantized and measured.
 struct Processed {
     /// The merged tensor's bytes.
@@ -833,28 +842,55 @@ fn process(
     if let Some(s) = stats {
         s.reader_done();
     }
-    let qw = quant::dequantize(ggml_type, &bytes, n, &t.name)?;
     let mut base_bytes = None;
-    let mut changed = None;
-    if let Some(dw) = &merged.delta {
-        let b = quant::quantize(ggml_type, &merged.base, &t.name)?;
-        changed = Some((quant::dequantize(ggml_type, &b, n, &t.name)?, dw));
-        base_bytes = Some(b);
-    } else if merged.base.len() == n && t.edit.is_some_and(|e| e.replace.is_some()) {
-        // A saved tensor replaced the base's: the base file keeps the base's.
+    if merged.delta.is_some()
+        || (merged.base.len() == n && t.edit.is_some_and(|e| e.replace.is_some()))
+    {
+        // The base file keeps the base's tensor (a saved tensor may have
+        // replaced it in the merge); a delta's retention is measured on it.
         base_bytes = Some(quant::quantize(ggml_type, &merged.base, &t.name)?);
     }
-    let mut report = TensorReport::measure(
+    let linear = t.dims.len() == 2
+        && t.edit.is_some_and(|e| {
+            e.lora
+                .as_ref()
+                .is_some_and(|l| l.module.kind == ModuleKind::Linear)
+        });
+    let compensating = opts.compensate.is_some() && linear;
+    // Measured a run of rows at a time: a whole dequantized copy (the token
+    // embedding's: 113 MB in f32 for SmolLM2) is kept only for what needs it.
+    let mut whole = (stats.is_some() || compensating).then(|| Vec::with_capacity(n));
+    let mut sums = ErrorSums::default();
+    let k = row_len(t);
+    let rows = n / k;
+    let row_bytes = bytes.len() / rows.max(1);
+    let run = (MEASURE_RUN / k).max(1);
+    for r0 in (0..rows).step_by(run) {
+        let r1 = (r0 + run).min(rows);
+        let (vals, bs) = (r0 * k..r1 * k, r0 * row_bytes..r1 * row_bytes);
+        let qw = quant::dequantize(ggml_type, &bytes[bs.clone()], vals.len(), &t.name)?;
+        let q_w0 = match (&merged.delta, &base_bytes) {
+            (Some(_), Some(b)) => Some(quant::dequantize(ggml_type, &b[bs], vals.len(), &t.name)?),
+            _ => None,
+        };
+        let changed = merged
+            .delta
+            .as_ref()
+            .zip(q_w0.as_ref())
+            .map(|(dw, q)| (&merged.base[vals.clone()], q.as_slice(), &dw[vals.clone()]));
+        sums.add(&merged.values[vals.clone()], &qw, changed);
+        if let Some(w) = whole.as_mut() {
+            w.extend_from_slice(&qw);
+        }
+    }
+    let mut report = TensorReport::from_sums(
         &t.name,
         ggml_type.name().to_string(),
         fallback,
         bytes.len() as u64,
-        &merged.values,
-        &qw,
-        changed
-            .as_ref()
-            .map(|(q_w0, dw)| (merged.base.as_slice(), q_w0.as_slice(), dw.as_slice())),
+        &sums,
     );
+    let qw = whole.unwrap_or_default();
     if let Some(s) = stats {
         let codec = |e: candle_core::Error| quant::QuantError::Codec {
             tensor: t.name.clone(),
@@ -880,14 +916,8 @@ fn process(
         report.output_error = Some(rel(norms[1]));
         report.output_error_nearest = norms.get(2).map(|&e| rel(e));
     }
-    let linear = t.dims.len() == 2
-        && t.edit.is_some_and(|e| {
-            e.lora
-                .as_ref()
-                .is_some_and(|l| l.module.kind == ModuleKind::Linear)
-        });
     let compensation = match &opts.compensate {
-        Some(c) if linear => {
+        Some(c) if compensating => {
             let w = &merged.values;
             let residual: Vec<f32> = w.iter().zip(&qw).map(|(a, q)| a - q).collect();
             let h = match stats.filter(|s| s.has_matrix()) {
