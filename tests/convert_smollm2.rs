@@ -106,8 +106,31 @@ fn pirate_q4_0_and_q8_0_match_reference_and_read_back() {
         );
         assert_eq!(f.get_strings("tokenizer.ggml.tokens").unwrap().len(), 49152);
         assert_eq!(f.get_str("general.architecture").as_deref(), Some("llama"));
+        // The hashes are computed beside the conversion and written over
+        // placeholders in the header: each one is its file's.
+        let adapter = common::shared_data().join("smollm2-adapters/pirate/adapter");
+        let sha = |p: &Path| lorafold_converter::convert::sha256_file(p).unwrap();
         let hashes = f.get_strings("lorafold.adapter.sha256").unwrap();
-        assert!(hashes[1].ends_with("  adapter_model.safetensors") && hashes[1].len() == 64 + 27);
+        assert_eq!(
+            hashes,
+            [
+                format!(
+                    "{}  adapter_config.json",
+                    sha(&adapter.join("adapter_config.json"))
+                ),
+                format!(
+                    "{}  adapter_model.safetensors",
+                    sha(&adapter.join("adapter_model.safetensors"))
+                ),
+            ]
+        );
+        assert_eq!(
+            f.get_strings("lorafold.base.sha256").unwrap(),
+            [format!(
+                "{}  SmolLM2-135M-Instruct.Q4_1.gguf",
+                sha(common::smollm2())
+            )]
+        );
         let scales = f.get_strings("lorafold.adapter.scales").unwrap();
         assert_eq!(scales.len(), 60);
         assert!(

@@ -261,7 +261,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         Some(a) => MergePlan::new(&base, a)?,
         None => MergePlan::default(),
     };
-    let provenance = provenance(opts, &base, adapter.as_ref())?;
+    let (provenance, hashes) = provenance(opts, &base, adapter.as_ref())?;
 
     let adapter_file = match (&opts.adapter_output, &adapter) {
         (Some(path), Some(a)) => Some(write_adapter_gguf(
@@ -413,6 +413,16 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     if !broken.is_empty() {
         report.totals.wall_seconds = start.elapsed().as_secs_f64();
         return Err(ConvertError::Budget(broken.join("; "), Box::new(report)));
+    }
+    let mut adapter_file = adapter_file;
+    let mut compensation = compensation;
+    {
+        let mut streams: Vec<&mut GgufStream> = Vec::new();
+        streams.extend(merged_stream.as_mut());
+        streams.extend(base_stream.as_mut());
+        streams.extend(adapter_file.as_mut().map(|(s, _)| s));
+        streams.extend(compensation.as_mut());
+        hashes.finish(&mut streams)?;
     }
     // Every output is complete; rename them into place.
     if let Some(s) = merged_stream {
@@ -990,13 +1000,63 @@ pub fn sha256_file(path: &Path) -> Result<String, ConvertError> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// The inputs' sha256, computed on a thread beside the conversion (one
+/// read of each input, overlapping the work instead of preceding it: 13%
+/// of a SmolLM2 f32 conversion's time); the headers carry placeholders of
+/// the same length until then.
+struct PendingHashes {
+    files: Vec<PathBuf>,
+    job: std::thread::JoinHandle<Vec<std::io::Result<String>>>,
+}
+
+impl PendingHashes {
+    fn start(files: Vec<PathBuf>) -> PendingHashes {
+        let todo = files.clone();
+        let job = std::thread::spawn(move || {
+            todo.iter()
+                .map(|f| match sha256_file(f) {
+                    Ok(h) => Ok(h),
+                    Err(ConvertError::Io { source, .. }) => Err(source),
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                })
+                .collect()
+        });
+        PendingHashes { files, job }
+    }
+
+    /// The stand-in for the `i`th file's hash: 64 characters, like a hash.
+    fn placeholder(i: usize) -> String {
+        format!("{:#<64}", format!("lorafold-sha256-pending-{i}-"))
+    }
+
+    /// Wait for the hashes and write them over their placeholders.
+    fn finish(self, streams: &mut [&mut GgufStream]) -> Result<(), ConvertError> {
+        let hashes = self.job.join().unwrap_or_else(|_| {
+            (0..self.files.len())
+                .map(|_| Err(std::io::Error::other("the hashing thread panicked")))
+                .collect()
+        });
+        for (i, (h, path)) in hashes.into_iter().zip(&self.files).enumerate() {
+            let h = h.map_err(|source| ConvertError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            for s in streams.iter_mut() {
+                s.patch(&PendingHashes::placeholder(i), &h)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// lorafold.* keys: where the output came from and how it was made. Only
 /// inputs and options go in (no paths or times), so outputs are reproducible.
+/// The inputs' sha256 are placeholders until [`PendingHashes::finish`].
 fn provenance(
     opts: &ConvertOptions,
     base: &BaseModel,
     adapter: Option<&PeftAdapter>,
-) -> Result<Vec<(String, MetadataValue<'static>)>, ConvertError> {
+) -> Result<(Vec<(String, MetadataValue<'static>)>, PendingHashes), ConvertError> {
     let mut md = vec![(
         "lorafold.version".to_string(),
         MetadataValue::string(VERSION),
@@ -1018,14 +1078,21 @@ fn provenance(
     } else {
         vec![base.path.clone()]
     };
-    let mut hashes = Vec::new();
-    for f in &base_files {
-        hashes.push(format!(
-            "{}  {}",
-            sha256_file(f)?,
-            f.file_name().unwrap_or_default().to_string_lossy()
-        ));
-    }
+    let mut files = Vec::new();
+    let mut hashed = |f: PathBuf, shown: &str| {
+        let line = format!("{}  {shown}", PendingHashes::placeholder(files.len()));
+        files.push(f);
+        line
+    };
+    let hashes: Vec<String> = base_files
+        .iter()
+        .map(|f| {
+            hashed(
+                f.clone(),
+                &f.file_name().unwrap_or_default().to_string_lossy(),
+            )
+        })
+        .collect();
     md.push((
         "lorafold.base.sha256".into(),
         MetadataValue::string_array(hashes),
@@ -1035,11 +1102,8 @@ fn provenance(
         md.push((
             "lorafold.adapter.sha256".into(),
             MetadataValue::string_array([
-                format!("{}  adapter_config.json", sha256_file(&cfg)?),
-                format!(
-                    "{}  adapter_model.safetensors",
-                    sha256_file(&a.tensors_path)?
-                ),
+                hashed(cfg, "adapter_config.json"),
+                hashed(a.tensors_path.clone(), "adapter_model.safetensors"),
             ]),
         ));
         let config_json = serde_json::to_string(&a.config).unwrap_or_default();
@@ -1094,5 +1158,5 @@ fn provenance(
             ));
         }
     }
-    Ok(md)
+    Ok((md, PendingHashes::start(files)))
 }

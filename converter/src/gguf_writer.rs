@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use lorafold_runtime::gguf::value::encode_str;
@@ -234,9 +234,11 @@ impl GgufWriter {
             next: 0,
             alignment: self.alignment,
             written: 0,
+            head: Vec::new(),
             _live: live,
         };
         stream.put(&head)?;
+        stream.head = head;
         Ok(stream)
     }
 }
@@ -252,6 +254,8 @@ pub struct GgufStream {
     next: usize,
     alignment: u64,
     written: u64,
+    /// The header as written, for [`GgufStream::patch`].
+    head: Vec<u8>,
     _live: crate::output::LivePartial,
 }
 
@@ -296,6 +300,29 @@ impl GgufStream {
         self.next += 1;
         self.put(data)?;
         self.put(&vec![0u8; pad as usize])
+    }
+
+    /// Overwrite the one occurrence of `placeholder` in the header with
+    /// `value` (as long): how a value known only after the data (an input's
+    /// sha256, computed beside the conversion) gets into the metadata.
+    /// False when the header does not hold it.
+    pub fn patch(&mut self, placeholder: &str, value: &str) -> Result<bool, WriteError> {
+        let (from, to) = (placeholder.as_bytes(), value.as_bytes());
+        let at = self.head.windows(from.len()).position(|w| w == from);
+        let (Some(at), true) = (at, from.len() == to.len() && !from.is_empty()) else {
+            return Ok(false);
+        };
+        let io = |source| WriteError::Io {
+            path: self.dest.clone(),
+            source,
+        };
+        self.out.flush().map_err(io)?;
+        let f = self.out.get_mut();
+        f.seek(SeekFrom::Start(at as u64)).map_err(io)?;
+        f.write_all(to).map_err(io)?;
+        f.seek(SeekFrom::End(0)).map_err(io)?;
+        self.head[at..at + to.len()].copy_from_slice(to);
+        Ok(true)
     }
 
     /// Flush, sync and rename into place; returns the file's size in bytes.

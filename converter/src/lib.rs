@@ -17,6 +17,7 @@ pub mod merge;
 pub mod output;
 pub mod peft;
 pub mod quant;
+mod quant_avx2;
 pub mod reference;
 pub mod report;
 pub mod safetensors_dir;

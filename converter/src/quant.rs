@@ -298,12 +298,24 @@ pub fn quantize(t: GgmlType, xs: &[f32], tensor: &str) -> Result<Vec<u8>, QuantE
             problem: format!("{} values are not a whole number of {t} blocks", xs.len()),
         });
     }
+    if t == GgmlType::Q4_0 {
+        let mut out = vec![0u8; xs.len() / 32 * 18];
+        if crate::quant_avx2::quantize_q4_0(xs, &mut out) {
+            return Ok(out);
+        }
+    }
+    Ok(quantize_candle(t, xs))
+}
+
+/// candle's (scalar) quantizer for `t`, which must be writable; `xs` a
+/// whole number of blocks.
+pub(crate) fn quantize_candle(t: GgmlType, xs: &[f32]) -> Vec<u8> {
     let mut q = candle_type(t).cpu_zeros(xs.len());
     q.from_float(xs);
     // SAFETY: as_ptr/storage_size_in_bytes describe the block vector candle
     // just filled; we copy it out before `q` is dropped.
     let bytes = unsafe { std::slice::from_raw_parts(q.as_ptr(), q.storage_size_in_bytes()) };
-    Ok(bytes.to_vec())
+    bytes.to_vec()
 }
 
 /// Dequantize `n` values of type `t` from `bytes`.
