@@ -129,7 +129,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             24,
             &mut Sampler::new(SamplerConfig::default()),
             &["\n".to_string()],
-            &mut |_| {},
+            &mut |_| true,
         )?;
         let answer = tok
             .decode(&outp)

@@ -176,6 +176,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             &mut |piece| {
                 print!("{piece}");
                 let _ = stdout.flush();
+                true
             },
         )?;
         println!();

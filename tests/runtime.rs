@@ -117,7 +117,10 @@ fn greedy(path: &Path, prompt: &str, n: usize) -> String {
     let ids = tok.encode(prompt).unwrap();
     let mut session = model.session(128).unwrap();
     let mut sampler = Sampler::new(SamplerConfig::default());
-    let (out, _) = generate(&mut session, &tok, &ids, n, &mut sampler, &[], &mut |_| {}).unwrap();
+    let (out, _) = generate(&mut session, &tok, &ids, n, &mut sampler, &[], &mut |_| {
+        true
+    })
+    .unwrap();
     tok.decode(&out).unwrap()
 }
 

@@ -174,6 +174,8 @@ pub struct GenerationStats {
     pub decode: Duration,
     /// Generation stopped because the session's context was full.
     pub context_full: bool,
+    /// The token callback asked to stop.
+    pub stopped: bool,
 }
 
 impl GenerationStats {
@@ -188,7 +190,8 @@ impl GenerationStats {
 }
 
 /// Generate up to `max_new` tokens after `prompt`, calling `on_token` with
-/// each token's text as it comes; stops at end-of-turn ids or `stop` strings.
+/// each token's text as it comes; stops at end-of-turn ids, `stop` strings,
+/// or when `on_token` returns false (an app's stop button).
 pub fn generate(
     session: &mut Session<'_>,
     tokenizer: &Tokenizer,
@@ -196,7 +199,7 @@ pub fn generate(
     max_new: usize,
     sampler: &mut Sampler,
     stop: &[String],
-    on_token: &mut dyn FnMut(&str),
+    on_token: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
     let start = Instant::now();
     let mut stats = GenerationStats {
@@ -223,8 +226,12 @@ pub fn generate(
         // Decode the whole tail so multi-byte characters come out whole.
         let full = tokenizer.decode(&out).unwrap_or_default();
         if full.len() > text.len() && full.is_char_boundary(text.len()) {
-            on_token(&full[text.len()..]);
+            let go_on = on_token(&full[text.len()..]);
             text = full;
+            if !go_on {
+                stats.stopped = true;
+                break;
+            }
         }
         if stop
             .iter()
