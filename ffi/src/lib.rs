@@ -787,3 +787,14 @@ pub unsafe extern "C" fn lorafold_drift(
         Ok(())
     })
 }
+
+// What the header promises about threads, checked by the compiler: a model
+// (and an adapter) may be used from several threads at once, and a session
+// may move between threads.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    const fn movable<T: Send>() {}
+    shared::<ModelCore>();
+    shared::<lorafold_adapter>();
+    movable::<lorafold_session>();
+};

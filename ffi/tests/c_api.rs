@@ -533,3 +533,58 @@ fn the_c_example_answers_like_a_pirate_and_then_like_the_base() {
     assert_eq!(base, want.lines().next().unwrap_or(""), "scale 0");
     assert_ne!(pirate, base);
 }
+
+/// The header's promise: one model, a session per thread, at once; each
+/// thread's logits are the single-threaded ones.
+#[test]
+fn sessions_of_one_model_run_on_threads_at_once() {
+    struct Shared(*mut lorafold_model);
+    // SAFETY: the header allows sharing a model between threads.
+    unsafe impl Send for Shared {}
+    unsafe impl Sync for Shared {}
+    let path = c(smollm2().to_str().unwrap());
+    let mut m = null_mut();
+    let ids = [1u32, 504, 3458, 314, 260];
+    let eval = |m: *const lorafold_model| -> Vec<f32> {
+        let mut s = null_mut();
+        let mut logits = vec![0f32; 49152];
+        unsafe {
+            expect(lorafold_session_new(m, &mut s), LORAFOLD_OK, "session");
+            expect(
+                lorafold_eval(
+                    s,
+                    ids.as_ptr(),
+                    ids.len(),
+                    logits.as_mut_ptr(),
+                    logits.len(),
+                ),
+                LORAFOLD_OK,
+                "eval",
+            );
+            expect(lorafold_session_free(s), LORAFOLD_OK, "free");
+        }
+        logits
+    };
+    unsafe {
+        expect(
+            lorafold_model_load(path.as_ptr(), 1, 16, &mut m),
+            LORAFOLD_OK,
+            "load",
+        )
+    };
+    let alone = eval(m);
+    let shared = Shared(m);
+    let each: Vec<Vec<f32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let shared = &shared;
+                scope.spawn(move || eval(shared.0))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for logits in each {
+        assert_eq!(logits, alone);
+    }
+    unsafe { expect(lorafold_model_free(m), LORAFOLD_OK, "model free") };
+}
