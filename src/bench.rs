@@ -6,9 +6,9 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::model::{Model, SessionOptions};
+use lorafold_runtime::path_spec::PathSpec;
 use serde::Serialize;
 
-use crate::drift::load_path;
 use crate::run::{device, set_threads};
 
 /// Arguments of `lorafold bench`.
@@ -16,7 +16,7 @@ use crate::run::{device, set_threads};
 pub struct BenchArgs {
     /// Paths: MODEL.gguf[+ADAPTER.gguf[:SCALE]]...
     #[arg(required = true)]
-    paths: Vec<String>,
+    paths: Vec<PathSpec>,
     /// Prompt tokens (at least 1; prompt + generated + 1 at most the model's context length).
     #[arg(short = 'p', long, default_value_t = 128)]
     prompt: usize,
@@ -111,7 +111,7 @@ fn argmax(logits: &[f32]) -> u32 {
 
 /// Time `reps` runs of prefill (`prompt` tokens) and decode (`n` tokens) on `spec`.
 pub fn bench_path(
-    spec: &str,
+    spec: &PathSpec,
     dev: &candle_core::Device,
     prompt: usize,
     n: usize,
@@ -122,7 +122,7 @@ pub fn bench_path(
     let (mut mapped, mut rss) = (0, 0);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        let model: Model = load_path(spec, dev)?;
+        let model: Model = spec.load(dev)?;
         load.push(t.elapsed().as_secs_f64() * 1e3);
         mapped = model.file().file_size();
         // A fixed, ordinary token sequence: every run sees the same work,

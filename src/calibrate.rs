@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use lorafold_converter::calib::CalibStats;
 use lorafold_converter::output::check_file_destination;
+use lorafold_runtime::path_spec::PathSpec;
 
-use crate::drift::load_path;
 use crate::run::{device, set_threads};
 
 /// Tokens per window (a longer line is split), here and in `convert --calib-text`.
@@ -18,7 +18,7 @@ pub const DEFAULT_CTX: usize = 128;
 pub struct CalibrateArgs {
     /// The model to observe: MODEL.gguf[+ADAPTER.gguf[:SCALE]]... (an f32 base
     /// with the adapter attached equals the f32 merged model).
-    path: String,
+    path: PathSpec,
     /// The calibration text (the adapter's training text).
     #[arg(long)]
     text: PathBuf,
@@ -47,7 +47,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         check_file_destination(p)?;
     }
     set_threads(args.threads)?;
-    let model = load_path(&args.path, &device("cpu")?)?;
+    let model = args.path.load(&device("cpu")?)?;
     model
         .session(args.ctx)
         .with_context(|| format!("--ctx {}", args.ctx))?;
@@ -59,7 +59,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     stats.write(
         &args.output,
         &[
-            ("lorafold.calibration.path", args.path.clone()),
+            ("lorafold.calibration.path", args.path.to_string()),
             ("lorafold.calibration.text", args.text.display().to_string()),
         ],
     )?;

@@ -12,9 +12,10 @@ use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 use crate::bench::{bench_path, BenchRow};
-use crate::drift::{load_path, measure, DriftRow};
+use crate::drift::{measure, DriftRow};
 use crate::run::set_threads;
 use lorafold_runtime::measure::windows;
+use lorafold_runtime::path_spec::PathSpec;
 
 /// Arguments of `lorafold demo`.
 #[derive(clap::Args)]
@@ -83,34 +84,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         convert(&o, &|_, _, _| {})?;
     }
     let adapter_gguf = out("adapter-f16.gguf");
-    let paths: Vec<(String, String)> = vec![
+    let paths: Vec<(String, PathSpec)> = vec![
         (
             "f32 merged (ref)".into(),
-            out("merged-f32.gguf").display().to_string(),
+            PathSpec::model(out("merged-f32.gguf")),
         ),
         (
             "q8_0 merged".into(),
-            out("merged-q8_0.gguf").display().to_string(),
+            PathSpec::model(out("merged-q8_0.gguf")),
         ),
         (
             "q8_0 + adapter".into(),
-            format!(
-                "{}+{}",
-                out("base-q8_0.gguf").display(),
-                adapter_gguf.display()
-            ),
+            PathSpec::model(out("base-q8_0.gguf")).with_adapter(&adapter_gguf, 1.0),
         ),
         (
             "q4_0 merged".into(),
-            out("merged-q4_0.gguf").display().to_string(),
+            PathSpec::model(out("merged-q4_0.gguf")),
         ),
         (
             "q4_0 + adapter".into(),
-            format!(
-                "{}+{}",
-                out("base-q4_0.gguf").display(),
-                adapter_gguf.display()
-            ),
+            PathSpec::model(out("base-q4_0.gguf")).with_adapter(&adapter_gguf, 1.0),
         ),
     ];
 
@@ -118,7 +111,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let dev = Device::Cpu;
     let mut answers = Vec::new();
     for (name, p) in &paths {
-        let model = load_path(p, &dev)?;
+        let model = p.load(&dev)?;
         let tok = Tokenizer::from_gguf(model.file())?;
         let ids = tok.encode(PROMPT).map_err(anyhow::Error::msg)?;
         let mut s = model.session(ids.len() + 32)?;
@@ -141,29 +134,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
 
     eprintln!("[4/5] drift against the f32 merged model on the adapter's held-out lines");
-    let reference = load_path(&paths[0].1, &dev)?;
+    let reference = paths[0].1.load(&dev)?;
     let tok = Tokenizer::from_gguf(reference.file())?;
     let text = std::fs::read_to_string(adapter.join("eval.txt"))
         .context("examples/adapters/pirate/eval.txt")?;
     let w = windows(&tok, &text, true, 256)?;
     let mut cands = Vec::new();
     for (name, p) in &paths[1..] {
-        cands.push((name.clone(), p.clone(), load_path(p, &dev)?));
+        cands.push((name.clone(), p.to_string(), p.load(&dev)?));
     }
-    let base_model = load_path(&base.display().to_string(), &dev)?;
+    let base_model = PathSpec::model(&base).load(&dev)?;
     let drift = measure(&reference, &cands, Some(&base_model), &w)?;
     drop(cands);
 
     eprintln!("[5/5] latency: 64-token prompt, 32 tokens decoded, 3 runs each");
     let mut results = Vec::new();
     for (i, ((name, p), answer)) in paths.iter().zip(answers).enumerate() {
-        let file_bytes = p
-            .split('+')
-            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-            .sum();
+        let file_bytes = p.file_bytes();
         results.push(PathResult {
             name: name.clone(),
-            path: p.clone(),
+            path: p.to_string(),
             answer,
             file_bytes,
             drift: if i == 0 {

@@ -3,23 +3,23 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::measure::{drift, windows, DriftReport};
 use lorafold_runtime::model::Model;
+use lorafold_runtime::path_spec::{PathSpec, PathSpecError};
 use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
-use crate::run::{device, lora_spec, set_threads};
+use crate::run::{device, set_threads};
 
 /// Arguments of `lorafold drift`.
 #[derive(clap::Args)]
 pub struct DriftArgs {
     /// The reference path: MODEL.gguf[+ADAPTER.gguf[:SCALE]]...
     #[arg(long = "ref")]
-    reference: String,
+    reference: PathSpec,
     /// A candidate: NAME=MODEL.gguf[+ADAPTER.gguf[:SCALE]]... Repeatable.
     #[arg(long = "cand", required = true)]
-    candidates: Vec<String>,
+    candidates: Vec<Candidate>,
     /// The text to run.
     #[arg(long)]
     text: PathBuf,
@@ -28,7 +28,7 @@ pub struct DriftArgs {
     lines: bool,
     /// The un-adapted base, to report how much of the adapter's gain each path keeps.
     #[arg(long)]
-    base: Option<String>,
+    base: Option<PathSpec>,
     /// Window length in tokens (at least 2, at most the model's context length).
     #[arg(long, default_value_t = 128)]
     ctx: usize,
@@ -43,18 +43,27 @@ pub struct DriftArgs {
     threads: Option<usize>,
 }
 
-/// A model with its adapters attached, from "MODEL[+ADAPTER[:SCALE]]...".
-pub fn load_path(spec: &str, dev: &candle_core::Device) -> Result<Model> {
-    let mut parts = spec.split('+');
-    let model_path = parts.next().context("empty path")?;
-    let mut model = Model::load(model_path, dev)?;
-    for a in parts {
-        let (p, scale) = lora_spec(a)?;
-        model
-            .attach(&LoraAdapter::load(&p)?, scale)
-            .with_context(|| format!("adapter {a}"))?;
+/// `--cand NAME=MODEL.gguf[+ADAPTER.gguf[:SCALE]]...`.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The row's name.
+    pub name: String,
+    /// The path it runs.
+    pub spec: PathSpec,
+}
+
+impl std::str::FromStr for Candidate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Candidate, String> {
+        let (name, spec) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}': expected NAME=MODEL.gguf[+ADAPTER.gguf[:SCALE]]"))?;
+        Ok(Candidate {
+            name: name.into(),
+            spec: spec.parse().map_err(|e: PathSpecError| e.to_string())?,
+        })
     }
-    Ok(model)
 }
 
 /// One candidate's row of the report.
@@ -128,18 +137,15 @@ pub fn print_table(rows: &[DriftRow]) {
 pub fn run(args: &DriftArgs) -> Result<()> {
     set_threads(args.threads)?;
     let dev = device(&args.device)?;
-    let reference = load_path(&args.reference, &dev)?;
+    let reference = args.reference.load(&dev)?;
     // Refuse a window the model cannot hold before any work (0 or past its context).
     reference
         .session(args.ctx)
         .with_context(|| format!("--ctx {}", args.ctx))?;
     let tok = Tokenizer::from_gguf(reference.file())?;
     let mut candidates = Vec::new();
-    for c in &args.candidates {
-        let Some((name, path)) = c.split_once('=') else {
-            bail!("--cand '{c}': expected NAME=MODEL.gguf[+ADAPTER.gguf]")
-        };
-        let m = load_path(path, &dev)?;
+    for Candidate { name, spec } in &args.candidates {
+        let m = spec.load(&dev)?;
         if m.config.vocab != reference.config.vocab {
             bail!(
                 "--cand {name}: vocabulary {} differs from the reference's {}",
@@ -147,13 +153,9 @@ pub fn run(args: &DriftArgs) -> Result<()> {
                 reference.config.vocab
             );
         }
-        candidates.push((name.to_string(), path.to_string(), m));
+        candidates.push((name.clone(), spec.to_string(), m));
     }
-    let base = args
-        .base
-        .as_deref()
-        .map(|b| load_path(b, &dev))
-        .transpose()?;
+    let base = args.base.as_ref().map(|b| b.load(&dev)).transpose()?;
     let text =
         std::fs::read_to_string(&args.text).with_context(|| format!("{}", args.text.display()))?;
     let w = windows(&tok, &text, args.lines, args.ctx)?;

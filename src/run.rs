@@ -10,6 +10,7 @@ use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::{check_threads, Model, SessionOptions};
+use lorafold_runtime::path_spec::AdapterSpec;
 use lorafold_runtime::tokenizer::Tokenizer;
 
 /// Arguments of `lorafold run`.
@@ -20,7 +21,7 @@ pub struct RunArgs {
     /// A GGUF LoRA adapter to attach, optionally with a scale: ADAPTER.gguf[:SCALE]
     /// (finite, |SCALE| <= 100; default 1). Repeatable.
     #[arg(long = "lora", value_name = "ADAPTER[:SCALE]")]
-    lora: Vec<String>,
+    lora: Vec<AdapterSpec>,
     /// The prompt.
     #[arg(short, long)]
     prompt: Option<String>,
@@ -94,14 +95,6 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Split "PATH[:SCALE]" (the scale is checked when the adapter is attached).
-pub fn lora_spec(spec: &str) -> Result<(PathBuf, f64)> {
-    match spec.rsplit_once(':') {
-        Some((p, s)) if s.parse::<f64>().is_ok() => Ok((PathBuf::from(p), s.parse()?)),
-        _ => Ok((PathBuf::from(spec), 1.0)),
-    }
-}
-
 /// Run `lorafold run`.
 pub fn run(args: &RunArgs) -> Result<()> {
     set_threads(args.threads)?;
@@ -118,10 +111,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let mut sampler = Sampler::try_new(sampler_config)?;
     for spec in &args.lora {
-        let (path, scale) = lora_spec(spec)?;
-        let adapter = LoraAdapter::load(&path)?;
+        let adapter = LoraAdapter::load(&spec.path)?;
         model
-            .attach(&adapter, scale)
+            .attach(&adapter, spec.scale)
             .with_context(|| format!("--lora {spec}"))?;
     }
     let load = t0.elapsed();

@@ -12,6 +12,7 @@ pub mod lora;
 pub mod mapped;
 pub mod measure;
 pub mod model;
+pub mod path_spec;
 pub mod spm;
 pub mod summary;
 pub mod tokenizer;
