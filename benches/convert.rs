@@ -95,7 +95,7 @@ fn bench(c: &mut Criterion) {
             dir.path().join("out.gguf"),
         );
         g.bench_function(format!("{adapter}_{quant}"), |b| {
-            b.iter(|| convert(&opts, &|_, _, _| {}).unwrap())
+            b.iter(|| convert(&opts, &|_| {}).unwrap())
         });
     }
     g.finish();

@@ -88,7 +88,7 @@ fn bench(c: &mut Criterion) {
     );
     opts.base_output = Some(dir.path().join("base.gguf"));
     opts.adapter_output = Some(dir.path().join("adapter.gguf"));
-    convert(&opts, &|_, _, _| {}).unwrap();
+    convert(&opts, &|_| {}).unwrap();
     let merged = Model::load(dir.path().join("merged.gguf"), &dev).unwrap();
     let mut separate = Model::load(dir.path().join("base.gguf"), &dev).unwrap();
     separate

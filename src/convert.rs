@@ -1,12 +1,17 @@
 //! `lorafold convert`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lorafold_converter::budget::{convert_within, BudgetRound, DriftBudget, DriftTarget};
 use lorafold_converter::calib::CalibStats;
-use lorafold_converter::convert::{convert, Compensate, ConvertError, ConvertOptions, Rounding};
+use lorafold_converter::convert::{
+    convert, Compensate, ConvertError, ConvertOptions, ProgressStep, Rounding,
+};
 use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::reference::F32Reference;
@@ -270,14 +275,44 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         calib,
         ..ConvertOptions::new(&args.base, args.adapter.clone(), policy, PathBuf::new())
     };
-    let tty = std::io::stderr().is_terminal();
-    let progress = move |done: usize, total: usize, name: &str| {
-        if tty {
-            eprint!("\r\x1b[2K[{done:>4}/{total}] {name}");
-            if done == total {
-                eprintln!();
-            }
-            let _ = std::io::stderr().flush();
+    // A bar over tensors on a terminal (a 7B conversion takes minutes);
+    // nothing when stderr is a file or a pipe, or with --quiet.
+    let bar = (std::io::stderr().is_terminal() && !args.quiet).then(|| {
+        // Hidden until the first tensor: nothing is drawn before the total is known.
+        let b = ProgressBar::hidden();
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} tensors, {elapsed} (eta {eta}) {msg}",
+            )
+            .expect("a valid template"),
+        );
+        b
+    });
+    let written = AtomicU64::new(0);
+    let progress = |s: &ProgressStep| {
+        let Some(b) = &bar else { return };
+        if s.done == 1 {
+            // A drift budget converts once per round.
+            b.reset();
+            written.store(0, Ordering::Relaxed);
+        }
+        let bytes = written.fetch_add(s.bytes, Ordering::Relaxed) + s.bytes;
+        let secs = b.elapsed().as_secs_f64().max(1e-3);
+        b.set_length(s.total as u64);
+        b.set_position(s.done as u64);
+        // The clock restarts at the first tensor, so the rate is meaningful
+        // only a few tensors on.
+        let rate = if s.done > 8 {
+            format!("{:.0} MB/s  ", bytes as f64 / secs / 1e6)
+        } else {
+            String::new()
+        };
+        b.set_message(format!("{rate}{}", s.tensor));
+        if s.done == 1 {
+            b.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        if s.done == s.total {
+            b.finish_and_clear();
         }
     };
     let converted = match (target, text_calibration) {

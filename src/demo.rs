@@ -11,9 +11,9 @@ use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
-use crate::bench::{bench_path, BenchRow};
 use crate::drift::{measure, DriftRow};
 use crate::run::set_threads;
+use lorafold_runtime::bench::{bench_path, BenchRow};
 use lorafold_runtime::measure::windows;
 use lorafold_runtime::path_spec::PathSpec;
 
@@ -72,7 +72,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         out("merged-f32.gguf"),
     );
     opts.adapter_output = Some(out("adapter-f16.gguf"));
-    convert(&opts, &|_, _, _| {})?;
+    convert(&opts, &|_| {})?;
     for q in ["q8_0", "q4_0"] {
         let mut o = ConvertOptions::new(
             &base,
@@ -81,7 +81,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             out(&format!("merged-{q}.gguf")),
         );
         o.base_output = Some(out(&format!("base-{q}.gguf")));
-        convert(&o, &|_, _, _| {})?;
+        convert(&o, &|_| {})?;
     }
     let adapter_gguf = out("adapter-f16.gguf");
     let paths: Vec<(String, PathSpec)> = vec![

@@ -30,7 +30,7 @@ fn write_adapter(adapter: &Path, ty: GgmlType, out: &Path) -> Result<(), String>
             "",
         )
     };
-    convert(&opts, &|_, _, _| {})
+    convert(&opts, &|_| {})
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

@@ -59,7 +59,7 @@ fn convert_f32(dir: &Path) -> GgufFile {
     let out = dir.join("out.gguf");
     convert(
         &ConvertOptions::new(dir, None, QuantPolicy::parse("f32", &[]).unwrap(), &out),
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap();
     GgufFile::open(out).unwrap()
@@ -145,7 +145,7 @@ fn unknown_model_type_is_refused() {
             QuantPolicy::parse("f32", &[]).unwrap(),
             &out,
         ),
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap_err();
     assert!(

@@ -24,7 +24,7 @@ fn run(adapter: &str, quant: &str, out: &Path) -> ConvertReport {
         QuantPolicy::parse(quant, &[]).unwrap(),
         out.to_path_buf(),
     );
-    convert(&opts, &|_, _, _| {}).unwrap()
+    convert(&opts, &|_| {}).unwrap()
 }
 
 /// HF module path -> GGUF tensor name.
@@ -284,7 +284,7 @@ fn a_drift_budget_is_met_as_measured_or_nothing_is_written() {
             QuantPolicy::parse("f32", &[]).unwrap(),
             &f32,
         ),
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap();
     let reference = Model::load(&f32, &candle_core::Device::Cpu).unwrap();

@@ -41,7 +41,7 @@ fn tiny_llama_drift_and_perplexity() {
             QuantPolicy::parse("f32", &[]).unwrap(),
             &base,
         ),
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap();
     convert(
@@ -51,7 +51,7 @@ fn tiny_llama_drift_and_perplexity() {
             QuantPolicy::parse("f32", &[]).unwrap(),
             &merged,
         ),
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap();
     let base = Model::load(&base, &Device::Cpu).unwrap();
@@ -141,7 +141,7 @@ fn smollm2_pirate_paths_drift_within_budget() {
     o.base_output = Some(p("base-f32.gguf"));
     o.adapter_output = Some(p("adapter-f32.gguf"));
     o.adapter_type = lorafold_runtime::gguf::GgmlType::F32;
-    convert(&o, &|_, _, _| {}).unwrap();
+    convert(&o, &|_| {}).unwrap();
     let mut o = ConvertOptions::new(
         common::smollm2(),
         Some(adapter.clone()),
@@ -150,7 +150,7 @@ fn smollm2_pirate_paths_drift_within_budget() {
     );
     o.base_output = Some(p("base-q8_0.gguf"));
     o.adapter_output = Some(p("adapter-f16.gguf"));
-    convert(&o, &|_, _, _| {}).unwrap();
+    convert(&o, &|_| {}).unwrap();
     let load = |m: &str, a: Option<&str>| {
         let mut model = Model::load(p(m), &Device::Cpu).unwrap();
         if let Some(a) = a {

@@ -86,7 +86,7 @@ fn smollm2_tokenizer_round_trips_through_tokenizer_json() {
         QuantPolicy::parse("f16", &[]).unwrap(),
         out.clone(),
     );
-    convert(&opts, &|_, _, _| {}).unwrap();
+    convert(&opts, &|_| {}).unwrap();
     let ours = GgufFile::open(&out).unwrap();
     for key in [
         "tokenizer.ggml.model",

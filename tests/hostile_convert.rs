@@ -179,7 +179,7 @@ fn convert_f32(dir: &Path, base: &Path, adapter: Option<&Path>) -> Result<GgufFi
         QuantPolicy::parse("f32", &[]).unwrap(),
         &out,
     );
-    convert(&opts, &|_, _, _| {})?;
+    convert(&opts, &|_| {})?;
     Ok(GgufFile::open(out).unwrap())
 }
 
@@ -943,7 +943,7 @@ fn calibration_of_another_model_is_refused() {
         calib: Some(std::sync::Arc::new(CalibStats::read(&calib).unwrap())),
         ..ConvertOptions::new(&base, None, QuantPolicy::parse("q4_0", &[]).unwrap(), &out)
     };
-    let err = convert(&opts, &|_, _, _| {}).unwrap_err().to_string();
+    let err = convert(&opts, &|_| {}).unwrap_err().to_string();
     assert_has(
         &err,
         &["blk.0.attn_q.weight", "another model", &format!("{k} wide")],
@@ -976,7 +976,7 @@ fn calibration_of_another_model_is_refused() {
         rounding: lorafold_converter::convert::Rounding::Gptq,
         ..ConvertOptions::new(&base, None, QuantPolicy::parse("q4_0", &[]).unwrap(), &out)
     };
-    convert(&opts, &|_, _, _| {}).unwrap();
+    convert(&opts, &|_| {}).unwrap();
     let f = GgufFile::open(&out).unwrap();
     assert_eq!(
         f.get("lorafold.calibration.sha256")

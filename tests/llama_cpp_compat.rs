@@ -85,7 +85,7 @@ fn check(adapter: &str) {
                 &merged,
             )
         };
-        convert(&opts, &|_, _, _| {}).unwrap();
+        convert(&opts, &|_| {}).unwrap();
         let ours_merged = logits(&merged, None, &prompts_path);
         let ours_lora = logits(&base, Some(&lora), &prompts_path);
         let d = max_abs_diff(&ours_merged, &ours_lora);
@@ -180,7 +180,7 @@ fn compensation_adapter_runs_in_llama_cpp() {
                 p("q4_0.gguf"),
             )
         },
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap();
     // Every module the pirate adapts (q and v of 30 blocks) has a pair.

@@ -22,7 +22,7 @@ fn check_adapter(name: &str) {
         QuantPolicy::parse("f32", &[]).unwrap(),
         out.clone(),
     );
-    let report = convert(&opts, &|_, _, _| {}).unwrap();
+    let report = convert(&opts, &|_| {}).unwrap();
     assert_eq!(
         report.totals.max_rel_error, 0.0,
         "f32 output is the merge itself"

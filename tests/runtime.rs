@@ -57,7 +57,7 @@ fn files() -> &'static Files {
                     "",
                 )
             };
-            convert(&opts, &|_, _, _| {}).unwrap();
+            convert(&opts, &|_| {}).unwrap();
         };
         let smol = common::smollm2();
         run(smol, None, "q8_0", Some(p("q8_0.gguf")), None, None);
@@ -244,7 +244,7 @@ fn bad_models_and_adapters_are_clear_errors() {
             "",
         )
     };
-    convert(&opts, &|_, _, _| {}).unwrap();
+    convert(&opts, &|_| {}).unwrap();
     let mut model = Model::load(common::smollm2(), &Device::Cpu).unwrap();
     let e = model
         .attach(&LoraAdapter::load(&tiny_adapter).unwrap(), 1.0)

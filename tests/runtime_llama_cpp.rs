@@ -231,7 +231,7 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
             out,
         )
     };
-    convert(&opts("f32", &p("f32.gguf")), &|_, _, _| {}).unwrap();
+    convert(&opts("f32", &p("f32.gguf")), &|_| {}).unwrap();
     let merged = Model::load(p("f32.gguf"), &Device::Cpu).unwrap();
     let tok = Tokenizer::from_gguf(merged.file()).unwrap();
     let text = std::fs::read_to_string(adapter.join("train.txt")).unwrap();
@@ -247,8 +247,8 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
         rounding: Rounding::Gptq,
         ..opts("q4_0", &p("gptq.gguf"))
     };
-    convert(&gptq, &|_, _, _| {}).unwrap();
-    convert(&opts("q4_0", &p("nearest.gguf")), &|_, _, _| {}).unwrap();
+    convert(&gptq, &|_| {}).unwrap();
+    convert(&opts("q4_0", &p("nearest.gguf")), &|_| {}).unwrap();
     // The CLI calibrating in the same run (--calib-text, a window per
     // line) writes the same tensors as calibrate-then-convert.
     let lines: Vec<&str> = text.lines().take(12).collect();
@@ -357,7 +357,7 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
         rounding: Rounding::Gptq,
         ..opts("q4_0", &p("wrong.gguf"))
     };
-    let err = convert(&wrong, &|_, _, _| {}).unwrap_err().to_string();
+    let err = convert(&wrong, &|_| {}).unwrap_err().to_string();
     assert!(
         err.contains("blk.1.") && err.contains("only its diagonal"),
         "{err}"
@@ -368,7 +368,7 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
         rounding: Rounding::Imatrix,
         ..opts("q4_0", &p("imatrix-q4_0.gguf"))
     };
-    convert(&imat, &|_, _, _| {}).unwrap();
+    convert(&imat, &|_| {}).unwrap();
     let ours = GgufFile::open(p("imatrix-q4_0.gguf")).unwrap();
     let f32s = GgufFile::open(p("f32.gguf")).unwrap();
     let im = CalibStats::read(&p("imatrix.gguf")).unwrap();

@@ -25,7 +25,7 @@ fn resident_memory_after_load_is_far_below_the_file() {
             QuantPolicy::parse("q4_0", &[]).unwrap(),
             &q4,
         ),
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap();
     let size = std::fs::metadata(&q4).unwrap().len();

@@ -79,7 +79,7 @@ fn spm_ids_equal_llama_cpp() {
             QuantPolicy::parse("f32", &[]).unwrap(),
             &f32_path,
         ),
-        &|_, _, _| {},
+        &|_| {},
     )
     .unwrap();
     let src = GgufFile::open(&f32_path).unwrap();

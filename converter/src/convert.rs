@@ -207,8 +207,21 @@ impl ConvertOptions {
     }
 }
 
-/// Called after each tensor is written: (done, total, tensor name).
-pub type Progress<'a> = &'a (dyn Fn(usize, usize, &str) + Sync);
+/// One tensor written, for a progress display.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgressStep<'a> {
+    /// Tensors written so far.
+    pub done: usize,
+    /// Tensors in all.
+    pub total: usize,
+    /// The tensor just written.
+    pub tensor: &'a str,
+    /// Its bytes in the merged (or base) output.
+    pub bytes: u64,
+}
+
+/// Called after each tensor is written.
+pub type Progress<'a> = &'a (dyn Fn(&ProgressStep) + Sync);
 
 struct OutTensor<'a> {
     name: String,
@@ -363,7 +376,12 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
                 if let Some(c) = p.compensation {
                     pairs.push((t.name.clone(), c));
                 }
-                progress(reports.len(), total, &t.name);
+                progress(&ProgressStep {
+                    done: reports.len(),
+                    total,
+                    tensor: &t.name,
+                    bytes: p.bytes.len() as u64,
+                });
             }
         }
     }

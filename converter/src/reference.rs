@@ -35,7 +35,7 @@ impl F32Reference {
             })?;
         let f32 = || QuantPolicy::parse("f32", &[]).expect("f32 is a type");
         let merged = dir.path().join("merged-f32.gguf");
-        let quiet = |_: usize, _: usize, _: &str| {};
+        let quiet = |_: &crate::convert::ProgressStep| {};
         convert(
             &ConvertOptions::new(base, adapter.map(Path::to_path_buf), f32(), &merged),
             &quiet,

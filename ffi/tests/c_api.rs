@@ -68,7 +68,7 @@ fn pirate_gguf(dir: &Path) -> PathBuf {
             dir.join("unused.gguf"),
         )
     };
-    convert(&opts, &|_, _, _| {}).unwrap();
+    convert(&opts, &|_| {}).unwrap();
     out
 }
 

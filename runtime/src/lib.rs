@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+pub mod bench;
 mod candle_path;
 pub mod cpu;
 pub mod finite;

@@ -225,6 +225,6 @@ pub fn write_f32(path: &Path, shape: Shape, seed: u64) {
 /// `base` quantized to `quant` (a type or preset) by the converter, at `out`.
 pub fn quantize(base: &Path, quant: &str, out: &Path) -> PathBuf {
     let policy = QuantPolicy::parse(quant, &[]).unwrap();
-    convert(&ConvertOptions::new(base, None, policy, out), &|_, _, _| {}).unwrap();
+    convert(&ConvertOptions::new(base, None, policy, out), &|_| {}).unwrap();
     out.to_path_buf()
 }
