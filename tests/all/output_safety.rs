@@ -3,7 +3,7 @@
 //! are removed on SIGINT/SIGTERM or swept by the next run.
 #![cfg(unix)]
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

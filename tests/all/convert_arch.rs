@@ -1,7 +1,7 @@
 //! Architecture rules on HF folders: qwen2 keeps q/k rows in HF order and
 //! carries attention biases; mistral is written as llama with permuted q/k.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! SmolLM2's GGUF read by our reader and written back by our writer is the
 //! same file, and llama.cpp's own reader (PyPI `gguf`) sees the same tensors.
 
-mod common;
+use crate::common;
 
 use lorafold_converter::GgufWriter;
 use lorafold_runtime::gguf::GgufFile;

@@ -1,7 +1,7 @@
 //! `lorafold convert` on bad input: one-line errors, exit status 1, and no
 //! output file; and the same inputs always give the same bytes.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

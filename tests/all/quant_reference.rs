@@ -1,7 +1,7 @@
 //! Our quantizer (candle's ggml block code) against llama.cpp's reference
 //! (PyPI `gguf`'s numpy port of ggml's quantize_row_*_ref and dequantizers).
 
-mod common;
+use crate::common;
 
 use common::Rng;
 use lorafold_converter::quant::{dequantize, quantize};

@@ -1,7 +1,7 @@
 //! The runtime on SmolLM2: greedy text, logits against PEFT's reference and
 //! llama.cpp, runtime adapters against merged files, memory, and bad input.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -2,7 +2,7 @@
 //! that llama.cpp wrote for SmolLM2: we rebuild SmolLM2's tokenizer.json from
 //! its GGUF, put it beside tiny-llama's weights, convert, and compare.
 
-mod common;
+use crate::common;
 
 use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;

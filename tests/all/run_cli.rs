@@ -1,7 +1,7 @@
 //! `lorafold run`: text out, a timing line, adapters from the command line,
 //! and one-line errors.
 
-mod common;
+use crate::common;
 
 use common::lorafold;
 

@@ -1,7 +1,7 @@
 //! Our runtime against llama.cpp itself on SmolLM2's own Q4_1 file: the
 //! same token ids for the same text, and close logits for the same ids.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

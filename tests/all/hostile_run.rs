@@ -3,7 +3,7 @@
 //! mislead, and adapters with non-finite values. Each is a one-line error that
 //! names the file and the key or tensor, never a panic or an abort.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

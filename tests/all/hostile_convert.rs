@@ -2,7 +2,7 @@
 //! that would run to garbage: each is merged as PEFT would, or refused with
 //! an error naming the file and the tensor or setting, and nothing written.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! `lorafold inspect` on the real model, on PEFT adapters and HF folders the
 //! test makes, and on bad input.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

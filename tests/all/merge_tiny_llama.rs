@@ -1,7 +1,7 @@
 //! Our f32 merge of each tiny-llama adapter equals PEFT's merged weights
 //! (../shared/data/tiny-llama/*/merged), tensor by tensor.
 
-mod common;
+use crate::common;
 
 use lorafold_converter::base::{hf_to_gguf_name, widen};
 use lorafold_converter::convert::{convert, ConvertOptions};

@@ -2,7 +2,7 @@
 //! write: our f32 base + our adapter GGUF (`--lora`) gives the logits of our
 //! f32 merged file, and the merged file gives PEFT's merged logits.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! to PEFT's tensors (after the q/k permutation and any folded factor),
 //! exactly at f32 and to f16 rounding at f16.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

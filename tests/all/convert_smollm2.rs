@@ -2,7 +2,7 @@
 //! merged and quantized: the per-module retention matches the reference
 //! computed with gguf-py's quantizers, and the files read back.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

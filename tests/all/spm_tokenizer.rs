@@ -2,7 +2,7 @@
 //! a synthetic vocabulary with scores and byte fallback, in a GGUF that
 //! llama-cpp-python loads, tokenized by both.
 
-mod common;
+use crate::common;
 
 use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;

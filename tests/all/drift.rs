@@ -2,7 +2,7 @@
 //! different one positive and finite, and perplexity equals one computed by
 //! hand from PyTorch's logits for the tiny model.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};

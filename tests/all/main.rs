@@ -1,0 +1,29 @@
+//! The end-to-end tests, one module per concern, linked into one test
+//! binary (ripgrep's layout): every binary links candle and the runtime,
+//! and linking them once instead of once per file is most of what a clean
+//! `cargo test` spends outside compiling. Three files keep binaries of
+//! their own because they measure the whole process, which tests running
+//! beside them would move: runtime_memory.rs (resident memory), engine.rs
+//! and gguf_hostile.rs (heap allocations, through a counting allocator).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod adapter_gguf;
+mod convert_arch;
+mod convert_cli;
+mod convert_smollm2;
+mod drift;
+mod gguf_roundtrip;
+mod hf_tokenizer;
+mod hostile_convert;
+mod hostile_run;
+mod inspect_cli;
+mod llama_cpp_compat;
+mod merge_tiny_llama;
+mod output_safety;
+mod quant_reference;
+mod run_cli;
+mod runtime;
+mod runtime_llama_cpp;
+mod spm_tokenizer;
