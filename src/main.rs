@@ -55,7 +55,11 @@ fn main() {
         Command::Run(args) => run::run(&args),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", one_line(&e));
+        // One line, the hint (a flag to reach for) at its end.
+        match hint(&e) {
+            Some(h) => eprintln!("error: {} (hint: {h})", one_line(&e)),
+            None => eprintln!("error: {}", one_line(&e)),
+        }
         std::process::exit(1);
     }
 }
@@ -75,6 +79,37 @@ fn remove_partials_on_signal() {
             std::process::exit(128 + sig);
         }
     });
+}
+
+/// What to type next, for the library errors whose remedy is a flag (the
+/// libraries name facts; the flags are the CLI's).
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use lorafold_converter::convert::ConvertError;
+    use lorafold_runtime::model::RuntimeError;
+    e.chain().find_map(|cause| {
+        if let Some(c) = cause.downcast_ref::<ConvertError>() {
+            return match c {
+                ConvertError::ModifiedBase { .. } => {
+                    Some("--force merges it anyway, for a base that is the modified one")
+                }
+                ConvertError::Budget(why, _)
+                    if why.contains("relative error") || why.contains("retention") =>
+                {
+                    Some("the bounds are --max-rel-error and --min-retention")
+                }
+                ConvertError::Usage(m) if m.contains("needs an adapter") => {
+                    Some("give the adapter folder with --adapter")
+                }
+                _ => None,
+            };
+        }
+        match cause.downcast_ref::<RuntimeError>() {
+            Some(RuntimeError::AdapterNotModel { .. }) => Some(
+                "attach an adapter with --lora ADAPTER.gguf[:SCALE], or MODEL.gguf+ADAPTER.gguf",
+            ),
+            _ => None,
+        }
+    })
 }
 
 /// The error and its causes on one line, skipping causes whose text the

@@ -17,7 +17,7 @@ use crate::quant::{self, QuantError};
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     /// llama.cpp's runtime cannot express this adapter as PEFT defines it.
-    #[error("{adapter}: {what} cannot be expressed as a llama.cpp LoRA adapter; use the merged path (lorafold convert --quant ... -o merged.gguf)")]
+    #[error("{adapter}: {what} cannot be expressed as a llama.cpp LoRA adapter; use the merged path (the adapter merged into the base)")]
     Inexpressible {
         /// the adapter folder
         adapter: String,

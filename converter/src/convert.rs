@@ -52,7 +52,7 @@ pub enum ConvertError {
     #[error("{0}")]
     Usage(String),
     /// The adapter assumes a modified base.
-    #[error("{path}: {what}: this adapter assumes a modified base model (PiSSA/OLoRA/LoftQ/QA-LoRA), so merging it into the original base is wrong; pass --force if the base given is the modified one")]
+    #[error("{path}: {what}: this adapter assumes a modified base model (PiSSA/OLoRA/LoftQ/QA-LoRA), so merging it into the original base is wrong unless the base given is the modified one")]
     ModifiedBase {
         /// adapter_config.json
         path: PathBuf,
@@ -287,7 +287,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         )?),
         (Some(_), None) => {
             return Err(ConvertError::Usage(
-                "an adapter output needs --adapter".into(),
+                "an adapter output needs an adapter".into(),
             ))
         }
         (None, _) => None,
@@ -411,7 +411,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     if let Some(max) = opts.max_rel_error {
         if report.totals.max_rel_error > max {
             broken.push(format!(
-                "relative error {:.3e} of '{}' exceeds --max-rel-error {max:e}",
+                "relative error {:.3e} of '{}' exceeds the maximum {max:e}",
                 report.totals.max_rel_error, report.totals.max_rel_error_tensor
             ));
         }
@@ -419,7 +419,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     if let (Some(min), Some(got)) = (opts.min_retention, report.totals.retention) {
         if got < min {
             broken.push(format!(
-                "adapter retention {got:.4} is below --min-retention {min}"
+                "adapter retention {got:.4} is below the minimum {min}"
             ));
         }
     }

@@ -33,7 +33,7 @@ pub enum OutputError {
         folder: PathBuf,
     },
     /// An output folder holds files that lorafold did not write.
-    #[error("{path}: holds '{other}', which lorafold did not write; give a new or empty folder (or one from an earlier --emit)")]
+    #[error("{path}: holds '{other}', which lorafold did not write; give a new or empty folder, or one lorafold wrote a set of outputs to")]
     ForeignFiles {
         /// the folder
         path: PathBuf,

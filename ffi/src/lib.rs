@@ -126,7 +126,9 @@ fn fail<T>(code: lorafold_status, message: impl Into<String>) -> Outcome<T> {
 impl From<RuntimeError> for Failure {
     fn from(e: RuntimeError) -> Failure {
         let code = match &e {
-            RuntimeError::Gguf(_) | RuntimeError::Model { .. } => LORAFOLD_ERR_LOAD,
+            RuntimeError::Gguf(_)
+            | RuntimeError::Model { .. }
+            | RuntimeError::AdapterNotModel { .. } => LORAFOLD_ERR_LOAD,
             RuntimeError::Adapter { .. } => LORAFOLD_ERR_MISMATCH,
             RuntimeError::OutOfRange { .. } => LORAFOLD_ERR_INVALID,
             RuntimeError::Candle(_) => LORAFOLD_ERR_RUNTIME,

@@ -28,6 +28,12 @@ pub enum RuntimeError {
         /// what is wrong
         problem: String,
     },
+    /// A LoRA adapter was given where a model was expected.
+    #[error("{path}: this is a LoRA adapter, not a model")]
+    AdapterNotModel {
+        /// the file
+        path: String,
+    },
     /// An adapter does not fit the model.
     #[error("{path}: tensor '{tensor}': {problem}")]
     Adapter {
@@ -138,10 +144,9 @@ impl ModelConfig {
     /// Read and check the hyperparameters of the model in `f`.
     pub fn read(f: &GgufFile) -> Result<ModelConfig, RuntimeError> {
         if f.get_str("general.type").as_deref() == Some("adapter") {
-            return Err(model_err(
-                f,
-                "this is a LoRA adapter, not a model; pass it with --lora".into(),
-            ));
+            return Err(RuntimeError::AdapterNotModel {
+                path: f.path().to_string(),
+            });
         }
         let arch_name = f
             .get_str("general.architecture")

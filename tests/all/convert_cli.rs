@@ -153,6 +153,17 @@ fn bad_inputs_are_refused_without_output() {
         ],
         "init_lora_weights = pissa_niter_4: this adapter assumes a modified base",
     );
+    assert_refused(
+        &[
+            "--base",
+            base,
+            "--adapter",
+            pissa.path().to_str().unwrap(),
+            "--quant",
+            "q8_0",
+        ],
+        "(hint: --force merges it anyway",
+    );
     let (code, err, listing, _d) = convert(&[
         "--base",
         base,
@@ -228,9 +239,11 @@ fn broken_budget_writes_the_report_but_no_model() {
     let err = String::from_utf8(o.stderr).unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        err.contains("exceeds --max-rel-error 1e-2")
-            && err.contains("is below --min-retention 0.99")
-            && err.ends_with("; no output written\n"),
+        err.contains("exceeds the maximum 1e-2")
+            && err.contains("is below the minimum 0.99")
+            && err.ends_with(
+                "; no output written (hint: the bounds are --max-rel-error and --min-retention)\n"
+            ),
         "{err}"
     );
     assert_eq!(std::fs::read(&out).unwrap(), b"last release");

@@ -246,6 +246,15 @@ fn the_tiny_model_runs() {
         &format!("{}:0.5", s(&a)),
     ]);
     assert_eq!(code, Some(0), "{err}");
+    // An adapter given as the model: the library says what it is, the CLI
+    // how to attach one.
+    fails(
+        &["run", s(&a), "-p", "a b"],
+        &[
+            "this is a LoRA adapter, not a model",
+            "(hint: attach an adapter with --lora",
+        ],
+    );
     // --ctx defaults to the model's context length when it is under 2048.
     let (code, err) = lorafold(&["bench", s(&m), "-p", "8", "-n", "4", "-r", "1"]);
     assert_eq!(code, Some(0), "bench on an 8-token vocabulary: {err}");
