@@ -151,18 +151,7 @@ fn bad_inputs_are_refused_without_output() {
             "--quant",
             "q8_0",
         ],
-        "init_lora_weights = pissa_niter_4: this adapter assumes a modified base",
-    );
-    assert_refused(
-        &[
-            "--base",
-            base,
-            "--adapter",
-            pissa.path().to_str().unwrap(),
-            "--quant",
-            "q8_0",
-        ],
-        "(hint: --force merges it anyway",
+        "init_lora_weights = pissa_niter_4: this adapter assumes a modified base model (PiSSA/OLoRA/LoftQ/QA-LoRA), so merging it into the original base is wrong unless the base given is the modified one (hint: --force merges it anyway",
     );
     let (code, err, listing, _d) = convert(&[
         "--base",
