@@ -4,6 +4,7 @@
 use anyhow::{ensure, Context, Result};
 use lorafold_runtime::bench::{bench_path, BenchRow};
 use lorafold_runtime::cpu::KvType;
+use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::path_spec::PathSpec;
 
 use crate::run::{device, set_threads};
@@ -28,7 +29,7 @@ pub struct BenchArgs {
     threads: Option<usize>,
     /// cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// KV cache type on the CPU engine: f16 (as llama.cpp) or f32.
     #[arg(long, default_value = "f16")]
     kv: KvType,
@@ -71,7 +72,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     ensure!(args.reps > 0, "-r 0 is out of range: at least 1 repetition");
     set_threads(args.threads)?;
-    let dev = device(&args.device)?;
+    let dev = device(args.device)?;
     let rows: Vec<BenchRow> = args
         .paths
         .iter()

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use lorafold_converter::calib::CalibStats;
 use lorafold_converter::output::check_file_destination;
+use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::path_spec::PathSpec;
 
 use crate::run::{device, set_threads};
@@ -47,7 +48,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         check_file_destination(p)?;
     }
     set_threads(args.threads)?;
-    let model = args.path.load(&device("cpu")?)?;
+    let model = args.path.load(&device(DeviceSpec::Cpu)?)?;
     model
         .session(args.ctx)
         .with_context(|| format!("--ctx {}", args.ctx))?;

@@ -16,6 +16,7 @@ use lorafold_converter::output::{check_file_destination, write_file_atomic, Stag
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::reference::F32Reference;
 use lorafold_converter::report::{ConvertReport, TensorReport};
+use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::gguf::GgmlType;
 
 /// Arguments of `lorafold convert`.
@@ -44,12 +45,12 @@ pub struct ConvertArgs {
     #[arg(long)]
     adapter_out: Option<PathBuf>,
     /// Type of the adapter GGUF's A and B.
-    #[arg(long, default_value = "f16", value_parser = ["f16", "f32", "bf16"])]
-    adapter_type: String,
+    #[arg(long, value_enum, default_value_t = AdapterTypeArg::F16)]
+    adapter_type: AdapterTypeArg,
     /// Write several artifacts from one read of the inputs into the folder -o:
     /// merged (merged.gguf) and/or separate (base.gguf + adapter.gguf), with report.json.
-    #[arg(long, value_delimiter = ',', value_parser = ["merged", "separate"])]
-    emit: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',')]
+    emit: Vec<EmitArg>,
     /// Write the per-tensor report as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -134,8 +135,10 @@ fn calibrate_in_run(args: &ConvertArgs, text: &Path, with_base: bool) -> Result<
         .map_or_else(std::env::temp_dir, Path::to_path_buf);
     let start = std::time::Instant::now();
     let reference = F32Reference::write(&args.base, args.adapter.as_deref(), &beside, with_base)?;
-    let model =
-        lorafold_runtime::model::Model::load(&reference.merged, &crate::run::device("cpu")?)?;
+    let model = lorafold_runtime::model::Model::load(
+        &reference.merged,
+        &crate::run::device(DeviceSpec::Cpu)?,
+    )?;
     let (mut stats, windows) =
         CalibStats::over_text(&model, &words, true, crate::calibrate::DEFAULT_CTX)
             .with_context(|| text.display().to_string())?;
@@ -158,6 +161,26 @@ fn parse_ggml_type(s: &str) -> Result<GgmlType, String> {
     GgmlType::from_name(s)
         .filter(|t| lorafold_converter::quant::WRITABLE.contains(t))
         .ok_or_else(|| format!("'{s}' is not a type lorafold writes"))
+}
+
+/// `--adapter-type`: what llama.cpp reads for an adapter's A and B.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AdapterTypeArg {
+    /// Half precision (llama.cpp's default).
+    F16,
+    /// Single precision.
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+/// `--emit`: the artifacts written into the -o folder.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EmitArg {
+    /// merged.gguf: the adapter merged in, quantized.
+    Merged,
+    /// base.gguf + adapter.gguf: the quantized base and the adapter apart.
+    Separate,
 }
 
 /// `--rounding`.
@@ -198,11 +221,11 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             args.report.clone(),
         ),
         Some(set) => {
-            let want = |k: &str| args.emit.iter().any(|e| e == k);
+            let want = |k: EmitArg| args.emit.contains(&k);
             (
-                want("merged").then(|| set.path("merged.gguf")),
-                want("separate").then(|| set.path("base.gguf")),
-                want("separate").then(|| set.path("adapter.gguf")),
+                want(EmitArg::Merged).then(|| set.path("merged.gguf")),
+                want(EmitArg::Separate).then(|| set.path("base.gguf")),
+                want(EmitArg::Separate).then(|| set.path("adapter.gguf")),
                 Some(
                     args.report
                         .clone()
@@ -257,7 +280,11 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         output,
         base_output: base_out,
         adapter_output: adapter_out,
-        adapter_type: GgmlType::from_name(&args.adapter_type).context("adapter type")?,
+        adapter_type: match args.adapter_type {
+            AdapterTypeArg::F16 => GgmlType::F16,
+            AdapterTypeArg::F32 => GgmlType::F32,
+            AdapterTypeArg::Bf16 => GgmlType::BF16,
+        },
         force: args.force,
         max_rel_error: args.max_rel_error,
         min_retention: args.min_retention,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::measure::{drift, windows, DriftReport};
 use lorafold_runtime::model::Model;
 use lorafold_runtime::path_spec::{PathSpec, PathSpecError};
@@ -37,7 +38,7 @@ pub struct DriftArgs {
     json: Option<PathBuf>,
     /// cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// CPU threads.
     #[arg(long)]
     threads: Option<usize>,
@@ -136,7 +137,7 @@ pub fn print_table(rows: &[DriftRow]) {
 /// Run `lorafold drift`.
 pub fn run(args: &DriftArgs) -> Result<()> {
     set_threads(args.threads)?;
-    let dev = device(&args.device)?;
+    let dev = device(args.device)?;
     let reference = args.reference.load(&dev)?;
     // Refuse a window the model cannot hold before any work (0 or past its context).
     reference

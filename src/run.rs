@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lorafold_runtime::cpu::KvType;
+use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::{check_threads, Model, SessionOptions};
@@ -51,7 +52,7 @@ pub struct RunArgs {
     stop: Vec<String>,
     /// cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// CPU threads (default: all cores; at most 4 per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -64,19 +65,12 @@ pub struct RunArgs {
     kv: KvType,
 }
 
-/// Parse --device.
-pub fn device(spec: &str) -> Result<Device> {
-    Ok(match spec {
-        "cpu" => Device::Cpu,
-        "metal" => Device::new_metal(0).context("metal device (build with --features metal)")?,
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let n = s
-                .strip_prefix("cuda:")
-                .map_or(Ok(0), str::parse)
-                .context("cuda device number")?;
-            Device::new_cuda(n).context("cuda device (build with --features cuda)")?
-        }
-        other => bail!("unknown device '{other}' (cpu, cuda[:N], metal)"),
+/// Open --device, saying which build feature a GPU needs.
+pub fn device(spec: DeviceSpec) -> Result<Device> {
+    spec.open().with_context(|| match spec {
+        DeviceSpec::Cpu => "the cpu device".to_string(),
+        DeviceSpec::Cuda(_) => format!("{spec} (build with --features cuda)"),
+        DeviceSpec::Metal => format!("{spec} (build with --features metal)"),
     })
 }
 
@@ -98,7 +92,7 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
 /// Run `lorafold run`.
 pub fn run(args: &RunArgs) -> Result<()> {
     set_threads(args.threads)?;
-    let dev = device(&args.device)?;
+    let dev = device(args.device)?;
     let t0 = Instant::now();
     let mut model = Model::load(&args.model, &dev)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;

@@ -1,6 +1,7 @@
 //! A PEFT adapter as a GGUF LoRA adapter in llama.cpp's layout, for the
 //! separate path (a quantized base plus adapters loaded with `--lora`).
 
+use lorafold_runtime::gguf::names;
 use std::path::Path;
 
 use lorafold_runtime::gguf::{GgmlType, MetadataValue};
@@ -139,10 +140,13 @@ pub fn lora_pair(
 /// pair by `alpha` / its rank.
 pub fn lora_writer(path: &Path, arch: &str, alpha: f32) -> Result<GgufWriter, WriteError> {
     let mut w = GgufWriter::new(path);
-    w.add_metadata("general.architecture", &MetadataValue::string(arch))?;
-    w.add_metadata("general.type", &MetadataValue::string("adapter"))?;
-    w.add_metadata("adapter.type", &MetadataValue::string("lora"))?;
-    w.add_metadata("adapter.lora.alpha", &MetadataValue::F32(alpha))?;
+    w.add_metadata(names::ARCHITECTURE, &MetadataValue::string(arch))?;
+    w.add_metadata(names::TYPE, &MetadataValue::string(names::TYPE_ADAPTER))?;
+    w.add_metadata(
+        names::ADAPTER_TYPE,
+        &MetadataValue::string(names::ADAPTER_TYPE_LORA),
+    )?;
+    w.add_metadata(names::ADAPTER_LORA_ALPHA, &MetadataValue::F32(alpha))?;
     Ok(w)
 }
 
@@ -211,8 +215,8 @@ pub fn write_adapter_gguf(
             b_factor,
         });
         let pair = lora_pair(e, adapter, b_factor)?;
-        w.add_tensor(&format!("{name}.lora_a"), ggml_type, &pair.a_dims)?;
-        w.add_tensor(&format!("{name}.lora_b"), ggml_type, &pair.b_dims)?;
+        w.add_tensor(&names::lora_a(name), ggml_type, &pair.a_dims)?;
+        w.add_tensor(&names::lora_b(name), ggml_type, &pair.b_dims)?;
         pairs.push((name, pair));
     }
     let folded: Vec<String> = modules
@@ -230,11 +234,11 @@ pub fn write_adapter_gguf(
     let mut stream = w.start()?;
     for (name, pair) in &pairs {
         stream.write_tensor(
-            &format!("{name}.lora_a"),
+            &names::lora_a(name),
             &quant::quantize(ggml_type, &pair.a, name)?,
         )?;
         stream.write_tensor(
-            &format!("{name}.lora_b"),
+            &names::lora_b(name),
             &quant::quantize(ggml_type, &pair.b, name)?,
         )?;
     }

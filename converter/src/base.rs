@@ -1,6 +1,7 @@
 //! Base models: a GGUF file (any type candle can dequantize) or a Hugging Face
 //! folder (config.json + safetensors), seen as GGUF-named f32 tensors.
 
+use lorafold_runtime::gguf::names;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -289,7 +290,7 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
         problem,
     };
     let arch_name = f
-        .get_str("general.architecture")
+        .get_str(names::ARCHITECTURE)
         .ok_or_else(|| bad("no general.architecture".into()))?
         .into_owned();
     let arch = Architecture::from_gguf_name(&arch_name).ok_or_else(|| {
@@ -297,7 +298,7 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
             "unknown architecture '{arch_name}' (supported: llama, mistral as llama, qwen2)"
         ))
     })?;
-    if f.get_str("general.type").as_deref() == Some("adapter") {
+    if f.get_str(names::TYPE).as_deref() == Some(names::TYPE_ADAPTER) {
         return Err(bad("this is a LoRA adapter GGUF, not a base model".into()));
     }
     let key = |k: &str| {
@@ -344,7 +345,7 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
     let vocab = f
         .get_u64(&format!("{arch_name}.vocab_size"))
         .or_else(|| {
-            f.tensor("token_embd.weight")
+            f.tensor(names::TOKEN_EMBD)
                 .and_then(|t| t.dims().get(1).copied())
         })
         .unwrap_or(0);
@@ -373,7 +374,7 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
     hyper
         .check(&tensors, |n| n.to_string(), ShapeOrder::Ggml)
         .map_err(bad)?;
-    let tied_embeddings = f.tensor("output.weight").is_none();
+    let tied_embeddings = f.tensor(names::OUTPUT).is_none();
     Ok(BaseModel {
         path: path.to_path_buf(),
         arch,
@@ -388,9 +389,9 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
 /// HF tensor name -> GGUF tensor name, for the llama family.
 pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
+        "model.embed_tokens.weight" => Some(names::TOKEN_EMBD),
+        "model.norm.weight" => Some(names::OUTPUT_NORM),
+        "lm_head.weight" => Some(names::OUTPUT),
         _ => None,
     };
     if let Some(n) = fixed {
@@ -407,9 +408,9 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
 /// GGUF tensor name -> HF tensor name, the inverse of [`hf_to_gguf_name`].
 pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        names::TOKEN_EMBD => Some("model.embed_tokens.weight"),
+        names::OUTPUT_NORM => Some("model.norm.weight"),
+        names::OUTPUT => Some("lm_head.weight"),
         _ => None,
     };
     if let Some(n) = fixed {
@@ -482,10 +483,8 @@ impl Hyperparameters {
         let kv = self.get(KvHeads).saturating_mul(self.get(HeadDim));
         let f = self.get(Ffn);
         let (dims, settings) = match name {
-            "token_embd.weight" | "output.weight" => {
-                (vec![h, self.get(Vocab)], vec![Hidden, Vocab])
-            }
-            "output_norm.weight" => (vec![h], vec![Hidden]),
+            names::TOKEN_EMBD | names::OUTPUT => (vec![h, self.get(Vocab)], vec![Hidden, Vocab]),
+            names::OUTPUT_NORM => (vec![h], vec![Hidden]),
             "rope_freqs.weight" => (vec![self.get(HeadDim) / 2], vec![HeadDim]),
             _ => {
                 let mut it = name.strip_prefix("blk.")?.splitn(3, '.');
@@ -553,7 +552,7 @@ impl Hyperparameters {
                 }
             }
         }
-        let required = ["token_embd.weight", "output_norm.weight"]
+        let required = [names::TOKEN_EMBD, names::OUTPUT_NORM]
             .into_iter()
             .map(str::to_string);
         // Stops at the first gap, so a huge layer count costs no more than the
@@ -676,8 +675,8 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     let a = arch.gguf_name();
     let u32_md = |n: u64| MetadataValue::U32(n as u32); // every count is checked to fit
     let mut metadata: Vec<(String, MetadataValue<'static>)> = vec![
-        ("general.architecture".into(), MetadataValue::string(a)),
-        ("general.type".into(), MetadataValue::string("model")),
+        (names::ARCHITECTURE.into(), MetadataValue::string(a)),
+        (names::TYPE.into(), MetadataValue::string(names::TYPE_MODEL)),
         (
             "general.name".into(),
             MetadataValue::string(
@@ -866,7 +865,7 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         }
     }
     notes.extend(tensor_notes);
-    let tied_embeddings = !tensors.iter().any(|t| t.name == "output.weight");
+    let tied_embeddings = !tensors.iter().any(|t| t.name == names::OUTPUT);
     Ok(BaseModel {
         path: dir.to_path_buf(),
         arch,
@@ -901,10 +900,10 @@ fn gguf_order(name: &str) -> (usize, usize, usize, String) {
         "ffn_down",
     ];
     match name {
-        "token_embd.weight" => (0, 0, 0, String::new()),
+        names::TOKEN_EMBD => (0, 0, 0, String::new()),
         "rope_freqs.weight" => (1, 0, 0, String::new()),
-        "output_norm.weight" => (3, 0, 0, String::new()),
-        "output.weight" => (4, 0, 0, String::new()),
+        names::OUTPUT_NORM => (3, 0, 0, String::new()),
+        names::OUTPUT => (4, 0, 0, String::new()),
         _ => {
             let mut it = name.split('.');
             let layer = it.nth(1).and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);

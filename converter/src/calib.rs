@@ -8,6 +8,7 @@
 //! (candle's matmul) and added into f64 accumulators, so a long text loses
 //! nothing to the running sum. Stored as f32 in a GGUF of its own.
 
+use lorafold_runtime::gguf::names;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -366,10 +367,7 @@ impl CalibStats {
             });
         }
         let mut w = GgufWriter::new(path);
-        w.add_metadata(
-            "general.type",
-            &MetadataValue::String(CALIBRATION_TYPE.into()),
-        )?;
+        w.add_metadata(names::TYPE, &MetadataValue::String(CALIBRATION_TYPE.into()))?;
         w.add_metadata(KEY_TOKENS, &MetadataValue::U64(self.tokens))?;
         for (k, v) in provenance {
             w.add_metadata(k, &MetadataValue::String(v.as_str().into()))?;
@@ -405,7 +403,7 @@ impl CalibStats {
         chunk_size: u32,
     ) -> Result<(), CalibError> {
         let mut w = GgufWriter::new(path);
-        w.add_metadata("general.type", &MetadataValue::String(IMATRIX_TYPE.into()))?;
+        w.add_metadata(names::TYPE, &MetadataValue::String(IMATRIX_TYPE.into()))?;
         w.add_metadata(
             "imatrix.datasets",
             &MetadataValue::Array(MetadataArray::Owned {
@@ -458,7 +456,7 @@ impl CalibStats {
         let file = Arc::new(GgufFile::open(path).map_err(|e| CalibError::Run(e.to_string()))?);
         let f = &*file;
         let sha = crate::convert::sha256_file(path).map_err(|e| bad(e.to_string()))?;
-        match f.get("general.type") {
+        match f.get(names::TYPE) {
             Some(MetadataValue::String(s)) if s == CALIBRATION_TYPE => {}
             Some(MetadataValue::String(s)) if s == IMATRIX_TYPE => {
                 return read_imatrix(f, sha).map_err(bad);

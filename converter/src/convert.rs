@@ -1,6 +1,7 @@
 //! The conversion pipeline: one pass over the base's tensors, merged,
 //! quantized and streamed to the writer in parallel batches.
 
+use lorafold_runtime::gguf::names;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -607,18 +608,15 @@ fn start_compensation(
     for (name, lr) in pairs {
         let k = (lr.a.len() / lr.rank.max(1)) as u64;
         let rows = (lr.b.len() / lr.rank.max(1)) as u64;
-        w.add_tensor(&format!("{name}.lora_a"), ty, &[k, lr.rank as u64])?;
-        w.add_tensor(&format!("{name}.lora_b"), ty, &[lr.rank as u64, rows])?;
+        w.add_tensor(&names::lora_a(name), ty, &[k, lr.rank as u64])?;
+        w.add_tensor(&names::lora_b(name), ty, &[lr.rank as u64, rows])?;
     }
     let mut stream = w.start()?;
     for (name, lr) in pairs {
         let fold = lr.rank as f32 / alpha;
         let b: Vec<f32> = lr.b.iter().map(|&x| x * fold).collect();
-        stream.write_tensor(
-            &format!("{name}.lora_a"),
-            &quant::quantize(ty, &lr.a, name)?,
-        )?;
-        stream.write_tensor(&format!("{name}.lora_b"), &quant::quantize(ty, &b, name)?)?;
+        stream.write_tensor(&names::lora_a(name), &quant::quantize(ty, &lr.a, name)?)?;
+        stream.write_tensor(&names::lora_b(name), &quant::quantize(ty, &b, name)?)?;
     }
     Ok(stream)
 }
@@ -657,7 +655,7 @@ fn start_model<'a>(
         if k.starts_with("lorafold.")
             || matches!(
                 k.as_str(),
-                "general.file_type" | "general.quantization_version" | "general.alignment"
+                names::FILE_TYPE | names::QUANTIZATION_VERSION | names::ALIGNMENT
             )
         {
             continue;
@@ -665,10 +663,10 @@ fn start_model<'a>(
         w.add_metadata(&k, &v)?;
     }
     w.add_metadata(
-        "general.file_type",
+        names::FILE_TYPE,
         &MetadataValue::U32(opts.policy.file_type()),
     )?;
-    w.add_metadata("general.quantization_version", &MetadataValue::U32(2))?;
+    w.add_metadata(names::QUANTIZATION_VERSION, &MetadataValue::U32(2))?;
     for (k, v) in provenance {
         w.add_metadata(k, v)?;
     }
@@ -705,7 +703,7 @@ fn out_tensors<'a>(base: &'a BaseModel, plan: &'a MergePlan, merging: bool) -> V
             }
         }
     }
-    let has_output = out.iter().any(|t| t.name == "output.weight");
+    let has_output = out.iter().any(|t| t.name == names::OUTPUT);
     let n_layers = base.shape.n_layers;
     for t in &mut out {
         t.role = role(&t.name, t.dims.len(), has_output, n_layers);
@@ -724,9 +722,9 @@ fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorR
             .unwrap_or(0)
     };
     match name {
-        "output.weight" => TensorRole::Output,
-        "token_embd.weight" if !has_output => TensorRole::Output,
-        "token_embd.weight" => TensorRole::TokenEmbedding,
+        names::OUTPUT => TensorRole::Output,
+        names::TOKEN_EMBD if !has_output => TensorRole::Output,
+        names::TOKEN_EMBD => TensorRole::TokenEmbedding,
         n if n.ends_with(".attn_v.weight") => TensorRole::AttnV {
             layer: layer(),
             n_layers,

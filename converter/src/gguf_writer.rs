@@ -2,6 +2,7 @@
 //! tensor's data as its turn comes, into a temporary file that is renamed into
 //! place only when complete.
 
+use lorafold_runtime::gguf::names;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -119,7 +120,7 @@ impl GgufWriter {
                 key: key.into(),
             });
         }
-        if key == "general.alignment" {
+        if key == names::ALIGNMENT {
             match value {
                 MetadataValue::U32(a) if a.is_power_of_two() => self.alignment = *a as u64,
                 other => {

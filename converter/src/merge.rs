@@ -1,6 +1,7 @@
 //! The merge: which adapter tensors change which base tensors, and
 //! W = W0 + s·B·A accumulated in f64 and rounded once.
 
+use lorafold_runtime::gguf::names;
 use std::collections::BTreeMap;
 
 use crate::base::{hf_to_gguf_name, BaseModel};
@@ -82,7 +83,7 @@ impl MergePlan {
         for m in &adapter.modules {
             let name = match (m.kind, m.path.as_str()) {
                 (ModuleKind::Embedding, "model.embed_tokens") => {
-                    Some("token_embd.weight".to_string())
+                    Some(names::TOKEN_EMBD.to_string())
                 }
                 (ModuleKind::Linear, p) => hf_to_gguf_name(&format!("{p}.weight")),
                 _ => None,
@@ -96,7 +97,7 @@ impl MergePlan {
                     ),
                 )
             })?;
-            if name == "output.weight" && base.tied_embeddings {
+            if name == names::OUTPUT && base.tied_embeddings {
                 return Err(mismatch(&m.key_a, "LoRA on lm_head, but the base ties its output head to the token embedding; merging would change both".into()));
             }
             let t = base.tensor(&name).ok_or_else(|| {
@@ -164,7 +165,7 @@ impl MergePlan {
                     ))
                 }
                 Some(_) => {}
-                None if name == "output.weight" && base.tied_embeddings => {
+                None if name == names::OUTPUT && base.tied_embeddings => {
                     plan.notes.push("the adapter saves its own lm_head, so the output head is untied from the token embedding".into());
                     e.new_dims = Some(dims);
                 }

@@ -530,7 +530,7 @@ pub unsafe extern "C" fn lorafold_tokenize(
             .core
             .tokenizer
             .encode(text(text_utf8, "text")?)
-            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e))?;
+            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
         *n_tokens = ids.len();
         if ids.len() > cap {
             return fail(
@@ -581,7 +581,7 @@ pub unsafe extern "C" fn lorafold_detokenize(
             .core
             .tokenizer
             .decode(ids)
-            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e))?;
+            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
         *len = s.len();
         if s.len() + 1 > cap {
             return fail(
@@ -664,7 +664,7 @@ pub unsafe extern "C" fn lorafold_generate(
         };
         let ids = tok
             .encode(&prompt)
-            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e))?;
+            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
         if ids.is_empty() {
             return fail(LORAFOLD_ERR_INVALID, "the prompt has no tokens");
         }

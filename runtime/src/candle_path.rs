@@ -1,6 +1,7 @@
 //! The forward pass on candle: the path on CUDA and Metal, and on CPU the
 //! independent reference that the engine is tested against.
 
+use crate::gguf::names;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -128,7 +129,7 @@ impl CandleWeights {
             })
         };
         let (dim, hd, vocab) = (cfg.dim, cfg.head_dim, cfg.vocab);
-        let emb_info = tensor("token_embd.weight")?;
+        let emb_info = tensor(names::TOKEN_EMBD)?;
         check_dims(f, emb_info, &[dim as u64, vocab as u64])?;
         let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
         let ffn = cfg.ffn;
@@ -147,11 +148,11 @@ impl CandleWeights {
                 down: linear(&p("ffn_down"), ffn, dim)?,
             });
         }
-        let output = match f.tensor("output.weight") {
+        let output = match f.tensor(names::OUTPUT) {
             Some(_) => linear("output", dim, vocab)?,
             // Tied: the head is the token embedding, read from the same pages.
             None => Linear {
-                name: "token_embd.weight".into(),
+                name: names::TOKEN_EMBD.into(),
                 weight: QMatMul::from_qtensor(mapped::qtensor(file, emb_info, device)?)?,
                 bias: None,
                 loras: Vec::new(),
@@ -160,7 +161,7 @@ impl CandleWeights {
         Ok(CandleWeights {
             embedding: mapped::qtensor(file, emb_info, device)?,
             embedding_loras: Vec::new(),
-            output_norm: vector("output_norm.weight", dim)?,
+            output_norm: vector(names::OUTPUT_NORM, dim)?,
             output,
             blocks,
         })

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod bench;
 mod candle_path;
 pub mod cpu;
+pub mod device;
 pub mod finite;
 pub mod generate;
 pub mod gguf;

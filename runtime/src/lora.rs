@@ -1,6 +1,7 @@
 //! GGUF LoRA adapters (ours or llama.cpp's), widened to f32 once at load and
 //! attached to a model without touching its weights.
 
+use crate::gguf::names;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -88,8 +89,8 @@ impl LoraAdapter {
             tensor: tensor.into(),
             problem,
         };
-        if f.get_str("general.type").as_deref() != Some("adapter")
-            || f.get_str("adapter.type").as_deref() != Some("lora")
+        if f.get_str(names::TYPE).as_deref() != Some(names::TYPE_ADAPTER)
+            || f.get_str(names::ADAPTER_TYPE).as_deref() != Some(names::ADAPTER_TYPE_LORA)
         {
             return Err(RuntimeError::Model {
                 path: shown.clone(),
@@ -97,10 +98,10 @@ impl LoraAdapter {
             });
         }
         let arch = f
-            .get_str("general.architecture")
+            .get_str(names::ARCHITECTURE)
             .map(|s| s.into_owned())
             .unwrap_or_default();
-        let alpha = f.get_f64("adapter.lora.alpha").unwrap_or(0.0);
+        let alpha = f.get_f64(names::ADAPTER_LORA_ALPHA).unwrap_or(0.0);
         if !alpha.is_finite() {
             return Err(RuntimeError::Model {
                 path: shown.clone(),
@@ -109,10 +110,16 @@ impl LoraAdapter {
         }
         let cpu = Device::Cpu;
         let mut pairs = BTreeMap::new();
-        for ta in f.tensors().iter().filter(|t| t.name.ends_with(".lora_a")) {
-            let target = ta.name.trim_end_matches(".lora_a").to_string();
+        let a_tensors = f
+            .tensors()
+            .iter()
+            .filter_map(|t| match names::lora_target(&t.name) {
+                Some((target, true)) => Some((t, target.to_string())),
+                _ => None,
+            });
+        for (ta, target) in a_tensors {
             let tb = f
-                .tensor(&format!("{target}.lora_b"))
+                .tensor(&names::lora_b(&target))
                 .ok_or_else(|| bad(&ta.name, "has no matching .lora_b".into()))?;
             if ta.dims().len() != 2 || tb.dims().len() != 2 {
                 return Err(bad(&ta.name, "lora_a and lora_b must be 2-D".into()));
@@ -127,7 +134,7 @@ impl LoraAdapter {
                 check_finite(&t.flatten_all()?.to_vec1::<f32>()?)
                     .map_err(|p| bad(&info.name, format!("{p}: not finite")))?;
             }
-            let embedding = target == "token_embd.weight";
+            let embedding = target == names::TOKEN_EMBD;
             // ne [in, r] is torch [r, in]; the embedding's A is stored as
             // rows per token already (ne [r, vocab]).
             let a_t = if embedding { a } else { a.t()?.contiguous()? };
@@ -147,7 +154,7 @@ impl LoraAdapter {
             );
         }
         if let Some(t) = f.tensors().iter().find(|t| {
-            t.name.ends_with(".lora_b") && !pairs.contains_key(t.name.trim_end_matches(".lora_b"))
+            matches!(names::lora_target(&t.name), Some((target, false)) if !pairs.contains_key(target))
         }) {
             return Err(bad(&t.name, "has no matching .lora_a".into()));
         }
@@ -169,7 +176,7 @@ impl LoraAdapter {
         let model_arch = model.config.arch.gguf_name();
         if self.arch != model_arch {
             return Err(bad(
-                "general.architecture",
+                names::ARCHITECTURE,
                 format!(
                     "adapter is for '{}', the model is '{model_arch}'",
                     self.arch
@@ -177,7 +184,7 @@ impl LoraAdapter {
             ));
         }
         for (target, p) in &self.pairs {
-            let name = format!("{target}.lora_a");
+            let name = names::lora_a(target);
             let (n_in, n_out) = model.projection_shape(target).ok_or_else(|| {
                 bad(
                     &name,
@@ -186,7 +193,7 @@ impl LoraAdapter {
                     ),
                 )
             })?;
-            let fits = if target == "token_embd.weight" {
+            let fits = if target == names::TOKEN_EMBD {
                 // ne: a [r, vocab], b [r, dim]; n_in is dim, n_out vocab here.
                 p.a_dims[1] as usize == n_out
                     && p.b_dims[1] as usize == n_in

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::cpu::KvType;
 use crate::model::{Model, RuntimeError, SessionOptions};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{TokenizeError, Tokenizer};
 
 /// A text that cannot be cut into windows.
 #[derive(Debug, thiserror::Error)]
@@ -14,8 +14,8 @@ pub enum WindowError {
     #[error("a window of 0 tokens holds nothing")]
     ZeroContext,
     /// The tokenizer refused the text.
-    #[error("tokenizing: {0}")]
-    Tokenize(String),
+    #[error(transparent)]
+    Tokenize(#[from] TokenizeError),
 }
 
 /// Token windows of `text`: one per non-empty line (cut to `ctx` tokens)

@@ -2,6 +2,7 @@
 //! memory-mapped GGUF: hyperparameters, loading, adapters attached by slot,
 //! and sessions on our CPU engine or on candle.
 
+use crate::gguf::names;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -143,13 +144,13 @@ fn model_err(file: &GgufFile, problem: String) -> RuntimeError {
 impl ModelConfig {
     /// Read and check the hyperparameters of the model in `f`.
     pub fn read(f: &GgufFile) -> Result<ModelConfig, RuntimeError> {
-        if f.get_str("general.type").as_deref() == Some("adapter") {
+        if f.get_str(names::TYPE).as_deref() == Some(names::TYPE_ADAPTER) {
             return Err(RuntimeError::AdapterNotModel {
                 path: f.path().to_string(),
             });
         }
         let arch_name = f
-            .get_str("general.architecture")
+            .get_str(names::ARCHITECTURE)
             .ok_or_else(|| model_err(f, "no general.architecture".into()))?
             .into_owned();
         let arch = Architecture::from_gguf_name(&arch_name).ok_or_else(|| {
@@ -180,7 +181,7 @@ impl ModelConfig {
             .get_u64(&format!("{arch_name}.attention.key_length"))
             .map_or(dim / n_head.max(1), |v| v as usize);
         let emb_info = f
-            .tensor("token_embd.weight")
+            .tensor(names::TOKEN_EMBD)
             .ok_or_else(|| model_err(f, "missing tensor 'token_embd.weight'".into()))?;
         let vocab = emb_info.dims().get(1).copied().unwrap_or(0) as usize;
         let config = ModelConfig {
@@ -472,8 +473,8 @@ impl Model {
         match &mut self.weights {
             ModelWeights::Engine(w) => {
                 for (target, pair) in &adapter.pairs {
-                    let lora = pair.to_factors(slot, target == "token_embd.weight")?;
-                    if target == "token_embd.weight" {
+                    let lora = pair.to_factors(slot, target == names::TOKEN_EMBD)?;
+                    if target == names::TOKEN_EMBD {
                         w.embedding_loras.push(lora);
                     } else if let Some(m) = w.projections_mut().find(|m| &m.name == target) {
                         m.loras.push(lora);
@@ -488,7 +489,7 @@ impl Model {
                         b_t: pair.b_t.to_device(&self.device)?,
                         file_scale: pair.file_scale,
                     };
-                    if target == "token_embd.weight" {
+                    if target == names::TOKEN_EMBD {
                         w.embedding_loras.push(p);
                     } else if let Some(l) = w.linears_mut().find(|l| &l.name == target) {
                         l.loras.push(p);
@@ -535,10 +536,10 @@ impl Model {
     pub fn projection_shape(&self, name: &str) -> Option<(usize, usize)> {
         let c = &self.config;
         let (q_out, kv_out) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-        if name == "token_embd.weight" {
+        if name == names::TOKEN_EMBD {
             return Some((c.dim, c.vocab));
         }
-        if name == "output.weight" {
+        if name == names::OUTPUT {
             return self.file.tensor(name).map(|_| (c.dim, c.vocab));
         }
         let rest = name.strip_prefix("blk.")?;

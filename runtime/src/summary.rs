@@ -1,5 +1,6 @@
 //! What `lorafold inspect` reports about a GGUF model or adapter.
 
+use crate::gguf::names;
 use serde::Serialize;
 
 use crate::gguf::{GgufFile, MetadataValue};
@@ -148,7 +149,7 @@ const SPECIAL_IDS: &[&str] = &[
 impl GgufSummary {
     /// Describe `file`.
     pub fn of(file: &GgufFile) -> GgufSummary {
-        let arch = file.get_str("general.architecture").map(|s| s.into_owned());
+        let arch = file.get_str(names::ARCHITECTURE).map(|s| s.into_owned());
         let a = |k: &str| format!("{}.{k}", arch.as_deref().unwrap_or("_"));
         let tokenizer = file
             .get("tokenizer.ggml.tokens")
@@ -184,22 +185,25 @@ impl GgufSummary {
                 .or(tokenizer.as_ref().map(|t| t.vocab_size as u64)),
         };
         let kind = file
-            .get_str("general.type")
+            .get_str(names::TYPE)
             .map_or("model".to_string(), |s| s.into_owned());
-        let adapter = (kind == "adapter").then(|| {
+        let adapter = (kind == names::TYPE_ADAPTER).then(|| {
             let lora_a: Vec<_> = file
                 .tensors()
                 .iter()
-                .filter(|t| t.name.ends_with(".lora_a"))
+                .filter_map(|t| match names::lora_target(&t.name) {
+                    Some((target, true)) => Some((t, target)),
+                    _ => None,
+                })
                 .collect();
-            let ranks = lora_a.iter().filter_map(|t| t.dims().get(1).copied());
+            let ranks = lora_a.iter().filter_map(|(t, _)| t.dims().get(1).copied());
             AdapterSummary {
-                adapter_type: file.get_str("adapter.type").map(|s| s.into_owned()),
-                alpha: file.get_f64("adapter.lora.alpha"),
+                adapter_type: file.get_str(names::ADAPTER_TYPE).map(|s| s.into_owned()),
+                alpha: file.get_f64(names::ADAPTER_LORA_ALPHA),
                 rank: ranks.clone().min().zip(ranks.max()),
                 targets: lora_a
                     .iter()
-                    .map(|t| t.name.trim_end_matches(".lora_a").to_string())
+                    .map(|(_, target)| target.to_string())
                     .collect(),
                 base: file
                     .get_str("general.base_model.0.name")

@@ -2,6 +2,7 @@
 //! BPE built as a Hugging Face `tokenizers` pipeline the way llama.cpp reads
 //! it, or a SentencePiece vocabulary (`crate::spm`).
 
+use crate::gguf::names;
 use std::borrow::Cow;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -34,6 +35,11 @@ enum Backend {
     Bpe(Box<tokenizers::Tokenizer>),
     Spm(Box<SpmVocab>),
 }
+
+/// Text the tokenizer could not encode, or ids it could not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tokenizer: {0}")]
+pub struct TokenizeError(pub String);
 
 /// Text <-> token ids for one model.
 pub struct Tokenizer {
@@ -88,7 +94,7 @@ impl Tokenizer {
         }
         // An id past the embedding's rows would fail in the middle of a run.
         if let Some(rows) = file
-            .tensor("token_embd.weight")
+            .tensor(names::TOKEN_EMBD)
             .and_then(|t| t.dims().get(1).copied())
         {
             if tokens.len() as u64 > rows {
@@ -164,24 +170,28 @@ impl Tokenizer {
 
     /// Token ids of `text` (special-token text such as `<|im_start|>` becomes
     /// its id), with BOS prepended if the model asks for it.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
         match &self.inner {
-            Backend::Bpe(t) => {
-                ids.extend_from_slice(t.encode(text, false).map_err(|e| e.to_string())?.get_ids())
-            }
+            Backend::Bpe(t) => ids.extend_from_slice(
+                t.encode(text, false)
+                    .map_err(|e| TokenizeError(e.to_string()))?
+                    .get_ids(),
+            ),
             Backend::Spm(v) => ids.extend(v.encode(text)),
         }
         Ok(ids)
     }
 
     /// The text of `ids` (special tokens included).
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizeError> {
         match &self.inner {
-            Backend::Bpe(t) => t.decode(ids, false).map_err(|e| e.to_string()),
+            Backend::Bpe(t) => t
+                .decode(ids, false)
+                .map_err(|e| TokenizeError(e.to_string())),
             Backend::Spm(v) => Ok(v.decode(ids)),
         }
     }

@@ -108,9 +108,17 @@ fn run_errors_are_one_line() {
         );
     };
     let smol = common::smollm2().to_str().unwrap().to_string();
-    fail(
-        &[&smol, "-p", "x", "--device", "tpu"],
-        "unknown device 'tpu' (cpu, cuda[:N], metal)",
+    // An unknown device is a usage error, as clap reports every bad value
+    // (exit 2, with its usage hint), parsed before any work.
+    let o = lorafold()
+        .args(["run", &smol, "-p", "x", "--device", "tpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("invalid value 'tpu' for '--device <DEVICE>': unknown device 'tpu' (cpu, cuda[:N], metal)"),
+        "{err}"
     );
     fail(
         &["/nonexistent.gguf", "-p", "x"],

@@ -2,6 +2,7 @@
 //! place from the map (only misaligned data is copied), small vectors widened
 //! to f32 once, and the adapters attached to each projection.
 
+use crate::gguf::names;
 use std::sync::Arc;
 
 use lorafold_kernels::attention::Row;
@@ -354,19 +355,19 @@ impl CpuWeights {
                 down: projection(&p("ffn_down"), ffn, dim)?,
             });
         }
-        let output = match f.tensor("output.weight") {
+        let output = match f.tensor(names::OUTPUT) {
             Some(_) => Some(projection("output", dim, cfg.vocab)?),
             None => None,
         };
         // A tied embedding is also the output head; an untied one only
         // serves lookups (an interleaved copy cost 18 MB resident on the
         // synthetic model, whose mapped rows are mostly never touched).
-        let embedding = matrix("token_embd.weight", dim, cfg.vocab, output.is_none())?;
+        let embedding = matrix(names::TOKEN_EMBD, dim, cfg.vocab, output.is_none())?;
         Ok(CpuWeights {
             embedding,
             embedding_loras: Vec::new(),
             blocks,
-            output_norm: vector("output_norm.weight", dim)?,
+            output_norm: vector(names::OUTPUT_NORM, dim)?,
             output,
             file,
         })

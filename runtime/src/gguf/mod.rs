@@ -1,6 +1,7 @@
 //! GGUF: llama.cpp's model file format, read over a memory map.
 
 pub mod dtype;
+pub mod names;
 pub mod reader;
 pub mod value;
 

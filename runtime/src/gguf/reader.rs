@@ -1,6 +1,7 @@
 //! A GGUF v2/v3 reader over a memory map: every count and length is checked
 //! against the bytes that remain before it is trusted.
 
+use crate::gguf::names;
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
@@ -732,7 +733,7 @@ impl Layout {
             let vtype = cur.value_type("value type", &ctx)?;
             let start = cur.pos;
             cur.skip_value(vtype, 0, &ctx)?;
-            if key_str == "general.alignment" {
+            if key_str == names::ALIGNMENT {
                 alignment = match decode_validated(vtype, &bytes[start..cur.pos]).0 {
                     MetadataValue::U32(a) if a.is_power_of_two() => a as u64,
                     other => {

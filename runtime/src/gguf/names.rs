@@ -1,0 +1,49 @@
+//! The GGUF vocabulary lorafold reads and writes, spelled once: the tensor
+//! names every llama-family model has, the metadata keys the loader, the
+//! converter and inspect share, and llama.cpp's LoRA adapter layout.
+
+/// The token embedding, `[dim, vocab]`.
+pub const TOKEN_EMBD: &str = "token_embd.weight";
+/// The output head; absent when it is tied to the token embedding.
+pub const OUTPUT: &str = "output.weight";
+/// The final RMSNorm.
+pub const OUTPUT_NORM: &str = "output_norm.weight";
+
+/// The architecture (`llama`, `qwen2`, ...); the prefix of hyperparameters.
+pub const ARCHITECTURE: &str = "general.architecture";
+/// What a file is: `model`, `adapter`, llama.cpp's `imatrix`, or ours.
+pub const TYPE: &str = "general.type";
+/// Tensor data alignment.
+pub const ALIGNMENT: &str = "general.alignment";
+/// llama.cpp's file type code (the `--quant` preset).
+pub const FILE_TYPE: &str = "general.file_type";
+/// The quantization format version (2 since ggml's block layouts settled).
+pub const QUANTIZATION_VERSION: &str = "general.quantization_version";
+
+/// `general.type` of a model.
+pub const TYPE_MODEL: &str = "model";
+/// `general.type` of a LoRA adapter.
+pub const TYPE_ADAPTER: &str = "adapter";
+/// The adapter kind; llama.cpp reads `lora`.
+pub const ADAPTER_TYPE: &str = "adapter.type";
+/// `adapter.type` of a LoRA adapter.
+pub const ADAPTER_TYPE_LORA: &str = "lora";
+/// alpha: llama.cpp scales each pair by alpha / its rank (1 when 0).
+pub const ADAPTER_LORA_ALPHA: &str = "adapter.lora.alpha";
+
+/// A LoRA pair's A tensor for `target` (`ne [in, rank]`).
+pub fn lora_a(target: &str) -> String {
+    format!("{target}.lora_a")
+}
+
+/// A LoRA pair's B tensor for `target` (`ne [rank, out]`).
+pub fn lora_b(target: &str) -> String {
+    format!("{target}.lora_b")
+}
+
+/// The target of a LoRA tensor name and whether it is A (true) or B.
+pub fn lora_target(name: &str) -> Option<(&str, bool)> {
+    name.strip_suffix(".lora_a")
+        .map(|t| (t, true))
+        .or_else(|| name.strip_suffix(".lora_b").map(|t| (t, false)))
+}
