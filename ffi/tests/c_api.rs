@@ -423,13 +423,15 @@ fn the_c_example_answers_like_a_pirate_and_then_like_the_base() {
 
     let dir = tempfile::tempdir().unwrap();
     let adapter = pirate_gguf(dir.path());
-    // `cargo test` builds the library as an rlib only: build the static
-    // one (up to date, same profile) beside this test's deps folder.
+    // `cargo test` builds the library as an rlib only: build the static one
+    // and the Rust example (same profile). Every target of the workspace, as
+    // `cargo test --workspace` resolves them: a narrower set unifies other
+    // features and rebuilds candle (minutes on a clean checkout).
     let exe = std::env::current_exe().unwrap();
     let profile = exe.parent().unwrap().parent().unwrap();
     let release = profile.file_name().is_some_and(|n| n == "release");
     let built = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "lorafold-ffi", "--lib"])
+        .args(["build", "-q", "--workspace", "--all-targets"])
         .args(release.then_some("--release"))
         .status()
         .unwrap();
@@ -490,10 +492,7 @@ fn the_c_example_answers_like_a_pirate_and_then_like_the_base() {
         "no pirate word in: {pirate}"
     );
     // examples/rust/generate.rs prints the same through the Rust API.
-    let rust = std::process::Command::new(env!("CARGO"))
-        .args(["run", "-q", "-p", "lorafold", "--example", "generate"])
-        .args(release.then_some("--release"))
-        .arg("--")
+    let rust = std::process::Command::new(profile.join("examples/generate"))
         .arg(smollm2())
         .arg(&adapter)
         .arg(PROMPT)
