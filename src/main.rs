@@ -92,14 +92,11 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 ConvertError::ModifiedBase { .. } => {
                     Some("--force merges it anyway, for a base that is the modified one")
                 }
-                ConvertError::Budget(why, _)
-                    if why.contains("relative error") || why.contains("retention") =>
-                {
+                // A drift budget's failure carries its rounds; the bounds' does not.
+                ConvertError::Budget(_, report) if report.budget.is_none() => {
                     Some("the bounds are --max-rel-error and --min-retention")
                 }
-                ConvertError::Usage(m) if m.contains("needs an adapter") => {
-                    Some("give the adapter folder with --adapter")
-                }
+                ConvertError::NoAdapter => Some("give the adapter folder with --adapter"),
                 _ => None,
             };
         }

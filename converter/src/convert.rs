@@ -49,6 +49,9 @@ pub enum ConvertError {
     /// An output path cannot be used.
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// An adapter output was asked for without an adapter.
+    #[error("an adapter output needs an adapter")]
+    NoAdapter,
     /// Nothing to do, or an output needs an input that was not given.
     #[error("{0}")]
     Usage(String),
@@ -261,23 +264,10 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         }
     }
     check_outputs(opts)?;
-    let base = BaseModel::open(&opts.base)?;
-    let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
-    if let Some(a) = &adapter {
-        if let (Some(what), false) = (a.config.modified_base_init(), opts.force) {
-            return Err(ConvertError::ModifiedBase {
-                path: a.dir.join("adapter_config.json"),
-                what,
-            });
-        }
-    }
-    let plan = match &adapter {
-        Some(a) => MergePlan::new(&base, a)?,
-        None => MergePlan::default(),
-    };
+    let (base, adapter, plan) = open_inputs(opts)?;
     let (provenance, hashes) = provenance(opts, &base, adapter.as_ref())?;
 
-    let adapter_file = match (&opts.adapter_output, &adapter) {
+    let mut adapter_file = match (&opts.adapter_output, &adapter) {
         (Some(path), Some(a)) => Some(write_adapter_gguf(
             &base,
             a,
@@ -286,11 +276,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             opts.adapter_type,
             &provenance,
         )?),
-        (Some(_), None) => {
-            return Err(ConvertError::Usage(
-                "an adapter output needs an adapter".into(),
-            ))
-        }
+        (Some(_), None) => return Err(ConvertError::NoAdapter),
         (None, _) => None,
     };
 
@@ -424,7 +410,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             ));
         }
     }
-    let compensation = match &opts.compensate {
+    let mut compensation = match &opts.compensate {
         Some(c) => Some(start_compensation(c, &base, opts, &provenance, &pairs)?),
         None => None,
     };
@@ -433,8 +419,6 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         report.totals.wall_seconds = start.elapsed().as_secs_f64();
         return Err(ConvertError::Budget(broken.join("; "), Box::new(report)));
     }
-    let mut adapter_file = adapter_file;
-    let mut compensation = compensation;
     {
         let mut streams: Vec<&mut GgufStream> = Vec::new();
         streams.extend(merged_stream.as_mut());
@@ -453,14 +437,10 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     if let (Some((s, _)), Some(r)) = (adapter_file, report.adapter_gguf.as_mut()) {
         r.file_size = s.finish()?;
     }
-    if let Some(s) = compensation {
+    if let (Some(s), Some(c)) = (compensation, &opts.compensate) {
         report.compensation = Some(CompensationReport {
-            path: opts
-                .compensate
-                .as_ref()
-                .map(|c| c.output.display().to_string())
-                .unwrap_or_default(),
-            rank: opts.compensate.as_ref().map_or(0, |c| c.rank),
+            path: c.output.display().to_string(),
+            rank: c.rank,
             modules: pairs.len(),
             file_size: s.finish()?,
         });
@@ -506,12 +486,7 @@ pub fn predict_ladder(
             "predicting output errors needs calibration statistics".into(),
         ));
     };
-    let base = BaseModel::open(&opts.base)?;
-    let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
-    let plan = match &adapter {
-        Some(a) => MergePlan::new(&base, a)?,
-        None => MergePlan::default(),
-    };
+    let (base, adapter, plan) = open_inputs(opts)?;
     let out = out_tensors(&base, &plan, true);
     let todo: Vec<(&OutTensor, GgmlType)> = out
         .iter()
@@ -538,10 +513,6 @@ pub fn predict_ladder(
             );
             types.sort_by_key(|&ty| size(ty));
             types.dedup();
-            let codec = |e: candle_core::Error| quant::QuantError::Codec {
-                tensor: t.name.clone(),
-                problem: format!("output error: {e}"),
-            };
             let w = &merged.values;
             let mut rungs = Vec::with_capacity(types.len());
             let mut norm2 = None;
@@ -553,19 +524,16 @@ pub fn predict_ladder(
                 })?;
                 let q = quant::dequantize(ty, &bytes, n as usize, &t.name)?;
                 let d: Vec<f32> = q.iter().zip(w).map(|(a, b)| a - b).collect();
+                // ‖WX‖² once per tensor; each rung's error streams alone.
                 let norms = match norm2 {
-                    None => stats.output_norms2(&[w, &d]).map_err(codec)?,
-                    Some(wn) => vec![wn, stats.output_norms2(&[&d]).map_err(codec)?[0]],
+                    None => output_norms2(stats, &t.name, &[w, &d])?,
+                    Some(wn) => vec![wn, output_norms2(stats, &t.name, &[&d])?[0]],
                 };
                 norm2 = Some(norms[0]);
                 rungs.push(Rung {
                     ggml_type: ty,
                     bytes: bytes.len() as u64,
-                    error2: if norms[0] > 0.0 {
-                        norms[1] / norms[0]
-                    } else {
-                        norms[1]
-                    },
+                    error2: relative2(norms[1], norms[0]),
                 });
             }
             stats.reader_done();
@@ -619,6 +587,28 @@ fn start_compensation(
         stream.write_tensor(&names::lora_b(name), &quant::quantize(ty, &b, name)?)?;
     }
     Ok(stream)
+}
+
+/// The base, the adapter (refused when it assumes a modified base, unless
+/// forced) and the plan of what it changes.
+fn open_inputs(
+    opts: &ConvertOptions,
+) -> Result<(BaseModel, Option<PeftAdapter>, MergePlan), ConvertError> {
+    let base = BaseModel::open(&opts.base)?;
+    let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
+    if let Some(a) = &adapter {
+        if let (Some(what), false) = (a.config.modified_base_init(), opts.force) {
+            return Err(ConvertError::ModifiedBase {
+                path: a.dir.join("adapter_config.json"),
+                what,
+            });
+        }
+    }
+    let plan = match &adapter {
+        Some(a) => MergePlan::new(&base, a)?,
+        None => MergePlan::default(),
+    };
+    Ok((base, adapter, plan))
 }
 
 /// Every output path is usable (its folder exists; nothing but a regular file
@@ -734,6 +724,32 @@ fn role(name: &str, n_dims: usize, has_output: bool, n_layers: usize) -> TensorR
             n_layers,
         },
         _ => TensorRole::Other,
+    }
+}
+
+/// ‖E X‖² for each `E` of `each` (rows of the tensor's width), from its
+/// input's statistics.
+fn output_norms2(
+    s: &crate::calib::InputStats,
+    tensor: &str,
+    each: &[&[f32]],
+) -> Result<Vec<f64>, ConvertError> {
+    s.output_norms2(each).map_err(|e| {
+        quant::QuantError::Codec {
+            tensor: tensor.into(),
+            problem: format!("output error: {e}"),
+        }
+        .into()
+    })
+}
+
+/// An error relative to the output's size (both squared); the error itself
+/// when the output is zero.
+fn relative2(err2: f64, norm2: f64) -> f64 {
+    if norm2 > 0.0 {
+        err2 / norm2
+    } else {
+        err2
     }
 }
 
@@ -917,34 +933,9 @@ fn process(
         &sums,
     );
     let qw = whole.unwrap_or_default();
-    if let Some(s) = stats {
-        let codec = |e: candle_core::Error| quant::QuantError::Codec {
-            tensor: t.name.clone(),
-            problem: format!("output error: {e}"),
-        };
-        let w = &merged.values;
-        let diff = |q: &[f32]| -> Vec<f32> { q.iter().zip(w).map(|(a, b)| a - b).collect() };
-        let mut deltas = vec![diff(&qw)];
-        if chosen {
-            let near = quant::quantize(ggml_type, w, &t.name)?;
-            deltas.push(diff(&quant::dequantize(ggml_type, &near, n, &t.name)?));
-        }
-        let mut each: Vec<&[f32]> = vec![w];
-        each.extend(deltas.iter().map(Vec::as_slice));
-        let norms = s.output_norms2(&each).map_err(codec)?;
-        let rel = |e: f64| {
-            if norms[0] > 0.0 {
-                (e / norms[0]).sqrt()
-            } else {
-                e.sqrt()
-            }
-        };
-        report.output_error = Some(rel(norms[1]));
-        report.output_error_nearest = norms.get(2).map(|&e| rel(e));
-    }
+    let w = &merged.values;
     let compensation = match &opts.compensate {
         Some(c) if compensating => {
-            let w = &merged.values;
             let residual: Vec<f32> = w.iter().zip(&qw).map(|(a, q)| a - q).collect();
             let h = match stats.filter(|s| s.has_matrix()) {
                 Some(s) => Some(s.xtx().map_err(|e| ConvertError::Io {
@@ -960,8 +951,25 @@ fn process(
                         tensor: t.name.clone(),
                         problem: format!("compensation: {e}"),
                     })?;
-            if let Some(s) = stats {
-                // The output error left once the pair is added back.
+            Some(lr)
+        }
+        _ => None,
+    };
+    if let Some(s) = stats {
+        // Every error this tensor reports, from one read of its input's XᵀX.
+        let diff = |q: &[f32]| -> Vec<f32> { q.iter().zip(w).map(|(a, b)| a - b).collect() };
+        let mut deltas = vec![diff(&qw)];
+        let nearest_at = if chosen {
+            let near = quant::quantize(ggml_type, w, &t.name)?;
+            deltas.push(diff(&quant::dequantize(ggml_type, &near, n, &t.name)?));
+            Some(deltas.len())
+        } else {
+            None
+        };
+        let compensated_at = match &compensation {
+            Some(lr) => {
+                // Q(W) + B·A − W: what is left once the pair is added back.
+                let k = row_len(t);
                 let mut left = vec![0f32; n];
                 for (r, row) in left.chunks_exact_mut(k).enumerate() {
                     for (c, a) in lr.a.chunks_exact(k).enumerate() {
@@ -973,22 +981,19 @@ fn process(
                         *x = qw[i + j] + *x - w[i + j];
                     }
                 }
-                let norms = s
-                    .output_norms2(&[w, &left])
-                    .map_err(|e| quant::QuantError::Codec {
-                        tensor: t.name.clone(),
-                        problem: format!("output error: {e}"),
-                    })?;
-                report.output_error_compensated = Some(if norms[0] > 0.0 {
-                    (norms[1] / norms[0]).sqrt()
-                } else {
-                    norms[1].sqrt()
-                });
+                deltas.push(left);
+                Some(deltas.len())
             }
-            Some(lr)
-        }
-        _ => None,
-    };
+            None => None,
+        };
+        let mut each: Vec<&[f32]> = vec![w];
+        each.extend(deltas.iter().map(Vec::as_slice));
+        let norms = output_norms2(s, &t.name, &each)?;
+        let rel = |i: usize| relative2(norms[i], norms[0]).sqrt();
+        report.output_error = Some(rel(1));
+        report.output_error_nearest = nearest_at.map(rel);
+        report.output_error_compensated = compensated_at.map(rel);
+    }
     Ok(Processed {
         bytes,
         base_bytes,
@@ -999,15 +1004,18 @@ fn process(
 
 /// The sha256 of a file's bytes, in hex.
 pub fn sha256_file(path: &Path) -> Result<String, ConvertError> {
-    let io = |source| ConvertError::Io {
+    sha256_of(path).map_err(|source| ConvertError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    })
+}
+
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(io)?;
+        let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -1028,15 +1036,7 @@ struct PendingHashes {
 impl PendingHashes {
     fn start(files: Vec<PathBuf>) -> PendingHashes {
         let todo = files.clone();
-        let job = std::thread::spawn(move || {
-            todo.iter()
-                .map(|f| match sha256_file(f) {
-                    Ok(h) => Ok(h),
-                    Err(ConvertError::Io { source, .. }) => Err(source),
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
-                })
-                .collect()
-        });
+        let job = std::thread::spawn(move || todo.iter().map(|f| sha256_of(f)).collect());
         PendingHashes { files, job }
     }
 

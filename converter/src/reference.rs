@@ -10,7 +10,8 @@ use crate::quant::QuantPolicy;
 /// The f32 merged model (and, when asked, the f32 base alone).
 #[derive(Debug)]
 pub struct F32Reference {
-    dir: tempfile::TempDir,
+    // Held for its drop, which removes the folder.
+    _dir: tempfile::TempDir,
     /// W0 + s·B·A in f32.
     pub merged: PathBuf,
     /// W0 in f32, when written.
@@ -48,14 +49,9 @@ impl F32Reference {
             None
         };
         Ok(F32Reference {
-            dir,
+            _dir: dir,
             merged,
             base: base_path,
         })
-    }
-
-    /// The temporary folder.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }

@@ -132,22 +132,6 @@ impl ErrorSums {
 }
 
 impl TensorReport {
-    /// Measure tensor `name`: `w` the exact merge, `qw` its quantized values,
-    /// and for changed tensors `w0`, `q_w0` and the delta `dw`.
-    pub fn measure(
-        name: &str,
-        ggml_type: String,
-        fallback: Option<String>,
-        n_bytes: u64,
-        w: &[f32],
-        qw: &[f32],
-        changed: Option<(&[f32], &[f32], &[f32])>,
-    ) -> TensorReport {
-        let mut sums = ErrorSums::default();
-        sums.add(w, qw, changed);
-        TensorReport::from_sums(name, ggml_type, fallback, n_bytes, &sums)
-    }
-
     /// The report of a tensor whose sums were added run by run.
     pub fn from_sums(
         name: &str,

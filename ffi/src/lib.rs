@@ -570,13 +570,7 @@ pub unsafe extern "C" fn lorafold_detokenize(
             _ if tokens.is_null() => return fail(LORAFOLD_ERR_NULL, "tokens is null"),
             _ => std::slice::from_raw_parts(tokens, n),
         };
-        let vocab = model.core.model.config.vocab;
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return fail(
-                LORAFOLD_ERR_INVALID,
-                format!("token id {bad} is not below the vocabulary size {vocab}"),
-            );
-        }
+        check_ids(ids, model.core.model.config.vocab)?;
         let s = model
             .core
             .tokenizer
@@ -608,6 +602,16 @@ pub extern "C" fn lorafold_sampling_default() -> lorafold_sampling {
         seed: d.seed,
         max_tokens: 256,
         chat: false,
+    }
+}
+
+fn check_ids(ids: &[u32], vocab: usize) -> Outcome<()> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => fail(
+            LORAFOLD_ERR_INVALID,
+            format!("token id {bad} is not below the vocabulary size {vocab}"),
+        ),
+        None => Ok(()),
     }
 }
 
@@ -734,12 +738,7 @@ pub unsafe extern "C" fn lorafold_eval(
             );
         }
         let ids = std::slice::from_raw_parts(tokens, n);
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return fail(
-                LORAFOLD_ERR_INVALID,
-                format!("token id {bad} is not below the vocabulary size {vocab}"),
-            );
-        }
+        check_ids(ids, vocab)?;
         check_room(&s.session, n)?;
         let row = s.session.logits(ids, false)?;
         std::ptr::copy_nonoverlapping(row.as_ptr(), logits, vocab);
