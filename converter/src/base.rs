@@ -2,11 +2,12 @@
 //! folder (config.json + safetensors), seen as GGUF-named f32 tensors.
 
 use lorafold_runtime::gguf::names;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use lorafold_runtime::arch::{qk_permutation, Architecture};
-use lorafold_runtime::gguf::{GgufFile, MetadataValue};
+use lorafold_runtime::gguf::{
+    GgufFile, HyperKey, Hyperparameters, MetadataValue, ShapeOrder, ShapeRules,
+};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -301,17 +302,18 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
     if f.get_str(names::TYPE).as_deref() == Some(names::TYPE_ADAPTER) {
         return Err(bad("this is a LoRA adapter GGUF, not a base model".into()));
     }
-    let key = |k: &str| {
-        f.get_u64(&format!("{arch_name}.{k}"))
-            .ok_or_else(|| bad(format!("missing {arch_name}.{k}")))
+    let h = Hyperparameters::read(&f, &arch_name);
+    let need = |v: Option<u64>, k: HyperKey| {
+        v.ok_or_else(|| bad(format!("missing {}", k.key(&arch_name))))
     };
-    let n_head = key("attention.head_count")? as usize;
+    let n_layers = need(h.block_count, HyperKey::BlockCount)?;
+    let hidden = need(h.embedding_length, HyperKey::EmbeddingLength)?;
+    let n_head = need(h.head_count, HyperKey::HeadCount)?;
+    let ffn = need(h.feed_forward_length, HyperKey::FeedForwardLength)?;
     let shape = Shape {
-        n_layers: key("block_count")? as usize,
-        n_head,
-        n_head_kv: f
-            .get_u64(&format!("{arch_name}.attention.head_count_kv"))
-            .map_or(n_head, |v| v as usize),
+        n_layers: n_layers as usize,
+        n_head: n_head as usize,
+        n_head_kv: h.kv_heads().unwrap_or(n_head) as usize,
     };
     let mut tensors = Vec::new();
     for (index, t) in f.tensors().iter().enumerate() {
@@ -341,38 +343,31 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
             shape.n_head, shape.n_head_kv
         )));
     }
-    let hidden = key("embedding_length")?;
-    let vocab = f
-        .get_u64(&format!("{arch_name}.vocab_size"))
+    let vocab = h
+        .vocab_size
         .or_else(|| {
             f.tensor(names::TOKEN_EMBD)
                 .and_then(|t| t.dims().get(1).copied())
         })
         .unwrap_or(0);
-    let named = |k: &str| format!("{arch_name}.{k}");
-    let hyper = Hyperparameters {
-        values: [
-            shape.n_layers as u64,
+    let hyper = ShapeRules::gguf(
+        &arch_name,
+        [
+            n_layers,
             hidden,
-            n_head as u64,
+            n_head,
             shape.n_head_kv as u64,
-            f.get_u64(&named("attention.key_length"))
-                .unwrap_or(hidden / n_head as u64),
-            key("feed_forward_length")?,
+            h.head_dim().unwrap_or(0),
+            ffn,
             vocab,
         ],
-        names: [
-            named("block_count"),
-            named("embedding_length"),
-            named("attention.head_count"),
-            named("attention.head_count_kv"),
-            named("attention.key_length"),
-            named("feed_forward_length"),
-            named("vocab_size"),
-        ],
-    };
+    );
+    let named: Vec<(&str, &[u64])> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.dims.as_slice()))
+        .collect();
     hyper
-        .check(&tensors, |n| n.to_string(), ShapeOrder::Ggml)
+        .check(&named, str::to_string, ShapeOrder::Ggml)
         .map_err(bad)?;
     let tied_embeddings = f.tensor(names::OUTPUT).is_none();
     Ok(BaseModel {
@@ -401,7 +396,7 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let (part, _) = LAYER_PARTS.iter().find(|(_, hf)| *hf == module)?;
+    let (part, _) = names::BLOCK_PARTS.iter().find(|(_, hf)| *hf == module)?;
     matches!(suffix, "weight" | "bias").then(|| format!("blk.{layer}.{part}.{suffix}"))
 }
 
@@ -418,161 +413,8 @@ pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
     }
     let mut it = gguf.strip_prefix("blk.")?.splitn(3, '.');
     let (layer, part, suffix) = (it.next()?, it.next()?, it.next()?);
-    let (_, module) = LAYER_PARTS.iter().find(|(p, _)| *p == part)?;
+    let (_, module) = names::BLOCK_PARTS.iter().find(|(p, _)| *p == part)?;
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
-}
-
-/// The tensors of every block: llama.cpp's name and the HF module, in llama.cpp's order.
-const LAYER_PARTS: [(&str, &str); 9] = [
-    ("attn_norm", "input_layernorm"),
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-];
-
-/// A hyperparameter that tensor shapes follow from.
-#[derive(Debug, Clone, Copy)]
-enum Setting {
-    Layers,
-    Hidden,
-    Heads,
-    KvHeads,
-    HeadDim,
-    Ffn,
-    Vocab,
-}
-
-/// How shapes are shown in errors: torch order for HF files, ggml's ne for GGUF.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum ShapeOrder {
-    Torch,
-    Ggml,
-}
-
-/// The hyperparameters of a llama-family model, with the names its file gives them.
-struct Hyperparameters {
-    values: [u64; 7],
-    names: [String; 7],
-}
-
-impl Hyperparameters {
-    fn get(&self, s: Setting) -> u64 {
-        self.values[s as usize]
-    }
-
-    /// "'hidden_size' 8 and 'head_dim' 4", for errors.
-    fn describe(&self, settings: &[Setting]) -> String {
-        settings
-            .iter()
-            .map(|&s| format!("'{}' {}", self.names[s as usize], self.get(s)))
-            .collect::<Vec<_>>()
-            .join(" and ")
-    }
-
-    /// The ggml dims (ne) of GGUF tensor `name` and the settings that give
-    /// them, for the tensors whose shape the hyperparameters fix.
-    fn expected(&self, name: &str) -> Option<(Vec<u64>, Vec<Setting>)> {
-        use Setting::*;
-        let h = self.get(Hidden);
-        let q = self.get(Heads).saturating_mul(self.get(HeadDim));
-        let kv = self.get(KvHeads).saturating_mul(self.get(HeadDim));
-        let f = self.get(Ffn);
-        let (dims, settings) = match name {
-            names::TOKEN_EMBD | names::OUTPUT => (vec![h, self.get(Vocab)], vec![Hidden, Vocab]),
-            names::OUTPUT_NORM => (vec![h], vec![Hidden]),
-            "rope_freqs.weight" => (vec![self.get(HeadDim) / 2], vec![HeadDim]),
-            _ => {
-                let mut it = name.strip_prefix("blk.")?.splitn(3, '.');
-                let (_, part, suffix) = (it.next()?, it.next()?, it.next()?);
-                let (dims, settings) = match part {
-                    "attn_norm" | "ffn_norm" => (vec![h], vec![Hidden]),
-                    "attn_q" => (vec![h, q], vec![Hidden, Heads, HeadDim]),
-                    "attn_k" | "attn_v" => (vec![h, kv], vec![Hidden, KvHeads, HeadDim]),
-                    "attn_output" => (vec![q, h], vec![Heads, HeadDim, Hidden]),
-                    "ffn_gate" | "ffn_up" => (vec![h, f], vec![Hidden, Ffn]),
-                    "ffn_down" => (vec![f, h], vec![Ffn, Hidden]),
-                    _ => return None,
-                };
-                match suffix {
-                    "weight" => (dims, settings),
-                    // A bias has one value per output row.
-                    "bias" => (dims[dims.len() - 1..].to_vec(), settings),
-                    _ => return None,
-                }
-            }
-        };
-        Some((dims, settings))
-    }
-
-    /// Every tensor has the shape these hyperparameters give it, every block
-    /// 0..layers has all its tensors, and no tensor lies beyond the last
-    /// block. `shown` turns a GGUF name into the file's own name for errors.
-    fn check(
-        &self,
-        tensors: &[BaseTensor],
-        shown: impl Fn(&str) -> String,
-        order: ShapeOrder,
-    ) -> Result<(), String> {
-        let layers = self.get(Setting::Layers);
-        let show_dims = |d: &[u64]| -> Vec<u64> {
-            match order {
-                ShapeOrder::Torch => d.iter().rev().copied().collect(),
-                ShapeOrder::Ggml => d.to_vec(),
-            }
-        };
-        let by_name: HashMap<&str, &BaseTensor> =
-            tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-        for t in tensors {
-            let layer = t
-                .name
-                .strip_prefix("blk.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|l| l.parse::<u64>().ok());
-            if let Some(l) = layer.filter(|&l| l >= layers) {
-                return Err(format!(
-                    "tensor '{}' is in layer {l}, but {} leaves layers 0..{layers} only",
-                    shown(&t.name),
-                    self.describe(&[Setting::Layers])
-                ));
-            }
-            if let Some((want, settings)) = self.expected(&t.name) {
-                if t.dims != want {
-                    return Err(format!(
-                        "tensor '{}' has shape {:?}, but {} give it {:?}",
-                        shown(&t.name),
-                        show_dims(&t.dims),
-                        self.describe(&settings),
-                        show_dims(&want)
-                    ));
-                }
-            }
-        }
-        let required = [names::TOKEN_EMBD, names::OUTPUT_NORM]
-            .into_iter()
-            .map(str::to_string);
-        // Stops at the first gap, so a huge layer count costs no more than the
-        // tensors present.
-        let per_layer = (0..layers).flat_map(|l| {
-            LAYER_PARTS
-                .iter()
-                .map(move |(part, _)| format!("blk.{l}.{part}.weight"))
-        });
-        for name in required.chain(per_layer) {
-            if !by_name.contains_key(name.as_str()) {
-                return Err(format!(
-                    "tensor '{}' is missing ({} needs it)",
-                    shown(&name),
-                    self.describe(&[Setting::Layers])
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A count in config.json (layers, heads, widths): a positive integer that
@@ -684,26 +526,26 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
                     .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
             ),
         ),
-        (format!("{a}.block_count"), u32_md(n_layers)),
-        (format!("{a}.context_length"), u32_md(context)),
-        (format!("{a}.embedding_length"), u32_md(hidden)),
-        (format!("{a}.feed_forward_length"), u32_md(ffn)),
-        (format!("{a}.attention.head_count"), u32_md(n_head)),
-        (format!("{a}.attention.head_count_kv"), u32_md(n_head_kv)),
+        (HyperKey::BlockCount.key(a), u32_md(n_layers)),
+        (HyperKey::ContextLength.key(a), u32_md(context)),
+        (HyperKey::EmbeddingLength.key(a), u32_md(hidden)),
+        (HyperKey::FeedForwardLength.key(a), u32_md(ffn)),
+        (HyperKey::HeadCount.key(a), u32_md(n_head)),
+        (HyperKey::HeadCountKv.key(a), u32_md(n_head_kv)),
         (
-            format!("{a}.rope.freq_base"),
+            HyperKey::RopeFreqBase.key(a),
             MetadataValue::F32(rope_theta as f32),
         ),
         (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
+            HyperKey::RmsEpsilon.key(a),
             MetadataValue::F32(rms_norm_eps as f32),
         ),
-        (format!("{a}.rope.dimension_count"), u32_md(head_dim)),
-        (format!("{a}.vocab_size"), u32_md(vocab)),
+        (HyperKey::RopeDimensionCount.key(a), u32_md(head_dim)),
+        (HyperKey::VocabSize.key(a), u32_md(vocab)),
     ];
     if head_dim != hidden / n_head {
-        metadata.push((format!("{a}.attention.key_length"), u32_md(head_dim)));
-        metadata.push((format!("{a}.attention.value_length"), u32_md(head_dim)));
+        metadata.push((HyperKey::KeyLength.key(a), u32_md(head_dim)));
+        metadata.push((HyperKey::ValueLength.key(a), u32_md(head_dim)));
     }
     let mut computed = Vec::new();
     match rope_type {
@@ -725,7 +567,7 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
             ));
         }
         "llama3" => computed.push((
-            "rope_freqs.weight".to_string(),
+            names::ROPE_FREQS.to_string(),
             llama3_rope_factors(rope_scaling.unwrap(), rope_theta, head_dim as usize),
         )),
         other => {
@@ -823,9 +665,9 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     }
     found.sort_by_key(|(n, _)| gguf_order(n));
     let tensors: Vec<BaseTensor> = found.into_iter().map(|(_, t)| t).collect();
-    let hyper = Hyperparameters {
-        values: [n_layers, hidden, n_head, n_head_kv, head_dim, ffn, vocab],
-        names: [
+    let hyper = ShapeRules::new(
+        [n_layers, hidden, n_head, n_head_kv, head_dim, ffn, vocab],
+        [
             "num_hidden_layers",
             "hidden_size",
             "num_attention_heads",
@@ -835,10 +677,14 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
             "vocab_size",
         ]
         .map(str::to_string),
-    };
+    );
+    let named: Vec<(&str, &[u64])> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.dims.as_slice()))
+        .collect();
     hyper
         .check(
-            &tensors,
+            &named,
             |n| gguf_to_hf_name(n).unwrap_or_else(|| n.to_string()),
             ShapeOrder::Torch,
         )
@@ -901,7 +747,7 @@ fn gguf_order(name: &str) -> (usize, usize, usize, String) {
     ];
     match name {
         names::TOKEN_EMBD => (0, 0, 0, String::new()),
-        "rope_freqs.weight" => (1, 0, 0, String::new()),
+        names::ROPE_FREQS => (1, 0, 0, String::new()),
         names::OUTPUT_NORM => (3, 0, 0, String::new()),
         names::OUTPUT => (4, 0, 0, String::new()),
         _ => {

@@ -12,7 +12,7 @@ use crate::arch::Architecture;
 use crate::candle_path::{CandleSession, CandleWeights, LoraPair};
 use crate::cpu::{CpuSession, CpuWeights, KvType, StepError};
 use crate::finite::check_finite;
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::{GgufError, GgufFile, HyperKey, Hyperparameters, ShapeOrder, ShapeRules};
 use crate::mapped;
 
 /// An error loading or running a model or adapter.
@@ -159,44 +159,37 @@ impl ModelConfig {
                 format!("unknown architecture '{arch_name}' (llama and qwen2 are supported)"),
             )
         })?;
-        let key = |k: &str| {
-            f.get_u64(&format!("{arch_name}.{k}"))
-                .ok_or_else(|| model_err(f, format!("missing {arch_name}.{k}")))
+        let h = Hyperparameters::read(f, &arch_name);
+        let need = |v: Option<u64>, k: HyperKey| {
+            v.map(|v| v as usize)
+                .ok_or_else(|| model_err(f, format!("missing {}", k.key(&arch_name))))
         };
         // A NaN or non-positive epsilon or RoPE base makes every logit NaN.
-        let positive = |k: &str, default: f64| -> Result<f64, RuntimeError> {
-            let full = format!("{arch_name}.{k}");
-            match f.get_f64(&full) {
-                None => Ok(default),
-                Some(v) if v.is_finite() && v > 0.0 => Ok(v),
-                Some(v) => Err(model_err(
-                    f,
-                    format!("{full} is {v}: it must be finite and > 0"),
-                )),
-            }
+        let positive = |v: Option<f64>, k: HyperKey, default: f64| match v {
+            None => Ok(default),
+            Some(v) if v.is_finite() && v > 0.0 => Ok(v),
+            Some(v) => Err(model_err(
+                f,
+                format!("{} is {v}: it must be finite and > 0", k.key(&arch_name)),
+            )),
         };
-        let dim = key("embedding_length")? as usize;
-        let n_head = key("attention.head_count")? as usize;
-        let head_dim = f
-            .get_u64(&format!("{arch_name}.attention.key_length"))
-            .map_or(dim / n_head.max(1), |v| v as usize);
+        let dim = need(h.embedding_length, HyperKey::EmbeddingLength)?;
+        let n_head = need(h.head_count, HyperKey::HeadCount)?;
         let emb_info = f
             .tensor(names::TOKEN_EMBD)
-            .ok_or_else(|| model_err(f, "missing tensor 'token_embd.weight'".into()))?;
+            .ok_or_else(|| model_err(f, format!("missing tensor '{}'", names::TOKEN_EMBD)))?;
         let vocab = emb_info.dims().get(1).copied().unwrap_or(0) as usize;
         let config = ModelConfig {
             arch,
-            n_layers: key("block_count")? as usize,
+            n_layers: need(h.block_count, HyperKey::BlockCount)?,
             dim,
             n_head,
-            n_head_kv: f
-                .get_u64(&format!("{arch_name}.attention.head_count_kv"))
-                .map_or(n_head, |v| v as usize),
-            head_dim,
-            ffn: key("feed_forward_length")? as usize,
-            context_length: key("context_length")? as usize,
-            rope_base: positive("rope.freq_base", 10000.0)? as f32,
-            rms_eps: positive("attention.layer_norm_rms_epsilon", 1e-5)?,
+            n_head_kv: h.kv_heads().map_or(n_head, |v| v as usize),
+            head_dim: h.head_dim().map_or(0, |v| v as usize),
+            ffn: need(h.feed_forward_length, HyperKey::FeedForwardLength)?,
+            context_length: need(h.context_length, HyperKey::ContextLength)?,
+            rope_base: positive(h.rope_freq_base, HyperKey::RopeFreqBase, 10000.0)? as f32,
+            rms_eps: positive(h.rms_norm_eps, HyperKey::RmsEpsilon, 1e-5)?,
             vocab,
         };
         // Hostile or broken hyperparameters must be errors, not divisions by zero.
@@ -225,83 +218,31 @@ impl ModelConfig {
                 ),
             ));
         }
-        if emb_info.dims() != [dim as u64, vocab as u64] {
-            return Err(model_err(
-                f,
-                format!(
-                    "tensor 'token_embd.weight' has dims {:?}, expected [{dim}, {vocab}]",
-                    emb_info.dims()
-                ),
-            ));
-        }
-        config.check_against_tensors(f, &arch_name)?;
+        // The sizes sessions allocate by are checked against the tensors
+        // present, so a hostile count (block_count 2^40) is an error naming
+        // its key before anything is allocated by it.
+        let rules = ShapeRules::gguf(
+            &arch_name,
+            [
+                config.n_layers,
+                dim,
+                n_head,
+                config.n_head_kv,
+                config.head_dim,
+                config.ffn,
+                vocab,
+            ]
+            .map(|v| v as u64),
+        );
+        let tensors: Vec<(&str, &[u64])> = f
+            .tensors()
+            .iter()
+            .map(|t| (t.name.as_str(), t.dims()))
+            .collect();
+        rules
+            .check(&tensors, str::to_string, ShapeOrder::Ggml)
+            .map_err(|problem| model_err(f, problem))?;
         Ok(config)
-    }
-
-    /// Check the sizes the loader and sessions allocate by against the
-    /// tensors actually present, so a hostile count (block_count 2^40) is an
-    /// error naming its key before anything is allocated by it.
-    fn check_against_tensors(&self, f: &GgufFile, arch: &str) -> Result<(), RuntimeError> {
-        // Each block has at least 9 tensors: a count past that cannot be
-        // real, and the search for a missing block stops there.
-        let blocks_possible = f.tensors().len() / 9;
-        if let Some(missing) = (0..self.n_layers.min(blocks_possible + 1))
-            .map(|i| format!("blk.{i}.attn_q.weight"))
-            .find(|name| f.tensor(name).is_none())
-        {
-            return Err(model_err(
-                f,
-                format!(
-                    "{arch}.block_count is {}, but tensor '{missing}' is missing",
-                    self.n_layers
-                ),
-            ));
-        }
-        if self.n_layers > blocks_possible {
-            return Err(model_err(
-                f,
-                format!(
-                    "{arch}.block_count {} is more than the {} tensors can hold ({blocks_possible} blocks at most)",
-                    self.n_layers,
-                    f.tensors().len()
-                ),
-            ));
-        }
-        let heads = |count: usize, count_key: &str, tensor: &str| {
-            let rows = f.tensor(tensor).and_then(|t| t.dims().get(1).copied());
-            let want = count.checked_mul(self.head_dim).map(|n| n as u64);
-            if want.is_none() || rows.is_some_and(|r| Some(r) != want) {
-                return Err(model_err(
-                    f,
-                    format!(
-                        "{arch}.{count_key} {count} x head width {} ({arch}.attention.key_length, or embedding_length / head_count) does not match tensor '{tensor}' ({} rows)",
-                        self.head_dim,
-                        rows.map_or("no".into(), |r| r.to_string())
-                    ),
-                ));
-            }
-            Ok(())
-        };
-        heads(self.n_head, "attention.head_count", "blk.0.attn_q.weight")?;
-        heads(
-            self.n_head_kv,
-            "attention.head_count_kv",
-            "blk.0.attn_k.weight",
-        )?;
-        let gate = f
-            .tensor("blk.0.ffn_gate.weight")
-            .and_then(|t| t.dims().get(1).copied());
-        if gate.is_some_and(|g| g != self.ffn as u64) {
-            return Err(model_err(
-                f,
-                format!(
-                    "{arch}.feed_forward_length {} does not match tensor 'blk.0.ffn_gate.weight' ({} rows)",
-                    self.ffn,
-                    gate.unwrap_or(0)
-                ),
-            ));
-        }
-        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::gguf::names;
 use serde::Serialize;
 
-use crate::gguf::{GgufFile, MetadataValue};
+use crate::gguf::{GgufFile, Hyperparameters, MetadataValue};
 
 /// A GGUF file described for people and pipelines.
 #[derive(Debug, Clone, Serialize)]
@@ -20,7 +20,7 @@ pub struct GgufSummary {
     pub architecture: Option<String>,
     /// `general.name`.
     pub name: Option<String>,
-    /// The architecture's hyperparameters.
+    /// The architecture's hyperparameters; the vocabulary falls back to the tokenizer's.
     pub hyperparameters: Hyperparameters,
     /// The tokenizer, if the file carries one.
     pub tokenizer: Option<TokenizerSummary>,
@@ -34,31 +34,6 @@ pub struct GgufSummary {
     pub by_type: Vec<TypeTotals>,
     /// Every metadata key with a short rendering of its value (arrays as type and length).
     pub metadata: Vec<(String, String)>,
-}
-
-/// The llama.cpp hyperparameters, read from `<arch>.*` keys.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Hyperparameters {
-    /// `<arch>.block_count`
-    pub block_count: Option<u64>,
-    /// `<arch>.context_length`
-    pub context_length: Option<u64>,
-    /// `<arch>.embedding_length`
-    pub embedding_length: Option<u64>,
-    /// `<arch>.feed_forward_length`
-    pub feed_forward_length: Option<u64>,
-    /// `<arch>.attention.head_count`
-    pub head_count: Option<u64>,
-    /// `<arch>.attention.head_count_kv`
-    pub head_count_kv: Option<u64>,
-    /// `<arch>.rope.dimension_count`
-    pub rope_dimension_count: Option<u64>,
-    /// `<arch>.rope.freq_base`
-    pub rope_freq_base: Option<f64>,
-    /// `<arch>.attention.layer_norm_rms_epsilon`
-    pub rms_norm_eps: Option<f64>,
-    /// `<arch>.vocab_size`, or the tokenizer's vocabulary size.
-    pub vocab_size: Option<u64>,
 }
 
 /// The tokenizer carried as `tokenizer.ggml.*` metadata.
@@ -150,7 +125,6 @@ impl GgufSummary {
     /// Describe `file`.
     pub fn of(file: &GgufFile) -> GgufSummary {
         let arch = file.get_str(names::ARCHITECTURE).map(|s| s.into_owned());
-        let a = |k: &str| format!("{}.{k}", arch.as_deref().unwrap_or("_"));
         let tokenizer = file
             .get("tokenizer.ggml.tokens")
             .map(|tokens| TokenizerSummary {
@@ -170,20 +144,10 @@ impl GgufSummary {
                     .collect(),
                 chat_template: file.get("tokenizer.chat_template").is_some(),
             });
-        let hyperparameters = Hyperparameters {
-            block_count: file.get_u64(&a("block_count")),
-            context_length: file.get_u64(&a("context_length")),
-            embedding_length: file.get_u64(&a("embedding_length")),
-            feed_forward_length: file.get_u64(&a("feed_forward_length")),
-            head_count: file.get_u64(&a("attention.head_count")),
-            head_count_kv: file.get_u64(&a("attention.head_count_kv")),
-            rope_dimension_count: file.get_u64(&a("rope.dimension_count")),
-            rope_freq_base: file.get_f64(&a("rope.freq_base")),
-            rms_norm_eps: file.get_f64(&a("attention.layer_norm_rms_epsilon")),
-            vocab_size: file
-                .get_u64(&a("vocab_size"))
-                .or(tokenizer.as_ref().map(|t| t.vocab_size as u64)),
-        };
+        let mut hyperparameters = Hyperparameters::read(file, arch.as_deref().unwrap_or("_"));
+        hyperparameters.vocab_size = hyperparameters
+            .vocab_size
+            .or(tokenizer.as_ref().map(|t| t.vocab_size as u64));
         let kind = file
             .get_str(names::TYPE)
             .map_or("model".to_string(), |s| s.into_owned());

@@ -99,8 +99,9 @@ impl Tokenizer {
         {
             if tokens.len() as u64 > rows {
                 return Err(err(format!(
-                    "{} tokens but tensor 'token_embd.weight' has {rows} rows",
-                    tokens.len()
+                    "{} tokens but tensor '{}' has {rows} rows",
+                    tokens.len(),
+                    names::TOKEN_EMBD
                 )));
             }
         }

@@ -527,12 +527,12 @@ fn hyperparameters_that_run_to_garbage_name_the_file_and_key() {
         (
             "llama.block_count",
             MetadataValue::U32(1 << 28),
-            "llama.block_count is 268435456",
+            "'llama.block_count' 268435456",
         ),
         (
             "llama.block_count",
             MetadataValue::U64(1 << 40),
-            "llama.block_count is 1099511627776",
+            "'llama.block_count' 1099511627776",
         ),
         ("llama.block_count", MetadataValue::U32(3), "blk.2"),
         (

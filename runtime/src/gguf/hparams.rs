@@ -1,0 +1,294 @@
+//! llama.cpp's `<arch>.*` hyperparameters: their keys, the one reader the
+//! model loader, the converter and inspect share, and the tensor shapes that
+//! follow from them, checked the same way for a GGUF model and an HF folder.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use super::{names, GgufFile};
+
+/// A hyperparameter; its GGUF key is `<arch>.` followed by [`HyperKey::suffix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HyperKey {
+    /// Transformer blocks.
+    BlockCount,
+    /// Training context length.
+    ContextLength,
+    /// Model width.
+    EmbeddingLength,
+    /// Feed-forward width.
+    FeedForwardLength,
+    /// Query heads.
+    HeadCount,
+    /// Key/value heads (grouped-query attention).
+    HeadCountKv,
+    /// Per-head key width, when it is not width / heads.
+    KeyLength,
+    /// Per-head value width, when it is not width / heads.
+    ValueLength,
+    /// Rotated dimensions per head.
+    RopeDimensionCount,
+    /// RoPE base frequency.
+    RopeFreqBase,
+    /// RMSNorm epsilon.
+    RmsEpsilon,
+    /// Vocabulary size.
+    VocabSize,
+}
+
+impl HyperKey {
+    /// The key after `<arch>.`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            HyperKey::BlockCount => "block_count",
+            HyperKey::ContextLength => "context_length",
+            HyperKey::EmbeddingLength => "embedding_length",
+            HyperKey::FeedForwardLength => "feed_forward_length",
+            HyperKey::HeadCount => "attention.head_count",
+            HyperKey::HeadCountKv => "attention.head_count_kv",
+            HyperKey::KeyLength => "attention.key_length",
+            HyperKey::ValueLength => "attention.value_length",
+            HyperKey::RopeDimensionCount => "rope.dimension_count",
+            HyperKey::RopeFreqBase => "rope.freq_base",
+            HyperKey::RmsEpsilon => "attention.layer_norm_rms_epsilon",
+            HyperKey::VocabSize => "vocab_size",
+        }
+    }
+
+    /// The full key for architecture `arch`.
+    pub fn key(self, arch: &str) -> String {
+        format!("{arch}.{}", self.suffix())
+    }
+}
+
+/// The hyperparameters a GGUF file states; `None` where its key is absent.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Hyperparameters {
+    /// `<arch>.block_count`
+    pub block_count: Option<u64>,
+    /// `<arch>.context_length`
+    pub context_length: Option<u64>,
+    /// `<arch>.embedding_length`
+    pub embedding_length: Option<u64>,
+    /// `<arch>.feed_forward_length`
+    pub feed_forward_length: Option<u64>,
+    /// `<arch>.attention.head_count`
+    pub head_count: Option<u64>,
+    /// `<arch>.attention.head_count_kv`
+    pub head_count_kv: Option<u64>,
+    /// `<arch>.attention.key_length`
+    pub key_length: Option<u64>,
+    /// `<arch>.rope.dimension_count`
+    pub rope_dimension_count: Option<u64>,
+    /// `<arch>.rope.freq_base`
+    pub rope_freq_base: Option<f64>,
+    /// `<arch>.attention.layer_norm_rms_epsilon`
+    pub rms_norm_eps: Option<f64>,
+    /// `<arch>.vocab_size`
+    pub vocab_size: Option<u64>,
+}
+
+impl Hyperparameters {
+    /// Read `<arch>.*` from `file`.
+    pub fn read(file: &GgufFile, arch: &str) -> Hyperparameters {
+        let int = |k: HyperKey| file.get_u64(&k.key(arch));
+        let real = |k: HyperKey| file.get_f64(&k.key(arch));
+        Hyperparameters {
+            block_count: int(HyperKey::BlockCount),
+            context_length: int(HyperKey::ContextLength),
+            embedding_length: int(HyperKey::EmbeddingLength),
+            feed_forward_length: int(HyperKey::FeedForwardLength),
+            head_count: int(HyperKey::HeadCount),
+            head_count_kv: int(HyperKey::HeadCountKv),
+            key_length: int(HyperKey::KeyLength),
+            rope_dimension_count: int(HyperKey::RopeDimensionCount),
+            rope_freq_base: real(HyperKey::RopeFreqBase),
+            rms_norm_eps: real(HyperKey::RmsEpsilon),
+            vocab_size: int(HyperKey::VocabSize),
+        }
+    }
+
+    /// Key/value heads: `head_count_kv`, or as many as query heads.
+    pub fn kv_heads(&self) -> Option<u64> {
+        self.head_count_kv.or(self.head_count)
+    }
+
+    /// Per-head width: `key_length`, or width / heads.
+    pub fn head_dim(&self) -> Option<u64> {
+        self.key_length.or_else(|| {
+            let heads = self.head_count?.max(1);
+            Some(self.embedding_length? / heads)
+        })
+    }
+}
+
+/// A hyperparameter that tensor shapes follow from.
+#[derive(Debug, Clone, Copy)]
+pub enum ShapeSetting {
+    /// Blocks.
+    Layers,
+    /// Width.
+    Hidden,
+    /// Query heads.
+    Heads,
+    /// Key/value heads.
+    KvHeads,
+    /// Per-head width.
+    HeadDim,
+    /// Feed-forward width.
+    Ffn,
+    /// Vocabulary.
+    Vocab,
+}
+
+/// How shapes are shown in errors: torch order for HF files, ggml's ne for GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapeOrder {
+    /// Outermost dimension first, as PyTorch and safetensors write them.
+    Torch,
+    /// ggml's `ne`, innermost first.
+    Ggml,
+}
+
+/// The hyperparameters of a llama-family model that fix its tensors'
+/// shapes, each with the name its file gives it (for errors).
+#[derive(Debug, Clone)]
+pub struct ShapeRules {
+    values: [u64; 7],
+    names: [String; 7],
+}
+
+impl ShapeRules {
+    /// Values and names in [`ShapeSetting`] order: layers, hidden, heads,
+    /// key/value heads, head width, feed-forward width, vocabulary.
+    pub fn new(values: [u64; 7], names: [String; 7]) -> ShapeRules {
+        ShapeRules { values, names }
+    }
+
+    /// Rules named by GGUF keys (`llama.block_count`, ...), for a GGUF model.
+    pub fn gguf(arch: &str, values: [u64; 7]) -> ShapeRules {
+        let keys = [
+            HyperKey::BlockCount,
+            HyperKey::EmbeddingLength,
+            HyperKey::HeadCount,
+            HyperKey::HeadCountKv,
+            HyperKey::KeyLength,
+            HyperKey::FeedForwardLength,
+            HyperKey::VocabSize,
+        ];
+        ShapeRules::new(values, keys.map(|k| k.key(arch)))
+    }
+
+    fn get(&self, s: ShapeSetting) -> u64 {
+        self.values[s as usize]
+    }
+
+    /// "'hidden_size' 8 and 'head_dim' 4", for errors.
+    fn describe(&self, settings: &[ShapeSetting]) -> String {
+        settings
+            .iter()
+            .map(|&s| format!("'{}' {}", self.names[s as usize], self.get(s)))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+
+    /// The ggml dims (ne) of GGUF tensor `name` and the settings that give
+    /// them, for the tensors whose shape the hyperparameters fix.
+    fn expected(&self, name: &str) -> Option<(Vec<u64>, Vec<ShapeSetting>)> {
+        use ShapeSetting::*;
+        let h = self.get(Hidden);
+        let q = self.get(Heads).saturating_mul(self.get(HeadDim));
+        let kv = self.get(KvHeads).saturating_mul(self.get(HeadDim));
+        let f = self.get(Ffn);
+        let (dims, settings) = match name {
+            names::TOKEN_EMBD | names::OUTPUT => (vec![h, self.get(Vocab)], vec![Hidden, Vocab]),
+            names::OUTPUT_NORM => (vec![h], vec![Hidden]),
+            names::ROPE_FREQS => (vec![self.get(HeadDim) / 2], vec![HeadDim]),
+            _ => {
+                let mut it = name.strip_prefix("blk.")?.splitn(3, '.');
+                let (_, part, suffix) = (it.next()?, it.next()?, it.next()?);
+                let (dims, settings) = match part {
+                    "attn_norm" | "ffn_norm" => (vec![h], vec![Hidden]),
+                    "attn_q" => (vec![h, q], vec![Hidden, Heads, HeadDim]),
+                    "attn_k" | "attn_v" => (vec![h, kv], vec![Hidden, KvHeads, HeadDim]),
+                    "attn_output" => (vec![q, h], vec![Heads, HeadDim, Hidden]),
+                    "ffn_gate" | "ffn_up" => (vec![h, f], vec![Hidden, Ffn]),
+                    "ffn_down" => (vec![f, h], vec![Ffn, Hidden]),
+                    _ => return None,
+                };
+                match suffix {
+                    "weight" => (dims, settings),
+                    // A bias has one value per output row.
+                    "bias" => (dims[dims.len() - 1..].to_vec(), settings),
+                    _ => return None,
+                }
+            }
+        };
+        Some((dims, settings))
+    }
+
+    /// Every tensor (GGUF name, ggml dims) has the shape these
+    /// hyperparameters give it, every block 0..layers has all its tensors,
+    /// and no tensor lies beyond the last block. `shown` turns a GGUF name
+    /// into the file's own name for errors.
+    pub fn check(
+        &self,
+        tensors: &[(&str, &[u64])],
+        shown: impl Fn(&str) -> String,
+        order: ShapeOrder,
+    ) -> Result<(), String> {
+        let layers = self.get(ShapeSetting::Layers);
+        let show_dims = |d: &[u64]| -> Vec<u64> {
+            match order {
+                ShapeOrder::Torch => d.iter().rev().copied().collect(),
+                ShapeOrder::Ggml => d.to_vec(),
+            }
+        };
+        for &(name, dims) in tensors {
+            let layer = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<u64>().ok());
+            if let Some(l) = layer.filter(|&l| l >= layers) {
+                return Err(format!(
+                    "tensor '{}' is in layer {l}, but {} leaves layers 0..{layers} only",
+                    shown(name),
+                    self.describe(&[ShapeSetting::Layers])
+                ));
+            }
+            if let Some((want, settings)) = self.expected(name) {
+                if dims != want {
+                    return Err(format!(
+                        "tensor '{}' has shape {:?}, but {} give it {:?}",
+                        shown(name),
+                        show_dims(dims),
+                        self.describe(&settings),
+                        show_dims(&want)
+                    ));
+                }
+            }
+        }
+        let present: HashSet<&str> = tensors.iter().map(|&(n, _)| n).collect();
+        let required = [names::TOKEN_EMBD, names::OUTPUT_NORM]
+            .into_iter()
+            .map(str::to_string);
+        // Stops at the first gap, so a huge layer count costs no more than the
+        // tensors present.
+        let per_layer = (0..layers).flat_map(|l| {
+            names::BLOCK_PARTS
+                .iter()
+                .map(move |(part, _)| format!("blk.{l}.{part}.weight"))
+        });
+        for name in required.chain(per_layer) {
+            if !present.contains(name.as_str()) {
+                return Err(format!(
+                    "tensor '{}' is missing ({} needs it)",
+                    shown(&name),
+                    self.describe(&[ShapeSetting::Layers])
+                ));
+            }
+        }
+        Ok(())
+    }
+}
