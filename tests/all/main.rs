@@ -1,7 +1,9 @@
 //! The end-to-end tests, one module per concern, linked into one test
 //! binary (ripgrep's layout): every binary links candle and the runtime,
 //! and linking them once instead of once per file is most of what a clean
-//! `cargo test` spends outside compiling. Three files keep binaries of
+//! `cargo test` spends outside compiling. The converter's own tests (merge
+//! math against PEFT, quantized bytes against ggml, the GGUF writer) are in
+//! converter/tests/all. Three files keep binaries of
 //! their own because they measure the whole process, which tests running
 //! beside them would move: runtime_memory.rs (resident memory), engine.rs
 //! and gguf_hostile.rs (heap allocations, through a counting allocator).
@@ -20,9 +22,7 @@ mod hostile_convert;
 mod hostile_run;
 mod inspect_cli;
 mod llama_cpp_compat;
-mod merge_tiny_llama;
 mod output_safety;
-mod quant_reference;
 mod run_cli;
 mod runtime;
 mod runtime_llama_cpp;

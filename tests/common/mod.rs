@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The repository root.
+/// The repository root (these helpers serve the root package's tests and the converter's).
 pub fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .find(|p| p.join("scripts/fetch-smollm2.sh").is_file())
+        .unwrap_or(here)
 }
 
 fn script_output(script: &str, args: &[&str]) -> PathBuf {
@@ -95,7 +98,10 @@ pub fn run_python_with(python: &Path, code: &str, args: &[&Path]) -> String {
 
 /// The `lorafold` binary built for this test run.
 pub fn lorafold() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lorafold"))
+    Command::new(
+        option_env!("CARGO_BIN_EXE_lorafold")
+            .expect("the lorafold binary is built for the root package's tests only"),
+    )
 }
 
 /// A small deterministic generator for test data (xorshift64*).
