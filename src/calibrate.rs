@@ -12,7 +12,7 @@ use lorafold_runtime::path_spec::PathSpec;
 use crate::run::{device, set_threads};
 
 /// Tokens per window (a longer line is split), here and in `convert --calib-text`.
-pub const DEFAULT_CTX: usize = 128;
+use lorafold_converter::reference::DEFAULT_CTX;
 
 /// Arguments of `lorafold calibrate`.
 #[derive(clap::Args)]

@@ -14,9 +14,8 @@ use lorafold_converter::convert::{
 };
 use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
 use lorafold_converter::quant::QuantPolicy;
-use lorafold_converter::reference::F32Reference;
+use lorafold_converter::reference::TextCalibration;
 use lorafold_converter::report::{ConvertReport, TensorReport};
-use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::gguf::GgmlType;
 
 /// Arguments of `lorafold convert`.
@@ -115,18 +114,9 @@ pub struct ConvertArgs {
     quiet: bool,
 }
 
-/// What `--calib-text` makes: the statistics, the f32 models they were
-/// taken from (kept for a drift budget) and the text's windows.
-struct TextCalibration {
-    stats: CalibStats,
-    reference: F32Reference,
-    windows: Vec<Vec<u32>>,
-}
-
-/// Statistics of the f32 merged model over `text`, one window per line.
+/// Statistics of the f32 merged model over `text`, one window per line,
+/// with the f32 reference written beside the output.
 fn calibrate_in_run(args: &ConvertArgs, text: &Path, with_base: bool) -> Result<TextCalibration> {
-    let words = std::fs::read_to_string(text)
-        .with_context(|| format!("{}: cannot read the calibration text", text.display()))?;
     let beside = args
         .output
         .as_deref()
@@ -134,27 +124,21 @@ fn calibrate_in_run(args: &ConvertArgs, text: &Path, with_base: bool) -> Result<
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(std::env::temp_dir, Path::to_path_buf);
     let start = std::time::Instant::now();
-    let reference = F32Reference::write(&args.base, args.adapter.as_deref(), &beside, with_base)?;
-    let model = lorafold_runtime::model::Model::load(
-        &reference.merged,
-        &crate::run::device(DeviceSpec::Cpu)?,
+    let c = TextCalibration::over_text(
+        &args.base,
+        args.adapter.as_deref(),
+        text,
+        &beside,
+        with_base,
     )?;
-    let (mut stats, windows) =
-        CalibStats::over_text(&model, &words, true, crate::calibrate::DEFAULT_CTX)
-            .with_context(|| text.display().to_string())?;
-    stats.source_sha256 = Some(lorafold_converter::convert::sha256_file(text)?);
     eprintln!(
         "calibrated on {}: {} tokens in {} lines ({:.1} s)",
         text.display(),
-        stats.tokens,
-        windows.len(),
+        c.stats.tokens,
+        c.windows.len(),
         start.elapsed().as_secs_f64()
     );
-    Ok(TextCalibration {
-        stats,
-        reference,
-        windows,
-    })
+    Ok(c)
 }
 
 fn parse_ggml_type(s: &str) -> Result<GgmlType, String> {
@@ -196,12 +180,7 @@ enum RoundingArg {
 
 /// Run `lorafold convert`.
 pub fn run(args: &ConvertArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up threads")?;
-    }
+    crate::run::set_threads(args.threads)?;
     if let Some(p) = &args.report {
         check_file_destination(p)?;
     }
@@ -288,13 +267,11 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         force: args.force,
         max_rel_error: args.max_rel_error,
         min_retention: args.min_retention,
-        rounding: match (args.rounding, &calib) {
-            (Some(RoundingArg::Nearest), _) => Rounding::Nearest,
-            (Some(RoundingArg::Imatrix), _) => Rounding::Imatrix,
-            (Some(RoundingArg::Gptq), _) => Rounding::Gptq,
-            (None, None) => Rounding::Nearest,
-            (None, Some(c)) if c.has_matrices() => Rounding::Gptq,
-            (None, Some(_)) => Rounding::Imatrix,
+        rounding: match args.rounding {
+            Some(RoundingArg::Nearest) => Rounding::Nearest,
+            Some(RoundingArg::Imatrix) => Rounding::Imatrix,
+            Some(RoundingArg::Gptq) => Rounding::Gptq,
+            None => Rounding::best_for(calib.as_deref()),
         },
         damp: args.damp,
         act_order: args.act_order,

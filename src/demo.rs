@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::quant::QuantPolicy;
-use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
+use lorafold_runtime::generate::complete;
 use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -111,24 +111,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let dev = Device::Cpu;
     let mut answers = Vec::new();
     for (name, p) in &paths {
-        let model = p.load(&dev)?;
-        let tok = Tokenizer::from_gguf(model.file())?;
-        let ids = tok.encode(PROMPT).map_err(anyhow::Error::msg)?;
-        let mut s = model.session(ids.len() + 32)?;
-        let (outp, _) = generate(
-            &mut s,
-            &tok,
-            &ids,
-            24,
-            &mut Sampler::new(SamplerConfig::default()),
-            &["\n".to_string()],
-            &mut |_| true,
-        )?;
-        let answer = tok
-            .decode(&outp)
-            .map_err(anyhow::Error::msg)?
-            .trim_end()
-            .to_string();
+        let answer = complete(&p.load(&dev)?, PROMPT, 24, &["\n".to_string()])?;
         println!("{name:<18} {PROMPT}{answer}");
         answers.push(answer);
     }
@@ -148,23 +131,17 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     drop(cands);
 
     eprintln!("[5/5] latency: 64-token prompt, 32 tokens decoded, 3 runs each");
+    let reference_perplexity = drift.first().and_then(|d| d.drift.perplexity_reference);
+    // The reference has no drift row of its own.
+    let drifts = std::iter::once(None).chain(drift.into_iter().map(Some));
     let mut results = Vec::new();
-    for (i, ((name, p), answer)) in paths.iter().zip(answers).enumerate() {
-        let file_bytes = p.file_bytes();
+    for (((name, p), answer), drift) in paths.iter().zip(answers).zip(drifts) {
         results.push(PathResult {
             name: name.clone(),
             path: p.to_string(),
             answer,
-            file_bytes,
-            drift: if i == 0 {
-                None
-            } else {
-                drift.get(i - 1).map(|d| DriftRow {
-                    name: d.name.clone(),
-                    path: d.path.clone(),
-                    drift: d.drift.clone(),
-                })
-            },
+            file_bytes: p.file_bytes(),
+            drift,
             latency: bench_path(p, &dev, 64, 32, 3, Default::default())?,
         });
     }
@@ -182,7 +159,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             d.map_or("ref".into(), |d| format!("{:.2e}", d.kl_mean)),
             d.map_or("-".into(), |d| format!("{:.1}%", 100.0 * d.top1_agreement)),
             d.and_then(|d| d.perplexity)
-                .or_else(|| drift.first().and_then(|d| d.drift.perplexity_reference))
+                .or(reference_perplexity)
                 .map_or("-".into(), |p| format!("{p:.3}")),
             d.and_then(|d| d.gain_retained)
                 .map_or("100%".into(), |g| format!("{:.1}%", 100.0 * g)),

@@ -10,7 +10,7 @@ use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::lora::LoraAdapter;
-use lorafold_runtime::model::{check_threads, Model, SessionOptions};
+use lorafold_runtime::model::{use_threads, Model, SessionOptions};
 use lorafold_runtime::path_spec::AdapterSpec;
 use lorafold_runtime::tokenizer::Tokenizer;
 
@@ -74,19 +74,9 @@ pub fn device(spec: DeviceSpec) -> Result<Device> {
     })
 }
 
-/// Set the CPU thread count before any work starts (checked first: rayon
-/// would start every thread asked for).
+/// Set the CPU thread count before any work starts.
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(n) = threads {
-        check_threads(n)?;
-        // candle's kernels size their work by RAYON_NUM_THREADS.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up threads")?;
-    }
-    Ok(())
+    threads.map_or(Ok(()), |n| Ok(use_threads(n)?))
 }
 
 /// Run `lorafold run`.

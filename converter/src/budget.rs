@@ -290,8 +290,10 @@ pub fn convert_within(
     })?;
     let predict_seconds = start.elapsed().as_secs_f64();
     let load = |p: &Path| {
-        Model::load(p, &Device::Cpu)
-            .map_err(|e| ConvertError::Usage(format!("{}: {e}", p.display())))
+        Model::load(p, &Device::Cpu).map_err(|e| ConvertError::Measure {
+            path: p.to_path_buf(),
+            problem: e.to_string(),
+        })
     };
     let reference = load(&budget.reference)?;
     let base = budget.base_reference.as_deref().map(load).transpose()?;
@@ -330,7 +332,10 @@ pub fn convert_within(
         )?;
         let model = load(&candidate)?;
         let measured = drift(&reference, &[&model], base.as_ref(), &budget.windows)
-            .map_err(|e| ConvertError::Usage(format!("measuring drift: {e}")))?
+            .map_err(|e| ConvertError::Measure {
+                path: candidate.clone(),
+                problem: format!("measuring drift: {e}"),
+            })?
             .remove(0);
         drop(model);
         let value = budget.target.value(&measured);

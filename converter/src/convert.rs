@@ -72,6 +72,14 @@ pub enum ConvertError {
         #[source]
         source: std::io::Error,
     },
+    /// Running an f32 reference or a candidate over the calibration text failed.
+    #[error("{path}: {problem}")]
+    Measure {
+        /// the model or text
+        path: PathBuf,
+        /// what went wrong
+        problem: String,
+    },
     /// --max-rel-error or --min-retention was broken; nothing was written.
     #[error("{0}; no output written")]
     Budget(String, Box<ConvertReport>),
@@ -163,6 +171,16 @@ pub enum Rounding {
 }
 
 impl Rounding {
+    /// The best rounding the statistics allow: GPTQ with whole matrices,
+    /// importance weighting with diagonals (an imatrix), ggml's without.
+    pub fn best_for(calib: Option<&crate::calib::CalibStats>) -> Rounding {
+        match calib {
+            None => Rounding::Nearest,
+            Some(c) if c.has_matrices() => Rounding::Gptq,
+            Some(_) => Rounding::Imatrix,
+        }
+    }
+
     /// The name used on the command line and in provenance.
     pub fn name(self) -> &'static str {
         match self {

@@ -4,8 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::convert::{convert, ConvertError, ConvertOptions};
+use candle_core::Device;
+use lorafold_runtime::model::Model;
+
+use crate::calib::CalibStats;
+use crate::convert::{convert, sha256_file, ConvertError, ConvertOptions};
 use crate::quant::QuantPolicy;
+
+/// Tokens per window when a text is not split by lines (`lorafold calibrate`'s default).
+pub const DEFAULT_CTX: usize = 128;
 
 /// The f32 merged model (and, when asked, the f32 base alone).
 #[derive(Debug)]
@@ -52,6 +59,52 @@ impl F32Reference {
             _dir: dir,
             merged,
             base: base_path,
+        })
+    }
+}
+
+/// What calibrating on a text inside a conversion makes: the statistics, the
+/// f32 models they were taken from (kept for a drift budget) and the text's
+/// windows (one per line).
+#[derive(Debug)]
+pub struct TextCalibration {
+    /// XᵀX of the f32 merged model over the text, with the text's sha256.
+    pub stats: CalibStats,
+    /// The f32 merged (and base) model.
+    pub reference: F32Reference,
+    /// The text's token windows, one per non-empty line.
+    pub windows: Vec<Vec<u32>>,
+}
+
+impl TextCalibration {
+    /// Write the f32 reference of `base` + `adapter` into `beside` (with the
+    /// f32 base when `with_base`) and collect its statistics over the text
+    /// in `text`, a window per line.
+    pub fn over_text(
+        base: &Path,
+        adapter: Option<&Path>,
+        text: &Path,
+        beside: &Path,
+        with_base: bool,
+    ) -> Result<TextCalibration, ConvertError> {
+        let words = std::fs::read_to_string(text).map_err(|source| ConvertError::Io {
+            path: text.to_path_buf(),
+            source,
+        })?;
+        let reference = F32Reference::write(base, adapter, beside, with_base)?;
+        let measure = |path: &Path, problem: String| ConvertError::Measure {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let model = Model::load(&reference.merged, &Device::Cpu)
+            .map_err(|e| measure(&reference.merged, e.to_string()))?;
+        let (mut stats, windows) = CalibStats::over_text(&model, &words, true, DEFAULT_CTX)
+            .map_err(|e| measure(text, e.to_string()))?;
+        stats.source_sha256 = Some(sha256_file(text)?);
+        Ok(TextCalibration {
+            stats,
+            reference,
+            windows,
         })
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::model::{RuntimeError, Session};
+use crate::model::{Model, RuntimeError, Session};
 use crate::tokenizer::Tokenizer;
 
 /// How the next token is chosen.
@@ -253,4 +253,35 @@ pub fn generate(
     stats.generated = out.len();
     stats.decode = decode_start.elapsed();
     Ok((out, stats))
+}
+
+/// The greedy continuation of `prompt` (raw text, no chat template): up to
+/// `max_new` tokens, ending at end-of-turn or a `stop` string, trimmed.
+pub fn complete(
+    model: &Model,
+    prompt: &str,
+    max_new: usize,
+    stop: &[String],
+) -> Result<String, RuntimeError> {
+    let tok_err = |e: &dyn std::fmt::Display| RuntimeError::Model {
+        path: model.file().path().to_string(),
+        problem: e.to_string(),
+    };
+    let tok = Tokenizer::from_gguf(model.file()).map_err(|e| tok_err(&e))?;
+    let ids = tok.encode(prompt).map_err(|e| tok_err(&e))?;
+    let mut session = model.session(ids.len() + max_new)?;
+    let (out, _) = generate(
+        &mut session,
+        &tok,
+        &ids,
+        max_new,
+        &mut Sampler::new(SamplerConfig::default()),
+        stop,
+        &mut |_| true,
+    )?;
+    Ok(tok
+        .decode(&out)
+        .map_err(|e| tok_err(&e))?
+        .trim_end()
+        .to_string())
 }

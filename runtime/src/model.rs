@@ -107,6 +107,19 @@ pub fn check_threads(threads: usize) -> Result<usize, RuntimeError> {
     ))
 }
 
+/// Size the process's CPU work to `threads` before any work starts: the
+/// count is checked first (rayon would start every thread asked for), then
+/// candle's kernels (by `RAYON_NUM_THREADS`) and rayon's global pool, which
+/// the converter uses, are set. Once per process.
+pub fn use_threads(threads: usize) -> Result<(), RuntimeError> {
+    check_threads(threads)?;
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| out_of_range("threads", threads, format!("set once per process ({e})")))
+}
+
 /// Hyperparameters read from `<arch>.*`.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
