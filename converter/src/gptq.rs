@@ -105,21 +105,9 @@ pub fn inverse_cholesky(
     inverse_cholesky_any(h, k, damp)
 }
 
-fn inverse_cholesky_any(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; the body is the portable code, compiled
-        // with 256-bit vectors (every loop an axpy: same operations, same
-        // order, same bits). Measured 2.3x faster on SmolLM2's factors.
-        return unsafe { inverse_cholesky_avx2(h, k, damp) };
-    }
-    inverse_cholesky_portable(h, k, damp)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn inverse_cholesky_avx2(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> {
-    inverse_cholesky_portable(h, k, damp)
+crate::simd::avx2_or_portable! {
+    fn inverse_cholesky_any(h: &[f32], k: usize, damp: f64) -> Result<GptqFactor, GptqError> =
+        inverse_cholesky_portable;
 }
 
 #[inline(always)]
@@ -446,32 +434,19 @@ impl Coder<'_> {
     }
 }
 
-/// w[r, b1..] −= Σ_j err[r, j] U[j, b1..] over the band's columns j in
-/// b0..b1: a small matrix product, eight columns of every row held while
-/// the band's rows of U stream past.
-fn lazy_update(w: &mut [f32], rows: usize, k: usize, err: &[f32], u: &[f32], b0: usize, b1: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; the body is the portable code below,
-        // compiled with 256-bit vectors (same operations, same order).
-        unsafe { lazy_update_avx2(w, rows, k, err, u, b0, b1) };
-        return;
-    }
-    lazy_update_portable(w, rows, k, err, u, b0, b1);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn lazy_update_avx2(
-    w: &mut [f32],
-    rows: usize,
-    k: usize,
-    err: &[f32],
-    u: &[f32],
-    b0: usize,
-    b1: usize,
-) {
-    lazy_update_portable(w, rows, k, err, u, b0, b1);
+crate::simd::avx2_or_portable! {
+    /// w[r, b1..] −= Σ_j err[r, j] U[j, b1..] over the band's columns j in
+    /// b0..b1: a small matrix product, eight columns of every row held while
+    /// the band's rows of U stream past.
+    fn lazy_update(
+        w: &mut [f32],
+        rows: usize,
+        k: usize,
+        err: &[f32],
+        u: &[f32],
+        b0: usize,
+        b1: usize,
+    ) = lazy_update_portable;
 }
 
 #[inline(always)]

@@ -21,6 +21,7 @@ mod quant_avx2;
 pub mod reference;
 pub mod report;
 pub mod safetensors_dir;
+mod simd;
 #[cfg(test)]
 mod test_rng;
 

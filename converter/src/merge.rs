@@ -187,39 +187,17 @@ pub struct Merged {
     pub delta: Option<Vec<f32>>,
 }
 
-/// acc[o, i] += s * sum_k B[src(o), k] * A[k, i], in f64.
-fn add_low_rank(
-    acc: &mut [f64],
-    row_src: &[usize],
-    row_len: usize,
-    a: &[f32],
-    b: &[f32],
-    r: usize,
-    s: f64,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; the body is the portable loop compiled
-        // with 256-bit vectors (same operations in the same order, so the
-        // same bits): 4 f64 lanes instead of SSE2's 2.
-        unsafe { add_low_rank_avx2(acc, row_src, row_len, a, b, r, s) };
-        return;
-    }
-    add_low_rank_portable(acc, row_src, row_len, a, b, r, s);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn add_low_rank_avx2(
-    acc: &mut [f64],
-    row_src: &[usize],
-    row_len: usize,
-    a: &[f32],
-    b: &[f32],
-    r: usize,
-    s: f64,
-) {
-    add_low_rank_portable(acc, row_src, row_len, a, b, r, s);
+crate::simd::avx2_or_portable! {
+    /// acc[o, i] += s * sum_k B[src(o), k] * A[k, i], in f64.
+    fn add_low_rank(
+        acc: &mut [f64],
+        row_src: &[usize],
+        row_len: usize,
+        a: &[f32],
+        b: &[f32],
+        r: usize,
+        s: f64,
+    ) = add_low_rank_portable;
 }
 
 #[inline(always)]

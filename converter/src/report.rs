@@ -48,30 +48,20 @@ pub struct ErrorSums {
     changed: bool,
 }
 
+crate::simd::avx2_or_portable! {
+    fn add_sums(
+        sums: &mut ErrorSums,
+        w: &[f32],
+        qw: &[f32],
+        changed: Option<(&[f32], &[f32], &[f32])>,
+    ) = ErrorSums::add_portable;
+}
+
 impl ErrorSums {
     /// Add a run: `w` the exact merge, `qw` its quantized values, and for
     /// changed tensors `w0`, `q_w0` and the delta `dw`.
     pub fn add(&mut self, w: &[f32], qw: &[f32], changed: Option<(&[f32], &[f32], &[f32])>) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present; the body is the portable loop
-            // compiled with 256-bit vectors: 4 f64 lanes instead of SSE2's
-            // 2 (same operations in the same order, so the same sums).
-            unsafe { self.add_avx2(w, qw, changed) };
-            return;
-        }
-        self.add_portable(w, qw, changed);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn add_avx2(
-        &mut self,
-        w: &[f32],
-        qw: &[f32],
-        changed: Option<(&[f32], &[f32], &[f32])>,
-    ) {
-        self.add_portable(w, qw, changed);
+        add_sums(self, w, qw, changed);
     }
 
     // Four partial sums per quantity: one f64 chain per sum would stall on
