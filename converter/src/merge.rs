@@ -197,26 +197,15 @@ crate::simd::avx2_or_portable! {
         b: &[f32],
         r: usize,
         s: f64,
-    ) = add_low_rank_portable;
-}
-
-#[inline(always)]
-fn add_low_rank_portable(
-    acc: &mut [f64],
-    row_src: &[usize],
-    row_len: usize,
-    a: &[f32],
-    b: &[f32],
-    r: usize,
-    s: f64,
-) {
-    for (o, &src) in row_src.iter().enumerate() {
-        let row = &mut acc[o * row_len..(o + 1) * row_len];
-        for k in 0..r {
-            let bk = s * b[src * r + k] as f64;
-            let ak = &a[k * row_len..(k + 1) * row_len];
-            for (x, &av) in row.iter_mut().zip(ak) {
-                *x += bk * av as f64;
+    ) {
+        for (o, &src) in row_src.iter().enumerate() {
+            let row = &mut acc[o * row_len..(o + 1) * row_len];
+            for k in 0..r {
+                let bk = s * b[src * r + k] as f64;
+                let ak = &a[k * row_len..(k + 1) * row_len];
+                for (x, &av) in row.iter_mut().zip(ak) {
+                    *x += bk * av as f64;
+                }
             }
         }
     }

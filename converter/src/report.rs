@@ -49,25 +49,14 @@ pub struct ErrorSums {
 }
 
 crate::simd::avx2_or_portable! {
+    // Four partial sums per quantity: one f64 chain per sum would stall on
+    // its adds (this loop was 11% of a SmolLM2 conversion).
     fn add_sums(
         sums: &mut ErrorSums,
         w: &[f32],
         qw: &[f32],
         changed: Option<(&[f32], &[f32], &[f32])>,
-    ) = ErrorSums::add_portable;
-}
-
-impl ErrorSums {
-    /// Add a run: `w` the exact merge, `qw` its quantized values, and for
-    /// changed tensors `w0`, `q_w0` and the delta `dw`.
-    pub fn add(&mut self, w: &[f32], qw: &[f32], changed: Option<(&[f32], &[f32], &[f32])>) {
-        add_sums(self, w, qw, changed);
-    }
-
-    // Four partial sums per quantity: one f64 chain per sum would stall on
-    // its adds (this loop was 11% of a SmolLM2 conversion).
-    #[inline(always)]
-    fn add_portable(&mut self, w: &[f32], qw: &[f32], changed: Option<(&[f32], &[f32], &[f32])>) {
+    ) {
         let sum = |v: [f64; 4]| (v[0] + v[1]) + (v[2] + v[3]);
         let (mut e, mut m) = ([0f64; 4], [0f64; 4]);
         let (wc, qc) = (w.chunks_exact(4), qw.chunks_exact(4));
@@ -84,13 +73,13 @@ impl ErrorSums {
             e[0] += (q - a) * (q - a);
             m[0] += a * a;
         }
-        self.err2 += sum(e);
-        self.norm2 += sum(m);
-        self.n += w.len() as u64;
+        sums.err2 += sum(e);
+        sums.norm2 += sum(m);
+        sums.n += w.len() as u64;
         let Some((w0, q_w0, dw)) = changed else {
             return;
         };
-        self.changed = true;
+        sums.changed = true;
         let (mut dot, mut d2, mut b2) = ([0f64; 4], [0f64; 4], [0f64; 4]);
         let (qc, q0c, dc, bc) = (
             qw.chunks_exact(4),
@@ -115,9 +104,17 @@ impl ErrorSums {
             d2[0] += d * d;
             b2[0] += b * b;
         }
-        self.dot += sum(dot);
-        self.d2 += sum(d2);
-        self.b2 += sum(b2);
+        sums.dot += sum(dot);
+        sums.d2 += sum(d2);
+        sums.b2 += sum(b2);
+    }
+}
+
+impl ErrorSums {
+    /// Add a run: `w` the exact merge, `qw` its quantized values, and for
+    /// changed tensors `w0`, `q_w0` and the delta `dw`.
+    pub fn add(&mut self, w: &[f32], qw: &[f32], changed: Option<(&[f32], &[f32], &[f32])>) {
+        add_sums(self, w, qw, changed);
     }
 }
 

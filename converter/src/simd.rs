@@ -6,24 +6,25 @@
 //! they get 4, with the same operations in the same order, so the same bits
 //! (measured 2.3x on GPTQ's factors). This is the one place that says how.
 
-/// `fn name(args) -> ret = portable;` defines `name`, which runs `portable`
-/// compiled for AVX2 when the CPU has it and as built otherwise. `portable`
-/// should be `#[inline(always)]` so that its body is compiled into both.
+/// `fn name(args) -> ret { body }` defines `name`, whose body runs compiled
+/// for AVX2 when the CPU has it and as built otherwise.
 macro_rules! avx2_or_portable {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $portable:path;) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    $portable($($arg),*)
+                    portable($($arg),*)
                 }
                 // SAFETY: AVX2 is present, checked just above; the body is
                 // the portable code, which needs nothing else.
                 return unsafe { avx2($($arg),*) };
             }
-            $portable($($arg),*)
+            portable($($arg),*)
         }
     };
 }
