@@ -85,6 +85,7 @@ fn remove_partials_on_signal() {
 /// libraries name facts; the flags are the CLI's).
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     use lorafold_converter::convert::ConvertError;
+    use lorafold_runtime::generate::PromptError;
     use lorafold_runtime::model::RuntimeError;
     e.chain().find_map(|cause| {
         if let Some(c) = cause.downcast_ref::<ConvertError>() {
@@ -97,6 +98,15 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                     Some("the bounds are --max-rel-error and --min-retention")
                 }
                 ConvertError::NoAdapter => Some("give the adapter folder with --adapter"),
+                _ => None,
+            };
+        }
+        if let Some(p) = cause.downcast_ref::<PromptError>() {
+            return match p {
+                PromptError::Empty => Some("give some text with -p"),
+                PromptError::TooLong { .. } | PromptError::ContextFull { .. } => {
+                    Some("a larger --ctx holds more")
+                }
                 _ => None,
             };
         }

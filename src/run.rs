@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::device::DeviceSpec;
-use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
+use lorafold_runtime::generate::{close_turn, generate, prompt_ids, Sampler, SamplerConfig};
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::{use_threads, Model, SessionOptions};
 use lorafold_runtime::path_spec::AdapterSpec;
@@ -120,27 +120,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout();
     for turn in turns {
-        let text = if args.chat {
-            tokenizer
-                .chat_prompt(&turn)
-                .context("the model has no chat template lorafold knows (ChatML, Llama 3)")?
-        } else {
-            turn
-        };
-        let ids = tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
-        if ids.is_empty() {
-            bail!("the prompt is empty (and the model adds no BOS token): give some text with -p");
-        }
-        let room = session.max_tokens() - session.position();
-        if ids.len() > room {
-            bail!(
-                "the prompt has {} tokens, but the context has room for {room} of its {} (--ctx)",
-                ids.len(),
-                session.max_tokens()
-            );
-        }
+        let ids = prompt_ids(&session, &tokenizer, &turn, args.chat)?;
         if !args.chat {
-            print!("{text}");
+            print!("{turn}");
         }
         let (_, stats) = generate(
             &mut session,
@@ -163,19 +145,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 session.max_tokens()
             );
         }
-        // Close the assistant's turn so the next one follows the template.
-        if let (true, Some(end)) = (args.chat, tokenizer.chat_turn_end()) {
-            let mut ids = tokenizer.encode(end).map_err(anyhow::Error::msg)?;
-            if tokenizer.add_bos && tokenizer.bos.is_some() {
-                ids.remove(0);
-            }
-            if session.position() + ids.len() > session.max_tokens() {
-                bail!(
-                    "the conversation filled the context of {} positions (--ctx)",
-                    session.max_tokens()
-                );
-            }
-            session.forward(&ids, false)?;
+        if args.chat {
+            close_turn(&mut session, &tokenizer)?;
         }
         eprintln!(
             "load {:.0} ms | ttft {:.0} ms | prefill {} tok at {:.1} tok/s | decode {} tok at {:.1} tok/s",

@@ -273,6 +273,19 @@ lorafold_status lorafold_session_new(const struct lorafold_model *model,
 lorafold_status lorafold_session_reset(struct lorafold_session *session);
 
 /**
+ * The positions the session's conversation holds (`used`) and its
+ * context size (`size`): an app resets or starts a new session before a
+ * turn would not fit.
+ *
+ * # Safety
+ * `used` and `size` must be valid for writes; no other thread may use
+ * `session` during the call.
+ */
+lorafold_status lorafold_session_used(const struct lorafold_session *session,
+                                      size_t *used,
+                                      size_t *size);
+
+/**
  * Free a session.
  *
  * # Safety
@@ -321,7 +334,9 @@ struct lorafold_sampling lorafold_sampling_default(void);
  * calling `on_piece` with each piece of text; stops at the model's end of
  * turn, after `max_tokens`, when the context is full, or when `on_piece`
  * returns false. `params` null: [`lorafold_sampling_default`]. The count
- * of generated tokens goes to `n_generated` when it is not null.
+ * of generated tokens goes to `n_generated` when it is not null. With
+ * `chat`, the prompt is a user turn in the model's template and the reply's
+ * turn is closed after it, so the session holds a conversation turn by turn.
  *
  * # Safety
  * `prompt` must be NUL-terminated; `on_piece` must be safe to call with

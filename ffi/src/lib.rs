@@ -13,7 +13,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
-use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
+use lorafold_runtime::generate::{
+    close_turn, generate, prompt_ids, PromptError, Sampler, SamplerConfig,
+};
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::measure::{drift, windows};
 use lorafold_runtime::model::{Model, RuntimeError, Session, SessionOptions};
@@ -123,17 +125,32 @@ fn fail<T>(code: lorafold_status, message: impl Into<String>) -> Outcome<T> {
     Err(Failure(code, message.into()))
 }
 
-impl From<RuntimeError> for Failure {
-    fn from(e: RuntimeError) -> Failure {
+impl From<PromptError> for Failure {
+    fn from(e: PromptError) -> Failure {
         let code = match &e {
-            RuntimeError::Gguf(_)
-            | RuntimeError::Model { .. }
-            | RuntimeError::AdapterNotModel { .. } => LORAFOLD_ERR_LOAD,
-            RuntimeError::Adapter { .. } => LORAFOLD_ERR_MISMATCH,
-            RuntimeError::OutOfRange { .. } => LORAFOLD_ERR_INVALID,
-            RuntimeError::Candle(_) => LORAFOLD_ERR_RUNTIME,
+            PromptError::Runtime(r) => runtime_code(r),
+            PromptError::NoChatTemplate | PromptError::Empty => LORAFOLD_ERR_INVALID,
+            PromptError::TooLong { .. } | PromptError::ContextFull { .. } => LORAFOLD_ERR_CONTEXT,
+            PromptError::Tokenize(_) => LORAFOLD_ERR_RUNTIME,
         };
         Failure(code, e.to_string())
+    }
+}
+
+fn runtime_code(e: &RuntimeError) -> lorafold_status {
+    match e {
+        RuntimeError::Gguf(_)
+        | RuntimeError::Model { .. }
+        | RuntimeError::AdapterNotModel { .. } => LORAFOLD_ERR_LOAD,
+        RuntimeError::Adapter { .. } => LORAFOLD_ERR_MISMATCH,
+        RuntimeError::OutOfRange { .. } => LORAFOLD_ERR_INVALID,
+        RuntimeError::Candle(_) => LORAFOLD_ERR_RUNTIME,
+    }
+}
+
+impl From<RuntimeError> for Failure {
+    fn from(e: RuntimeError) -> Failure {
+        Failure(runtime_code(&e), e.to_string())
     }
 }
 
@@ -499,6 +516,29 @@ pub unsafe extern "C" fn lorafold_session_reset(session: *mut lorafold_session) 
     })
 }
 
+/// The positions the session's conversation holds (`used`) and its
+/// context size (`size`): an app resets or starts a new session before a
+/// turn would not fit.
+///
+/// # Safety
+/// `used` and `size` must be valid for writes; no other thread may use
+/// `session` during the call.
+#[no_mangle]
+pub unsafe extern "C" fn lorafold_session_used(
+    session: *const lorafold_session,
+    used: *mut usize,
+    size: *mut usize,
+) -> lorafold_status {
+    entry(|| {
+        out_ptr(used, "used")?;
+        out_ptr(size, "size")?;
+        let s = &handle(session, SESSION, "session")?.session;
+        *used = s.position();
+        *size = s.max_tokens();
+        Ok(())
+    })
+}
+
 /// Free a session.
 ///
 /// # Safety
@@ -633,7 +673,9 @@ fn check_room(session: &Session<'_>, n: usize) -> Outcome<()> {
 /// calling `on_piece` with each piece of text; stops at the model's end of
 /// turn, after `max_tokens`, when the context is full, or when `on_piece`
 /// returns false. `params` null: [`lorafold_sampling_default`]. The count
-/// of generated tokens goes to `n_generated` when it is not null.
+/// of generated tokens goes to `n_generated` when it is not null. With
+/// `chat`, the prompt is a user turn in the model's template and the reply's
+/// turn is closed after it, so the session holds a conversation turn by turn.
 ///
 /// # Safety
 /// `prompt` must be NUL-terminated; `on_piece` must be safe to call with
@@ -656,23 +698,7 @@ pub unsafe extern "C" fn lorafold_generate(
             *params
         };
         let tok = &s._core.tokenizer;
-        let prompt = if p.chat {
-            tok.chat_prompt(prompt).ok_or_else(|| {
-                Failure(
-                    LORAFOLD_ERR_INVALID,
-                    "the model has no chat template lorafold knows (ChatML, Llama 3)".into(),
-                )
-            })?
-        } else {
-            prompt.to_string()
-        };
-        let ids = tok
-            .encode(&prompt)
-            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
-        if ids.is_empty() {
-            return fail(LORAFOLD_ERR_INVALID, "the prompt has no tokens");
-        }
-        check_room(&s.session, ids.len())?;
+        let ids = prompt_ids(&s.session, tok, prompt, p.chat)?;
         let mut sampler = Sampler::try_new(SamplerConfig {
             temperature: p.temperature as f64,
             top_k: p.top_k as usize,
@@ -701,6 +727,9 @@ pub unsafe extern "C" fn lorafold_generate(
         )?;
         if !n_generated.is_null() {
             *n_generated = out.len();
+        }
+        if p.chat {
+            close_turn(&mut s.session, tok)?;
         }
         Ok(())
     })

@@ -138,6 +138,12 @@ fn every_entry_point_reports_bad_input_as_a_code_and_a_message() {
         expect(lorafold_model_detach(null_mut(), 0), NULL, "detach");
         expect(lorafold_session_new(null(), &mut s), NULL, "session_new");
         expect(lorafold_session_reset(null_mut()), NULL, "session_reset");
+        let (mut used, mut size) = (0usize, 0usize);
+        expect(
+            lorafold_session_used(null(), &mut used, &mut size),
+            NULL,
+            "session_used",
+        );
         expect(lorafold_session_free(null_mut()), NULL, "session_free");
         expect(
             lorafold_tokenize(null(), hi.as_ptr(), null_mut(), 0, &mut n),
@@ -184,6 +190,11 @@ fn every_entry_point_reports_bad_input_as_a_code_and_a_message() {
             "adapter_free bogus",
         );
         expect(lorafold_session_reset(bogus_session), HANDLE, "reset bogus");
+        expect(
+            lorafold_session_used(bogus_session, &mut used, &mut size),
+            HANDLE,
+            "used bogus",
+        );
         expect(
             lorafold_session_free(bogus_session),
             HANDLE,
@@ -301,6 +312,12 @@ fn every_entry_point_reports_bad_input_as_a_code_and_a_message() {
             "huge scale",
         );
         expect(lorafold_session_new(m, &mut s), LORAFOLD_OK, "session");
+        let mut size = 0usize;
+        expect(
+            lorafold_session_used(s, null_mut(), &mut size),
+            NULL,
+            "used without a place for it",
+        );
         expect(
             lorafold_model_set_scale(m, slot, 0.5),
             LORAFOLD_ERR_BUSY,
@@ -586,4 +603,77 @@ fn sessions_of_one_model_run_on_threads_at_once() {
         assert_eq!(logits, alone);
     }
     unsafe { expect(lorafold_model_free(m), LORAFOLD_OK, "model free") };
+}
+
+unsafe extern "C" fn append_piece(piece: *const c_char, len: usize, user: *mut c_void) -> bool {
+    let out = &mut *(user as *mut Vec<u8>);
+    out.extend_from_slice(std::slice::from_raw_parts(piece as *const u8, len));
+    true
+}
+
+/// Two chat turns in one session: the second ("And of Italy?") is answered
+/// only if the first turn, closed by the template's end marker, is still in
+/// the cache; what `lorafold run --chat` answers, line for line.
+#[test]
+fn chat_turns_follow_the_template_in_one_session() {
+    let path = c(smollm2().to_str().unwrap());
+    let (mut m, mut s) = (null_mut(), null_mut());
+    let mut params = lorafold_sampling_default();
+    params.chat = true;
+    params.max_tokens = 20;
+    let mut answers = Vec::new();
+    unsafe {
+        expect(
+            lorafold_model_load(path.as_ptr(), 2, 256, &mut m),
+            LORAFOLD_OK,
+            "load",
+        );
+        expect(lorafold_session_new(m, &mut s), LORAFOLD_OK, "session");
+        let count = |text: &str| {
+            let (text, mut ids, mut n) = (c(text), [0u32; 64], 0usize);
+            expect(
+                lorafold_tokenize(m, text.as_ptr(), ids.as_mut_ptr(), ids.len(), &mut n),
+                LORAFOLD_OK,
+                "tokenize",
+            );
+            n
+        };
+        let (mut used, mut size) = (0usize, 0usize);
+        for turn in ["What is the capital of France?", "And of Italy?"] {
+            let mut out: Vec<u8> = Vec::new();
+            let mut generated = 0usize;
+            // SmolLM2's template is ChatML; a turn ends with "<|im_end|>\n".
+            let wrapped = count(&format!(
+                "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n"
+            ));
+            let before = used;
+            let turn = c(turn);
+            expect(
+                lorafold_generate(
+                    s,
+                    turn.as_ptr(),
+                    &params,
+                    Some(append_piece),
+                    &mut out as *mut Vec<u8> as *mut c_void,
+                    &mut generated,
+                ),
+                LORAFOLD_OK,
+                "chat turn",
+            );
+            expect(
+                lorafold_session_used(s, &mut used, &mut size),
+                LORAFOLD_OK,
+                "used",
+            );
+            assert_eq!(size, 256);
+            // The prompt, the reply (its end-of-turn id is sampled, not
+            // run) and the turn's end marker.
+            assert_eq!(used, before + wrapped + generated + count("<|im_end|>\n"));
+            answers.push(String::from_utf8(out).unwrap());
+        }
+        expect(lorafold_session_free(s), LORAFOLD_OK, "session free");
+        expect(lorafold_model_free(m), LORAFOLD_OK, "model free");
+    }
+    assert!(answers[0].contains("Paris"), "{answers:?}");
+    assert!(answers[1].contains("Rome"), "{answers:?}");
 }

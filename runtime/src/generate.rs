@@ -3,7 +3,93 @@
 use std::time::{Duration, Instant};
 
 use crate::model::{Model, RuntimeError, Session};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{TokenizeError, Tokenizer};
+
+/// Why a prompt cannot be run as the next turn of a session.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    /// A chat turn was asked for, but the model's template is absent or unknown.
+    #[error("the model has no chat template lorafold knows (ChatML, Llama 3)")]
+    NoChatTemplate,
+    /// The prompt encodes to no tokens (and the model adds no BOS).
+    #[error("the prompt is empty: it has no tokens")]
+    Empty,
+    /// The prompt does not fit the room left in the session's context.
+    #[error("the prompt has {tokens} tokens, but the context has room for {room} of its {size}")]
+    TooLong {
+        /// the prompt's tokens
+        tokens: usize,
+        /// positions left
+        room: usize,
+        /// the context's size
+        size: usize,
+    },
+    /// The conversation has no room left for the turn's end marker.
+    #[error("the conversation filled the context of {size} positions")]
+    ContextFull {
+        /// the context's size
+        size: usize,
+    },
+    /// The text could not be encoded.
+    #[error(transparent)]
+    Tokenize(#[from] TokenizeError),
+    /// Running the model failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// The ids of `prompt` as the next turn of `session`'s conversation (in the
+/// model's chat template with `chat`), checked to be non-empty and to fit.
+pub fn prompt_ids(
+    session: &Session<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    chat: bool,
+) -> Result<Vec<u32>, PromptError> {
+    let ids = if chat {
+        let text = tokenizer
+            .chat_prompt(prompt)
+            .ok_or(PromptError::NoChatTemplate)?;
+        tokenizer.encode(&text)?
+    } else {
+        tokenizer.encode(prompt)?
+    };
+    if ids.is_empty() {
+        return Err(PromptError::Empty);
+    }
+    let (size, room) = (
+        session.max_tokens(),
+        session.max_tokens() - session.position(),
+    );
+    if ids.len() > room {
+        return Err(PromptError::TooLong {
+            tokens: ids.len(),
+            room,
+            size,
+        });
+    }
+    Ok(ids)
+}
+
+/// After a chat reply, feed the template's end of the assistant's turn
+/// (generation stops at its token without running it), so that the next
+/// turn follows the template. Nothing for templates without one.
+pub fn close_turn(session: &mut Session<'_>, tokenizer: &Tokenizer) -> Result<(), PromptError> {
+    let Some(end) = tokenizer.chat_turn_end() else {
+        return Ok(());
+    };
+    let mut ids = tokenizer.encode(end)?;
+    if tokenizer.add_bos && tokenizer.bos.is_some() && !ids.is_empty() {
+        ids.remove(0);
+    }
+    if session.position() + ids.len() > session.max_tokens() {
+        return Err(PromptError::ContextFull {
+            size: session.max_tokens(),
+        });
+    }
+    session.forward(&ids, false)?;
+    Ok(())
+}
 
 /// How the next token is chosen.
 #[derive(Debug, Clone)]
