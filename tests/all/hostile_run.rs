@@ -758,7 +758,11 @@ fn a_full_context_stops_generation_with_a_message() {
     );
     fails(
         &["run", s(&m), "-p", "a b a b a b", "--ctx", "4"],
-        &["the prompt has", "room for 4 of its 4 (--ctx)"],
+        &[
+            "the prompt has 7 tokens",
+            "room for 4 of its 4",
+            "a larger --ctx",
+        ],
     );
 }
 
