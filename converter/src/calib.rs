@@ -10,7 +10,7 @@
 
 use lorafold_runtime::gguf::names;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use lorafold_runtime::cpu::{KvType, LinearInput};
@@ -38,10 +38,10 @@ pub enum CalibError {
     #[error("{0}")]
     Text(String),
     /// A statistics file cannot be used.
-    #[error("{path}: {problem}")]
+    #[error("{}: {problem}", path.display())]
     File {
         /// the file
-        path: String,
+        path: PathBuf,
         /// what is wrong
         problem: String,
     },
@@ -362,7 +362,7 @@ impl CalibStats {
     pub fn write(&self, path: &Path, provenance: &[(&str, String)]) -> Result<(), CalibError> {
         if !self.has_matrices() {
             return Err(CalibError::File {
-                path: path.display().to_string(),
+                path: path.to_path_buf(),
                 problem: "these statistics hold only diagonals (an imatrix); write them with write_imatrix".into(),
             });
         }
@@ -447,7 +447,7 @@ impl CalibStats {
 
     /// Read statistics written by [`CalibStats::write`].
     pub fn read(path: &Path) -> Result<CalibStats, CalibError> {
-        let shown = path.display().to_string();
+        let shown = path.to_path_buf();
         let bad = |problem: String| CalibError::File {
             path: shown.clone(),
             problem,

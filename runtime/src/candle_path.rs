@@ -77,7 +77,7 @@ pub(crate) struct CandleWeights {
 
 fn model_err(file: &GgufFile, problem: String) -> RuntimeError {
     RuntimeError::Model {
-        path: file.path().to_string(),
+        path: file.path().to_path_buf(),
         problem,
     }
 }

@@ -350,7 +350,7 @@ pub fn complete(
     stop: &[String],
 ) -> Result<String, RuntimeError> {
     let tok_err = |e: &dyn std::fmt::Display| RuntimeError::Model {
-        path: model.file().path().to_string(),
+        path: model.file().path().to_path_buf(),
         problem: e.to_string(),
     };
     let tok = Tokenizer::from_gguf(model.file()).map_err(|e| tok_err(&e))?;

@@ -69,7 +69,7 @@ impl LoadedPair {
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     /// The file.
-    pub path: String,
+    pub path: std::path::PathBuf,
     /// `general.architecture`.
     pub arch: String,
     /// `adapter.lora.alpha` (0 means "scale 1", as llama.cpp reads it).
@@ -83,7 +83,7 @@ impl LoraAdapter {
     pub fn load(path: impl AsRef<Path>) -> Result<LoraAdapter, RuntimeError> {
         let file = Arc::new(GgufFile::open(path)?);
         let f = file.as_ref();
-        let shown = f.path().to_string();
+        let shown = f.path().to_path_buf();
         let bad = |tensor: &str, problem: String| RuntimeError::Adapter {
             path: shown.clone(),
             tensor: tensor.into(),

@@ -218,7 +218,7 @@ pub fn small_tensor(
     let shape: Vec<usize> = info.shape().iter().map(|&d| d as usize).collect();
     let bytes = file
         .tensor_data_copy(info)
-        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.path())))?;
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.path().display())))?;
     let bytes = Aligned::new(&bytes);
     let storage = QStorage::from_data(
         std::borrow::Cow::Borrowed(bytes.bytes()),

@@ -3,7 +3,7 @@
 //! and sessions on our CPU engine or on candle.
 
 use crate::gguf::names;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -22,24 +22,24 @@ pub enum RuntimeError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     /// The model is not one we can run.
-    #[error("{path}: {problem}")]
+    #[error("{}: {problem}", path.display())]
     Model {
         /// the file
-        path: String,
+        path: PathBuf,
         /// what is wrong
         problem: String,
     },
     /// A LoRA adapter was given where a model was expected.
-    #[error("{path}: this is a LoRA adapter, not a model")]
+    #[error("{}: this is a LoRA adapter, not a model", path.display())]
     AdapterNotModel {
         /// the file
-        path: String,
+        path: PathBuf,
     },
     /// An adapter does not fit the model.
-    #[error("{path}: tensor '{tensor}': {problem}")]
+    #[error("{}: tensor '{tensor}': {problem}", path.display())]
     Adapter {
         /// the adapter file
-        path: String,
+        path: PathBuf,
         /// the adapter tensor
         tensor: String,
         /// what does not fit
@@ -149,7 +149,7 @@ pub struct ModelConfig {
 
 fn model_err(file: &GgufFile, problem: String) -> RuntimeError {
     RuntimeError::Model {
-        path: file.path().to_string(),
+        path: file.path().to_path_buf(),
         problem,
     }
 }
@@ -159,7 +159,7 @@ impl ModelConfig {
     pub fn read(f: &GgufFile) -> Result<ModelConfig, RuntimeError> {
         if f.get_str(names::TYPE).as_deref() == Some(names::TYPE_ADAPTER) {
             return Err(RuntimeError::AdapterNotModel {
-                path: f.path().to_string(),
+                path: f.path().to_path_buf(),
             });
         }
         let arch_name = f
@@ -373,7 +373,7 @@ impl Model {
             Backend::Engine if device.is_cpu() => {
                 ModelWeights::Engine(CpuWeights::load(file.clone(), &config).map_err(|p| {
                     RuntimeError::Model {
-                        path: file.path().to_string(),
+                        path: file.path().to_path_buf(),
                         problem: format!("tensor '{}': {}", p.tensor, p.problem),
                     }
                 })?)
@@ -668,7 +668,7 @@ impl Session<'_> {
     pub fn logits(&mut self, tokens: &[u32], all: bool) -> Result<&[f32], RuntimeError> {
         let m = self.model;
         let err = |problem: String| RuntimeError::Model {
-            path: m.file.path().to_string(),
+            path: m.file.path().to_path_buf(),
             problem,
         };
         let logits = match &mut self.inner {
@@ -707,7 +707,7 @@ impl Session<'_> {
     ) -> Result<(), RuntimeError> {
         let m = self.model;
         let err = |problem: String| RuntimeError::Model {
-            path: m.file.path().to_string(),
+            path: m.file.path().to_path_buf(),
             problem,
         };
         match &mut self.inner {

@@ -210,7 +210,7 @@ impl GgufSummary {
         let n_elements = tensors.iter().map(|t| t.n_elements).sum();
         let n_bytes = tensors.iter().map(|t| t.n_bytes).sum();
         GgufSummary {
-            path: file.path().to_string(),
+            path: file.path().display().to_string(),
             version: file.version(),
             file_size: file.file_size(),
             kind,

@@ -23,10 +23,10 @@ const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|
 
 /// An error building the tokenizer.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: tokenizer: {problem}")]
+#[error("{}: tokenizer: {problem}", path.display())]
 pub struct TokenizerError {
     /// The model file.
-    pub path: String,
+    pub path: std::path::PathBuf,
     /// What is wrong.
     pub problem: String,
 }
@@ -69,7 +69,7 @@ impl Tokenizer {
     /// pre-tokenizers of llama3, qwen2, smollm and gpt-2, or SentencePiece ("llama").
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let err = |problem: String| TokenizerError {
-            path: file.path().to_string(),
+            path: file.path().to_path_buf(),
             problem,
         };
         let model = file

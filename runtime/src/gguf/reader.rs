@@ -5,7 +5,7 @@ use crate::gguf::names;
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
@@ -54,19 +54,19 @@ impl std::error::Error for FormatError {}
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     /// The file could not be opened, sized or mapped.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         /// the file
-        path: String,
+        path: PathBuf,
         /// the OS error
         #[source]
         source: std::io::Error,
     },
     /// The file is not a well-formed GGUF file.
-    #[error("{path}: {error}")]
+    #[error("{}: {error}", path.display())]
     Format {
         /// the file
-        path: String,
+        path: PathBuf,
         /// what is wrong and where
         #[source]
         error: FormatError,
@@ -140,7 +140,7 @@ impl MetaEntry {
 
 /// A parsed GGUF file whose tensor data stays in the memory map.
 pub struct GgufFile {
-    path: String,
+    path: PathBuf,
     storage: Storage,
     layout: Layout,
 }
@@ -149,9 +149,8 @@ impl GgufFile {
     /// Map and parse the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
-        let shown = path.display().to_string();
         let io = |source| GgufError::Io {
-            path: shown.clone(),
+            path: path.to_path_buf(),
             source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
@@ -164,15 +163,15 @@ impl GgufFile {
             let map = unsafe { Mmap::map(&file) }.map_err(io)?;
             Storage::Mapped(map, file)
         };
-        GgufFile::parse(shown, storage)
+        GgufFile::parse(path.to_path_buf(), storage)
     }
 
     /// Parse a GGUF image held in memory; `label` names it in errors.
-    pub fn from_bytes(bytes: Vec<u8>, label: impl Into<String>) -> Result<GgufFile, GgufError> {
+    pub fn from_bytes(bytes: Vec<u8>, label: impl Into<PathBuf>) -> Result<GgufFile, GgufError> {
         GgufFile::parse(label.into(), Storage::Heap(bytes))
     }
 
-    fn parse(path: String, storage: Storage) -> Result<GgufFile, GgufError> {
+    fn parse(path: PathBuf, storage: Storage) -> Result<GgufFile, GgufError> {
         match Layout::parse(storage.bytes()) {
             Ok(layout) => Ok(GgufFile {
                 path,
@@ -184,7 +183,7 @@ impl GgufFile {
     }
 
     /// The path (or label) the file was opened from.
-    pub fn path(&self) -> &str {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
