@@ -520,7 +520,7 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         (names::ARCHITECTURE.into(), MetadataValue::string(a)),
         (names::TYPE.into(), MetadataValue::string(names::TYPE_MODEL)),
         (
-            "general.name".into(),
+            names::NAME.into(),
             MetadataValue::string(
                 dir.file_name()
                     .map_or("model".into(), |n| n.to_string_lossy().into_owned()),

@@ -1,6 +1,7 @@
 //! A Hugging Face `tokenizer.json` (byte-level BPE) as llama.cpp's
 //! `tokenizer.ggml.*` metadata.
 
+use lorafold_runtime::gguf::names;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -150,9 +151,9 @@ pub fn gguf_metadata(
         tokens.iter().position(|t| t == s).map(|i| i as u64)
     };
     let mut md: Vec<(String, MetadataValue<'static>)> = vec![
-        ("tokenizer.ggml.model".into(), MetadataValue::string("gpt2")),
+        (names::TOKENIZER_MODEL.into(), MetadataValue::string("gpt2")),
         (
-            "tokenizer.ggml.pre".into(),
+            names::TOKENIZER_PRE.into(),
             MetadataValue::string(pre_tokenizer_name(&tok)),
         ),
     ];
@@ -172,31 +173,25 @@ pub fn gguf_metadata(
                     "config.json's {cfg_key} is {id}, but the model has {vocab_size} token embeddings (vocab_size)"
                 )));
             }
-            md.push((
-                format!("tokenizer.ggml.{key}_token_id"),
-                MetadataValue::U32(id as u32),
-            ));
+            md.push((names::special_token_id(key), MetadataValue::U32(id as u32)));
         }
     }
     if let Some(b) = tc.get("add_bos_token").and_then(Value::as_bool) {
-        md.push((
-            "tokenizer.ggml.add_bos_token".into(),
-            MetadataValue::Bool(b),
-        ));
+        md.push((names::TOKENIZER_ADD_BOS.into(), MetadataValue::Bool(b)));
     }
     md.push((
-        "tokenizer.ggml.tokens".into(),
+        names::TOKENIZER_TOKENS.into(),
         MetadataValue::string_array(tokens),
     ));
     md.push((
-        "tokenizer.ggml.token_type".into(),
+        names::TOKENIZER_TOKEN_TYPE.into(),
         MetadataValue::Array(MetadataArray::Owned {
             elem: ValueType::I32,
             items: types,
         }),
     ));
     md.push((
-        "tokenizer.ggml.merges".into(),
+        names::TOKENIZER_MERGES.into(),
         MetadataValue::string_array(merges),
     ));
     let template = match tc.get("chat_template") {
@@ -209,7 +204,7 @@ pub fn gguf_metadata(
         _ => None,
     };
     if let Some(t) = template {
-        md.push(("tokenizer.chat_template".into(), MetadataValue::string(t)));
+        md.push((names::CHAT_TEMPLATE.into(), MetadataValue::string(t)));
     }
     Ok(Some(md))
 }

@@ -126,23 +126,23 @@ impl GgufSummary {
     pub fn of(file: &GgufFile) -> GgufSummary {
         let arch = file.get_str(names::ARCHITECTURE).map(|s| s.into_owned());
         let tokenizer = file
-            .get("tokenizer.ggml.tokens")
+            .get(names::TOKENIZER_TOKENS)
             .map(|tokens| TokenizerSummary {
-                model: file.get_str("tokenizer.ggml.model").map(|s| s.into_owned()),
-                pre: file.get_str("tokenizer.ggml.pre").map(|s| s.into_owned()),
+                model: file.get_str(names::TOKENIZER_MODEL).map(|s| s.into_owned()),
+                pre: file.get_str(names::TOKENIZER_PRE).map(|s| s.into_owned()),
                 vocab_size: tokens.as_array().map_or(0, |t| t.len()),
                 merges: file
-                    .get("tokenizer.ggml.merges")
+                    .get(names::TOKENIZER_MERGES)
                     .and_then(|m| m.as_array().map(|m| m.len()))
                     .unwrap_or(0),
                 special_ids: SPECIAL_IDS
                     .iter()
                     .filter_map(|s| {
-                        file.get_u64(&format!("tokenizer.ggml.{s}_token_id"))
+                        file.get_u64(&names::special_token_id(s))
                             .map(|id| (s.to_string(), id))
                     })
                     .collect(),
-                chat_template: file.get("tokenizer.chat_template").is_some(),
+                chat_template: file.get(names::CHAT_TEMPLATE).is_some(),
             });
         let mut hyperparameters = Hyperparameters::read(file, arch.as_deref().unwrap_or("_"));
         hyperparameters.vocab_size = hyperparameters
@@ -215,7 +215,7 @@ impl GgufSummary {
             file_size: file.file_size(),
             kind,
             architecture: arch.clone(),
-            name: file.get_str("general.name").map(|s| s.into_owned()),
+            name: file.get_str(names::NAME).map(|s| s.into_owned()),
             hyperparameters,
             tokenizer,
             adapter,

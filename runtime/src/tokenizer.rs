@@ -73,13 +73,13 @@ impl Tokenizer {
             problem,
         };
         let model = file
-            .get_str("tokenizer.ggml.model")
+            .get_str(names::TOKENIZER_MODEL)
             .ok_or_else(|| err("no tokenizer.ggml.model".into()))?;
         let tokens = file
-            .get_strings("tokenizer.ggml.tokens")
+            .get_strings(names::TOKENIZER_TOKENS)
             .ok_or_else(|| err("no tokenizer.ggml.tokens".into()))?;
         let types: Vec<i64> = file
-            .get("tokenizer.ggml.token_type")
+            .get(names::TOKENIZER_TOKEN_TYPE)
             .and_then(|v| {
                 v.as_array()
                     .map(|a| a.iter().map(|t| t.as_f64().unwrap_or(1.0) as i64).collect())
@@ -109,13 +109,13 @@ impl Tokenizer {
             "gpt2" => Backend::Bpe(Box::new(bpe(file, &tokens, &types).map_err(err)?)),
             "llama" => {
                 let scores: Vec<f32> = file
-                    .get("tokenizer.ggml.scores")
+                    .get(names::TOKENIZER_SCORES)
                     .and_then(|v| v.as_array().map(|a| a.iter().map(|s| s.as_f64().unwrap_or(0.0) as f32).collect()))
                     .ok_or_else(|| err("a SentencePiece vocabulary needs tokenizer.ggml.scores".into()))?;
                 if scores.len() != tokens.len() {
                     return Err(err(format!("{} tokens but {} scores", tokens.len(), scores.len())));
                 }
-                let prefix = file.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.as_bool()).unwrap_or(true);
+                let prefix = file.get(names::TOKENIZER_ADD_SPACE_PREFIX).and_then(|v| v.as_bool()).unwrap_or(true);
                 Backend::Spm(Box::new(SpmVocab::new(tokens.iter().map(|t| t.to_string()).collect(), scores, &types, prefix)))
             }
             other => {
@@ -125,7 +125,7 @@ impl Tokenizer {
             }
         };
         for k in ["bos", "eos", "eot", "eom"] {
-            let key = format!("tokenizer.ggml.{k}_token_id");
+            let key = names::special_token_id(k);
             if let Some(v) = file.get_u64(&key).filter(|&v| v >= tokens.len() as u64) {
                 return Err(err(format!(
                     "{key} {v} is not one of the {} tokens",
@@ -133,10 +133,7 @@ impl Tokenizer {
                 )));
             }
         }
-        let id = |k: &str| {
-            file.get_u64(&format!("tokenizer.ggml.{k}_token_id"))
-                .map(|v| v as u32)
-        };
+        let id = |k: &str| file.get_u64(&names::special_token_id(k)).map(|v| v as u32);
         let eos = id("eos");
         let mut stop_ids: Vec<u32> = ["eot", "eom"].iter().filter_map(|k| id(k)).collect();
         for t in [
@@ -160,12 +157,10 @@ impl Tokenizer {
             eos,
             stop_ids,
             add_bos: file
-                .get("tokenizer.ggml.add_bos_token")
+                .get(names::TOKENIZER_ADD_BOS)
                 .and_then(|v| v.as_bool())
                 .unwrap_or(add_bos_default),
-            chat_template: file
-                .get_str("tokenizer.chat_template")
-                .map(|s| s.into_owned()),
+            chat_template: file.get_str(names::CHAT_TEMPLATE).map(|s| s.into_owned()),
         })
     }
 
@@ -244,7 +239,7 @@ fn bpe(
     types: &[i64],
 ) -> Result<tokenizers::Tokenizer, String> {
     let merges = file
-        .get_strings("tokenizer.ggml.merges")
+        .get_strings(names::TOKENIZER_MERGES)
         .ok_or("no tokenizer.ggml.merges")?;
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
@@ -265,7 +260,7 @@ fn bpe(
         .map_err(|e| e.to_string())?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
     let pre = file
-        .get_str("tokenizer.ggml.pre")
+        .get_str(names::TOKENIZER_PRE)
         .map(|s| s.into_owned())
         .unwrap_or_else(|| "default".into());
     let split = |re: &str| -> Result<PreTokenizerWrapper, String> {

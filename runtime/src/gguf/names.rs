@@ -36,6 +36,33 @@ pub const FILE_TYPE: &str = "general.file_type";
 /// The quantization format version (2 since ggml's block layouts settled).
 pub const QUANTIZATION_VERSION: &str = "general.quantization_version";
 
+/// The model's name.
+pub const NAME: &str = "general.name";
+
+/// The tokenizer kind: `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+pub const TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
+/// The BPE pre-tokenizer (`smollm`, `llama-bpe`, ...).
+pub const TOKENIZER_PRE: &str = "tokenizer.ggml.pre";
+/// Every token's text, by id.
+pub const TOKENIZER_TOKENS: &str = "tokenizer.ggml.tokens";
+/// Every token's kind (normal, control, ...), by id.
+pub const TOKENIZER_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+/// SentencePiece scores, by id.
+pub const TOKENIZER_SCORES: &str = "tokenizer.ggml.scores";
+/// BPE merges, `"a b"` each.
+pub const TOKENIZER_MERGES: &str = "tokenizer.ggml.merges";
+/// Whether encoding starts with BOS.
+pub const TOKENIZER_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+/// Whether SentencePiece prefixes a space.
+pub const TOKENIZER_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+/// The Jinja chat template.
+pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+
+/// The key of a special token's id (`bos`, `eos`, `eot`, ...).
+pub fn special_token_id(kind: &str) -> String {
+    format!("tokenizer.ggml.{kind}_token_id")
+}
+
 /// `general.type` of a model.
 pub const TYPE_MODEL: &str = "model";
 /// `general.type` of a LoRA adapter.
