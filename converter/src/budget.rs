@@ -21,8 +21,8 @@ use lorafold_runtime::model::Model;
 use serde::Serialize;
 
 use crate::convert::{
-    convert, predict_ladder, Compensate, ConvertError, ConvertOptions, Progress, RoundedTensors,
-    TensorLadder,
+    convert, predict_ladder, Compensate, ConvertError, ConvertOptions, Progress, RoundedTensor,
+    RoundedTensors, TensorLadder,
 };
 use crate::report::ConvertReport;
 
@@ -136,8 +136,9 @@ struct RungCache {
     file: Mutex<(File, RungIndex)>,
 }
 
-/// (tensor, type) -> (offset, length) in the cache file.
-type RungIndex = HashMap<(String, GgmlType), (u64, usize)>;
+/// (tensor, type) -> (offset, length) in the cache file, and the rung's
+/// [‖WX‖², ‖(Q(W) − W)X‖²].
+type RungIndex = HashMap<(String, GgmlType), (u64, usize, [f64; 2])>;
 
 impl RungCache {
     fn new(path: &Path) -> std::io::Result<RungCache> {
@@ -151,23 +152,33 @@ impl RungCache {
         })
     }
 
-    fn keep(&self, name: &str, ty: GgmlType, bytes: &[u8]) -> std::io::Result<()> {
+    fn keep(
+        &self,
+        name: &str,
+        ty: GgmlType,
+        bytes: &[u8],
+        norms2: [f64; 2],
+    ) -> std::io::Result<()> {
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let (file, index) = &mut *guard;
         let at = file.seek(SeekFrom::End(0))?;
         file.write_all(bytes)?;
-        index.insert((name.to_string(), ty), (at, bytes.len()));
+        index.insert((name.to_string(), ty), (at, bytes.len(), norms2));
         Ok(())
     }
 
-    fn get(&self, name: &str, ty: GgmlType) -> Option<Vec<u8>> {
+    fn get(&self, name: &str, ty: GgmlType) -> Option<RoundedTensor> {
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let (file, index) = &mut *guard;
-        let &(at, len) = index.get(&(name.to_string(), ty))?;
-        let mut buf = vec![0u8; len];
+        let &(at, len, output_norms2) = index.get(&(name.to_string(), ty))?;
+        let mut bytes = vec![0u8; len];
         // A failed read rounds again: the bytes are the same.
         file.seek(SeekFrom::Start(at)).ok()?;
-        file.read_exact(&mut buf).ok().map(|_| buf)
+        file.read_exact(&mut bytes).ok()?;
+        Some(RoundedTensor {
+            bytes,
+            output_norms2,
+        })
     }
 }
 
@@ -285,8 +296,8 @@ pub fn convert_within(
             source,
         })?,
     );
-    let ladders = predict_ladder(opts, &budget.ladder, &|name, ty, bytes| {
-        cache.keep(name, ty, bytes)
+    let ladders = predict_ladder(opts, &budget.ladder, &|name, ty, bytes, norms2| {
+        cache.keep(name, ty, bytes, norms2)
     })?;
     let predict_seconds = start.elapsed().as_secs_f64();
     let load = |p: &Path| {

@@ -136,11 +136,24 @@ pub struct ConvertOptions {
 #[derive(Clone)]
 pub struct RoundedTensors(pub std::sync::Arc<RoundedLookup>);
 
-/// Where [`RoundedTensors`] looks a tensor's bytes up: (name, type) -> bytes.
-pub type RoundedLookup = dyn Fn(&str, GgmlType) -> Option<Vec<u8>> + Send + Sync;
+/// Where [`RoundedTensors`] looks a tensor up: (name, type) -> what the
+/// prediction made of it.
+pub type RoundedLookup = dyn Fn(&str, GgmlType) -> Option<RoundedTensor> + Send + Sync;
 
-/// What [`predict_ladder`] hands every rounded tensor to: (name, type, bytes).
-pub type KeepRounded<'a> = dyn Fn(&str, GgmlType, &[u8]) -> std::io::Result<()> + Sync + 'a;
+/// What [`predict_ladder`] hands every rounded tensor to: (name, type, bytes,
+/// [‖WX‖², ‖(Q(W) − W)X‖²]).
+pub type KeepRounded<'a> =
+    dyn Fn(&str, GgmlType, &[u8], [f64; 2]) -> std::io::Result<()> + Sync + 'a;
+
+/// A tensor rounded (and measured) before, by a drift budget's prediction.
+#[derive(Debug, Clone)]
+pub struct RoundedTensor {
+    /// Its bytes in the type it was looked up by.
+    pub bytes: Vec<u8>,
+    /// ‖WX‖² and ‖(Q(W) − W)X‖² over the calibration inputs: a round's
+    /// report reuses them instead of multiplying by XᵀX again.
+    pub output_norms2: [f64; 2],
+}
 
 impl std::fmt::Debug for RoundedTensors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -536,10 +549,6 @@ pub fn predict_ladder(
             let mut norm2 = None;
             for ty in types {
                 let bytes = round(t, ty, w, Some(stats), opts)?;
-                keep(&t.name, ty, &bytes).map_err(|source| ConvertError::Io {
-                    path: PathBuf::from(&t.name),
-                    source,
-                })?;
                 let q = quant::dequantize(ty, &bytes, n as usize, &t.name)?;
                 let d: Vec<f32> = q.iter().zip(w).map(|(a, b)| a - b).collect();
                 // ‖WX‖² once per tensor; each rung's error streams alone.
@@ -548,6 +557,12 @@ pub fn predict_ladder(
                     Some(wn) => vec![wn, output_norms2(stats, &t.name, &[&d])?[0]],
                 };
                 norm2 = Some(norms[0]);
+                keep(&t.name, ty, &bytes, [norms[0], norms[1]]).map_err(|source| {
+                    ConvertError::Io {
+                        path: PathBuf::from(&t.name),
+                        source,
+                    }
+                })?;
                 rungs.push(Rung {
                     ggml_type: ty,
                     bytes: bytes.len() as u64,
@@ -891,13 +906,13 @@ fn process(
     let merged = merged_values(t, base, adapter)?;
     let stats = stats_of(t, opts)?;
     let chosen = stats.is_some() && is_chosen(ggml_type, opts);
-    let bytes = match opts
+    let (bytes, known_norms2) = match opts
         .rounded
         .as_ref()
         .and_then(|r| (r.0)(&t.name, ggml_type))
     {
-        Some(b) => b,
-        None => round(t, ggml_type, &merged.values, stats, opts)?,
+        Some(r) => (r.bytes, Some(r.output_norms2)),
+        None => (round(t, ggml_type, &merged.values, stats, opts)?, None),
     };
     if let Some(s) = stats {
         s.reader_done();
@@ -1004,9 +1019,23 @@ fn process(
             }
             None => None,
         };
-        let mut each: Vec<&[f32]> = vec![w];
-        each.extend(deltas.iter().map(Vec::as_slice));
-        let norms = output_norms2(s, &t.name, &each)?;
+        // A budget round's tensors were measured by the prediction: only
+        // the comparisons (nearest, compensated) are multiplied out here.
+        let norms = match known_norms2 {
+            Some(known) => {
+                let rest: Vec<&[f32]> = deltas[1..].iter().map(Vec::as_slice).collect();
+                let mut norms = known.to_vec();
+                if !rest.is_empty() {
+                    norms.extend(output_norms2(s, &t.name, &rest)?);
+                }
+                norms
+            }
+            None => {
+                let mut each: Vec<&[f32]> = vec![w];
+                each.extend(deltas.iter().map(Vec::as_slice));
+                output_norms2(s, &t.name, &each)?
+            }
+        };
         let rel = |i: usize| relative2(norms[i], norms[0]).sqrt();
         report.output_error = Some(rel(1));
         report.output_error_nearest = nearest_at.map(rel);
