@@ -54,6 +54,13 @@ fn main() {
         Command::Inspect(args) => inspect::run(&args),
         Command::Run(args) => run::run(&args),
     };
+    // Once SIGINT or SIGTERM arrived, the signal's thread ends the process
+    // with the signal's status, whatever the command made of its removed
+    // partials (a failed rename, most often).
+    #[cfg(unix)]
+    while SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::park();
+    }
     if let Err(e) = result {
         // One line, the hint (a flag to reach for) at its end.
         match hint(&e) {
@@ -63,6 +70,10 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+/// Set when SIGINT or SIGTERM arrived: the process is ending by it.
+#[cfg(unix)]
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// On SIGINT or SIGTERM, remove the partial outputs being written (a killed
 /// conversion would otherwise leave hundreds of MB of `.NAME.PID.XXXXXX.partial`)
@@ -75,6 +86,7 @@ fn remove_partials_on_signal() {
     };
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
+            SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
             lorafold_converter::output::remove_live_partials();
             std::process::exit(128 + sig);
         }
