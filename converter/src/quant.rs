@@ -181,22 +181,27 @@ impl QuantPolicy {
             (GgmlType::Q4_K, Some("s")) => 14,
             (GgmlType::Q5_K, Some("m")) => 17,
             (GgmlType::Q5_K, Some("s")) => 16,
-            (t, _) => match t.name() {
-                "F32" => 0,
-                "F16" => 1,
-                "Q4_0" => 2,
-                "Q4_1" => 3,
-                "Q8_0" => 7,
-                "Q5_0" => 8,
-                "Q5_1" => 9,
-                "Q2_K" => 10,
-                "Q3_K" => 12,
-                "Q4_K" => 15,
-                "Q5_K" => 17,
-                "Q6_K" => 18,
-                "BF16" => 32,
-                _ => 1024, // llama.cpp's "guessed"
-            },
+            (t, _) => {
+                use GgmlType::*;
+                match t {
+                    F32 => 0,
+                    F16 => 1,
+                    Q4_0 => 2,
+                    Q4_1 => 3,
+                    Q8_0 => 7,
+                    Q5_0 => 8,
+                    Q5_1 => 9,
+                    Q2_K => 10,
+                    Q3_K => 12,
+                    Q4_K => 15,
+                    Q5_K => 17,
+                    Q6_K => 18,
+                    BF16 => 32,
+                    // Types no file is made of as a whole: llama.cpp's "guessed".
+                    Q8_1 | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S | IQ4_NL | IQ3_S | IQ2_S
+                    | IQ4_XS | I8 | I16 | I32 | I64 | F64 | IQ1_M | TQ1_0 | TQ2_0 | MXFP4 => 1024,
+                }
+            }
         }
     }
 
@@ -252,11 +257,11 @@ fn fit(wanted: GgmlType, row_len: u64) -> TypeChoice {
     let mut t = wanted;
     let mut steps = Vec::new();
     while !row_len.is_multiple_of(t.block_size()) {
-        let next = match t.name() {
-            "Q4_K" => GgmlType::Q5_0,
-            "Q5_K" => GgmlType::Q5_1,
-            "Q6_K" => GgmlType::Q8_0,
-            "Q2_K" | "Q3_K" => GgmlType::Q4_0,
+        let next = match t {
+            GgmlType::Q4_K => GgmlType::Q5_0,
+            GgmlType::Q5_K => GgmlType::Q5_1,
+            GgmlType::Q6_K => GgmlType::Q8_0,
+            GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
             _ => GgmlType::F16,
         };
         steps.push(format!(

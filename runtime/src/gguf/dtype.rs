@@ -2,15 +2,82 @@
 
 use std::fmt;
 
-/// A ggml tensor type: its GGUF id, name, and block geometry.
-// One byte (an index into TYPES) so that tensor tables stay small.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GgmlType(u8);
+/// A ggml tensor type: its GGUF id, name, and block geometry. Variants are
+/// in [`TYPES`] order, so a type is one byte and matches are exhaustive.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum GgmlType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// 4-bit, 32-wide blocks, one f16 scale.
+    Q4_0,
+    /// 4-bit, 32-wide blocks, f16 scale and min.
+    Q4_1,
+    /// 5-bit, 32-wide blocks, one f16 scale.
+    Q5_0,
+    /// 5-bit, 32-wide blocks, f16 scale and min.
+    Q5_1,
+    /// 8-bit, 32-wide blocks, one f16 scale.
+    Q8_0,
+    /// 8-bit, 32-wide blocks, scale and sum (activations).
+    Q8_1,
+    /// 2-bit K-quant, 256-wide super-blocks.
+    Q2_K,
+    /// 3-bit K-quant.
+    Q3_K,
+    /// 4-bit K-quant.
+    Q4_K,
+    /// 5-bit K-quant.
+    Q5_K,
+    /// 6-bit K-quant.
+    Q6_K,
+    /// 8-bit K-quant (activations).
+    Q8_K,
+    /// IQ2_XXS: an i-quant or ternary type (read, not run).
+    IQ2_XXS,
+    /// IQ2_XS: an i-quant or ternary type (read, not run).
+    IQ2_XS,
+    /// IQ3_XXS: an i-quant or ternary type (read, not run).
+    IQ3_XXS,
+    /// IQ1_S: an i-quant or ternary type (read, not run).
+    IQ1_S,
+    /// IQ4_NL: an i-quant or ternary type (read, not run).
+    IQ4_NL,
+    /// IQ3_S: an i-quant or ternary type (read, not run).
+    IQ3_S,
+    /// IQ2_S: an i-quant or ternary type (read, not run).
+    IQ2_S,
+    /// IQ4_XS: an i-quant or ternary type (read, not run).
+    IQ4_XS,
+    /// 8-bit integer.
+    I8,
+    /// 16-bit integer.
+    I16,
+    /// 32-bit integer.
+    I32,
+    /// 64-bit integer.
+    I64,
+    /// 64-bit float.
+    F64,
+    /// IQ1_M: an i-quant or ternary type (read, not run).
+    IQ1_M,
+    /// bfloat16.
+    BF16,
+    /// TQ1_0: an i-quant or ternary type (read, not run).
+    TQ1_0,
+    /// TQ2_0: an i-quant or ternary type (read, not run).
+    TQ2_0,
+    /// 4-bit microscaling float (OCP MX).
+    MXFP4,
+}
 
 // (id, name, elements per block, bytes per block), from ggml.h / ggml.c's type
-// traits. Ids 4, 5, 31-33 and 36-38 were removed from ggml and never appear in
-// files it accepts, so we refuse them as unknown too.
-const TYPES: &[(u32, &str, u32, u32)] = &[
+// traits, in the enum's order. Ids 4, 5, 31-33 and 36-38 were removed from
+// ggml and never appear in files it accepts, so we refuse them as unknown too.
+const TYPES: [(u32, &str, u32, u32); 32] = [
     (0, "F32", 1, 4),
     (1, "F16", 1, 2),
     (2, "Q4_0", 32, 18),
@@ -45,55 +112,24 @@ const TYPES: &[(u32, &str, u32, u32)] = &[
     (39, "MXFP4", 32, 17),
 ];
 
+/// Every type, in [`TYPES`] order.
+const ALL: [GgmlType; 32] = {
+    use GgmlType::*;
+    [
+        F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ2_XXS,
+        IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS, I8, I16, I32, I64, F64, IQ1_M, BF16,
+        TQ1_0, TQ2_0, MXFP4,
+    ]
+};
+
 impl GgmlType {
-    /// 32-bit float.
-    pub const F32: GgmlType = GgmlType::known(0);
-    /// IEEE half.
-    pub const F16: GgmlType = GgmlType::known(1);
-    /// bfloat16.
-    pub const BF16: GgmlType = GgmlType::known(30);
-    /// 4-bit, 32-wide blocks, one f16 scale.
-    pub const Q4_0: GgmlType = GgmlType::known(2);
-    /// 4-bit, 32-wide blocks, f16 scale and min.
-    pub const Q4_1: GgmlType = GgmlType::known(3);
-    /// 5-bit, 32-wide blocks, one f16 scale.
-    pub const Q5_0: GgmlType = GgmlType::known(6);
-    /// 5-bit, 32-wide blocks, f16 scale and min.
-    pub const Q5_1: GgmlType = GgmlType::known(7);
-    /// 8-bit, 32-wide blocks, one f16 scale.
-    pub const Q8_0: GgmlType = GgmlType::known(8);
-    /// 2-bit K-quant, 256-wide super-blocks.
-    pub const Q2_K: GgmlType = GgmlType::known(10);
-    /// 3-bit K-quant.
-    pub const Q3_K: GgmlType = GgmlType::known(11);
-    /// 4-bit K-quant.
-    pub const Q4_K: GgmlType = GgmlType::known(12);
-    /// 5-bit K-quant.
-    pub const Q5_K: GgmlType = GgmlType::known(13);
-    /// 6-bit K-quant.
-    pub const Q6_K: GgmlType = GgmlType::known(14);
-
-    const fn known(id: u32) -> GgmlType {
-        let mut i = 0;
-        while i < TYPES.len() {
-            if TYPES[i].0 == id {
-                return GgmlType(i as u8);
-            }
-            i += 1;
-        }
-        panic!("not a ggml type id")
-    }
-
     fn row(self) -> (u32, &'static str, u32, u32) {
-        TYPES[self.0 as usize]
+        TYPES[self as usize]
     }
 
     /// The type with this GGUF id, if ggml defines it.
     pub fn from_id(id: u32) -> Option<GgmlType> {
-        TYPES
-            .iter()
-            .position(|t| t.0 == id)
-            .map(|i| GgmlType(i as u8))
+        TYPES.iter().position(|t| t.0 == id).map(|i| ALL[i])
     }
 
     /// The type with this name (case-insensitive, as llama.cpp prints it: "Q4_K", "f16").
@@ -101,12 +137,12 @@ impl GgmlType {
         TYPES
             .iter()
             .position(|t| t.1.eq_ignore_ascii_case(name))
-            .map(|i| GgmlType(i as u8))
+            .map(|i| ALL[i])
     }
 
     /// Every type ggml defines, in id order.
     pub fn all() -> impl Iterator<Item = GgmlType> {
-        (0..TYPES.len()).map(|i| GgmlType(i as u8))
+        ALL.into_iter()
     }
 
     /// The GGUF id.
@@ -146,34 +182,30 @@ impl GgmlType {
     /// candle's dtype for this type, where candle can dequantize or run it.
     pub fn to_candle(self) -> Option<candle_core::quantized::GgmlDType> {
         use candle_core::quantized::GgmlDType as C;
-        Some(match self.id() {
-            0 => C::F32,
-            1 => C::F16,
-            30 => C::BF16,
-            2 => C::Q4_0,
-            3 => C::Q4_1,
-            6 => C::Q5_0,
-            7 => C::Q5_1,
-            8 => C::Q8_0,
-            9 => C::Q8_1,
-            10 => C::Q2K,
-            11 => C::Q3K,
-            12 => C::Q4K,
-            13 => C::Q5K,
-            14 => C::Q6K,
-            15 => C::Q8K,
-            _ => return None,
+        use GgmlType::*;
+        Some(match self {
+            F32 => C::F32,
+            F16 => C::F16,
+            BF16 => C::BF16,
+            Q4_0 => C::Q4_0,
+            Q4_1 => C::Q4_1,
+            Q5_0 => C::Q5_0,
+            Q5_1 => C::Q5_1,
+            Q8_0 => C::Q8_0,
+            Q8_1 => C::Q8_1,
+            Q2_K => C::Q2K,
+            Q3_K => C::Q3K,
+            Q4_K => C::Q4K,
+            Q5_K => C::Q5K,
+            Q6_K => C::Q6K,
+            Q8_K => C::Q8K,
+            IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S | IQ4_NL | IQ3_S | IQ2_S | IQ4_XS | I8 | I16
+            | I32 | I64 | F64 | IQ1_M | TQ1_0 | TQ2_0 | MXFP4 => return None,
         })
     }
 }
 
 impl fmt::Display for GgmlType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl fmt::Debug for GgmlType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
@@ -198,5 +230,8 @@ mod tests {
         assert_eq!(GgmlType::Q4_0.bits_per_weight(), 4.5);
         assert_eq!((GgmlType::Q6_K.id(), GgmlType::Q6_K.name()), (14, "Q6_K"));
         assert_eq!(std::mem::size_of::<GgmlType>(), 1);
+        for (t, row) in GgmlType::all().zip(TYPES) {
+            assert_eq!(format!("{t:?}"), row.1, "variant order follows TYPES");
+        }
     }
 }
