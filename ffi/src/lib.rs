@@ -51,8 +51,6 @@ pub const LORAFOLD_ERR_PANIC: lorafold_status = 11;
 /// A loaded model (GGUF), its tokenizer and its attached adapters.
 pub struct lorafold_model {
     core: Arc<ModelCore>,
-    /// Which attach slots hold an adapter.
-    attached: Vec<bool>,
 }
 
 struct ModelCore {
@@ -325,7 +323,6 @@ pub unsafe extern "C" fn lorafold_model_load(
         *out = register(
             lorafold_model {
                 core: Arc::new(core),
-                attached: Vec::new(),
             },
             MODEL,
         );
@@ -416,10 +413,6 @@ pub unsafe extern "C" fn lorafold_model_attach(
         let s = unshared(model, "attaching an adapter")?
             .model
             .attach(&adapter.adapter, scale as f64)?;
-        if model.attached.len() <= s {
-            model.attached.resize(s + 1, false);
-        }
-        model.attached[s] = true;
         *slot = s as i32;
         Ok(())
     })
@@ -427,7 +420,7 @@ pub unsafe extern "C" fn lorafold_model_attach(
 
 fn attached_slot(model: &lorafold_model, slot: i32) -> Outcome<usize> {
     match usize::try_from(slot) {
-        Ok(s) if model.attached.get(s) == Some(&true) => Ok(s),
+        Ok(s) if model.core.model.scale(s).is_some() => Ok(s),
         _ => fail(
             LORAFOLD_ERR_INVALID,
             format!("slot {slot} holds no adapter of this model"),
@@ -468,7 +461,6 @@ pub unsafe extern "C" fn lorafold_model_detach(
         let model = handle_mut(model, MODEL, "model")?;
         let s = attached_slot(model, slot)?;
         unshared(model, "detaching an adapter")?.model.detach(s);
-        model.attached[s] = false;
         Ok(())
     })
 }

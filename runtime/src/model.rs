@@ -455,6 +455,11 @@ impl Model {
         Ok(slot)
     }
 
+    /// The user scale of the adapter in `slot`; None when it holds none.
+    pub fn scale(&self, slot: usize) -> Option<f64> {
+        self.scales.get(slot).copied().flatten()
+    }
+
     /// Change an attached adapter's scale (checked as [`check_scale`] does).
     pub fn set_scale(&mut self, slot: usize, scale: f64) -> Result<(), RuntimeError> {
         check_scale(scale)?;
