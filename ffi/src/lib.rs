@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
 use lorafold_runtime::generate::{
-    close_turn, generate, prompt_ids, PromptError, Sampler, SamplerConfig,
+    check_room, close_turn, generate, prompt_ids, PromptError, Sampler, SamplerConfig,
 };
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::measure::{drift, windows};
@@ -206,9 +206,7 @@ fn register<T>(value: T, kind: u8) -> *mut T {
 }
 
 fn check_handle<T>(p: *const T, kind: u8, what: &str) -> Outcome<()> {
-    if p.is_null() {
-        return fail(LORAFOLD_ERR_NULL, format!("{what} is null"));
-    }
+    not_null(p, what)?;
     let known = live()
         .as_ref()
         .is_some_and(|s| s.contains(&(p as usize, kind)));
@@ -255,15 +253,14 @@ fn release<T>(p: *mut T, kind: u8, what: &str) -> Outcome<()> {
 /// # Safety
 /// `p`, when not null, must point to a NUL-terminated string.
 unsafe fn text<'a>(p: *const c_char, what: &str) -> Outcome<&'a str> {
-    if p.is_null() {
-        return fail(LORAFOLD_ERR_NULL, format!("{what} is null"));
-    }
+    not_null(p, what)?;
     CStr::from_ptr(p)
         .to_str()
         .or_else(|e| fail(LORAFOLD_ERR_UTF8, format!("{what} is not UTF-8: {e}")))
 }
 
-fn out_ptr<T>(p: *mut T, what: &str) -> Outcome<()> {
+/// A pointer argument (an input, or where a result goes) is not null.
+fn not_null<T>(p: *const T, what: &str) -> Outcome<()> {
     if p.is_null() {
         fail(LORAFOLD_ERR_NULL, format!("{what} is null"))
     } else {
@@ -292,7 +289,7 @@ pub unsafe extern "C" fn lorafold_model_load(
     out: *mut *mut lorafold_model,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(out, "out")?;
+        not_null(out, "out")?;
         let path = text(path, "path")?;
         let threads = match threads {
             0 => None,
@@ -349,7 +346,7 @@ pub unsafe extern "C" fn lorafold_model_n_vocab(
     out: *mut u32,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(out, "out")?;
+        not_null(out, "out")?;
         *out = handle(model, MODEL, "model")?.core.model.config.vocab as u32;
         Ok(())
     })
@@ -366,7 +363,7 @@ pub unsafe extern "C" fn lorafold_adapter_load(
     out: *mut *mut lorafold_adapter,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(out, "out")?;
+        not_null(out, "out")?;
         let adapter = LoraAdapter::load(text(path, "path")?)?;
         *out = register(lorafold_adapter { adapter }, ADAPTER);
         Ok(())
@@ -407,7 +404,7 @@ pub unsafe extern "C" fn lorafold_model_attach(
     slot: *mut i32,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(slot, "slot")?;
+        not_null(slot, "slot")?;
         let adapter = handle(adapter, ADAPTER, "adapter")?;
         let model = handle_mut(model, MODEL, "model")?;
         let s = unshared(model, "attaching an adapter")?
@@ -475,7 +472,7 @@ pub unsafe extern "C" fn lorafold_session_new(
     out: *mut *mut lorafold_session,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(out, "out")?;
+        not_null(out, "out")?;
         let core = handle(model, MODEL, "model")?.core.clone();
         // SAFETY: the model lives in the Arc the session holds, which is
         // dropped after it; no one mutates it while a session holds it
@@ -522,8 +519,8 @@ pub unsafe extern "C" fn lorafold_session_used(
     size: *mut usize,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(used, "used")?;
-        out_ptr(size, "size")?;
+        not_null(used, "used")?;
+        not_null(size, "size")?;
         let s = &handle(session, SESSION, "session")?.session;
         *used = s.position();
         *size = s.max_tokens();
@@ -556,7 +553,7 @@ pub unsafe extern "C" fn lorafold_tokenize(
     n_tokens: *mut usize,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(n_tokens, "n_tokens")?;
+        not_null(n_tokens, "n_tokens")?;
         let model = handle(model, MODEL, "model")?;
         let ids = model
             .core
@@ -571,7 +568,7 @@ pub unsafe extern "C" fn lorafold_tokenize(
             );
         }
         if !ids.is_empty() {
-            out_ptr(tokens, "tokens")?;
+            not_null(tokens, "tokens")?;
             std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len());
         }
         Ok(())
@@ -595,12 +592,14 @@ pub unsafe extern "C" fn lorafold_detokenize(
     len: *mut usize,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(len, "len")?;
+        not_null(len, "len")?;
         let model = handle(model, MODEL, "model")?;
         let ids: &[u32] = match n {
             0 => &[],
-            _ if tokens.is_null() => return fail(LORAFOLD_ERR_NULL, "tokens is null"),
-            _ => std::slice::from_raw_parts(tokens, n),
+            _ => {
+                not_null(tokens, "tokens")?;
+                std::slice::from_raw_parts(tokens, n)
+            }
         };
         check_ids(ids, model.core.model.config.vocab)?;
         let s = model
@@ -615,7 +614,7 @@ pub unsafe extern "C" fn lorafold_detokenize(
                 format!("{} bytes and a NUL do not fit in {cap}", s.len()),
             );
         }
-        out_ptr(buf, "buf")?;
+        not_null(buf, "buf")?;
         std::ptr::copy_nonoverlapping(s.as_ptr(), buf.cast::<u8>(), s.len());
         *buf.add(s.len()) = 0;
         Ok(())
@@ -645,20 +644,6 @@ fn check_ids(ids: &[u32], vocab: usize) -> Outcome<()> {
         ),
         None => Ok(()),
     }
-}
-
-fn check_room(session: &Session<'_>, n: usize) -> Outcome<()> {
-    let room = session.max_tokens() - session.position();
-    if n > room {
-        return fail(
-            LORAFOLD_ERR_CONTEXT,
-            format!(
-                "{n} tokens do not fit: the session has room for {room} of its {} positions",
-                session.max_tokens()
-            ),
-        );
-    }
-    Ok(())
 }
 
 /// Generate after `prompt` (appended to the session's conversation),
@@ -744,13 +729,11 @@ pub unsafe extern "C" fn lorafold_eval(
 ) -> lorafold_status {
     entry(|| {
         let s = handle_mut(session, SESSION, "session")?;
-        out_ptr(logits, "logits")?;
+        not_null(logits, "logits")?;
         if n == 0 {
             return fail(LORAFOLD_ERR_INVALID, "no tokens to run");
         }
-        if tokens.is_null() {
-            return fail(LORAFOLD_ERR_NULL, "tokens is null");
-        }
+        not_null(tokens, "tokens")?;
         let vocab = s._core.model.config.vocab;
         if cap < vocab {
             return fail(
@@ -780,7 +763,7 @@ pub unsafe extern "C" fn lorafold_drift(
     out: *mut lorafold_drift_report,
 ) -> lorafold_status {
     entry(|| {
-        out_ptr(out, "out")?;
+        not_null(out, "out")?;
         let r = handle(reference, MODEL, "reference")?;
         let c = handle(candidate, MODEL, "candidate")?;
         let (rv, cv) = (r.core.model.config.vocab, c.core.model.config.vocab);

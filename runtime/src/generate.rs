@@ -57,18 +57,20 @@ pub fn prompt_ids(
     if ids.is_empty() {
         return Err(PromptError::Empty);
     }
+    check_room(session, ids.len())?;
+    Ok(ids)
+}
+
+/// `tokens` more positions fit in `session`'s context.
+pub fn check_room(session: &Session<'_>, tokens: usize) -> Result<(), PromptError> {
     let (size, room) = (
         session.max_tokens(),
         session.max_tokens() - session.position(),
     );
-    if ids.len() > room {
-        return Err(PromptError::TooLong {
-            tokens: ids.len(),
-            room,
-            size,
-        });
+    if tokens > room {
+        return Err(PromptError::TooLong { tokens, room, size });
     }
-    Ok(ids)
+    Ok(())
 }
 
 /// After a chat reply, feed the template's end of the assistant's turn
