@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::cpu::KvType;
+use crate::measure::argmax;
 use crate::model::{Model, RuntimeError, SessionOptions};
 use crate::path_spec::PathSpec;
 
@@ -73,17 +74,6 @@ pub struct BenchRow {
     pub mapped_bytes: u64,
 }
 
-/// The greedy token: what a decode step costs without a sampler's work.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Time `reps` runs of prefill (`prompt` tokens) and decode (`n` tokens) on `spec`.
 pub fn bench_path(
     spec: &PathSpec,
@@ -112,13 +102,14 @@ pub fn bench_path(
             ..SessionOptions::new(positions)
         })?;
         let t = Instant::now();
-        let mut next = argmax(s.logits(&ids, false)?);
+        // The greedy token: what a decode step costs without a sampler's work.
+        let mut next = argmax(s.logits(&ids, false)?) as u32;
         let prefill = t.elapsed().as_secs_f64();
         ttft.push(prefill * 1e3);
         pre.push(prompt as f64 / prefill);
         let t = Instant::now();
         for _ in 0..n {
-            next = argmax(s.logits(&[next], false)?);
+            next = argmax(s.logits(&[next], false)?) as u32;
         }
         dec.push(n as f64 / t.elapsed().as_secs_f64());
         // With the model still mapped: its touched pages count.

@@ -200,18 +200,8 @@ impl Sampler {
                 }
             }
         }
-        let argmax = || {
-            logits
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |m, (i, &l)| if l > m.1 { (i, l) } else { m },
-                )
-                .0 as u32
-        };
         if c.temperature <= 0.0 {
-            return argmax();
+            return crate::measure::argmax(logits) as u32;
         }
         let mut idx: Vec<usize> = (0..logits.len()).collect();
         idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));

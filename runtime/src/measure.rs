@@ -111,14 +111,20 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&x| x as f64 - lse).collect()
 }
 
-fn argmax(v: &[f64]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f64::NEG_INFINITY),
-            |m, (i, &x)| if x > m.1 { (i, x) } else { m },
-        )
-        .0
+/// The index of the first largest value (0 for an empty row); a NaN never
+/// wins. The greedy token, and the top-1 the drift compares.
+pub fn argmax<T: PartialOrd + Copy>(v: &[T]) -> usize {
+    let mut best: Option<(usize, T)> = None;
+    for (i, &x) in v.iter().enumerate() {
+        let wins = match best {
+            None => x.partial_cmp(&x).is_some(),
+            Some((_, b)) => x > b,
+        };
+        if wins {
+            best = Some((i, x));
+        }
+    }
+    best.map_or(0, |(i, _)| i)
 }
 
 /// Per-token comparisons of a candidate against the reference.
