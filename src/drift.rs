@@ -159,10 +159,8 @@ pub fn run(args: &DriftArgs) -> Result<()> {
     let base = args.base.as_ref().map(|b| b.load(&dev)).transpose()?;
     let text =
         std::fs::read_to_string(&args.text).with_context(|| format!("{}", args.text.display()))?;
-    let w = windows(&tok, &text, args.lines, args.ctx)?;
-    if w.is_empty() {
-        bail!("{}: no window of at least 2 tokens", args.text.display());
-    }
+    let w = windows(&tok, &text, args.lines, args.ctx)
+        .with_context(|| args.text.display().to_string())?;
     let rows = measure(&reference, &candidates, base.as_ref(), &w)?;
     print_table(&rows);
     if let Some(p) = &args.json {

@@ -17,7 +17,7 @@ use lorafold_runtime::generate::{
     check_room, close_turn, generate, prompt_ids, PromptError, Sampler, SamplerConfig,
 };
 use lorafold_runtime::lora::LoraAdapter;
-use lorafold_runtime::measure::{drift, windows};
+use lorafold_runtime::measure::{drift, windows, WindowError};
 use lorafold_runtime::model::{Model, RuntimeError, Session, SessionOptions};
 use lorafold_runtime::tokenizer::Tokenizer;
 
@@ -773,14 +773,13 @@ pub unsafe extern "C" fn lorafold_drift(
                 format!("the candidate's vocabulary ({cv}) is not the reference's ({rv})"),
             );
         }
-        let w = windows(&r.core.tokenizer, text(text_utf8, "text")?, true, 128)
-            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
-        if w.is_empty() {
-            return fail(
-                LORAFOLD_ERR_INVALID,
-                "the text has no line of 2 tokens or more",
-            );
-        }
+        let w = windows(&r.core.tokenizer, text(text_utf8, "text")?, true, 128).or_else(|e| {
+            let code = match e {
+                WindowError::NoWindow | WindowError::ZeroContext => LORAFOLD_ERR_INVALID,
+                WindowError::Tokenize(_) => LORAFOLD_ERR_RUNTIME,
+            };
+            fail(code, format!("text: {e}"))
+        })?;
         let d = drift(&r.core.model, &[&c.core.model], None, &w)?.remove(0);
         *out = lorafold_drift_report {
             tokens: d.tokens as u64,

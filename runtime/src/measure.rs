@@ -16,11 +16,14 @@ pub enum WindowError {
     /// The tokenizer refused the text.
     #[error(transparent)]
     Tokenize(#[from] TokenizeError),
+    /// No window holds the 2 tokens a prediction needs.
+    #[error("no window of at least 2 tokens")]
+    NoWindow,
 }
 
 /// Token windows of `text`: one per non-empty line (cut to `ctx` tokens)
 /// with `lines`, else consecutive runs of `ctx` tokens; a window of fewer
-/// than 2 tokens predicts nothing and is dropped.
+/// than 2 tokens predicts nothing and is dropped; none left is an error.
 pub fn windows(
     tok: &Tokenizer,
     text: &str,
@@ -44,7 +47,11 @@ pub fn windows(
     } else {
         enc(text)?.chunks(ctx).map(|c| c.to_vec()).collect()
     };
-    Ok(w.into_iter().filter(|w| w.len() >= 2).collect())
+    let w: Vec<Vec<u32>> = w.into_iter().filter(|w| w.len() >= 2).collect();
+    if w.is_empty() {
+        return Err(WindowError::NoWindow);
+    }
+    Ok(w)
 }
 
 /// Every candidate's drift from `reference` over `windows` (an f32 KV cache,
