@@ -279,15 +279,12 @@ pub fn convert_within(
         ));
     }
     crate::output::check_file_destination(&output)?;
-    let beside = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let beside = crate::output::parent_of(&output);
     let dir = tempfile::Builder::new()
         .prefix(".lorafold-budget")
-        .tempdir_in(beside)
+        .tempdir_in(&beside)
         .map_err(|source| ConvertError::Io {
-            path: beside.to_path_buf(),
+            path: beside.clone(),
             source,
         })?;
     let cache = Arc::new(

@@ -81,7 +81,8 @@ fn kind_of(meta: &fs::Metadata) -> &'static str {
     "not a regular file"
 }
 
-fn parent_of(path: &Path) -> PathBuf {
+/// The folder `path` is in ("." for a bare file name).
+pub fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
