@@ -341,11 +341,13 @@ pub fn complete(
     max_new: usize,
     stop: &[String],
 ) -> Result<String, RuntimeError> {
+    // The problem alone: the error names the file once.
     let tok_err = |e: &dyn std::fmt::Display| RuntimeError::Model {
         path: model.file().path().to_path_buf(),
         problem: e.to_string(),
     };
-    let tok = Tokenizer::from_gguf(model.file()).map_err(|e| tok_err(&e))?;
+    let tok = Tokenizer::from_gguf(model.file())
+        .map_err(|e| tok_err(&format_args!("tokenizer: {}", e.problem)))?;
     let ids = tok.encode(prompt).map_err(|e| tok_err(&e))?;
     let mut session = model.session(ids.len() + max_new)?;
     let (out, _) = generate(
