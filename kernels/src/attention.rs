@@ -89,6 +89,45 @@ pub fn axpys(acc: &mut [f32], p: &[f32], row: Row, isa: Isa) {
     }
 }
 
+/// Softmax of `x` in place, as ggml computes it: the largest value
+/// subtracted, e^x summed in f64, then scaled. The AVX2 path's e^x is a
+/// degree-6 polynomial after range reduction (Cephes' expf, within 2 ulp):
+/// prefill computes one e^x per (query, key) pair, as many as its products'
+/// multiply-adds divided by the head width, and libm's scalar expf made
+/// softmax cost as much as both products together at long prompts.
+pub fn softmax(x: &mut [f32], isa: Isa) {
+    if x.is_empty() {
+        return;
+    }
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    #[cfg(target_arch = "x86_64")]
+    let sum = if isa.avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
+        unsafe { avx2::exp_shifted(x, max) }
+    } else {
+        exp_shifted(x, max)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let sum = {
+        let _ = isa;
+        exp_shifted(x, max)
+    };
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `x = e^(x - max)` in place; returns the sum in f64.
+fn exp_shifted(x: &mut [f32], max: f32) -> f64 {
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    sum
+}
+
 fn lanes(a: [f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
@@ -221,11 +260,100 @@ mod avx2 {
             };
         }
     }
+    /// `x = e^(x - max)` in place, eight at a time; returns the sum in f64.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted(x: &mut [f32], max: f32) -> f64 {
+        let n = x.len();
+        let m = _mm256_set1_ps(max);
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut i = 0;
+        while i + 8 <= n {
+            let p = x.as_mut_ptr().add(i);
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p), m));
+            _mm256_storeu_ps(p, e);
+            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+            i += 8;
+        }
+        let mut l = [0f64; 4];
+        _mm256_storeu_pd(l.as_mut_ptr(), _mm256_add_pd(lo, hi));
+        let mut sum = (l[0] + l[2]) + (l[1] + l[3]);
+        for v in &mut x[i..] {
+            *v = (*v - max).exp();
+            sum += *v as f64;
+        }
+        sum
+    }
+
+    /// e^x for eight lanes: x = n·ln 2 + r with |r| <= ln 2 / 2, e^r by
+    /// Cephes' polynomial, 2^n built in the exponent bits. Inputs below
+    /// -87.3 give 0 (softmax's masked and negligible terms), not denormals.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3), _CMP_LT_OQ);
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.3),
+        );
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        ));
+        _mm256_andnot_ps(tiny, _mm256_mul_ps(y, pow2))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_simd_and_scalar_agree() {
+        for n in [1, 7, 8, 64, 301] {
+            // Spread over e^-100..e^0 after the shift, as long prompts' scores are.
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.91).sin() * 50.0).collect();
+            let (mut s, mut v) = (x.clone(), x.clone());
+            softmax(&mut s, Isa::scalar());
+            softmax(&mut v, Isa::detect());
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+            let z: f64 = x.iter().map(|&a| ((a - max) as f64).exp()).sum();
+            for ((&a, &b), &xi) in s.iter().zip(&v).zip(&x) {
+                // Both exponentiate the same f32 difference, so they are
+                // compared with its exact e^, not with e^ of the unrounded one.
+                let exact = ((xi - max) as f64).exp() / z;
+                assert!(
+                    (a as f64 - exact).abs() <= 1e-6 * exact + 1e-37,
+                    "{a} vs {exact}"
+                );
+                assert!(
+                    (b as f64 - exact).abs() <= 1e-6 * exact + 1e-37,
+                    "{b} vs {exact}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn simd_and_scalar_agree_for_both_row_types() {

@@ -65,6 +65,18 @@ impl KvData {
         }
     }
 
+    /// The `n` values at `at` as f32: the cache itself, or widened into `scratch`.
+    fn f32_rows<'a>(&'a self, at: usize, n: usize, scratch: &'a mut [f32]) -> &'a [f32] {
+        match self {
+            KvData::F32(v) => &v[at..at + n],
+            KvData::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v[at..at + n].convert_to_f32_slice(&mut scratch[..n]);
+                &scratch[..n]
+            }
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             KvData::F32(v) => v.len() * 4,
@@ -223,10 +235,7 @@ impl<'m> CpuSession<'m> {
             acts,
             // Up to three projections (q, k, v) share one step.
             ax: vec![0.0; 3 * batch * max_rank],
-            per_thread: vec![
-                0.0;
-                pool.threads() * attention_scratch(cfg.n_head / cfg.n_head_kv, max, hd)
-            ],
+            per_thread: vec![0.0; pool.threads() * attention_scratch(batch, max, hd, kv)],
             logits: vec![0.0; cfg.vocab],
         };
         CpuSession {
@@ -608,27 +617,30 @@ impl<'m> CpuSession<'m> {
         ((layer * self.cfg.n_head_kv + kv_head) * self.max + pos) * self.cfg.head_dim
     }
 
-    /// softmax(q·kᵀ / √d + causal mask) · v for every query head and row,
-    /// fused over the cache: one job, (head, row) pairs dealt to threads.
+    /// softmax(q·kᵀ / √d + causal mask) · v for every query head and row.
     fn attention(&mut self, layer: usize, t: usize) {
+        if t == 1 {
+            self.attention_decode(layer);
+        } else {
+            self.attention_prefill(layer, t);
+        }
+    }
+
+    /// One position: fused over the cache, one unit per query head so the
+    /// few units still spread over the threads, and nothing allocated.
+    fn attention_decode(&mut self, layer: usize) {
         let cfg = self.cfg;
         let hd = cfg.head_dim;
-        let q_out = cfg.n_head * hd;
         let group = cfg.n_head / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        // A unit is a query position and heads sharing one KV head: in
-        // prefill the whole group, so each cache row is read once for all
-        // of it; in decode one head, so the few units still spread over
-        // the threads.
-        let hpu = if t == 1 { 1 } else { group };
-        let units = cfg.n_head / hpu * t;
-        let per = attention_scratch(group, self.max, hd);
+        let units = cfg.n_head;
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
         let out = Out {
             ptr: self.s.attn.as_mut_ptr(),
-            ld: q_out,
+            ld: 0,
         };
+        let per = self.s.per_thread.len() / self.pool.threads();
         let scratch = Out {
             ptr: self.s.per_thread.as_mut_ptr(),
             ld: per,
@@ -640,49 +652,127 @@ impl<'m> CpuSession<'m> {
             let (scratch, out) = (scratch, out);
             // SAFETY: each thread uses its own slice of the per-thread scratch.
             let mine = unsafe { std::slice::from_raw_parts_mut(scratch.ptr.add(th * per), per) };
-            let (scores, rest) = mine.split_at_mut(group * this.max);
-            let (acc, rest) = rest.split_at_mut(group * hd);
-            let probs = &mut rest[..group];
-            // Interleaved, so the long rows at the end of a prefill are spread.
-            for u in (th..units).step_by(n) {
-                let (h0, i) = (u / t * hpu, u % t);
-                let p = pos + i;
-                let kvh = h0 / group;
-                let qv = &q[i * q_out + h0 * hd..i * q_out + (h0 + hpu) * hd];
-                let len = p + 1;
-                let scores = &mut scores[..hpu * len];
-                let mut dots = [0f32; 16];
-                for j in 0..len {
+            let (scores, acc) = mine.split_at_mut(pos + 1);
+            let acc = &mut acc[..hd];
+            for h in (th..units).step_by(n) {
+                let kvh = h / group;
+                let qv = &q[h * hd..(h + 1) * hd];
+                for (j, sc) in scores.iter_mut().enumerate() {
                     let kr = kv_k.row(this.kv_index(layer, kvh, j), hd);
-                    if hpu == 1 {
-                        scores[j] = attention::dot(qv, kr, isa) * scale;
-                        continue;
-                    }
-                    for c in (0..hpu).step_by(16) {
-                        let nc = (hpu - c).min(16);
-                        attention::dots(&qv[c * hd..(c + nc) * hd], kr, &mut dots[..nc], isa);
-                        for (h, &d) in dots[..nc].iter().enumerate() {
-                            scores[(c + h) * len + j] = d * scale;
-                        }
-                    }
+                    *sc = attention::dot(qv, kr, isa) * scale;
                 }
-                for sh in scores.chunks_exact_mut(len) {
-                    ops::softmax(sh);
-                }
-                let acc = &mut acc[..hpu * hd];
+                ops::softmax(scores);
                 acc.fill(0.0);
-                let probs = &mut probs[..hpu];
-                for j in 0..len {
-                    let vr = kv_v.row(this.kv_index(layer, kvh, j), hd);
-                    for (h, pr) in probs.iter_mut().enumerate() {
-                        *pr = scores[h * len + j];
-                    }
-                    attention::axpys(acc, probs, vr, isa);
+                for (j, &p) in scores.iter().enumerate() {
+                    attention::axpy(acc, p, kv_v.row(this.kv_index(layer, kvh, j), hd), isa);
                 }
-                // SAFETY: (i, head) pairs are disjoint between threads.
-                unsafe {
-                    let dst = out.ptr.add(i * q_out + h0 * hd);
-                    std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, hpu * hd);
+                // SAFETY: heads are disjoint between threads.
+                unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.ptr.add(h * hd), hd) };
+            }
+        };
+        self.pool.run(&work);
+    }
+
+    /// `t` positions: per KV head and block of [`PREFILL_ROWS`] query
+    /// positions, the scores and the weighted values are two dense matrix
+    /// products (the `gemm` crate's packed kernels, which reuse each loaded
+    /// key and value across the block's rows). One dot product per (query,
+    /// key) pair instead was load-bound and made prefill slow down with
+    /// length several times faster than attention's quadratic cost does.
+    fn attention_prefill(&mut self, layer: usize, t: usize) {
+        let cfg = self.cfg;
+        let hd = cfg.head_dim;
+        let q_out = cfg.n_head * hd;
+        let group = cfg.n_head / cfg.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let blocks = t.div_ceil(PREFILL_ROWS);
+        let units = cfg.n_head_kv * blocks;
+        let (q, pos) = (&self.s.q, self.pos);
+        let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
+        let out = Out {
+            ptr: self.s.attn.as_mut_ptr(),
+            ld: q_out,
+        };
+        let per = self.s.per_thread.len() / self.pool.threads();
+        let scratch = Out {
+            ptr: self.s.per_thread.as_mut_ptr(),
+            ld: per,
+        };
+        let this = &*self;
+        let work = |th: usize, n: usize| {
+            let (scratch, out) = (scratch, out);
+            // SAFETY: each thread uses its own slice of the per-thread scratch.
+            let mine = unsafe { std::slice::from_raw_parts_mut(scratch.ptr.add(th * per), per) };
+            // Last blocks first: they are the longest, and dealing them out
+            // first evens the threads' shares.
+            for u in (th..units).step_by(n) {
+                let (b, kvh) = (blocks - 1 - u / cfg.n_head_kv, u % cfg.n_head_kv);
+                let i0 = b * PREFILL_ROWS;
+                let rows = PREFILL_ROWS.min(t - i0);
+                let len = pos + i0 + rows;
+                let (scores, rest) = mine.split_at_mut(rows * len);
+                let first = this.kv_index(layer, kvh, 0);
+                let (ks, vs) = rest.split_at_mut(rest.len() / 2);
+                let k = kv_k.f32_rows(first, len * hd, ks);
+                let v = kv_v.f32_rows(first, len * hd, vs);
+                for h in kvh * group..(kvh + 1) * group {
+                    let qh = &q[i0 * q_out + h * hd..];
+                    // SAFETY: `qh` holds `rows` rows of `hd` at stride `q_out`,
+                    // `k` and `v` `len` rows of `hd`, `scores` `rows * len`.
+                    unsafe {
+                        ::gemm::gemm(
+                            rows,
+                            len,
+                            hd,
+                            scores.as_mut_ptr(),
+                            1,
+                            len as isize,
+                            false,
+                            qh.as_ptr(),
+                            1,
+                            q_out as isize,
+                            k.as_ptr(),
+                            hd as isize,
+                            1,
+                            0.0,
+                            scale,
+                            false,
+                            false,
+                            false,
+                            ::gemm::Parallelism::None,
+                        );
+                    }
+                    for (r, row) in scores.chunks_exact_mut(len).enumerate() {
+                        // Causal: position pos + i0 + r sees keys up to itself.
+                        let (seen, future) = row.split_at_mut(pos + i0 + r + 1);
+                        ops::softmax(seen);
+                        future.fill(0.0);
+                    }
+                    // SAFETY: `out` rows i0..i0 + rows of head h are this
+                    // unit's alone; the operands are sized as above.
+                    unsafe {
+                        ::gemm::gemm(
+                            rows,
+                            hd,
+                            len,
+                            out.ptr.add(i0 * q_out + h * hd),
+                            1,
+                            q_out as isize,
+                            false,
+                            scores.as_ptr(),
+                            1,
+                            len as isize,
+                            v.as_ptr(),
+                            1,
+                            hd as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            ::gemm::Parallelism::None,
+                        );
+                    }
                 }
             }
         };
@@ -690,11 +780,20 @@ impl<'m> CpuSession<'m> {
     }
 }
 
-/// Floats of per-thread attention scratch for a unit of `group` query
-/// heads: their scores over `max` positions, their accumulators of `hd`,
-/// and one probability each.
-fn attention_scratch(group: usize, max: usize, hd: usize) -> usize {
-    group * (max + hd + 1)
+/// Query positions per unit of prefill attention: enough rows for the
+/// products' tiles, and few enough that the masked (future) columns a block
+/// computes stay a small share.
+const PREFILL_ROWS: usize = 64;
+
+/// Floats of per-thread attention scratch: in decode, the scores over `max`
+/// positions and a head-wide accumulator; in prefill, the scores of a block
+/// of query rows and, for an f16 cache, its keys and values widened to f32.
+fn attention_scratch(batch: usize, max: usize, hd: usize, kv: KvType) -> usize {
+    let widened = match kv {
+        KvType::F32 => 0,
+        KvType::F16 => 2 * max * hd,
+    };
+    (max + hd).max(PREFILL_ROWS.min(batch) * max + widened)
 }
 
 /// The input a block's linear layers read: q, k and v share one, gate and
