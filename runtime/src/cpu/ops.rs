@@ -1,7 +1,7 @@
 //! The small per-token operations of the forward pass, computed as ggml
 //! computes them so that our logits track llama.cpp's: RMSNorm with an f64
-//! sum of squares, softmax with an f64 sum, SiLU as x / (1 + e^-x), RoPE
-//! angles stepped in f32.
+//! sum of squares, SiLU as x / (1 + e^-x), RoPE angles stepped in f32
+//! (softmax is the kernels crate's, beside attention's products).
 
 /// `out = x / sqrt(mean(x²) + eps) * w` for one row (ggml's rms_norm then mul).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -24,20 +24,6 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 pub fn add(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// Softmax of `x` in place; returns nothing useful when `x` is empty.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
     }
 }
 
@@ -105,10 +91,6 @@ mod tests {
         for i in 0..4 {
             assert!((out[i] as f64 - x[i] as f64 / rms * w[i] as f64).abs() < 1e-6);
         }
-        let mut p = [1.0f32, 2.0, 3.0];
-        softmax(&mut p);
-        let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|v| v.exp()).sum();
-        assert!((p[2] as f64 - 3f64.exp() / z).abs() < 1e-6);
         let mut v = [1.0f32, 0.0, 0.0, 1.0];
         let c = [0.0f32, 1.0];
         let s = [1.0f32, 0.0];

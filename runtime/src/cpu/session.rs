@@ -661,7 +661,7 @@ impl<'m> CpuSession<'m> {
                     let kr = kv_k.row(this.kv_index(layer, kvh, j), hd);
                     *sc = attention::dot(qv, kr, isa) * scale;
                 }
-                ops::softmax(scores);
+                attention::softmax(scores, isa);
                 acc.fill(0.0);
                 for (j, &p) in scores.iter().enumerate() {
                     attention::axpy(acc, p, kv_v.row(this.kv_index(layer, kvh, j), hd), isa);
@@ -699,6 +699,7 @@ impl<'m> CpuSession<'m> {
             ld: per,
         };
         let this = &*self;
+        let isa = self.isa;
         let work = |th: usize, n: usize| {
             let (scratch, out) = (scratch, out);
             // SAFETY: each thread uses its own slice of the per-thread scratch.
@@ -745,7 +746,7 @@ impl<'m> CpuSession<'m> {
                     for (r, row) in scores.chunks_exact_mut(len).enumerate() {
                         // Causal: position pos + i0 + r sees keys up to itself.
                         let (seen, future) = row.split_at_mut(pos + i0 + r + 1);
-                        ops::softmax(seen);
+                        attention::softmax(seen, isa);
                         future.fill(0.0);
                     }
                     // SAFETY: `out` rows i0..i0 + rows of head h are this
