@@ -112,6 +112,9 @@ const TOKENS: [&str; 8] = [
     "\u{2581}",
 ];
 
+/// Metadata entries to set on [`Spec::model`].
+type Edits = Vec<(&'static str, MetadataValue<'static>)>;
+
 /// Every value the runtime refuses at load (or when it builds the
 /// tokenizer) is refused when a GGUF base carries it to convert, with the
 /// same words, naming the base and the key; the base itself converts.
@@ -137,7 +140,7 @@ fn gguf_base_metadata_the_runtime_refuses_is_refused_at_convert() {
     let mut duplicated = TOKENS;
     duplicated[7] = "a";
     let nine: Vec<&str> = TOKENS.iter().copied().chain(["c"]).collect();
-    let cases: Vec<(&str, Vec<(&str, MetadataValue<'static>)>, &str)> = vec![
+    let cases: Vec<(&str, Edits, &str)> = vec![
         (
             "eps-nan",
             vec![(
