@@ -484,3 +484,25 @@ fn a_stray_layer_names_the_layers_there_are() {
     assert!(runtime_refusal(&p).contains(expect));
     convert_fails(&p, None, &[expect]);
 }
+
+/// tokenizer.json turned into metadata is checked by the runtime's own
+/// reader too: a text at two ids (here an added token repeating a vocab
+/// entry) is refused naming tokenizer.json, not written for `run` to refuse.
+#[test]
+fn an_hf_tokenizer_with_a_token_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = hf_base(dir.path(), "base", &hf_config(), &hf_tensors(false));
+    let tokenizer = json!({
+        "model": { "type": "BPE", "vocab": { "a": 0, "b": 1 }, "merges": [] },
+        "added_tokens": [{ "id": 2, "content": "a", "special": true }]
+    });
+    std::fs::write(base.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    convert_fails(
+        &base,
+        None,
+        &[&format!(
+            "{}: tokenizer.ggml.tokens lists \"a\" twice, as ids 0 and 2",
+            base.join("tokenizer.json").display()
+        )],
+    );
+}
