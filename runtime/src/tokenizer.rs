@@ -245,7 +245,8 @@ impl<'a> TokenizerMetadata<'a> {
                 names::TOKEN_EMBD
             ));
         }
-        // A value that is not a number reads as `default`, as llama.cpp's does.
+        // An element that is not a number reads as `default` (a normal token,
+        // a score of 0), as the tokenizer always read them.
         let numbers = |key: &str, default: f64| -> Option<Vec<f64>> {
             get(key).and_then(|v| {
                 v.as_array()
