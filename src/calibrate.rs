@@ -52,7 +52,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     model
         .session(args.ctx)
         .with_context(|| format!("--ctx {}", args.ctx))?;
-    let text = std::fs::read_to_string(&args.text)
+    let text = lorafold_runtime::input::read_regular(&args.text, "a text file")
         .with_context(|| format!("{}: cannot read the text", args.text.display()))?;
     let start = std::time::Instant::now();
     let (stats, w) = CalibStats::over_text(&model, &text, args.lines, args.ctx)

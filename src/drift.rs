@@ -157,8 +157,8 @@ pub fn run(args: &DriftArgs) -> Result<()> {
         candidates.push((name.clone(), spec.to_string(), m));
     }
     let base = args.base.as_ref().map(|b| b.load(&dev)).transpose()?;
-    let text =
-        std::fs::read_to_string(&args.text).with_context(|| format!("{}", args.text.display()))?;
+    let text = lorafold_runtime::input::read_regular(&args.text, "a text file")
+        .with_context(|| format!("{}", args.text.display()))?;
     let w = windows(&tok, &text, args.lines, args.ctx)
         .with_context(|| args.text.display().to_string())?;
     let rows = measure(&reference, &candidates, base.as_ref(), &w)?;

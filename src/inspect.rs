@@ -7,8 +7,31 @@ use anyhow::{bail, Context, Result};
 use lorafold_converter::peft::{PeftAdapter, PeftSummary};
 use lorafold_converter::safetensors_dir::SafetensorsSummary;
 use lorafold_runtime::gguf::{GgufFile, GGUF_MAGIC};
+use lorafold_runtime::input::escape_controls;
 use lorafold_runtime::summary::GgufSummary;
 use serde::Serialize;
+
+/// `println!` for lines that show strings from the file (names, metadata,
+/// token text): control characters are escaped, so that a terminal shows
+/// an escape sequence in a tensor name instead of obeying it.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", escape_controls(&format!($($arg)*)))
+    };
+}
+
+/// JSON text with the control characters serde_json leaves raw in strings
+/// (DEL and C1, such as U+009B, a terminal's CSI) written as `\u` escapes:
+/// the same JSON value, safe on a terminal.
+fn json_controls_escaped(json: &str) -> String {
+    json.chars()
+        .map(|c| match c {
+            '\n' => c.to_string(),
+            c if c.is_control() => format!("\\u{:04x}", c as u32),
+            c => c.to_string(),
+        })
+        .collect()
+}
 
 /// Arguments of `lorafold inspect`.
 #[derive(clap::Args)]
@@ -35,7 +58,10 @@ enum Report {
 pub fn run(args: &InspectArgs) -> Result<()> {
     let report = load(&args.path)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            json_controls_escaped(&serde_json::to_string_pretty(&report)?)
+        );
         return Ok(());
     }
     match &report {
@@ -55,7 +81,8 @@ fn load(path: &Path) -> Result<Report> {
         return Ok(Report::Safetensors(SafetensorsSummary::of(path)?));
     }
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut f = lorafold_runtime::input::open_regular(path, "a file")
+        .with_context(|| format!("{}", path.display()))?;
     let n = f
         .read(&mut magic)
         .with_context(|| format!("{}", path.display()))?;
@@ -73,18 +100,18 @@ fn load(path: &Path) -> Result<Report> {
 }
 
 fn print_gguf(s: &GgufSummary) {
-    println!(
+    say!(
         "{}  (GGUF v{}, {})",
         s.path,
         s.version,
         human_bytes(s.file_size)
     );
-    println!("  kind          {}", s.kind);
+    say!("  kind          {}", s.kind);
     if let Some(a) = &s.architecture {
-        println!("  architecture  {a}");
+        say!("  architecture  {a}");
     }
     if let Some(n) = &s.name {
-        println!("  name          {n}");
+        say!("  name          {n}");
     }
     let h = &s.hyperparameters;
     let rows: [(&str, Option<String>); 10] = [
@@ -101,7 +128,7 @@ fn print_gguf(s: &GgufSummary) {
     ];
     for (k, v) in rows {
         if let Some(v) = v {
-            println!("  {k:<13} {v}");
+            say!("  {k:<13} {v}");
         }
     }
     if let Some(t) = &s.tokenizer {
@@ -110,7 +137,7 @@ fn print_gguf(s: &GgufSummary) {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        println!(
+        say!(
             "  tokenizer     {} (pre {}), {} tokens, {} merges, {}{}",
             t.model.as_deref().unwrap_or("?"),
             t.pre.as_deref().unwrap_or("-"),
@@ -125,7 +152,7 @@ fn print_gguf(s: &GgufSummary) {
         );
     }
     if let Some(a) = &s.adapter {
-        println!(
+        say!(
             "  adapter       {} alpha {} rank {} on {} tensors",
             a.adapter_type.as_deref().unwrap_or("?"),
             a.alpha.map_or("?".into(), |v| v.to_string()),
@@ -137,16 +164,19 @@ fn print_gguf(s: &GgufSummary) {
             a.targets.len()
         );
         if let Some(b) = &a.base {
-            println!("  for base      {b}");
+            say!("  for base      {b}");
         }
     }
     println!();
-    println!(
+    say!(
         "  {:<40} {:<8} {:>22} {:>12}",
-        "tensor", "type", "dims (ne)", "bytes"
+        "tensor",
+        "type",
+        "dims (ne)",
+        "bytes"
     );
     for t in &s.tensors {
-        println!(
+        say!(
             "  {:<40} {:<8} {:>22} {:>12}",
             t.name,
             t.ggml_type,
@@ -156,7 +186,7 @@ fn print_gguf(s: &GgufSummary) {
     }
     println!();
     for b in &s.by_type {
-        println!(
+        say!(
             "  {:<8} {:>4} tensors {:>14} weights {:>12}  {:.2} bpw",
             b.ggml_type,
             b.n_tensors,
@@ -166,7 +196,7 @@ fn print_gguf(s: &GgufSummary) {
         );
     }
     let t = &s.totals;
-    println!(
+    say!(
         "  total    {:>4} tensors {:>14} weights {:>12}  {:.2} bpw",
         t.n_tensors,
         t.n_elements,
@@ -177,29 +207,39 @@ fn print_gguf(s: &GgufSummary) {
 
 fn print_peft(s: &PeftSummary) {
     let c = &s.config;
-    println!("{}  (PEFT LoRA adapter)", s.path);
-    println!("  base model    {}", s.base_model.as_deref().unwrap_or("-"));
-    println!(
+    say!("{}  (PEFT LoRA adapter)", s.path);
+    say!("  base model    {}", s.base_model.as_deref().unwrap_or("-"));
+    say!(
         "  r {}  alpha {}  rsLoRA {}  DoRA {}  fan_in_fan_out {}",
-        c.r, c.lora_alpha, c.use_rslora, c.use_dora, c.fan_in_fan_out
+        c.r,
+        c.lora_alpha,
+        c.use_rslora,
+        c.use_dora,
+        c.fan_in_fan_out
     );
-    println!("  targets       {}", s.targets.join(", "));
+    say!("  targets       {}", s.targets.join(", "));
     if !c.modules_to_save.is_empty() {
-        println!("  saved         {}", c.modules_to_save.join(", "));
+        say!("  saved         {}", c.modules_to_save.join(", "));
     }
-    println!("  dtype         {}", s.dtypes.join(", "));
-    println!(
+    say!("  dtype         {}", s.dtypes.join(", "));
+    say!(
         "  parameters    {}  in {} modules",
         s.parameters,
         s.modules.len()
     );
     println!();
-    println!(
+    say!(
         "  {:<48} {:<9} {:>4} {:>7} {:>9} {:>11} {:>5}",
-        "module", "kind", "r", "alpha", "scale", "out x in", "DoRA"
+        "module",
+        "kind",
+        "r",
+        "alpha",
+        "scale",
+        "out x in",
+        "DoRA"
     );
     for m in &s.modules {
-        println!(
+        say!(
             "  {:<48} {:<9} {:>4} {:>7} {:>9.6} {:>11} {:>5}",
             m.path,
             format!("{:?}", m.kind).to_lowercase(),
@@ -211,14 +251,14 @@ fn print_peft(s: &PeftSummary) {
         );
     }
     for t in &s.saved {
-        println!("  saved tensor {} {} {:?}", t.name, t.dtype, t.shape);
+        say!("  saved tensor {} {} {:?}", t.name, t.dtype, t.shape);
     }
 }
 
 fn print_safetensors(s: &SafetensorsSummary) {
-    println!("{}  (safetensors, {} file(s))", s.path, s.files.len());
+    say!("{}  (safetensors, {} file(s))", s.path, s.files.len());
     if let Some(c) = &s.config {
-        println!(
+        say!(
             "  {} {}: {} layers, width {}, ffn {}, heads {}/{}, vocabulary {}, rope theta {}, dtype {}",
             c.model_type.as_deref().unwrap_or("?"),
             c.architecture.as_deref().unwrap_or(""),
@@ -233,12 +273,15 @@ fn print_safetensors(s: &SafetensorsSummary) {
         );
     }
     println!();
-    println!(
+    say!(
         "  {:<56} {:<5} {:>16} {:>12}",
-        "tensor", "dtype", "shape", "bytes"
+        "tensor",
+        "dtype",
+        "shape",
+        "bytes"
     );
     for t in &s.tensors {
-        println!(
+        say!(
             "  {:<56} {:<5} {:>16} {:>12}",
             t.name,
             t.dtype,
@@ -246,7 +289,7 @@ fn print_safetensors(s: &SafetensorsSummary) {
             t.n_bytes
         );
     }
-    println!(
+    say!(
         "  total {} tensors, {} weights, {}",
         s.tensors.len(),
         s.n_elements,

@@ -132,7 +132,9 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
 }
 
 /// The error and its causes on one line, skipping causes whose text the
-/// message already includes (our library errors embed their source).
+/// message already includes (our library errors embed their source), with
+/// control characters escaped: errors quote names from files, and a tensor
+/// named "\x1b[2J" must not clear the terminal (or a newline split the line).
 fn one_line(e: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in e.chain() {
@@ -144,5 +146,5 @@ fn one_line(e: &anyhow::Error) -> String {
             msg.push_str(&text);
         }
     }
-    msg
+    lorafold_runtime::input::escape_controls(&msg).into_owned()
 }

@@ -5,9 +5,10 @@ use lorafold_runtime::gguf::names;
 use std::path::{Path, PathBuf};
 
 use lorafold_runtime::arch::{qk_permutation, Architecture};
-use lorafold_runtime::gguf::{
-    GgufFile, HyperKey, Hyperparameters, MetadataValue, ShapeOrder, ShapeRules,
-};
+use lorafold_runtime::gguf::{GgufFile, HyperKey, MetadataValue, ShapeOrder, ShapeRules};
+use lorafold_runtime::input::read_regular;
+use lorafold_runtime::model::{ModelConfig, RuntimeError};
+use lorafold_runtime::tokenizer::TokenizerMetadata;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -290,31 +291,9 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
         path: path.to_path_buf(),
         problem,
     };
-    let arch_name = f
-        .get_str(names::ARCHITECTURE)
-        .ok_or_else(|| bad("no general.architecture".into()))?
-        .into_owned();
-    let arch = Architecture::from_gguf_name(&arch_name).ok_or_else(|| {
-        bad(format!(
-            "unknown architecture '{arch_name}' (supported: llama, mistral as llama, qwen2)"
-        ))
-    })?;
     if f.get_str(names::TYPE).as_deref() == Some(names::TYPE_ADAPTER) {
         return Err(bad("this is a LoRA adapter GGUF, not a base model".into()));
     }
-    let h = Hyperparameters::read(&f, &arch_name);
-    let need = |v: Option<u64>, k: HyperKey| {
-        v.ok_or_else(|| bad(format!("missing {}", k.key(&arch_name))))
-    };
-    let n_layers = need(h.block_count, HyperKey::BlockCount)?;
-    let hidden = need(h.embedding_length, HyperKey::EmbeddingLength)?;
-    let n_head = need(h.head_count, HyperKey::HeadCount)?;
-    let ffn = need(h.feed_forward_length, HyperKey::FeedForwardLength)?;
-    let shape = Shape {
-        n_layers: n_layers as usize,
-        n_head: n_head as usize,
-        n_head_kv: h.kv_heads().unwrap_or(n_head) as usize,
-    };
     let mut tensors = Vec::new();
     for (index, t) in f.tensors().iter().enumerate() {
         if t.dims().is_empty() || t.dims().contains(&0) {
@@ -337,43 +316,25 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
             source: Source::Gguf { index },
         });
     }
-    if shape.n_head == 0 || shape.n_head_kv == 0 {
-        return Err(bad(format!(
-            "{} heads and {} key/value heads cannot be right",
-            shape.n_head, shape.n_head_kv
-        )));
+    // The output carries this file's metadata, so it gets the runtime's own
+    // checks at load (hyperparameters against every tensor, and the
+    // tokenizer's lists and ids) before any work: what converts, runs.
+    let config = ModelConfig::read(&f).map_err(|e| match e {
+        RuntimeError::Model { problem, .. } => bad(problem),
+        other => bad(other.to_string()),
+    })?;
+    if f.get(names::TOKENIZER_MODEL).is_some() || f.get(names::TOKENIZER_TOKENS).is_some() {
+        TokenizerMetadata::read(|k| f.get(k), Some(config.vocab as u64)).map_err(bad)?;
     }
-    let vocab = h
-        .vocab_size
-        .or_else(|| {
-            f.tensor(names::TOKEN_EMBD)
-                .and_then(|t| t.dims().get(1).copied())
-        })
-        .unwrap_or(0);
-    let hyper = ShapeRules::gguf(
-        &arch_name,
-        [
-            n_layers,
-            hidden,
-            n_head,
-            shape.n_head_kv as u64,
-            h.head_dim().unwrap_or(0),
-            ffn,
-            vocab,
-        ],
-    );
-    let named: Vec<(&str, &[u64])> = tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t.dims.as_slice()))
-        .collect();
-    hyper
-        .check(&named, str::to_string, ShapeOrder::Ggml)
-        .map_err(bad)?;
     let tied_embeddings = f.tensor(names::OUTPUT).is_none();
     Ok(BaseModel {
         path: path.to_path_buf(),
-        arch,
-        shape,
+        arch: config.arch,
+        shape: Shape {
+            n_layers: config.n_layers,
+            n_head: config.n_head,
+            n_head_kv: config.n_head_kv,
+        },
         tensors,
         tied_embeddings,
         notes: Vec::new(),
@@ -452,9 +413,18 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         path: config_path.clone(),
         problem,
     };
-    let text = std::fs::read_to_string(&config_path).map_err(|source| BaseError::Io {
-        path: config_path.clone(),
-        source,
+    let text = read_regular(&config_path, "a JSON file").map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            BaseError::Invalid {
+                path: dir.to_path_buf(),
+                problem: "a folder without config.json: not a Hugging Face model folder (a GGUF base is a file)".into(),
+            }
+        } else {
+            BaseError::Io {
+                path: config_path.clone(),
+                source,
+            }
+        }
     })?;
     let cfg: Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
@@ -694,7 +664,15 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     // embedding, so its ids are bounded by real rows, not by a claim.
     let mut notes = Vec::new();
     match hf_tokenizer::gguf_metadata(dir, vocab) {
-        Ok(Some(tok)) => metadata.extend(tok),
+        Ok(Some(tok)) => {
+            // Checked as the runtime checks it when it builds the tokenizer.
+            let value = |k: &str| tok.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+            TokenizerMetadata::read(value, Some(vocab)).map_err(|problem| BaseError::Invalid {
+                path: dir.join("tokenizer.json"),
+                problem,
+            })?;
+            metadata.extend(tok)
+        }
         Ok(None) => notes.push(format!(
             "{}: no tokenizer.json; the output carries no tokenizer and llama.cpp cannot run it",
             dir.display()
@@ -703,6 +681,9 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
             "{}: {why}; the output carries no tokenizer",
             dir.join("tokenizer.json").display()
         )),
+        Err(hf_tokenizer::TokenizerError::Io { path, source }) => {
+            return Err(BaseError::Io { path, source })
+        }
         Err(e) => {
             return Err(BaseError::Invalid {
                 path: dir.join("tokenizer.json"),

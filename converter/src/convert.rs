@@ -1058,7 +1058,7 @@ pub fn sha256_file(path: &Path) -> Result<String, ConvertError> {
 }
 
 fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
+    let mut f = lorafold_runtime::input::open_regular(path, "a file")?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use lorafold_runtime::gguf::{MetadataArray, MetadataValue, ValueType};
+use lorafold_runtime::input::read_regular;
 use serde_json::Value;
 
 // llama.cpp's token types.
@@ -26,6 +27,15 @@ pub enum TokenizerError {
     /// The file is malformed.
     #[error("{0}")]
     Invalid(String),
+    /// A file of the tokenizer could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// the file
+        path: std::path::PathBuf,
+        /// the OS error
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<&str> for TokenizerError {
@@ -48,20 +58,27 @@ pub fn gguf_metadata(
     vocab_size: u64,
 ) -> Result<Option<Vec<(String, MetadataValue<'static>)>>, TokenizerError> {
     use TokenizerError::{Invalid, Unsupported};
-    let path = dir.join("tokenizer.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    // Absent files are optional; present ones must be regular files.
+    let read = |name: &str| {
+        let path = dir.join(name);
+        match read_regular(&path, "a JSON file") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(TokenizerError::Io { path, source }),
+            Ok(text) => Ok(Some(text)),
+        }
+    };
+    let Some(text) = read("tokenizer.json")? else {
         return Ok(None);
     };
     let tok: Value =
         serde_json::from_str(&text).map_err(|e| Invalid(format!("not valid JSON: {e}")))?;
-    let tc: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
-    let config: Value = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
+    let optional_json = |name: &str| -> Result<Value, TokenizerError> {
+        Ok(read(name)?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null))
+    };
+    let tc = optional_json("tokenizer_config.json")?;
+    let config = optional_json("config.json")?;
 
     let model = tok.get("model").ok_or("no 'model' section")?;
     if model.get("type").and_then(Value::as_str) != Some("BPE") {

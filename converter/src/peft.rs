@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{check_finite, NonFinite};
+use lorafold_runtime::input::{self, open_regular, read_regular};
 
 /// Where PEFT puts the wrapped model in adapter keys.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -24,6 +25,14 @@ pub enum PeftError {
         /// the OS error
         #[source]
         source: std::io::Error,
+    },
+    /// The adapter path is not a folder (a file, a FIFO...).
+    #[error("{path}: {kind}, not a PEFT adapter folder (adapter_config.json and adapter_model.safetensors)")]
+    NotAFolder {
+        /// the path given
+        path: PathBuf,
+        /// what it is instead
+        kind: &'static str,
     },
     /// Only a pickled adapter_model.bin is present.
     #[error("{path}: adapter_model.bin is a Python pickle, which lorafold does not load; convert it with PEFT (`model.save_pretrained(dir, safe_serialization=True)`) to adapter_model.safetensors")]
@@ -525,6 +534,13 @@ impl PeftAdapter {
     /// Read the config and map the tensors of the adapter in `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<PeftAdapter, PeftError> {
         let dir = dir.as_ref().to_path_buf();
+        if let Some(kind) = std::fs::metadata(&dir)
+            .ok()
+            .filter(|m| !m.is_dir())
+            .map(|m| input::kind(&m.file_type()))
+        {
+            return Err(PeftError::NotAFolder { path: dir, kind });
+        }
         let config_path = dir.join("adapter_config.json");
         let tensors_path = dir.join("adapter_model.safetensors");
         if !tensors_path.exists() && dir.join("adapter_model.bin").exists() {
@@ -532,7 +548,7 @@ impl PeftAdapter {
                 path: dir.join("adapter_model.bin"),
             });
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
+        let text = read_regular(&config_path, "a JSON file").map_err(|source| PeftError::Io {
             path: config_path.clone(),
             source,
         })?;
@@ -541,7 +557,7 @@ impl PeftAdapter {
             path: tensors_path.clone(),
             source,
         };
-        let file = std::fs::File::open(&tensors_path).map_err(io)?;
+        let file = open_regular(&tensors_path, "a safetensors file").map_err(io)?;
         // SAFETY: read-only map; the adapter file is not modified while we hold it.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let (modules, saved) = {

@@ -87,10 +87,13 @@ impl TextCalibration {
         beside: &Path,
         with_base: bool,
     ) -> Result<TextCalibration, ConvertError> {
-        let words = std::fs::read_to_string(text).map_err(|source| ConvertError::Io {
-            path: text.to_path_buf(),
-            source,
-        })?;
+        let words =
+            lorafold_runtime::input::read_regular(text, "a text file").map_err(|source| {
+                ConvertError::Io {
+                    path: text.to_path_buf(),
+                    source,
+                }
+            })?;
         let reference = F32Reference::write(base, adapter, beside, with_base)?;
         let measure = |path: &Path, problem: String| ConvertError::Measure {
             path: path.to_path_buf(),

@@ -1,6 +1,8 @@
 //! Hugging Face model folders and safetensors files: their tensors and config.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+
+use lorafold_runtime::input::{open_regular, read_regular};
 
 use memmap2::Mmap;
 use safetensors::SafeTensors;
@@ -110,31 +112,40 @@ impl ModelConfigSummary {
 }
 
 /// The safetensors files of a model: one file, `model.safetensors`, or the
-/// shards listed in `model.safetensors.index.json`.
+/// shards listed in `model.safetensors.index.json`, which must be file names
+/// inside the folder.
 pub fn model_files(path: &Path) -> Result<Vec<PathBuf>, SafetensorsError> {
-    if path.is_file() {
+    if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let single = path.join("model.safetensors");
-    if single.is_file() {
+    let index = path.join("model.safetensors.index.json");
+    // Present even when not a regular file (a FIFO, a dangling link), so
+    // that opening it names the problem.
+    let present = |p: &Path| p.symlink_metadata().is_ok();
+    if present(&single) {
         return Ok(vec![single]);
     }
-    let index = path.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|source| SafetensorsError::Io {
+    if !present(&index) {
+        return Err(SafetensorsError::Invalid {
+            path: path.to_path_buf(),
+            problem: "no model.safetensors and no model.safetensors.index.json: not a Hugging Face model folder".into(),
+        });
+    }
+    let text = read_regular(&index, "a JSON file").map_err(|source| SafetensorsError::Io {
         path: index.clone(),
         source,
     })?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| SafetensorsError::Invalid {
+    let invalid = |problem: String| SafetensorsError::Invalid {
         path: index.clone(),
-        problem: format!("not valid JSON: {e}"),
-    })?;
+        problem,
+    };
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
-        .ok_or_else(|| SafetensorsError::Invalid {
-            path: index.clone(),
-            problem: "no weight_map object".into(),
-        })?;
+        .ok_or_else(|| invalid("no weight_map object".into()))?;
     let mut shards: Vec<String> = map
         .values()
         .filter_map(Value::as_str)
@@ -142,6 +153,18 @@ pub fn model_files(path: &Path) -> Result<Vec<PathBuf>, SafetensorsError> {
         .collect();
     shards.sort();
     shards.dedup();
+    // A hostile index would otherwise have us read any file on the machine
+    // into the output: `../x`, `/etc/...`.
+    if let Some(s) = shards.iter().find(|s| {
+        s.is_empty()
+            || !Path::new(s)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+    }) {
+        return Err(invalid(format!(
+            "shard '{s}' is not a file name inside the model folder"
+        )));
+    }
     Ok(shards.into_iter().map(|s| path.join(s)).collect())
 }
 
@@ -151,7 +174,7 @@ pub fn map_safetensors(path: &Path) -> Result<Mmap, SafetensorsError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
+    let file = open_regular(path, "a safetensors file").map_err(io)?;
     // SAFETY: read-only map of a file we do not modify.
     let map = unsafe { Mmap::map(&file) }.map_err(io)?;
     SafeTensors::deserialize(&map).map_err(|e| SafetensorsError::Invalid {
@@ -201,10 +224,11 @@ impl SafetensorsSummary {
         };
         let config = match config_path.filter(|p| p.is_file()) {
             Some(p) => {
-                let text = std::fs::read_to_string(&p).map_err(|source| SafetensorsError::Io {
-                    path: p.clone(),
-                    source,
-                })?;
+                let text =
+                    read_regular(&p, "a JSON file").map_err(|source| SafetensorsError::Io {
+                        path: p.clone(),
+                        source,
+                    })?;
                 Some(ModelConfigSummary::parse(&text, &p)?)
             }
             None => None,

@@ -10,6 +10,7 @@ pub mod device;
 pub mod finite;
 pub mod generate;
 pub mod gguf;
+pub mod input;
 pub mod lora;
 pub mod mapped;
 pub mod measure;

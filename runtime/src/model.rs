@@ -191,7 +191,8 @@ impl ModelConfig {
         let emb_info = f
             .tensor(names::TOKEN_EMBD)
             .ok_or_else(|| model_err(f, format!("missing tensor '{}'", names::TOKEN_EMBD)))?;
-        let vocab = emb_info.dims().get(1).copied().unwrap_or(0) as usize;
+        let rows = emb_info.dims().get(1).copied().unwrap_or(0);
+        let vocab = rows as usize;
         let config = ModelConfig {
             arch,
             n_layers: need(h.block_count, HyperKey::BlockCount)?,
@@ -231,21 +232,47 @@ impl ModelConfig {
                 ),
             ));
         }
+        if config.context_length == 0 {
+            return Err(model_err(
+                f,
+                format!(
+                    "{} is 0: a model needs a context of at least 1 token",
+                    HyperKey::ContextLength.key(&arch_name)
+                ),
+            ));
+        }
+        // Both engines rotate every dimension of a head; a model that rotates
+        // fewer (partial rotary) would run, and run wrong.
+        if let Some(r) = h
+            .rope_dimension_count
+            .filter(|&r| r != config.head_dim as u64)
+        {
+            return Err(model_err(
+                f,
+                format!(
+                    "{} is {r}, but heads are {} wide: RoPE on part of a head is not supported",
+                    HyperKey::RopeDimensionCount.key(&arch_name),
+                    config.head_dim
+                ),
+            ));
+        }
         // The sizes sessions allocate by are checked against the tensors
         // present, so a hostile count (block_count 2^40) is an error naming
         // its key before anything is allocated by it.
+        let [layers, dim, n_head, n_head_kv, head_dim, ffn] = [
+            config.n_layers,
+            dim,
+            n_head,
+            config.n_head_kv,
+            config.head_dim,
+            config.ffn,
+        ]
+        .map(|v| v as u64);
+        // A vocabulary the file states must be the embedding's rows.
+        let vocab = h.vocab_size.unwrap_or(rows);
         let rules = ShapeRules::gguf(
             &arch_name,
-            [
-                config.n_layers,
-                dim,
-                n_head,
-                config.n_head_kv,
-                config.head_dim,
-                config.ffn,
-                vocab,
-            ]
-            .map(|v| v as u64),
+            [layers, dim, n_head, n_head_kv, head_dim, ffn, vocab],
         );
         let tensors: Vec<(&str, &[u64])> = f
             .tensors()

@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, MetadataValue};
 use crate::spm::SpmVocab;
 
 // llama.cpp's pre-tokenizer regexes (llama-vocab.cpp).
@@ -72,67 +72,30 @@ impl Tokenizer {
             path: file.path().to_path_buf(),
             problem,
         };
-        let model = file
-            .get_str(names::TOKENIZER_MODEL)
-            .ok_or_else(|| err("no tokenizer.ggml.model".into()))?;
-        let tokens = file
-            .get_strings(names::TOKENIZER_TOKENS)
-            .ok_or_else(|| err("no tokenizer.ggml.tokens".into()))?;
-        let types: Vec<i64> = file
-            .get(names::TOKENIZER_TOKEN_TYPE)
-            .and_then(|v| {
-                v.as_array()
-                    .map(|a| a.iter().map(|t| t.as_f64().unwrap_or(1.0) as i64).collect())
-            })
-            .unwrap_or_else(|| vec![1; tokens.len()]);
-        if types.len() != tokens.len() {
-            return Err(err(format!(
-                "{} tokens but {} token types",
-                tokens.len(),
-                types.len()
-            )));
-        }
-        // An id past the embedding's rows would fail in the middle of a run.
-        if let Some(rows) = file
+        let rows = file
             .tensor(names::TOKEN_EMBD)
-            .and_then(|t| t.dims().get(1).copied())
-        {
-            if tokens.len() as u64 > rows {
-                return Err(err(format!(
-                    "{} tokens but tensor '{}' has {rows} rows",
-                    tokens.len(),
-                    names::TOKEN_EMBD
-                )));
-            }
-        }
-        let inner = match model.as_ref() {
-            "gpt2" => Backend::Bpe(Box::new(bpe(file, &tokens, &types).map_err(err)?)),
-            "llama" => {
-                let scores: Vec<f32> = file
-                    .get(names::TOKENIZER_SCORES)
-                    .and_then(|v| v.as_array().map(|a| a.iter().map(|s| s.as_f64().unwrap_or(0.0) as f32).collect()))
-                    .ok_or_else(|| err("a SentencePiece vocabulary needs tokenizer.ggml.scores".into()))?;
-                if scores.len() != tokens.len() {
-                    return Err(err(format!("{} tokens but {} scores", tokens.len(), scores.len())));
-                }
-                let prefix = file.get(names::TOKENIZER_ADD_SPACE_PREFIX).and_then(|v| v.as_bool()).unwrap_or(true);
-                Backend::Spm(Box::new(SpmVocab::new(tokens.iter().map(|t| t.to_string()).collect(), scores, &types, prefix)))
-            }
-            other => {
-                return Err(err(format!(
-                    "tokenizer model '{other}' is not supported ('gpt2' byte-level BPE and 'llama' SentencePiece are)"
+            .and_then(|t| t.dims().get(1).copied());
+        let TokenizerMetadata {
+            model,
+            tokens,
+            types,
+            scores,
+        } = TokenizerMetadata::read(|k| file.get(k), rows).map_err(err)?;
+        let inner = match scores {
+            None => Backend::Bpe(Box::new(bpe(file, &tokens, &types).map_err(err)?)),
+            Some(scores) => {
+                let prefix = file
+                    .get(names::TOKENIZER_ADD_SPACE_PREFIX)
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true);
+                Backend::Spm(Box::new(SpmVocab::new(
+                    tokens.iter().map(|t| t.to_string()).collect(),
+                    scores,
+                    &types,
+                    prefix,
                 )))
             }
         };
-        for k in ["bos", "eos", "eot", "eom"] {
-            let key = names::special_token_id(k);
-            if let Some(v) = file.get_u64(&key).filter(|&v| v >= tokens.len() as u64) {
-                return Err(err(format!(
-                    "{key} {v} is not one of the {} tokens",
-                    tokens.len()
-                )));
-            }
-        }
         let id = |k: &str| file.get_u64(&names::special_token_id(k)).map(|v| v as u32);
         let eos = id("eos");
         let mut stop_ids: Vec<u32> = ["eot", "eom"].iter().filter_map(|k| id(k)).collect();
@@ -229,6 +192,126 @@ impl Tokenizer {
         } else {
             None
         }
+    }
+}
+
+/// The special tokens the runtime uses, by `tokenizer.ggml.<kind>_token_id`.
+const SPECIAL_KINDS: [&str; 4] = ["bos", "eos", "eot", "eom"];
+
+/// The `tokenizer.ggml.*` metadata a tokenizer is built from, read and
+/// checked once: by the runtime before building a tokenizer, and by the
+/// converter before it copies a base's tokenizer (or writes one from
+/// tokenizer.json) into a file the runtime must accept.
+#[derive(Debug)]
+pub struct TokenizerMetadata<'a> {
+    /// `tokenizer.ggml.model`: "gpt2" or "llama".
+    pub model: String,
+    /// Every token's text, by id; no two alike.
+    pub tokens: Vec<Cow<'a, str>>,
+    /// Every token's type, by id (1 normal where the file states none).
+    pub types: Vec<i64>,
+    /// SentencePiece scores, by id ("llama" only).
+    pub scores: Option<Vec<f32>>,
+}
+
+impl<'a> TokenizerMetadata<'a> {
+    /// Read the metadata `get` looks up, for a model whose token embedding
+    /// has `rows` rows (when known): the tokenizer model must be one we
+    /// build, the lists must agree in length, tokens be unique and fit the
+    /// embedding, and every special id name a token. The error is the problem,
+    /// naming the key.
+    pub fn read(
+        get: impl Fn(&str) -> Option<MetadataValue<'a>>,
+        rows: Option<u64>,
+    ) -> Result<TokenizerMetadata<'a>, String> {
+        let model = get(names::TOKENIZER_MODEL)
+            .and_then(|v| v.as_str().map(str::to_string))
+            .ok_or_else(|| format!("no {}", names::TOKENIZER_MODEL))?;
+        if model != "gpt2" && model != "llama" {
+            return Err(format!(
+                "{} '{model}' is not supported ('gpt2' byte-level BPE and 'llama' SentencePiece are)",
+                names::TOKENIZER_MODEL
+            ));
+        }
+        let tokens: Vec<Cow<'a, str>> = get(names::TOKENIZER_TOKENS)
+            .and_then(|v| v.as_array().and_then(|a| a.strings().map(|s| s.collect())))
+            .ok_or_else(|| format!("no {} (a list of strings)", names::TOKENIZER_TOKENS))?;
+        let n = tokens.len();
+        // An id past the embedding's rows would fail in the middle of a run.
+        if let Some(rows) = rows.filter(|&r| n as u64 > r) {
+            return Err(format!(
+                "{} has {n} tokens, but tensor '{}' has {rows} rows",
+                names::TOKENIZER_TOKENS,
+                names::TOKEN_EMBD
+            ));
+        }
+        // An element that is not a number reads as `default` (a normal token,
+        // a score of 0), as the tokenizer always read them.
+        let numbers = |key: &str, default: f64| -> Option<Vec<f64>> {
+            get(key).and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().map(|t| t.as_f64().unwrap_or(default)).collect())
+            })
+        };
+        let types: Vec<i64> = match numbers(names::TOKENIZER_TOKEN_TYPE, 1.0) {
+            Some(t) => t.into_iter().map(|t| t as i64).collect(),
+            None => vec![1; n],
+        };
+        if types.len() != n {
+            return Err(format!(
+                "{} has {} entries, but {} has {n}",
+                names::TOKENIZER_TOKEN_TYPE,
+                types.len(),
+                names::TOKENIZER_TOKENS
+            ));
+        }
+        let scores = match model.as_str() {
+            "llama" => {
+                let s = numbers(names::TOKENIZER_SCORES, 0.0).ok_or_else(|| {
+                    format!(
+                        "a SentencePiece vocabulary needs {}",
+                        names::TOKENIZER_SCORES
+                    )
+                })?;
+                if s.len() != n {
+                    return Err(format!(
+                        "{} has {} entries, but {} has {n}",
+                        names::TOKENIZER_SCORES,
+                        s.len(),
+                        names::TOKENIZER_TOKENS
+                    ));
+                }
+                Some(s.into_iter().map(|v| v as f32).collect())
+            }
+            _ => None,
+        };
+        // Two ids for one text: encoding could give only one of them, and
+        // llama.cpp asserts on it.
+        let mut seen = std::collections::HashMap::with_capacity(n);
+        for (id, t) in tokens.iter().enumerate() {
+            if let Some(first) = seen.insert(t.as_ref(), id) {
+                return Err(format!(
+                    "{} lists {:?} twice, as ids {first} and {id}",
+                    names::TOKENIZER_TOKENS,
+                    t.as_ref()
+                ));
+            }
+        }
+        for kind in SPECIAL_KINDS {
+            let key = names::special_token_id(kind);
+            if let Some(v) = get(&key)
+                .and_then(|v| v.as_u64())
+                .filter(|&v| v >= n as u64)
+            {
+                return Err(format!("{key} {v} is not one of the {n} tokens"));
+            }
+        }
+        Ok(TokenizerMetadata {
+            model,
+            tokens,
+            types,
+            scores,
+        })
     }
 }
 

@@ -27,9 +27,9 @@ const Q_ROWS: usize = HEADS * HEAD_DIM;
 const KV_ROWS: usize = KV_HEADS * HEAD_DIM;
 
 /// A tensor to write: name, torch shape, values.
-type Tensor = (String, Vec<usize>, Vec<f32>);
+pub(crate) type Tensor = (String, Vec<usize>, Vec<f32>);
 
-fn write_safetensors(path: &Path, tensors: &[Tensor]) {
+pub(crate) fn write_safetensors(path: &Path, tensors: &[Tensor]) {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -54,7 +54,7 @@ fn random(shape: &[usize], seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn hf_config() -> Value {
+pub(crate) fn hf_config() -> Value {
     json!({
         "model_type": "llama",
         "hidden_size": HIDDEN,
@@ -80,7 +80,7 @@ fn bias(l: usize, proj: &str, rows: usize) -> Tensor {
     )
 }
 
-fn hf_tensors(biases: bool) -> Vec<Tensor> {
+pub(crate) fn hf_tensors(biases: bool) -> Vec<Tensor> {
     let mut seed = 0;
     let mut t = |name: String, shape: Vec<usize>| {
         seed += 1;
@@ -117,7 +117,7 @@ fn hf_tensors(biases: bool) -> Vec<Tensor> {
 }
 
 /// An HF folder `dir/name` with `config` and `tensors`.
-fn hf_base(dir: &Path, name: &str, config: &Value, tensors: &[Tensor]) -> PathBuf {
+pub(crate) fn hf_base(dir: &Path, name: &str, config: &Value, tensors: &[Tensor]) -> PathBuf {
     let base = dir.join(name);
     std::fs::create_dir_all(&base).unwrap();
     std::fs::write(base.join("config.json"), config.to_string()).unwrap();
@@ -125,7 +125,7 @@ fn hf_base(dir: &Path, name: &str, config: &Value, tensors: &[Tensor]) -> PathBu
     base
 }
 
-fn adapter_config() -> Value {
+pub(crate) fn adapter_config() -> Value {
     json!({
         "peft_type": "LORA",
         "r": 2,
@@ -152,7 +152,7 @@ fn lora(l: usize, proj: &str, rows: usize, seed: u64) -> Vec<Tensor> {
     ]
 }
 
-fn lora_qv() -> Vec<Tensor> {
+pub(crate) fn lora_qv() -> Vec<Tensor> {
     let mut t = Vec::new();
     for l in 0..LAYERS {
         t.extend(lora(l, "q_proj", Q_ROWS, 10 + l as u64));
@@ -162,7 +162,7 @@ fn lora_qv() -> Vec<Tensor> {
 }
 
 /// A PEFT folder `dir/name` with `config` and `tensors`.
-fn adapter(dir: &Path, name: &str, config: &Value, tensors: &[Tensor]) -> PathBuf {
+pub(crate) fn adapter(dir: &Path, name: &str, config: &Value, tensors: &[Tensor]) -> PathBuf {
     let a = dir.join(name);
     std::fs::create_dir_all(&a).unwrap();
     std::fs::write(a.join("adapter_config.json"), config.to_string()).unwrap();
@@ -682,7 +682,7 @@ fn config_json_must_match_the_tensor_shapes() {
         ),
         (
             config_with(|c| c["num_hidden_layers"] = 1.into()),
-            "tensor 'model.layers.1.input_layernorm.weight' is in layer 1, but 'num_hidden_layers' 1 leaves layers 0..1 only",
+            "tensor 'model.layers.1.input_layernorm.weight' is in layer 1, but 'num_hidden_layers' 1 allows layer 0 only",
         ),
         (
             config_with(|c| c["vocab_size"] = 10_000_000.into()),
@@ -902,7 +902,7 @@ fn hostile_gguf_bases_are_refused_without_panic() {
     );
     assert_has(
         &gguf_refused(&gguf_metadata(1), &gguf_tensors()),
-        &["tensor 'blk.1.attn_norm.weight' is in layer 1, but 'llama.block_count' 1 leaves layers 0..1 only"],
+        &["tensor 'blk.1.attn_norm.weight' is in layer 1, but 'llama.block_count' 1 allows layer 0 only"],
     );
     let mut md = gguf_metadata(LAYERS as u32);
     md[1].1 = 16;

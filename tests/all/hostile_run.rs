@@ -21,18 +21,18 @@ const VOCAB: u64 = 8;
 const RANK: u64 = 2;
 
 /// A GGUF to be written: metadata and f32 tensors, editable before writing.
-struct Spec {
-    md: Vec<(String, MetadataValue<'static>)>,
-    tensors: Vec<(String, Vec<u64>, Vec<f32>)>,
+pub(crate) struct Spec {
+    pub(crate) md: Vec<(String, MetadataValue<'static>)>,
+    pub(crate) tensors: Vec<(String, Vec<u64>, Vec<f32>)>,
 }
 
-fn array(elem: ValueType, items: Vec<MetadataValue<'static>>) -> MetadataValue<'static> {
+pub(crate) fn array(elem: ValueType, items: Vec<MetadataValue<'static>>) -> MetadataValue<'static> {
     MetadataValue::Array(MetadataArray::Owned { elem, items })
 }
 
 impl Spec {
     /// A two-block llama, 32 wide, with an 8-token SentencePiece vocabulary.
-    fn model() -> Spec {
+    pub(crate) fn model() -> Spec {
         let mut rng = common::Rng::new(7);
         let tokens = [
             "<unk>",
@@ -156,7 +156,7 @@ impl Spec {
     }
 
     /// Replace (or add) a metadata entry.
-    fn set(mut self, key: &str, v: MetadataValue<'static>) -> Spec {
+    pub(crate) fn set(mut self, key: &str, v: MetadataValue<'static>) -> Spec {
         match self.md.iter_mut().find(|(k, _)| k == key) {
             Some(e) => e.1 = v,
             None => self.md.push((key.into(), v)),
@@ -177,7 +177,7 @@ impl Spec {
         self
     }
 
-    fn write(&self, path: &Path) -> PathBuf {
+    pub(crate) fn write(&self, path: &Path) -> PathBuf {
         let mut w = GgufWriter::new(path);
         for (k, v) in &self.md {
             w.add_metadata(k, v).unwrap();

@@ -251,8 +251,14 @@ impl ShapeRules {
                 .and_then(|r| r.split('.').next())
                 .and_then(|l| l.parse::<u64>().ok());
             if let Some(l) = layer.filter(|&l| l >= layers) {
+                // Spelled out: "layers 0..3" read as inclusive when it was not.
+                let allowed = match layers {
+                    0 => "no layers".to_string(),
+                    1 => "layer 0 only".to_string(),
+                    n => format!("layers 0 to {} only", n - 1),
+                };
                 return Err(format!(
-                    "tensor '{}' is in layer {l}, but {} leaves layers 0..{layers} only",
+                    "tensor '{}' is in layer {l}, but {} allows {allowed}",
                     shown(name),
                     self.describe(&[ShapeSetting::Layers])
                 ));

@@ -153,7 +153,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let file = crate::input::open_regular(path, "a GGUF file").map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let storage = if len == 0 {
             Storage::Heap(Vec::new())
