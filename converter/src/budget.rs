@@ -18,6 +18,7 @@ use candle_core::Device;
 use lorafold_runtime::gguf::GgmlType;
 use lorafold_runtime::measure::{drift, DriftReport};
 use lorafold_runtime::model::Model;
+use lorafold_runtime::number::compact;
 use serde::Serialize;
 
 use crate::convert::{
@@ -60,8 +61,8 @@ impl DriftTarget {
     /// How the target reads in reports and provenance.
     pub fn describe(self) -> String {
         match self {
-            DriftTarget::KlMean(x) => format!("mean KL <= {x}"),
-            DriftTarget::MinGain(y) => format!("gain retained >= {y}"),
+            DriftTarget::KlMean(x) => format!("mean KL <= {}", compact(x)),
+            DriftTarget::MinGain(y) => format!("gain retained >= {}", compact(y)),
         }
     }
 }

@@ -384,10 +384,10 @@ fn lost_block(t: GgmlType, xs: &[f32], bytes: &[u8]) -> Option<String> {
                 .fold(0f32, f32::max);
             (amax > F16_MAX && reach.is_finite() && reach < amax / 2.0).then(|| {
                 format!(
-                    "block {b} (elements {}..{}): its values reach {:e}, which {t}'s block cannot hold (its f16 scale overflows)",
+                    "block {b} (elements {}..{}): its values reach {}, which {t}'s block cannot hold (its f16 scale overflows)",
                     b * n,
                     (b + 1) * n,
-                    amax
+                    lorafold_runtime::number::compact(amax)
                 )
             })
         })
