@@ -7,6 +7,7 @@ mod demo;
 mod drift;
 mod inspect;
 mod run;
+mod values;
 
 use clap::{Parser, Subcommand};
 
@@ -145,4 +146,16 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     msg
+}
+
+/// The files a path spec reads (its model, then its adapters), each named
+/// `what` in messages: the inputs an output must not replace.
+fn spec_files<'a>(
+    spec: &'a lorafold_runtime::path_spec::PathSpec,
+    what: &'a str,
+) -> Vec<(&'a str, &'a std::path::Path)> {
+    std::iter::once(spec.model.as_path())
+        .chain(spec.adapters.iter().map(|a| a.path.as_path()))
+        .map(|p| (what, p))
+        .collect()
 }
