@@ -279,7 +279,9 @@ pub fn convert_within(
             budget.target.describe()
         ));
     }
-    crate::output::check_file_destination(&output)?;
+    // The published files are checked now, not the rounds' (in a
+    // temporary folder): distinct, from each other and the inputs.
+    crate::convert::check_outputs(opts)?;
     let beside = crate::output::parent_of(&output);
     let dir = tempfile::Builder::new()
         .prefix(".lorafold-budget")
