@@ -64,6 +64,15 @@ pub enum ConvertError {
         /// the setting
         what: String,
     },
+    /// A tensor's values cannot be written in its type into this output.
+    #[error("{}: {source}", path.display())]
+    Written {
+        /// the output
+        path: PathBuf,
+        /// what the quantizer found
+        #[source]
+        source: QuantError,
+    },
     /// A file could not be hashed.
     #[error("{path}: {source}")]
     Io {
@@ -365,6 +374,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     // output does not depend on scheduling.
     let mut reports = Vec::with_capacity(out.len());
     let mut pairs = Vec::new();
+    let written_to = opts.output.as_deref().or(opts.base_output.as_deref());
     if merged_stream.is_some() || base_stream.is_some() {
         let batch = rayon::current_num_threads().max(1) * 2;
         let total = out.len();
@@ -385,7 +395,17 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
                 })
                 .collect();
             for (t, r) in chunk.iter().zip(results) {
-                let p = r?;
+                // A value the type cannot hold is refused naming the file
+                // it was to be written to, as the writer names it.
+                let p = r.map_err(|e| match (e, written_to) {
+                    (ConvertError::Quant(source @ QuantError::Overflow { .. }), Some(path)) => {
+                        ConvertError::Written {
+                            path: path.to_path_buf(),
+                            source,
+                        }
+                    }
+                    (e, _) => e,
+                })?;
                 if let Some(s) = merged_stream.as_mut() {
                     s.write_tensor(&t.name, &p.bytes)?;
                 }

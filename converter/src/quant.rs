@@ -35,6 +35,15 @@ pub enum QuantError {
         /// its type
         ty: String,
     },
+    /// Values past what the type's blocks hold: ggml's quantizer would
+    /// write a block whose f16 scale overflows.
+    #[error("tensor '{tensor}': {problem}")]
+    Overflow {
+        /// the tensor
+        tensor: String,
+        /// which block, and its values
+        problem: String,
+    },
     /// candle refused to (de)quantize.
     #[error("tensor '{tensor}': {problem}")]
     Codec {
@@ -352,7 +361,7 @@ pub fn quantize(t: GgmlType, xs: &[f32], tensor: &str) -> Result<Vec<u8>, QuantE
         _ => quantize_candle(t, xs),
     };
     if let Some(problem) = lost_block(t, xs, &bytes) {
-        return Err(QuantError::Codec {
+        return Err(QuantError::Overflow {
             tensor: tensor.into(),
             problem,
         });
@@ -362,10 +371,11 @@ pub fn quantize(t: GgmlType, xs: &[f32], tensor: &str) -> Result<Vec<u8>, QuantE
 
 /// Where a block of `bytes` (`xs` quantized to block type `t`) cannot hold
 /// its values: they reach past f16's range and its grid falls short of half
-/// their size. ggml's Q3_K and Q6_K quantizers write a zero scale for such
-/// a block (every value 0, finite); the others an infinite one, which the
-/// writer refuses ([`first_non_finite`]). Values within f16's range always
-/// fit, so most tensors are not looked at block by block.
+/// their size. The Q3_K and Q6_K quantizers (candle's port of ggml's) write
+/// a zero scale for such a block (every value 0, finite); the others an
+/// infinite one, which the writer refuses ([`first_non_finite`]). Values
+/// within f16's range always fit, so most tensors are not looked at block
+/// by block.
 fn lost_block(t: GgmlType, xs: &[f32], bytes: &[u8]) -> Option<String> {
     const F16_MAX: f32 = 65504.0;
     let wt = lorafold_kernels::WType::from_ggml_id(t.id())?;

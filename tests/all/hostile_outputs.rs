@@ -34,9 +34,14 @@ fn base(dir: &Path, name: &str, vocab: usize) -> PathBuf {
     p
 }
 
-/// A rank-2 PEFT adapter on layer 0's q_proj at `dir/name`, its lora_B
-/// `b_value` everywhere.
+/// A rank-2 PEFT adapter on layer 0's q_proj of [`SHAPE`] at `dir/name`,
+/// its lora_B `b_value` everywhere.
 fn adapter(dir: &Path, name: &str, b_value: f32) -> PathBuf {
+    adapter_of(SHAPE.dim, dir, name, b_value)
+}
+
+/// As [`adapter`], for a model `dim` wide.
+fn adapter_of(dim: usize, dir: &Path, name: &str, b_value: f32) -> PathBuf {
     let a = dir.join(name);
     std::fs::create_dir_all(&a).unwrap();
     let cfg = json!({
@@ -52,17 +57,13 @@ fn adapter(dir: &Path, name: &str, b_value: f32) -> PathBuf {
     let tensors = [
         (
             key("lora_A.weight"),
-            vec![2, SHAPE.dim],
+            vec![2, dim],
             // Positive, so that B·A has lora_B's sign everywhere.
-            (0..2 * SHAPE.dim)
+            (0..2 * dim)
                 .map(|_| 0.5 + 0.25 * rng.f32())
                 .collect::<Vec<_>>(),
         ),
-        (
-            key("lora_B.weight"),
-            vec![SHAPE.dim, 2],
-            vec![b_value; 2 * SHAPE.dim],
-        ),
+        (key("lora_B.weight"), vec![dim, 2], vec![b_value; 2 * dim]),
     ];
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
@@ -288,6 +289,36 @@ fn values_that_overflow_the_written_type_are_refused_not_written_as_inf() {
         &["a.gguf: tensor 'blk.0.attn_q.weight.lora_b'"],
     );
     assert_eq!(listing(d), before);
+    // The Q6_K quantizer (candle's port of ggml's) makes such a block's
+    // scale 0 (every value 0, finite): refused where it is quantized,
+    // naming the file it was for and the tensor.
+    let wide = d.join("wide");
+    std::fs::create_dir(&wide).unwrap();
+    write_f32(&wide.join("base.gguf"), Shape::SMALL_256, 1);
+    adapter_of(256, &wide, "huge", 1e30);
+    let out = cli_in(
+        &wide,
+        &[
+            "convert",
+            "--base",
+            "base.gguf",
+            "--adapter",
+            "huge",
+            "--quant",
+            "q6_k",
+            "-o",
+            "m.gguf",
+            "-q",
+        ],
+    );
+    refused(
+        &out,
+        &[
+            "m.gguf: tensor 'blk.0.attn_q.weight': block 0 (elements 0..256): its values reach",
+            "which Q6_K's block cannot hold",
+        ],
+    );
+    assert_eq!(listing(&wide), ["base.gguf", "huge"]);
     // What fits is written: the same values in f32, and bf16's range.
     let out = convert(
         "huge",
