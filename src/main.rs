@@ -97,7 +97,10 @@ fn remove_partials_on_signal() {
 /// What to type next, for the library errors whose remedy is a flag (the
 /// libraries name facts; the flags are the CLI's).
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use lorafold_converter::adapter_gguf::AdapterError;
     use lorafold_converter::convert::ConvertError;
+    use lorafold_converter::gguf_writer::WriteError;
+    use lorafold_converter::quant::QuantError;
     use lorafold_runtime::generate::PromptError;
     use lorafold_runtime::model::RuntimeError;
     e.chain().find_map(|cause| {
@@ -111,6 +114,14 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                     Some("the bounds are --max-rel-error and --min-retention")
                 }
                 ConvertError::NoAdapter => Some("give the adapter folder with --adapter"),
+                ConvertError::Quant(QuantError::UnmatchedOverride { .. }) => Some(
+                    "a --tensor-type pattern is a regex over tensor names as `lorafold inspect` lists them",
+                ),
+                ConvertError::Write(WriteError::NotFinite { .. })
+                | ConvertError::Adapter(AdapterError::Write(WriteError::NotFinite { .. }))
+                | ConvertError::Written { .. } => Some(
+                    "a wider type holds larger values: f32 with --quant, --tensor-type or --adapter-type",
+                ),
                 _ => None,
             };
         }

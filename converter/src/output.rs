@@ -506,3 +506,53 @@ fn publish_folder(staging: &Path, dest: &Path) -> std::io::Result<()> {
     remove_path(&aside);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(unix)]
+    fn one_file_however_spelled_is_one_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir(d.join("sub")).unwrap();
+        fs::write(d.join("in.gguf"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("in.gguf"), d.join("link.gguf")).unwrap();
+        let a = d.join("a.gguf");
+        for other in [
+            d.join("sub/../a.gguf"),
+            d.join("./a.gguf"),
+            d.join("sub/.././a.gguf"),
+        ] {
+            assert_eq!(resolved(&other), resolved(&a), "{other:?}");
+            let e = check_distinct(&[("-o", &a), ("--report", &other)], &[]).unwrap_err();
+            assert!(matches!(e, OutputError::Duplicate { .. }), "{e}");
+        }
+        // A link is judged by what it points to.
+        let e = check_distinct(
+            &[("-o", &d.join("link.gguf"))],
+            &[("--base", &d.join("in.gguf"))],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: given as an output (-o) and read as an input (--base); refusing to replace an input",
+                d.join("link.gguf").display()
+            )
+        );
+        // Apart, and a file beside (not inside) a folder output, are fine.
+        check_distinct(
+            &[("-o", &d.join("sub")), ("--report", &d.join("sub.json"))],
+            &[("--base", &d.join("in.gguf"))],
+        )
+        .unwrap();
+        let e = check_distinct(
+            &[("-o", &d.join("sub")), ("--report", &d.join("sub/r.json"))],
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(e, OutputError::InsideOutput { .. }), "{e}");
+    }
+}

@@ -269,6 +269,7 @@ fn values_that_overflow_the_written_type_are_refused_not_written_as_inf() {
         &[
             "m.gguf: tensor 'blk.0.attn_q.weight': block 0 (elements 0..32): its f16 scale d is inf",
             "refusing to write a value that is not finite",
+            "(hint: a wider type holds larger values",
         ],
     );
     refused(
@@ -412,7 +413,10 @@ fn tensor_type_overrides_must_match_a_tensor_and_name_a_type() {
             "--tensor-type",
             r"blk\.7\..*=q8_0",
         ]),
-        &[r"base.gguf: no tensor matches the tensor type override 'blk\.7\..*=Q8_0'"],
+        &[
+            r"base.gguf: no tensor matches the tensor type override 'blk\.7\..*=Q8_0'",
+            "(hint: a --tensor-type pattern is a regex over tensor names",
+        ],
     );
     // Refused before a calibration text is run.
     refused(
