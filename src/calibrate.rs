@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use lorafold_converter::calib::CalibStats;
-use lorafold_converter::output::check_file_destination;
+use lorafold_converter::output::{check_distinct, check_file_destination};
 use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::path_spec::PathSpec;
 
@@ -43,10 +43,14 @@ pub struct CalibrateArgs {
 
 /// Run `lorafold calibrate`.
 pub fn run(args: &CalibrateArgs) -> Result<()> {
-    check_file_destination(&args.output)?;
-    if let Some(p) = &args.imatrix {
+    let mut outputs = vec![("-o", args.output.as_path())];
+    outputs.extend(args.imatrix.as_deref().map(|p| ("--imatrix", p)));
+    for (_, p) in &outputs {
         check_file_destination(p)?;
     }
+    let mut inputs = crate::spec_files(&args.path, "the model path");
+    inputs.push(("--text", args.text.as_path()));
+    check_distinct(&outputs, &inputs)?;
     set_threads(args.threads)?;
     let model = args.path.load(&device(DeviceSpec::Cpu)?)?;
     model

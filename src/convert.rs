@@ -9,10 +9,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use lorafold_converter::budget::{convert_within, BudgetRound, DriftBudget, DriftTarget};
 use lorafold_converter::calib::CalibStats;
+use lorafold_converter::convert::input_files;
 use lorafold_converter::convert::{
     convert, Compensate, ConvertError, ConvertOptions, ProgressStep, Rounding,
 };
-use lorafold_converter::output::{check_file_destination, write_file_atomic, StagedSet};
+use lorafold_converter::output::{
+    check_distinct, check_file_destination, check_set_destination, write_file_atomic, StagedSet,
+};
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::reference::TextCalibration;
 use lorafold_converter::report::{ConvertReport, TensorReport};
@@ -38,10 +41,10 @@ pub struct ConvertArgs {
     #[arg(short, long)]
     output: Option<PathBuf>,
     /// Also write the quantized base alone here (the separate path's base).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "emit")]
     base_out: Option<PathBuf>,
     /// Write the adapter as a llama.cpp LoRA GGUF here (the separate path).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "emit")]
     adapter_out: Option<PathBuf>,
     /// Type of the adapter GGUF's A and B.
     #[arg(long, value_enum, default_value_t = AdapterTypeArg::F16)]
@@ -54,10 +57,11 @@ pub struct ConvertArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Fail (no output) if any tensor's relative error ||Q(W)-W||/||W|| exceeds this.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::values::non_negative)]
     max_rel_error: Option<f64>,
-    /// Fail (no output) if the adapter retention pooled over changed tensors is below this.
-    #[arg(long)]
+    /// Fail (no output) if the adapter retention pooled over changed tensors
+    /// is below this share (0 to 1).
+    #[arg(long, value_parser = crate::values::share)]
     min_retention: Option<f64>,
     /// Merge adapters that assume a modified base (PiSSA, OLoRA, LoftQ, QA-LoRA) anyway.
     #[arg(long)]
@@ -78,7 +82,7 @@ pub struct ConvertArgs {
     rounding: Option<RoundingArg>,
     /// GPTQ's damping, as a fraction of XᵀX's mean diagonal (5%: calibration
     /// texts of a few thousand tokens leave XᵀX of wide inputs rank-deficient).
-    #[arg(long, default_value_t = lorafold_converter::convert::DEFAULT_DAMP)]
+    #[arg(long, default_value_t = lorafold_converter::convert::DEFAULT_DAMP, value_parser = crate::values::non_negative)]
     damp: f64,
     /// GPTQ: code columns by decreasing input energy, every block's scales
     /// fixed before coding (`false`: columns in order, each block's scales
@@ -88,11 +92,11 @@ pub struct ConvertArgs {
     /// Spend bytes until the merged file's mean KL from the f32 merged model,
     /// measured over the --calib-text, is at most this (nats/token): tensors
     /// move up --ladder where a byte removes the most predicted output error.
-    #[arg(long, requires = "calib_text", conflicts_with = "min_gain")]
+    #[arg(long, requires = "calib_text", conflicts_with = "min_gain", value_parser = crate::values::positive)]
     budget_kl: Option<f64>,
     /// As --budget-kl, for the share of the adapter's gain (loss drop below
     /// the base's) the merged file keeps on the --calib-text, e.g. 0.97.
-    #[arg(long, requires = "calib_text")]
+    #[arg(long, requires = "calib_text", value_parser = crate::values::open_share)]
     min_gain: Option<f64>,
     /// Also write the rank-R approximation of each adapted module's rounding
     /// error W - Q(W) (nearest in the calibration's output norm when given)
@@ -178,12 +182,66 @@ enum RoundingArg {
     Gptq,
 }
 
+/// Where --compensate writes beside the merged output `out`.
+fn compensation_path(args: &ConvertArgs, out: &Path) -> PathBuf {
+    args.compensate_out
+        .clone()
+        .unwrap_or_else(|| out.with_extension("compensation.gguf"))
+}
+
+/// Every path this run writes is usable, distinct from the others and from
+/// every input however it is spelled, checked before any work.
+fn check_paths(args: &ConvertArgs) -> Result<()> {
+    let emit = !args.emit.is_empty();
+    let set = args.output.as_deref().filter(|_| emit);
+    let default_compensation = match (args.compensate, &args.compensate_out, &args.output) {
+        (Some(_), None, Some(o)) if !emit => Some(compensation_path(args, o)),
+        _ => None,
+    };
+    let files: Vec<(&str, &Path)> = [
+        ("-o", args.output.as_deref().filter(|_| !emit)),
+        ("--base-out", args.base_out.as_deref()),
+        ("--adapter-out", args.adapter_out.as_deref()),
+        ("--report", args.report.as_deref()),
+        ("--compensate-out", args.compensate_out.as_deref()),
+        (
+            "--compensate's file beside -o",
+            default_compensation.as_deref(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(flag, p)| p.map(|p| (flag, p)))
+    .collect();
+    let outputs: Vec<(&str, &Path)> = set
+        .map(|s| ("-o, the --emit folder", s))
+        .into_iter()
+        .chain(files.iter().copied())
+        .collect();
+    let base_files = input_files(&args.base);
+    let adapter_files = args.adapter.as_deref().map(input_files).unwrap_or_default();
+    let inputs: Vec<(&str, &Path)> = base_files
+        .iter()
+        .map(|f| ("--base", f.as_path()))
+        .chain(adapter_files.iter().map(|f| ("--adapter", f.as_path())))
+        .chain(args.calib.as_deref().map(|p| ("--calib", p)))
+        .chain(args.calib_text.as_deref().map(|p| ("--calib-text", p)))
+        .collect();
+    // Distinct first: a report inside the --emit folder is that mistake,
+    // whether the folder exists yet or not.
+    check_distinct(&outputs, &inputs)?;
+    if let Some(s) = set {
+        check_set_destination(s)?;
+    }
+    for (_, p) in &files {
+        check_file_destination(p)?;
+    }
+    Ok(())
+}
+
 /// Run `lorafold convert`.
 pub fn run(args: &ConvertArgs) -> Result<()> {
     crate::run::set_threads(args.threads)?;
-    if let Some(p) = &args.report {
-        check_file_destination(p)?;
-    }
+    check_paths(args)?;
     // With --emit the set is written into a partial folder and published as
     // -o in one rename, so a reader never sees old and new files mixed.
     let staged = if args.emit.is_empty() {
@@ -215,6 +273,9 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     };
     let policy = match (&args.quant, output.is_some() || base_out.is_some()) {
         (Some(q), _) => QuantPolicy::parse(q, &args.tensor_type)?,
+        (None, false) if !args.tensor_type.is_empty() => {
+            bail!("--tensor-type applies to the merged and base outputs, and neither is written")
+        }
         (None, false) => QuantPolicy::parse("f16", &[])?, // unused: only the adapter is written
         (None, true) => bail!("--quant is needed for the merged and base outputs"),
     };
@@ -226,36 +287,23 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     if target.is_some() && args.calib_text.is_none() {
         bail!("--budget-kl and --min-gain measure the files over the adapter's text: give it with --calib-text");
     }
-    let mut text_calibration = None;
-    let calib = match (&args.calib, &args.calib_text) {
-        (Some(p), _) => Some(std::sync::Arc::new(CalibStats::read(p)?)),
-        (None, Some(text)) => {
-            let c = calibrate_in_run(args, text, target.is_some_and(DriftTarget::needs_base))?;
-            let stats = std::sync::Arc::new(c.stats);
-            text_calibration = Some((c.reference, c.windows));
-            Some(stats)
-        }
-        (None, None) => None,
-    };
     if args
         .rounding
         .is_some_and(|r| !matches!(r, RoundingArg::Nearest))
-        && calib.is_none()
+        && args.calib.is_none()
+        && args.calib_text.is_none()
     {
         bail!("--rounding imatrix and gptq need --calib (statistics from `lorafold calibrate`) or --calib-text");
     }
     let compensate = match (args.compensate, &output) {
         (Some(rank), Some(out)) => Some(Compensate {
             rank,
-            output: args
-                .compensate_out
-                .clone()
-                .unwrap_or_else(|| out.with_extension("compensation.gguf")),
+            output: compensation_path(args, out),
         }),
         (Some(_), None) => bail!("--compensate writes beside the merged output: give -o"),
         (None, _) => None,
     };
-    let opts = ConvertOptions {
+    let mut opts = ConvertOptions {
         output,
         base_output: base_out,
         adapter_output: adapter_out,
@@ -267,17 +315,30 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         force: args.force,
         max_rel_error: args.max_rel_error,
         min_retention: args.min_retention,
-        rounding: match args.rounding {
-            Some(RoundingArg::Nearest) => Rounding::Nearest,
-            Some(RoundingArg::Imatrix) => Rounding::Imatrix,
-            Some(RoundingArg::Gptq) => Rounding::Gptq,
-            None => Rounding::best_for(calib.as_deref()),
-        },
         damp: args.damp,
         act_order: args.act_order,
         compensate,
-        calib,
         ..ConvertOptions::new(&args.base, args.adapter.clone(), policy, PathBuf::new())
+    };
+    // What the inputs' headers can refuse (an override that matches no
+    // tensor), before statistics are read or a text is calibrated on.
+    lorafold_converter::convert::check(&opts)?;
+    let mut text_calibration = None;
+    opts.calib = match (&args.calib, &args.calib_text) {
+        (Some(p), _) => Some(std::sync::Arc::new(CalibStats::read(p)?)),
+        (None, Some(text)) => {
+            let c = calibrate_in_run(args, text, target.is_some_and(DriftTarget::needs_base))?;
+            let stats = std::sync::Arc::new(c.stats);
+            text_calibration = Some((c.reference, c.windows));
+            Some(stats)
+        }
+        (None, None) => None,
+    };
+    opts.rounding = match args.rounding {
+        Some(RoundingArg::Nearest) => Rounding::Nearest,
+        Some(RoundingArg::Imatrix) => Rounding::Imatrix,
+        Some(RoundingArg::Gptq) => Rounding::Gptq,
+        None => Rounding::best_for(opts.calib.as_deref()),
     };
     // A bar over tensors on a terminal (a 7B conversion takes minutes);
     // nothing when stderr is a file or a pipe, or with --quiet.
@@ -357,6 +418,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             report.output.as_mut(),
             report.base_output.as_mut(),
             report.adapter_gguf.as_mut().map(|a| &mut a.path),
+            report.compensation.as_mut().map(|c| &mut c.path),
         ]
         .into_iter()
         .flatten()

@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
+use lorafold_converter::output::write_file_atomic;
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_runtime::generate::complete;
 use lorafold_runtime::tokenizer::Tokenizer;
@@ -168,8 +169,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             r.latency.decode_tps.mean
         );
     }
-    std::fs::write(out("results.json"), serde_json::to_string_pretty(&results)?)?;
-    std::fs::write(out("results.svg"), svg(&results))?;
+    let json = serde_json::to_string_pretty(&results)?;
+    write_file_atomic(&out("results.json"), json.as_bytes())?;
+    write_file_atomic(&out("results.svg"), svg(&results).as_bytes())?;
     eprintln!(
         "wrote {} and {}",
         out("results.json").display(),

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use lorafold_converter::output::{check_distinct, check_file_destination, write_file_atomic};
 use lorafold_runtime::device::DeviceSpec;
-use lorafold_runtime::measure::{drift, windows, DriftReport};
+use lorafold_runtime::measure::{check_vocabulary, drift, windows, DriftReport};
 use lorafold_runtime::model::Model;
 use lorafold_runtime::path_spec::{PathSpec, PathSpecError};
 use lorafold_runtime::tokenizer::Tokenizer;
@@ -137,6 +138,18 @@ pub fn print_table(rows: &[DriftRow]) {
 /// Run `lorafold drift`.
 pub fn run(args: &DriftArgs) -> Result<()> {
     set_threads(args.threads)?;
+    if let Some(json) = &args.json {
+        check_file_destination(json)?;
+        let mut inputs = crate::spec_files(&args.reference, "--ref");
+        for c in &args.candidates {
+            inputs.extend(crate::spec_files(&c.spec, "--cand"));
+        }
+        if let Some(b) = &args.base {
+            inputs.extend(crate::spec_files(b, "--base"));
+        }
+        inputs.push(("--text", &args.text));
+        check_distinct(&[("--json", json)], &inputs)?;
+    }
     let dev = device(args.device)?;
     let reference = args.reference.load(&dev)?;
     // Refuse a window the model cannot hold before any work (0 or past its context).
@@ -147,16 +160,13 @@ pub fn run(args: &DriftArgs) -> Result<()> {
     let mut candidates = Vec::new();
     for Candidate { name, spec } in &args.candidates {
         let m = spec.load(&dev)?;
-        if m.config.vocab != reference.config.vocab {
-            bail!(
-                "--cand {name}: vocabulary {} differs from the reference's {}",
-                m.config.vocab,
-                reference.config.vocab
-            );
-        }
+        check_vocabulary(&reference, &m).with_context(|| format!("--cand {name}"))?;
         candidates.push((name.clone(), spec.to_string(), m));
     }
     let base = args.base.as_ref().map(|b| b.load(&dev)).transpose()?;
+    if let Some(b) = &base {
+        check_vocabulary(&reference, b).context("--base")?;
+    }
     let text = lorafold_runtime::input::read_regular(&args.text, "a text file")
         .with_context(|| format!("{}", args.text.display()))?;
     let w = windows(&tok, &text, args.lines, args.ctx)
@@ -164,8 +174,7 @@ pub fn run(args: &DriftArgs) -> Result<()> {
     let rows = measure(&reference, &candidates, base.as_ref(), &w)?;
     print_table(&rows);
     if let Some(p) = &args.json {
-        std::fs::write(p, serde_json::to_string_pretty(&rows)?)
-            .with_context(|| format!("{}", p.display()))?;
+        write_file_atomic(p, serde_json::to_string_pretty(&rows)?.as_bytes())?;
     }
     Ok(())
 }

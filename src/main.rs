@@ -7,6 +7,7 @@ mod demo;
 mod drift;
 mod inspect;
 mod run;
+mod values;
 
 use clap::{Parser, Subcommand};
 
@@ -96,7 +97,10 @@ fn remove_partials_on_signal() {
 /// What to type next, for the library errors whose remedy is a flag (the
 /// libraries name facts; the flags are the CLI's).
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use lorafold_converter::adapter_gguf::AdapterError;
     use lorafold_converter::convert::ConvertError;
+    use lorafold_converter::gguf_writer::WriteError;
+    use lorafold_converter::quant::QuantError;
     use lorafold_runtime::generate::PromptError;
     use lorafold_runtime::model::RuntimeError;
     e.chain().find_map(|cause| {
@@ -110,6 +114,14 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                     Some("the bounds are --max-rel-error and --min-retention")
                 }
                 ConvertError::NoAdapter => Some("give the adapter folder with --adapter"),
+                ConvertError::Quant(QuantError::UnmatchedOverride { .. }) => Some(
+                    "a --tensor-type pattern is a regex over tensor names as `lorafold inspect` lists them",
+                ),
+                ConvertError::Write(WriteError::NotFinite { .. })
+                | ConvertError::Adapter(AdapterError::Write(WriteError::NotFinite { .. }))
+                | ConvertError::Written { .. } => Some(
+                    "a wider type holds larger values: f32 with --quant, --tensor-type or --adapter-type",
+                ),
                 _ => None,
             };
         }
@@ -147,4 +159,16 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     lorafold_runtime::input::escape_controls(&msg).into_owned()
+}
+
+/// The files a path spec reads (its model, then its adapters), each named
+/// `what` in messages: the inputs an output must not replace.
+fn spec_files<'a>(
+    spec: &'a lorafold_runtime::path_spec::PathSpec,
+    what: &'a str,
+) -> Vec<(&'a str, &'a std::path::Path)> {
+    std::iter::once(spec.model.as_path())
+        .chain(spec.adapters.iter().map(|a| a.path.as_path()))
+        .map(|p| (what, p))
+        .collect()
 }

@@ -1,7 +1,6 @@
 //! `lorafold run`.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -11,14 +10,15 @@ use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::generate::{close_turn, generate, prompt_ids, Sampler, SamplerConfig};
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::{use_threads, Model, SessionOptions};
-use lorafold_runtime::path_spec::AdapterSpec;
+use lorafold_runtime::path_spec::{AdapterSpec, PathSpec};
 use lorafold_runtime::tokenizer::Tokenizer;
 
 /// Arguments of `lorafold run`.
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// A GGUF model (merged, or a base for --lora).
-    model: PathBuf,
+    /// A GGUF model (merged, or a base for --lora), with adapters attached:
+    /// MODEL.gguf[+ADAPTER.gguf[:SCALE]]...
+    model: PathSpec,
     /// A GGUF LoRA adapter to attach, optionally with a scale: ADAPTER.gguf[:SCALE]
     /// (finite, |SCALE| <= 100; default 1). Repeatable.
     #[arg(long = "lora", value_name = "ADAPTER[:SCALE]")]
@@ -84,7 +84,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     set_threads(args.threads)?;
     let dev = device(args.device)?;
     let t0 = Instant::now();
-    let mut model = Model::load(&args.model, &dev)?;
+    let mut model = Model::load(&args.model.model, &dev)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
     let sampler_config = SamplerConfig {
         temperature: args.temp,
@@ -94,11 +94,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         seed: args.seed,
     };
     let mut sampler = Sampler::try_new(sampler_config)?;
-    for spec in &args.lora {
+    // The path's own adapters, then those of --lora, in order.
+    let adapters = (args.model.adapters.iter().map(|a| ("", a)))
+        .chain(args.lora.iter().map(|a| ("--lora ", a)));
+    for (flag, spec) in adapters {
         let adapter = LoraAdapter::load(&spec.path)?;
         model
             .attach(&adapter, spec.scale)
-            .with_context(|| format!("--lora {spec}"))?;
+            .with_context(|| format!("{flag}{spec}"))?;
     }
     let load = t0.elapsed();
     let ctx = args

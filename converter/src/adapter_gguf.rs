@@ -106,7 +106,8 @@ pub fn lora_pair(
             path: adapter.tensors_path.clone(),
             tensor: m.key_b.clone(),
             problem: format!(
-                "folding the scale factor {b_factor} into lora_B overflows f32: {found}"
+                "folding the scale factor {} into lora_B overflows f32: {found}",
+                lorafold_runtime::number::compact(b_factor)
             ),
         })?;
         folded

@@ -18,6 +18,7 @@ use candle_core::Device;
 use lorafold_runtime::gguf::GgmlType;
 use lorafold_runtime::measure::{drift, DriftReport};
 use lorafold_runtime::model::Model;
+use lorafold_runtime::number::compact;
 use serde::Serialize;
 
 use crate::convert::{
@@ -60,8 +61,8 @@ impl DriftTarget {
     /// How the target reads in reports and provenance.
     pub fn describe(self) -> String {
         match self {
-            DriftTarget::KlMean(x) => format!("mean KL <= {x}"),
-            DriftTarget::MinGain(y) => format!("gain retained >= {y}"),
+            DriftTarget::KlMean(x) => format!("mean KL <= {}", compact(x)),
+            DriftTarget::MinGain(y) => format!("gain retained >= {}", compact(y)),
         }
     }
 }
@@ -278,7 +279,9 @@ pub fn convert_within(
             budget.target.describe()
         ));
     }
-    crate::output::check_file_destination(&output)?;
+    // The published files are checked now, not the rounds' (in a
+    // temporary folder): distinct, from each other and the inputs.
+    crate::convert::check_outputs(opts)?;
     let beside = crate::output::parent_of(&output);
     let dir = tempfile::Builder::new()
         .prefix(".lorafold-budget")

@@ -28,7 +28,8 @@ pub struct LowRank {
 pub enum CompensateError {
     /// The damped XᵀX has no Cholesky factor.
     #[error(
-        "XᵀX damped by {damp} of its mean diagonal is not positive definite (column {column})"
+        "XᵀX damped by {} of its mean diagonal is not positive definite (column {column})",
+        lorafold_runtime::number::compact(*damp)
     )]
     NotPositiveDefinite {
         /// the damping fraction

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lorafold_runtime::gguf::{GgmlType, MetadataValue};
+use lorafold_runtime::number::compact;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -62,6 +63,15 @@ pub enum ConvertError {
         path: PathBuf,
         /// the setting
         what: String,
+    },
+    /// A tensor's values cannot be written in its type into this output.
+    #[error("{}: {source}", path.display())]
+    Written {
+        /// the output
+        path: PathBuf,
+        /// what the quantizer found
+        #[source]
+        source: QuantError,
     },
     /// A file could not be hashed.
     #[error("{path}: {source}")]
@@ -284,7 +294,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     if !(opts.damp >= 0.0 && opts.damp.is_finite()) {
         return Err(ConvertError::Usage(format!(
             "damping {} is not a finite fraction >= 0",
-            opts.damp
+            compact(opts.damp)
         )));
     }
     if let Some(c) = &opts.compensate {
@@ -296,6 +306,11 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     }
     check_outputs(opts)?;
     let (base, adapter, plan) = open_inputs(opts)?;
+    // Only the merged output carries the adapter's edits; a base-only pass
+    // measures the base's own quantization.
+    let merging = opts.output.is_some();
+    let out = out_tensors(&base, &plan, merging);
+    check_overrides(opts, &out)?;
     let (provenance, hashes) = provenance(opts, &base, adapter.as_ref())?;
 
     let mut adapter_file = match (&opts.adapter_output, &adapter) {
@@ -311,10 +326,6 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         (None, _) => None,
     };
 
-    // Only the merged output carries the adapter's edits; a base-only pass
-    // measures the base's own quantization.
-    let merging = opts.output.is_some();
-    let out = out_tensors(&base, &plan, merging);
     if let Some(c) = &opts.calib {
         c.expect_readers(out.iter().map(|t| t.name.as_str()));
     }
@@ -363,6 +374,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     // output does not depend on scheduling.
     let mut reports = Vec::with_capacity(out.len());
     let mut pairs = Vec::new();
+    let written_to = opts.output.as_deref().or(opts.base_output.as_deref());
     if merged_stream.is_some() || base_stream.is_some() {
         let batch = rayon::current_num_threads().max(1) * 2;
         let total = out.len();
@@ -383,7 +395,17 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
                 })
                 .collect();
             for (t, r) in chunk.iter().zip(results) {
-                let p = r?;
+                // A value the type cannot hold is refused naming the file
+                // it was to be written to, as the writer names it.
+                let p = r.map_err(|e| match (e, written_to) {
+                    (ConvertError::Quant(source @ QuantError::Overflow { .. }), Some(path)) => {
+                        ConvertError::Written {
+                            path: path.to_path_buf(),
+                            source,
+                        }
+                    }
+                    (e, _) => e,
+                })?;
                 if let Some(s) = merged_stream.as_mut() {
                     s.write_tensor(&t.name, &p.bytes)?;
                 }
@@ -437,7 +459,8 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     if let (Some(min), Some(got)) = (opts.min_retention, report.totals.retention) {
         if got < min {
             broken.push(format!(
-                "adapter retention {got:.4} is below the minimum {min}"
+                "adapter retention {got:.4} is below the minimum {}",
+                compact(min)
             ));
         }
     }
@@ -478,6 +501,32 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
     }
     report.totals.wall_seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Everything about `opts` that can be refused before any work: the output
+/// paths, the inputs (opened, not read) and the policy's overrides against
+/// the model's tensors; [`convert`] checks the same as it starts. For a
+/// caller with work to do first (calibrating on a text).
+pub fn check(opts: &ConvertOptions) -> Result<(), ConvertError> {
+    check_outputs(opts)?;
+    let (base, _, plan) = open_inputs(opts)?;
+    check_overrides(opts, &out_tensors(&base, &plan, opts.output.is_some()))
+}
+
+/// Refuse a tensor type override that matches none of the tensors written.
+fn check_overrides(opts: &ConvertOptions, out: &[OutTensor]) -> Result<(), ConvertError> {
+    match opts
+        .policy
+        .unmatched_override(out.iter().map(|t| t.name.as_str()))
+    {
+        Some((pattern, ty)) => Err(QuantError::UnmatchedOverride {
+            model: opts.base.clone(),
+            pattern: pattern.into(),
+            ty: ty.into(),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// One precision a tensor can take: its type, its size and its predicted
@@ -645,23 +694,53 @@ fn open_inputs(
 }
 
 /// Every output path is usable (its folder exists; nothing but a regular file
-/// is there) and distinct, checked before any input is read.
-fn check_outputs(opts: &ConvertOptions) -> Result<(), OutputError> {
-    let compensation = opts.compensate.as_ref().map(|c| &c.output);
-    let outputs: Vec<&Path> = [
-        opts.output.as_ref(),
-        opts.base_output.as_ref(),
-        opts.adapter_output.as_ref(),
-        compensation,
+/// is there), distinct from the others and from every input file, checked
+/// before any input is read.
+pub(crate) fn check_outputs(opts: &ConvertOptions) -> Result<(), OutputError> {
+    let outputs: Vec<(&str, &Path)> = [
+        ("merged output", opts.output.as_deref()),
+        ("base output", opts.base_output.as_deref()),
+        ("adapter output", opts.adapter_output.as_deref()),
+        (
+            "compensation output",
+            opts.compensate.as_ref().map(|c| c.output.as_path()),
+        ),
     ]
     .into_iter()
-    .flatten()
-    .map(PathBuf::as_path)
+    .filter_map(|(role, p)| p.map(|p| (role, p)))
     .collect();
-    for p in &outputs {
+    let base_files = input_files(&opts.base);
+    let adapter_files = opts.adapter.as_deref().map(input_files).unwrap_or_default();
+    let inputs: Vec<(&str, &Path)> = base_files
+        .iter()
+        .map(|f| ("base", f.as_path()))
+        .chain(adapter_files.iter().map(|f| ("adapter", f.as_path())))
+        .collect();
+    check_distinct(&outputs, &inputs)?;
+    for (_, p) in &outputs {
         check_file_destination(p)?;
     }
-    check_distinct(outputs)
+    Ok(())
+}
+
+/// The files a conversion reads from an input: the file itself, or a
+/// folder's safetensors and JSON files (an HF model or a PEFT adapter), in
+/// name order.
+pub fn input_files(path: &Path) -> Vec<PathBuf> {
+    if !path.is_dir() {
+        return vec![path.to_path_buf()];
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "safetensors" || e == "json")
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// Declare a model GGUF (the base's metadata, our provenance, the tensors) and
@@ -1124,23 +1203,7 @@ fn provenance(
         "lorafold.version".to_string(),
         MetadataValue::string(VERSION),
     )];
-    let base_files: Vec<PathBuf> = if base.path.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&base.path)
-            .map_err(|source| ConvertError::Io {
-                path: base.path.clone(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|e| e == "safetensors" || e == "json")
-            })
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![base.path.clone()]
-    };
+    let base_files = input_files(&base.path);
     let mut files = Vec::new();
     let mut hashed = |f: PathBuf, shown: &str| {
         let line = format!("{}  {shown}", PendingHashes::placeholder(files.len()));

@@ -53,6 +53,18 @@ pub enum WriteError {
         /// what is wrong
         problem: String,
     },
+    /// A tensor's data holds a value that is not finite, most often a finite
+    /// value too large for the type (past f16's 65504, or a block scale that
+    /// overflows f16).
+    #[error("{path}: tensor '{name}': {problem}; refusing to write a value that is not finite")]
+    NotFinite {
+        /// the file being written
+        path: PathBuf,
+        /// the tensor
+        name: String,
+        /// which value, and what it is
+        problem: String,
+    },
     /// Tensor data came in an order other than the declared one.
     #[error("{path}: tensor '{got}' written out of order; '{expected}' is next")]
     OutOfOrder {
@@ -97,6 +109,7 @@ pub struct GgufWriter {
     keys: HashSet<String>,
     tensors: Vec<DeclaredTensor>,
     names: HashSet<String>,
+    finite_only: bool,
 }
 
 impl GgufWriter {
@@ -109,7 +122,16 @@ impl GgufWriter {
             keys: HashSet::new(),
             tensors: Vec::new(),
             names: HashSet::new(),
+            finite_only: true,
         }
+    }
+
+    /// Let tensors hold values that are not finite (NaN, inf, block scales
+    /// that are): for test fixtures that write broken files on purpose. By
+    /// default every value written is checked to be finite.
+    pub fn allow_non_finite(mut self) -> GgufWriter {
+        self.finite_only = false;
+        self
     }
 
     /// Add a metadata entry. `general.alignment` also sets the data alignment.
@@ -236,6 +258,7 @@ impl GgufWriter {
             alignment: self.alignment,
             written: 0,
             head: Vec::new(),
+            finite_only: self.finite_only,
             _live: live,
         };
         stream.put(&head)?;
@@ -257,6 +280,8 @@ pub struct GgufStream {
     written: u64,
     /// The header as written, for [`GgufStream::patch`].
     head: Vec<u8>,
+    /// Whether data is checked to be finite before it is written.
+    finite_only: bool,
     _live: crate::output::LivePartial,
 }
 
@@ -295,6 +320,19 @@ impl GgufStream {
                     t.dims,
                     t.n_bytes
                 ),
+            });
+        }
+        // What is written is checked, not only what was read: a finite
+        // value can still overflow the type it is written in.
+        if let Some(problem) = self
+            .finite_only
+            .then(|| crate::quant::first_non_finite(t.ggml_type, data))
+            .flatten()
+        {
+            return Err(WriteError::NotFinite {
+                path: self.dest.clone(),
+                name: name.into(),
+                problem,
             });
         }
         let pad = align(t.n_bytes, self.alignment) - t.n_bytes;

@@ -9,7 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// The files an `--emit` folder may hold: everything lorafold writes there.
-pub const SET_FILES: [&str; 4] = ["merged.gguf", "base.gguf", "adapter.gguf", "report.json"];
+pub const SET_FILES: [&str; 5] = [
+    "merged.gguf",
+    "base.gguf",
+    "adapter.gguf",
+    "report.json",
+    "merged.compensation.gguf",
+];
 
 /// An output path that cannot be used, or an output that could not be published.
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +46,39 @@ pub enum OutputError {
         /// one such file
         other: String,
     },
-    /// Two outputs name the same file.
-    #[error("{path}: given for two outputs")]
+    /// Two outputs name the same file (however spelled: `./a`, `a`, `d/../a`,
+    /// or a symlink to it).
+    #[error("{path}: given for two outputs ({first} and {second})")]
     Duplicate {
-        /// the path
+        /// the path, as given for the second
         path: PathBuf,
+        /// what the first output is (a flag, or what the file holds)
+        first: String,
+        /// what the second is
+        second: String,
+    },
+    /// An output would be published inside a folder that another output
+    /// replaces as a whole.
+    #[error("{path} ({role}) is inside {folder} ({folder_role}), which is replaced as a whole when it is published")]
+    InsideOutput {
+        /// the output inside
+        path: PathBuf,
+        /// what it is
+        role: String,
+        /// the folder
+        folder: PathBuf,
+        /// what the folder is
+        folder_role: String,
+    },
+    /// An output would replace a file the command reads.
+    #[error("{path}: given as an output ({output}) and read as an input ({input}); refusing to replace an input")]
+    ReplacesInput {
+        /// the path, as given for the output
+        path: PathBuf,
+        /// what the output is
+        output: String,
+        /// what the input is
+        input: String,
     },
     /// The OS refused a create, write or rename.
     #[error("{path}: {source}")]
@@ -62,6 +96,9 @@ fn kind_of(meta: &fs::Metadata) -> &'static str {
     if t.is_dir() {
         return "a folder";
     }
+    if t.is_file() {
+        return "a regular file";
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
@@ -78,7 +115,7 @@ fn kind_of(meta: &fs::Metadata) -> &'static str {
             return "a socket";
         }
     }
-    "not a regular file"
+    "neither a file nor a folder"
 }
 
 /// The folder `path` is in ("." for a bare file name).
@@ -156,20 +193,59 @@ pub fn check_set_destination(path: &Path) -> Result<(), OutputError> {
     Ok(())
 }
 
-/// Refuse two outputs that name the same path.
-pub fn check_distinct<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<(), OutputError> {
-    let mut seen: Vec<PathBuf> = Vec::new();
-    for p in paths {
-        let canon = parent_of(p)
-            .canonicalize()
-            .unwrap_or_else(|_| parent_of(p))
-            .join(p.file_name().unwrap_or(p.as_os_str()));
-        if seen.contains(&canon) {
-            return Err(OutputError::Duplicate {
-                path: p.to_path_buf(),
-            });
+/// `path` as the file system resolves it: symlinks and `.`/`..` resolved
+/// through its deepest existing folder, so that every spelling of one file
+/// (`a`, `./a`, `d/../a`, a link to `a`) gives the same path.
+pub fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    // Not there (yet): its folder resolved, then its name.
+    match path.file_name() {
+        Some(name) => resolved(&parent_of(path)).join(name),
+        None => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
+/// Refuse outputs that are one file, an output inside a folder another
+/// output replaces (an `--emit` set), and an output that is one of the
+/// `inputs`, each compared once resolved ([`resolved`]). Each path comes with
+/// what it is (a flag, or what the file holds), for the message.
+pub fn check_distinct(
+    outputs: &[(&str, &Path)],
+    inputs: &[(&str, &Path)],
+) -> Result<(), OutputError> {
+    let outs: Vec<(&str, &Path, PathBuf)> =
+        outputs.iter().map(|&(r, p)| (r, p, resolved(p))).collect();
+    for (i, (role, path, at)) in outs.iter().enumerate() {
+        for (first, _, earlier) in &outs[..i] {
+            if at == earlier {
+                return Err(OutputError::Duplicate {
+                    path: path.to_path_buf(),
+                    first: first.to_string(),
+                    second: role.to_string(),
+                });
+            }
         }
-        seen.push(canon);
+        for (other, folder, other_at) in &outs {
+            if at != other_at && at.starts_with(other_at) {
+                return Err(OutputError::InsideOutput {
+                    path: path.to_path_buf(),
+                    role: role.to_string(),
+                    folder: folder.to_path_buf(),
+                    folder_role: other.to_string(),
+                });
+            }
+        }
+        for &(input, p) in inputs {
+            if *at == resolved(p) {
+                return Err(OutputError::ReplacesInput {
+                    path: path.to_path_buf(),
+                    output: role.to_string(),
+                    input: input.to_string(),
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -429,4 +505,54 @@ fn publish_folder(staging: &Path, dest: &Path) -> std::io::Result<()> {
     }
     remove_path(&aside);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(unix)]
+    fn one_file_however_spelled_is_one_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir(d.join("sub")).unwrap();
+        fs::write(d.join("in.gguf"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("in.gguf"), d.join("link.gguf")).unwrap();
+        let a = d.join("a.gguf");
+        for other in [
+            d.join("sub/../a.gguf"),
+            d.join("./a.gguf"),
+            d.join("sub/.././a.gguf"),
+        ] {
+            assert_eq!(resolved(&other), resolved(&a), "{other:?}");
+            let e = check_distinct(&[("-o", &a), ("--report", &other)], &[]).unwrap_err();
+            assert!(matches!(e, OutputError::Duplicate { .. }), "{e}");
+        }
+        // A link is judged by what it points to.
+        let e = check_distinct(
+            &[("-o", &d.join("link.gguf"))],
+            &[("--base", &d.join("in.gguf"))],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: given as an output (-o) and read as an input (--base); refusing to replace an input",
+                d.join("link.gguf").display()
+            )
+        );
+        // Apart, and a file beside (not inside) a folder output, are fine.
+        check_distinct(
+            &[("-o", &d.join("sub")), ("--report", &d.join("sub.json"))],
+            &[("--base", &d.join("in.gguf"))],
+        )
+        .unwrap();
+        let e = check_distinct(
+            &[("-o", &d.join("sub")), ("--report", &d.join("sub/r.json"))],
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(e, OutputError::InsideOutput { .. }), "{e}");
+    }
 }

@@ -17,6 +17,33 @@ pub enum QuantError {
     /// An override is not `REGEX=TYPE`.
     #[error("bad tensor type override '{0}': expected REGEX=TYPE, e.g. 'output\\.weight=q8_0'")]
     BadOverride(String),
+    /// An override's type part names no type we write.
+    #[error("tensor type override '{given}': unknown type '{ty}'; known: {known}", known = type_names())]
+    UnknownOverrideType {
+        /// the override as given
+        given: String,
+        /// its type part
+        ty: String,
+    },
+    /// An override's pattern matches no tensor of the model.
+    #[error("{}: no tensor matches the tensor type override '{pattern}={ty}'", model.display())]
+    UnmatchedOverride {
+        /// the model converted
+        model: std::path::PathBuf,
+        /// the override's pattern
+        pattern: String,
+        /// its type
+        ty: String,
+    },
+    /// Values past what the type's blocks hold: ggml's quantizer would
+    /// write a block whose f16 scale overflows.
+    #[error("tensor '{tensor}': {problem}")]
+    Overflow {
+        /// the tensor
+        tensor: String,
+        /// which block, and its values
+        problem: String,
+    },
     /// candle refused to (de)quantize.
     #[error("tensor '{tensor}': {problem}")]
     Codec {
@@ -47,13 +74,16 @@ pub const WRITABLE: &[GgmlType] = &[
 /// Mixes in the spirit of llama.cpp's, beyond the plain types.
 pub const PRESETS: &[&str] = &["q4_k_m", "q5_k_m", "q4_k_s", "q5_k_s"];
 
-fn known_names() -> String {
-    let mut v: Vec<String> = WRITABLE
+fn type_names() -> String {
+    WRITABLE
         .iter()
         .map(|t| t.name().to_ascii_lowercase())
-        .collect();
-    v.extend(PRESETS.iter().map(|s| s.to_string()));
-    v.join(", ")
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn known_names() -> String {
+    format!("{}, {}", type_names(), PRESETS.join(", "))
 }
 
 /// What a tensor is, as far as the policy cares.
@@ -141,7 +171,10 @@ impl QuantPolicy {
             let (re, ty) = o
                 .rsplit_once('=')
                 .ok_or_else(|| QuantError::BadOverride(o.clone()))?;
-            let t = parse_type(ty).ok_or_else(|| QuantError::Unknown(ty.to_string()))?;
+            let t = parse_type(ty).ok_or_else(|| QuantError::UnknownOverrideType {
+                given: o.clone(),
+                ty: ty.to_string(),
+            })?;
             let r = regex::Regex::new(re).map_err(|_| QuantError::BadOverride(o.clone()))?;
             compiled.push((r, t));
             pairs.push((re.to_string(), t.name().to_string()));
@@ -154,6 +187,19 @@ impl QuantPolicy {
             base_type,
             compiled,
         })
+    }
+
+    /// The first override whose pattern matches none of `names` (the
+    /// tensors of the model it is applied to), as (pattern, type).
+    pub fn unmatched_override<'a>(
+        &self,
+        names: impl Iterator<Item = &'a str> + Clone,
+    ) -> Option<(&str, &str)> {
+        self.compiled
+            .iter()
+            .zip(&self.overrides)
+            .find(|((re, _), _)| !names.clone().any(|n| re.is_match(n)))
+            .map(|(_, (pattern, ty))| (pattern.as_str(), ty.as_str()))
     }
 
     /// This policy with `types` for the tensors named, before every other
@@ -303,13 +349,58 @@ pub fn quantize(t: GgmlType, xs: &[f32], tensor: &str) -> Result<Vec<u8>, QuantE
             problem: format!("{} values are not a whole number of {t} blocks", xs.len()),
         });
     }
-    if t == GgmlType::Q4_0 {
-        let mut out = vec![0u8; xs.len() / 32 * 18];
-        if crate::quant_avx2::quantize_q4_0(xs, &mut out) {
-            return Ok(out);
+    let bytes = match t {
+        GgmlType::Q4_0 => {
+            let mut out = vec![0u8; xs.len() / 32 * 18];
+            if crate::quant_avx2::quantize_q4_0(xs, &mut out) {
+                out
+            } else {
+                quantize_candle(t, xs)
+            }
         }
+        _ => quantize_candle(t, xs),
+    };
+    if let Some(problem) = lost_block(t, xs, &bytes) {
+        return Err(QuantError::Overflow {
+            tensor: tensor.into(),
+            problem,
+        });
     }
-    Ok(quantize_candle(t, xs))
+    Ok(bytes)
+}
+
+/// Where a block of `bytes` (`xs` quantized to block type `t`) cannot hold
+/// its values: they reach past f16's range and its grid falls short of half
+/// their size. The Q3_K and Q6_K quantizers (candle's port of ggml's) write
+/// a zero scale for such a block (every value 0, finite); the others an
+/// infinite one, which the writer refuses ([`first_non_finite`]). Values
+/// within f16's range always fit, so most tensors are not looked at block
+/// by block.
+fn lost_block(t: GgmlType, xs: &[f32], bytes: &[u8]) -> Option<String> {
+    const F16_MAX: f32 = 65504.0;
+    let wt = lorafold_kernels::WType::from_ggml_id(t.id())?;
+    let (n, size) = (t.block_size() as usize, t.type_size() as usize);
+    if n == 1 || xs.iter().fold(0f32, |m, x| m.max(x.abs())) <= F16_MAX {
+        return None;
+    }
+    xs.chunks_exact(n)
+        .zip(bytes.chunks_exact(size))
+        .enumerate()
+        .find_map(|(b, (x, blk))| {
+            let amax = x.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let g = lorafold_kernels::grid::Grid::read(wt, blk);
+            let reach = (0..n)
+                .map(|e| g.value(e, g.lo).abs().max(g.value(e, g.hi).abs()))
+                .fold(0f32, f32::max);
+            (amax > F16_MAX && reach.is_finite() && reach < amax / 2.0).then(|| {
+                format!(
+                    "block {b} (elements {}..{}): its values reach {}, which {t}'s block cannot hold (its f16 scale overflows)",
+                    b * n,
+                    (b + 1) * n,
+                    lorafold_runtime::number::compact(amax)
+                )
+            })
+        })
 }
 
 /// candle's (scalar) quantizer for `t`, which must be writable; `xs` a
@@ -357,5 +448,148 @@ pub fn dequantize(
     {
         CpuStorage::F32(v) => Ok(v),
         _ => Err(codec("candle dequantized to a type other than f32".into())),
+    }
+}
+
+/// The f16 fields of a block (its scale and, where it has one, its minimum),
+/// as (name, byte offset in the block); none for float types.
+fn f16_fields(t: GgmlType) -> &'static [(&'static str, usize)] {
+    use lorafold_kernels::blocks::*;
+    use std::mem::offset_of;
+    match t {
+        GgmlType::Q4_0 => &[("scale d", offset_of!(BlockQ4_0, d))],
+        GgmlType::Q4_1 => &[
+            ("scale d", offset_of!(BlockQ4_1, d)),
+            ("minimum m", offset_of!(BlockQ4_1, m)),
+        ],
+        GgmlType::Q5_0 => &[("scale d", offset_of!(BlockQ5_0, d))],
+        GgmlType::Q5_1 => &[
+            ("scale d", offset_of!(BlockQ5_1, d)),
+            ("minimum m", offset_of!(BlockQ5_1, m)),
+        ],
+        GgmlType::Q8_0 => &[("scale d", offset_of!(BlockQ8_0, d))],
+        GgmlType::Q2_K => &[
+            ("scale d", offset_of!(BlockQ2K, d)),
+            ("minimum scale dmin", offset_of!(BlockQ2K, dmin)),
+        ],
+        GgmlType::Q3_K => &[("scale d", offset_of!(BlockQ3K, d))],
+        GgmlType::Q4_K => &[
+            ("scale d", offset_of!(BlockQ4K, d)),
+            ("minimum scale dmin", offset_of!(BlockQ4K, dmin)),
+        ],
+        GgmlType::Q5_K => &[
+            ("scale d", offset_of!(BlockQ5K, d)),
+            ("minimum scale dmin", offset_of!(BlockQ5K, dmin)),
+        ],
+        GgmlType::Q6_K => &[("scale d", offset_of!(BlockQ6K, d))],
+        _ => &[],
+    }
+}
+
+/// Where `bytes`, a tensor of type `t`, holds a value that is not finite: a
+/// float element, or a block's f16 scale or minimum (a finite value too
+/// large for the type: f16 ends at 65504, a Q8_0 block's values at about
+/// 65504 · 127). None when every value is finite, or for a type not written.
+pub fn first_non_finite(t: GgmlType, bytes: &[u8]) -> Option<String> {
+    let f16_at = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+    match t {
+        GgmlType::F32 => {
+            // SAFETY: every bit pattern is an f32; align_to only splits off
+            // what is not aligned.
+            let (head, values, tail) = unsafe { bytes.align_to::<f32>() };
+            if head.is_empty() && tail.is_empty() && cfg!(target_endian = "little") {
+                return lorafold_runtime::finite::check_finite(values)
+                    .err()
+                    .map(|f| f.to_string());
+            }
+            bytes.chunks_exact(4).enumerate().find_map(|(i, b)| {
+                let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                (!v.is_finite()).then(|| format!("element {i} is {v}"))
+            })
+        }
+        GgmlType::F16 => first_all_ones(bytes, 0x7c00)
+            .map(|i| format!("element {i} is {} in f16", f16_at(2 * i))),
+        GgmlType::BF16 => first_all_ones(bytes, 0x7f80).map(|i| {
+            let v = half::bf16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+            format!("element {i} is {v} in bf16")
+        }),
+        _ => {
+            let (fields, size) = (f16_fields(t), t.type_size() as usize);
+            if fields.is_empty() || size == 0 {
+                return None;
+            }
+            let bad = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) & 0x7c00 == 0x7c00;
+            (0..bytes.len() / size).find_map(|b| {
+                let (name, at) = fields.iter().find(|(_, at)| bad(b * size + at))?;
+                let n = t.block_size();
+                Some(format!(
+                    "block {b} (elements {}..{}): its f16 {name} is {}",
+                    b as u64 * n,
+                    (b as u64 + 1) * n,
+                    f16_at(b * size + at)
+                ))
+            })
+        }
+    }
+}
+
+/// The index of the first little-endian u16 of `bytes` whose `mask` bits
+/// (a 16-bit float's exponent) are all set: a run at a time without an
+/// early exit, which vectorises, then the bad run element by element.
+fn first_all_ones(bytes: &[u8], mask: u16) -> Option<usize> {
+    let bad = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & mask == mask;
+    let run = bytes
+        .chunks(512)
+        .position(|r| r.chunks_exact(2).fold(false, |any, b| any | bad(b)))?;
+    let start = run * 256;
+    bytes[2 * start..]
+        .chunks_exact(2)
+        .position(bad)
+        .map(|i| start + i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_past_the_type_are_found_where_they_are_written() {
+        let fine: Vec<f32> = (0..512).map(|i| (i as f32 - 256.0) / 100.0).collect();
+        // Finite in f32, but every block's f16 scale overflows.
+        let huge: Vec<f32> = fine.iter().map(|x| x * 1e35).collect();
+        for t in BLOCK_TYPES {
+            let ok = quantize(t, &fine, "w").unwrap();
+            assert_eq!(first_non_finite(t, &ok), None, "{t}");
+            let n = t.block_size();
+            // An infinite scale is refused where it is written; a zero one
+            // (Q3_K's and Q6_K's quantizers) where it is made.
+            let e = match quantize(t, &huge, "w") {
+                Ok(bytes) => first_non_finite(t, &bytes).unwrap_or_else(|| panic!("{t}: finite")),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(&format!("block 0 (elements 0..{n}): its ")),
+                "{t}: {e}"
+            );
+        }
+        let mut big = fine.clone();
+        big[7] = 7e4;
+        let e = first_non_finite(GgmlType::F16, &quantize(GgmlType::F16, &big, "w").unwrap());
+        assert_eq!(e.as_deref(), Some("element 7 is inf in f16"));
+        big[300] = f32::MAX;
+        let bf16 = quantize(GgmlType::BF16, &big, "w").unwrap();
+        assert_eq!(
+            first_non_finite(GgmlType::BF16, &bf16).as_deref(),
+            Some("element 300 is inf in bf16")
+        );
+        let f32s = quantize(GgmlType::F32, &big, "w").unwrap();
+        assert_eq!(first_non_finite(GgmlType::F32, &f32s), None);
+        // Unaligned bytes are read too.
+        let mut shifted = vec![0u8];
+        shifted.extend(f32::NAN.to_le_bytes());
+        assert_eq!(
+            first_non_finite(GgmlType::F32, &shifted[1..]).as_deref(),
+            Some("element 0 is NaN")
+        );
     }
 }

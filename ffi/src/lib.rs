@@ -17,7 +17,7 @@ use lorafold_runtime::generate::{
     check_room, close_turn, generate, prompt_ids, PromptError, Sampler, SamplerConfig,
 };
 use lorafold_runtime::lora::LoraAdapter;
-use lorafold_runtime::measure::{drift, windows, WindowError};
+use lorafold_runtime::measure::{check_vocabulary, drift, windows, DriftError, WindowError};
 use lorafold_runtime::model::{Model, RuntimeError, Session, SessionOptions};
 use lorafold_runtime::tokenizer::Tokenizer;
 
@@ -143,6 +143,16 @@ fn runtime_code(e: &RuntimeError) -> lorafold_status {
         RuntimeError::Adapter { .. } => LORAFOLD_ERR_MISMATCH,
         RuntimeError::OutOfRange { .. } => LORAFOLD_ERR_INVALID,
         RuntimeError::Candle(_) => LORAFOLD_ERR_RUNTIME,
+    }
+}
+
+impl From<DriftError> for Failure {
+    fn from(e: DriftError) -> Failure {
+        let code = match &e {
+            DriftError::Vocabulary { .. } => LORAFOLD_ERR_MISMATCH,
+            DriftError::Runtime(r) => runtime_code(r),
+        };
+        Failure(code, e.to_string())
     }
 }
 
@@ -766,13 +776,8 @@ pub unsafe extern "C" fn lorafold_drift(
         not_null(out, "out")?;
         let r = handle(reference, MODEL, "reference")?;
         let c = handle(candidate, MODEL, "candidate")?;
-        let (rv, cv) = (r.core.model.config.vocab, c.core.model.config.vocab);
-        if rv != cv {
-            return fail(
-                LORAFOLD_ERR_MISMATCH,
-                format!("the candidate's vocabulary ({cv}) is not the reference's ({rv})"),
-            );
-        }
+        // Refused before the text is tokenized, as drift itself would.
+        check_vocabulary(&r.core.model, &c.core.model)?;
         let w = windows(&r.core.tokenizer, text(text_utf8, "text")?, true, 128).or_else(|e| {
             let code = match e {
                 WindowError::NoWindow | WindowError::ZeroContext => LORAFOLD_ERR_INVALID,

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::model::{Model, RuntimeError, Session};
+use crate::number::compact;
 use crate::tokenizer::{TokenizeError, Tokenizer};
 
 /// Why a prompt cannot be run as the next turn of a session.
@@ -136,19 +137,23 @@ impl SamplerConfig {
         if !(t.is_finite() && t >= 0.0) {
             return out(
                 "temperature",
-                t.to_string(),
+                compact(t).to_string(),
                 "it must be finite and >= 0 (0: greedy)",
             );
         }
         let p = self.top_p;
         if !(p > 0.0 && p <= 1.0) {
-            return out("top-p", p.to_string(), "it must be in (0, 1] (1: off)");
+            return out(
+                "top-p",
+                compact(p).to_string(),
+                "it must be in (0, 1] (1: off)",
+            );
         }
         let r = self.repeat_penalty;
         if !(r.is_finite() && r > 0.0) {
             return out(
                 "repeat penalty",
-                r.to_string(),
+                compact(r).to_string(),
                 "it must be finite and > 0 (1: off)",
             );
         }

@@ -15,6 +15,7 @@ pub mod lora;
 pub mod mapped;
 pub mod measure;
 pub mod model;
+pub mod number;
 pub mod path_spec;
 pub mod spm;
 pub mod summary;

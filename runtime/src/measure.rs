@@ -1,9 +1,12 @@
 //! Drift between a reference and a candidate over the same tokens, compared
 //! in f64 as logits are produced; only per-token scalars are kept.
 
+use std::path::PathBuf;
+
 use serde::Serialize;
 
 use crate::cpu::KvType;
+use crate::gguf::names;
 use crate::model::{Model, RuntimeError, SessionOptions};
 use crate::tokenizer::{TokenizeError, Tokenizer};
 
@@ -54,15 +57,67 @@ pub fn windows(
     Ok(w)
 }
 
+/// Drift that cannot be measured.
+#[derive(Debug, thiserror::Error)]
+pub enum DriftError {
+    /// A model's token ids mean other tokens than the reference's: its
+    /// logits cannot be compared with the reference's, nor its loss on the
+    /// reference's tokens.
+    #[error("{}: {problem}; drift compares paths over the reference's vocabulary", other.display())]
+    Vocabulary {
+        /// the reference's model file
+        reference: PathBuf,
+        /// the other model's file
+        other: PathBuf,
+        /// how the vocabularies differ (naming the reference's file)
+        problem: String,
+    },
+    /// Running a model failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Refuse a model whose vocabulary is not `reference`'s: another size, or
+/// (where both files list their tokens) another token at some id.
+pub fn check_vocabulary(reference: &Model, other: &Model) -> Result<(), DriftError> {
+    let shown = reference.file().path().display();
+    let refuse = |problem: String| DriftError::Vocabulary {
+        reference: reference.file().path().to_path_buf(),
+        other: other.file().path().to_path_buf(),
+        problem,
+    };
+    let (r, o) = (reference.config.vocab, other.config.vocab);
+    if r != o {
+        return Err(refuse(format!(
+            "its vocabulary has {o} tokens, the reference {shown}'s {r}"
+        )));
+    }
+    let rt = reference.file().get_strings(names::TOKENIZER_TOKENS);
+    let ot = other.file().get_strings(names::TOKENIZER_TOKENS);
+    if let (Some(rt), Some(ot)) = (rt, ot) {
+        if let Some(i) = (0..rt.len().min(ot.len())).find(|&i| rt[i] != ot[i]) {
+            return Err(refuse(format!(
+                "its token {i} is '{}', the reference {shown}'s '{}'",
+                ot[i], rt[i]
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Every candidate's drift from `reference` over `windows` (an f32 KV cache,
 /// so the drift measured is the weights'), with the gain retained when the
-/// un-adapted `base` is given.
+/// un-adapted `base` is given. Every candidate and the base must have the
+/// reference's vocabulary ([`check_vocabulary`]).
 pub fn drift(
     reference: &Model,
     candidates: &[&Model],
     base: Option<&Model>,
     windows: &[Vec<u32>],
-) -> Result<Vec<DriftReport>, RuntimeError> {
+) -> Result<Vec<DriftReport>, DriftError> {
+    for m in candidates.iter().copied().chain(base) {
+        check_vocabulary(reference, m)?;
+    }
     let mut accs = vec![DriftAccumulator::default(); candidates.len()];
     let (mut base_nll, mut base_n) = (0f64, 0usize);
     let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);

@@ -88,7 +88,7 @@ pub fn check_scale(scale: f64) -> Result<(), RuntimeError> {
     }
     Err(out_of_range(
         "adapter scale",
-        scale,
+        crate::number::compact(scale),
         format!("it must be finite, between -{MAX_ADAPTER_SCALE} and {MAX_ADAPTER_SCALE}"),
     ))
 }
@@ -183,7 +183,11 @@ impl ModelConfig {
             Some(v) if v.is_finite() && v > 0.0 => Ok(v),
             Some(v) => Err(model_err(
                 f,
-                format!("{} is {v}: it must be finite and > 0", k.key(&arch_name)),
+                format!(
+                    "{} is {}: it must be finite and > 0",
+                    k.key(&arch_name),
+                    crate::number::compact(v)
+                ),
             )),
         };
         let dim = need(h.embedding_length, HyperKey::EmbeddingLength)?;

@@ -20,6 +20,7 @@ mod gguf_roundtrip;
 mod hf_tokenizer;
 mod hostile_convert;
 mod hostile_inputs;
+mod hostile_outputs;
 mod hostile_run;
 mod inspect_cli;
 mod llama_cpp_compat;

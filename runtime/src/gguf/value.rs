@@ -327,12 +327,12 @@ impl fmt::Display for MetadataValue<'_> {
             V::I16(v) => write!(f, "{v}"),
             V::U32(v) => write!(f, "{v}"),
             V::I32(v) => write!(f, "{v}"),
-            V::F32(v) => write!(f, "{v}"),
+            V::F32(v) => write!(f, "{}", crate::number::compact(*v)),
             V::Bool(v) => write!(f, "{v}"),
             V::String(s) => write!(f, "{s:?}"),
             V::U64(v) => write!(f, "{v}"),
             V::I64(v) => write!(f, "{v}"),
-            V::F64(v) => write!(f, "{v}"),
+            V::F64(v) => write!(f, "{}", crate::number::compact(*v)),
             V::Array(a) => write!(f, "[{}; {}]", a.elem_type().name(), a.len()),
         }
     }
