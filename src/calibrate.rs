@@ -8,6 +8,7 @@ use lorafold_converter::calib::CalibStats;
 use lorafold_converter::output::check_file_destination;
 use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::path_spec::PathSpec;
+use lorafold_runtime::text::read_text;
 
 use crate::run::{device, set_threads};
 
@@ -52,8 +53,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     model
         .session(args.ctx)
         .with_context(|| format!("--ctx {}", args.ctx))?;
-    let text = std::fs::read_to_string(&args.text)
-        .with_context(|| format!("{}: cannot read the text", args.text.display()))?;
+    let text = read_text(&args.text)?;
     let start = std::time::Instant::now();
     let (stats, w) = CalibStats::over_text(&model, &text, args.lines, args.ctx)
         .with_context(|| args.text.display().to_string())?;

@@ -7,6 +7,7 @@ use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::measure::{drift, windows, DriftReport};
 use lorafold_runtime::model::Model;
 use lorafold_runtime::path_spec::{PathSpec, PathSpecError};
+use lorafold_runtime::text::read_text;
 use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -157,8 +158,7 @@ pub fn run(args: &DriftArgs) -> Result<()> {
         candidates.push((name.clone(), spec.to_string(), m));
     }
     let base = args.base.as_ref().map(|b| b.load(&dev)).transpose()?;
-    let text =
-        std::fs::read_to_string(&args.text).with_context(|| format!("{}", args.text.display()))?;
+    let text = read_text(&args.text)?;
     let w = windows(&tok, &text, args.lines, args.ctx)
         .with_context(|| args.text.display().to_string())?;
     let rows = measure(&reference, &candidates, base.as_ref(), &w)?;

@@ -17,4 +17,5 @@ pub mod model;
 pub mod path_spec;
 pub mod spm;
 pub mod summary;
+pub mod text;
 pub mod tokenizer;
