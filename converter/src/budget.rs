@@ -279,14 +279,7 @@ pub fn convert_within(
         ));
     }
     crate::output::check_file_destination(&output)?;
-    let beside = crate::output::parent_of(&output);
-    let dir = tempfile::Builder::new()
-        .prefix(".lorafold-budget")
-        .tempdir_in(&beside)
-        .map_err(|source| ConvertError::Io {
-            path: beside.clone(),
-            source,
-        })?;
+    let dir = crate::output::WorkFolder::new(&output)?;
     let cache = Arc::new(
         RungCache::new(&dir.path().join("rungs.bin")).map_err(|source| ConvertError::Io {
             path: dir.path().to_path_buf(),
