@@ -96,7 +96,9 @@ fn remove_partials_on_signal() {
 /// What to type next, for the library errors whose remedy is a flag (the
 /// libraries name facts; the flags are the CLI's).
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use lorafold_converter::calib::CalibError;
     use lorafold_converter::convert::ConvertError;
+    const RECALIBRATE: &str = "make statistics of this model with `lorafold calibrate MODEL.gguf --text TEXT -o STATS.gguf`, or calibrate in the run with --calib-text";
     use lorafold_runtime::generate::PromptError;
     use lorafold_runtime::model::RuntimeError;
     e.chain().find_map(|cause| {
@@ -110,6 +112,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                     Some("the bounds are --max-rel-error and --min-retention")
                 }
                 ConvertError::NoAdapter => Some("give the adapter folder with --adapter"),
+                ConvertError::Calib(CalibError::File { .. }) => Some(RECALIBRATE),
                 _ => None,
             };
         }
@@ -121,6 +124,9 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 }
                 _ => None,
             };
+        }
+        if let Some(CalibError::File { .. }) = cause.downcast_ref::<CalibError>() {
+            return Some(RECALIBRATE);
         }
         match cause.downcast_ref::<RuntimeError>() {
             Some(RuntimeError::AdapterNotModel { .. }) => Some(
