@@ -452,10 +452,11 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
         path: config_path.clone(),
         problem,
     };
-    let text = std::fs::read_to_string(&config_path).map_err(|source| BaseError::Io {
-        path: config_path.clone(),
-        source,
-    })?;
+    let text =
+        lorafold_runtime::text::read_to_string(&config_path).map_err(|source| BaseError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
     let cfg: Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or("");

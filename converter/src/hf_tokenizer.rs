@@ -49,16 +49,16 @@ pub fn gguf_metadata(
 ) -> Result<Option<Vec<(String, MetadataValue<'static>)>>, TokenizerError> {
     use TokenizerError::{Invalid, Unsupported};
     let path = dir.join("tokenizer.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let Ok(text) = lorafold_runtime::text::read_to_string(&path) else {
         return Ok(None);
     };
     let tok: Value =
         serde_json::from_str(&text).map_err(|e| Invalid(format!("not valid JSON: {e}")))?;
-    let tc: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+    let tc: Value = lorafold_runtime::text::read_to_string(&dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
-    let config: Value = std::fs::read_to_string(dir.join("config.json"))
+    let config: Value = lorafold_runtime::text::read_to_string(&dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);

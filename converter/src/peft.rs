@@ -532,9 +532,11 @@ impl PeftAdapter {
                 path: dir.join("adapter_model.bin"),
             });
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
-            path: config_path.clone(),
-            source,
+        let text = lorafold_runtime::text::read_to_string(&config_path).map_err(|source| {
+            PeftError::Io {
+                path: config_path.clone(),
+                source,
+            }
         })?;
         let config = PeftConfig::parse(&text, &config_path)?;
         let io = |source| PeftError::Io {

@@ -120,10 +120,11 @@ pub fn model_files(path: &Path) -> Result<Vec<PathBuf>, SafetensorsError> {
         return Ok(vec![single]);
     }
     let index = path.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|source| SafetensorsError::Io {
-        path: index.clone(),
-        source,
-    })?;
+    let text =
+        lorafold_runtime::text::read_to_string(&index).map_err(|source| SafetensorsError::Io {
+            path: index.clone(),
+            source,
+        })?;
     let v: Value = serde_json::from_str(&text).map_err(|e| SafetensorsError::Invalid {
         path: index.clone(),
         problem: format!("not valid JSON: {e}"),
@@ -201,9 +202,11 @@ impl SafetensorsSummary {
         };
         let config = match config_path.filter(|p| p.is_file()) {
             Some(p) => {
-                let text = std::fs::read_to_string(&p).map_err(|source| SafetensorsError::Io {
-                    path: p.clone(),
-                    source,
+                let text = lorafold_runtime::text::read_to_string(&p).map_err(|source| {
+                    SafetensorsError::Io {
+                        path: p.clone(),
+                        source,
+                    }
                 })?;
                 Some(ModelConfigSummary::parse(&text, &p)?)
             }

@@ -12,88 +12,83 @@ pub const MAX_TEXT_BYTES: u64 = 64 << 20;
 
 /// A text input that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum TextError {
-    /// The input holds more than [`MAX_TEXT_BYTES`] (or never ends, as a
-    /// character device does).
-    #[error("{}: more than {} MiB of text, the most a text input may hold", path.display(), limit >> 20)]
-    TooLarge {
-        /// the input
-        path: PathBuf,
-        /// the bound, in bytes
-        limit: u64,
-    },
-    /// The input is not UTF-8.
-    #[error("{}: not UTF-8 text (invalid byte at offset {offset})", path.display())]
-    NotUtf8 {
-        /// the input
-        path: PathBuf,
-        /// where the first invalid sequence starts
-        offset: usize,
-    },
-    /// The input is a folder.
-    #[error("{}: is a folder, not a text file", path.display())]
-    Folder {
-        /// the input
-        path: PathBuf,
-    },
+#[error("{}: {problem}", path.display())]
+pub struct TextError {
+    /// The input.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    #[source]
+    pub problem: TextProblem,
+}
+
+/// What is wrong with a text input.
+#[derive(Debug, thiserror::Error)]
+pub enum TextProblem {
+    /// It holds more than [`MAX_TEXT_BYTES`] (or never ends, as a character
+    /// device does).
+    #[error("more than {} MiB of text, the most a text input may hold", MAX_TEXT_BYTES >> 20)]
+    TooLarge,
+    /// It is not UTF-8.
+    #[error("not UTF-8 text (invalid byte at offset {0})")]
+    NotUtf8(usize),
+    /// It is a folder.
+    #[error("is a folder, not a text file")]
+    Folder,
     /// The OS refused to open or read it.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// the input
-        path: PathBuf,
-        /// the OS error
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// The text of the file at `path`, refused beyond [`MAX_TEXT_BYTES`]. Pipes
 /// and devices are read as streams up to the bound (so `<(zcat text.gz)`
 /// works and `/dev/zero` is refused after 64 MiB, not after memory runs out).
 pub fn read_text(path: &Path) -> Result<String, TextError> {
-    let io = |source| TextError::Io {
-        path: path.to_path_buf(),
-        source,
+    let open = || -> Result<std::fs::File, TextProblem> {
+        let file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            return Err(TextProblem::Folder);
+        }
+        // A regular file says its size: refuse a large one before reading it.
+        if meta.is_file() && meta.len() > MAX_TEXT_BYTES {
+            return Err(TextProblem::TooLarge);
+        }
+        Ok(file)
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if meta.is_dir() {
-        return Err(TextError::Folder {
-            path: path.to_path_buf(),
-        });
-    }
-    // A regular file says its size: refuse a large one before reading it.
-    if meta.is_file() && meta.len() > MAX_TEXT_BYTES {
-        return Err(TextError::TooLarge {
-            path: path.to_path_buf(),
-            limit: MAX_TEXT_BYTES,
-        });
-    }
+    let file = open().map_err(|problem| TextError {
+        path: path.to_path_buf(),
+        problem,
+    })?;
     read_text_from(file, path)
+}
+
+/// [`read_text`] for readers whose errors are `std::io::Error` and name the
+/// file themselves (JSON configs and tokenizers): the same bound, the
+/// problem as an `InvalidData` error.
+pub fn read_to_string(path: &Path) -> std::io::Result<String> {
+    read_text(path).map_err(|e| match e.problem {
+        TextProblem::Io(source) => source,
+        problem => std::io::Error::new(std::io::ErrorKind::InvalidData, problem),
+    })
 }
 
 /// The text of `reader` (named `shown` in errors, e.g. "stdin"), refused
 /// beyond [`MAX_TEXT_BYTES`].
 pub fn read_text_from(reader: impl Read, shown: &Path) -> Result<String, TextError> {
+    let failed = |problem| TextError {
+        path: shown.to_path_buf(),
+        problem,
+    };
     let mut bytes = Vec::new();
     // One byte past the bound tells a text of exactly the bound from a longer one.
     reader
         .take(MAX_TEXT_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| TextError::Io {
-            path: shown.to_path_buf(),
-            source,
-        })?;
+        .map_err(|e| failed(TextProblem::Io(e)))?;
     if bytes.len() as u64 > MAX_TEXT_BYTES {
-        return Err(TextError::TooLarge {
-            path: shown.to_path_buf(),
-            limit: MAX_TEXT_BYTES,
-        });
+        return Err(failed(TextProblem::TooLarge));
     }
-    String::from_utf8(bytes).map_err(|e| TextError::NotUtf8 {
-        path: shown.to_path_buf(),
-        offset: e.utf8_error().valid_up_to(),
-    })
+    String::from_utf8(bytes).map_err(|e| failed(TextProblem::NotUtf8(e.utf8_error().valid_up_to())))
 }
 
 #[cfg(test)]
@@ -124,7 +119,13 @@ mod tests {
     #[test]
     fn an_endless_device_is_refused_at_the_bound() {
         let err = read_text(Path::new("/dev/zero")).unwrap_err();
-        assert!(matches!(err, TextError::TooLarge { .. }), "{err}");
+        assert!(matches!(err.problem, TextProblem::TooLarge), "{err}");
         assert!(err.to_string().starts_with("/dev/zero: more than 64 MiB"));
+        let io = read_to_string(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(io.kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(
+            io.to_string(),
+            "more than 64 MiB of text, the most a text input may hold"
+        );
     }
 }

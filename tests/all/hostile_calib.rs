@@ -533,6 +533,7 @@ fn run_with(args: &[&str], stdin: Stdio) -> Output {
     lorafold().args(args).stdin(stdin).output().unwrap()
 }
 
+#[cfg(unix)]
 #[test]
 fn text_inputs_are_bounded() {
     let f = fixture();
@@ -568,6 +569,13 @@ fn text_inputs_are_bounded() {
         Stdio::from(std::fs::File::open("/dev/zero").unwrap()),
     );
     assert_refused(&o, &out, Path::new("stdin"), &[limit]);
+    // The JSON a converter reads is text too.
+    let adapter = tempfile::tempdir().unwrap();
+    let config = adapter.path().join("adapter_config.json");
+    std::os::unix::fs::symlink("/dev/zero", &config).unwrap();
+    std::fs::write(adapter.path().join("adapter_model.safetensors"), b"").unwrap();
+    let o = convert(&f, &out, &["--adapter", adapter.path().to_str().unwrap()]);
+    assert_refused(&o, &out, &config, &[limit]);
     let listing: Vec<_> = std::fs::read_dir(d)
         .unwrap()
         .map(|e| e.unwrap().file_name())
