@@ -655,6 +655,17 @@ impl CalibStats {
         Ok(stats)
     }
 
+    /// An error naming where these statistics came from.
+    pub fn refusal(&self, problem: String) -> CalibError {
+        CalibError::File {
+            path: self
+                .source
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("calibration statistics")),
+            problem,
+        }
+    }
+
     /// Refuse statistics that do not fit the model whose block weights are
     /// `weights` (GGUF name, row length): every weight that reads a linear
     /// input must have that input's statistics, as wide as its rows, and
@@ -666,13 +677,7 @@ impl CalibStats {
         &self,
         weights: impl IntoIterator<Item = (&'a str, usize)>,
     ) -> Result<(), CalibError> {
-        let bad = |problem: String| CalibError::File {
-            path: self
-                .source
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("calibration statistics")),
-            problem,
-        };
+        let bad = |problem| self.refusal(problem);
         let widths: BTreeMap<&str, usize> = weights
             .into_iter()
             .filter(|(name, _)| input_of(name).is_some())

@@ -287,6 +287,13 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             opts.rounding.name()
         )));
     }
+    if let Some(c) = opts.calib.as_ref().filter(|c| !c.has_matrices()) {
+        if opts.rounding == Rounding::Gptq {
+            return Err(c
+                .refusal("holds only the diagonal of XᵀX (an imatrix); GPTQ needs the whole matrix, imatrix rounding the diagonal".into())
+                .into());
+        }
+    }
     if !(opts.damp >= 0.0 && opts.damp.is_finite()) {
         return Err(ConvertError::Usage(format!(
             "damping {} is not a finite fraction >= 0",

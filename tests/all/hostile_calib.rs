@@ -196,6 +196,25 @@ fn statistics_that_do_not_fit_the_model_are_refused_naming_the_file() {
         &imatrix,
         &["no statistics of the input of 'blk.1."],
     );
+    // A whole imatrix still has only diagonals: GPTQ is refused up front.
+    let imatrix = d.join("stats.imatrix.gguf");
+    CalibStats::read(&f.stats)
+        .unwrap()
+        .write_imatrix(&imatrix, "train.txt", 40, 16)
+        .unwrap();
+    let o = convert(
+        &f,
+        &out,
+        &["--calib", imatrix.to_str().unwrap(), "--rounding", "gptq"],
+    );
+    assert_refused(
+        &o,
+        &out,
+        &imatrix,
+        &["only the diagonal of XᵀX (an imatrix)"],
+    );
+    let o = convert(&f, &out, &["--calib", imatrix.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// The file offset of element `[i, j]` of tensor `name`.
