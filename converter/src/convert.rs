@@ -864,7 +864,7 @@ fn stats_of<'o>(
     }
 }
 
-/// ", from the statistics FILE" for errors the calibration statistics cause
+/// ", with the statistics of FILE" for errors the calibration statistics cause
 /// (GPTQ's and compensation's factorisations).
 fn calibration_source(opts: &ConvertOptions) -> String {
     match opts.calib.as_ref().and_then(|c| c.source.as_ref()) {
