@@ -8,6 +8,7 @@ use lorafold_converter::calib::CalibStats;
 use lorafold_converter::output::{check_distinct, check_file_destination};
 use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::path_spec::PathSpec;
+use lorafold_runtime::text::read_text;
 
 use crate::run::{device, set_threads};
 
@@ -56,8 +57,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     model
         .session(args.ctx)
         .with_context(|| format!("--ctx {}", args.ctx))?;
-    let text = lorafold_runtime::input::read_regular(&args.text, "a text file")
-        .with_context(|| format!("{}: cannot read the text", args.text.display()))?;
+    let text = read_text(&args.text)?;
     let start = std::time::Instant::now();
     let (stats, w) = CalibStats::over_text(&model, &text, args.lines, args.ctx)
         .with_context(|| args.text.display().to_string())?;

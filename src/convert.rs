@@ -119,22 +119,16 @@ pub struct ConvertArgs {
 }
 
 /// Statistics of the f32 merged model over `text`, one window per line,
-/// with the f32 reference written beside the output.
+/// with the f32 reference written beside the output (in the temporary
+/// folder without one).
 fn calibrate_in_run(args: &ConvertArgs, text: &Path, with_base: bool) -> Result<TextCalibration> {
-    let beside = args
+    let near = args
         .output
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(std::env::temp_dir, Path::to_path_buf);
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("lorafold-calibration"));
     let start = std::time::Instant::now();
-    let c = TextCalibration::over_text(
-        &args.base,
-        args.adapter.as_deref(),
-        text,
-        &beside,
-        with_base,
-    )?;
+    let c =
+        TextCalibration::over_text(&args.base, args.adapter.as_deref(), text, &near, with_base)?;
     eprintln!(
         "calibrated on {}: {} tokens in {} lines ({:.1} s)",
         text.display(),

@@ -8,6 +8,7 @@ use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::measure::{check_vocabulary, drift, windows, DriftReport};
 use lorafold_runtime::model::Model;
 use lorafold_runtime::path_spec::{PathSpec, PathSpecError};
+use lorafold_runtime::text::read_text;
 use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -167,8 +168,7 @@ pub fn run(args: &DriftArgs) -> Result<()> {
     if let Some(b) = &base {
         check_vocabulary(&reference, b).context("--base")?;
     }
-    let text = lorafold_runtime::input::read_regular(&args.text, "a text file")
-        .with_context(|| format!("{}", args.text.display()))?;
+    let text = read_text(&args.text)?;
     let w = windows(&tok, &text, args.lines, args.ctx)
         .with_context(|| args.text.display().to_string())?;
     let rows = measure(&reference, &candidates, base.as_ref(), &w)?;

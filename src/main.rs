@@ -98,9 +98,11 @@ fn remove_partials_on_signal() {
 /// libraries name facts; the flags are the CLI's).
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     use lorafold_converter::adapter_gguf::AdapterError;
+    use lorafold_converter::calib::CalibError;
     use lorafold_converter::convert::ConvertError;
     use lorafold_converter::gguf_writer::WriteError;
     use lorafold_converter::quant::QuantError;
+    const RECALIBRATE: &str = "make statistics of this model with `lorafold calibrate MODEL.gguf --text TEXT -o STATS.gguf`, or calibrate in the run with --calib-text";
     use lorafold_runtime::generate::PromptError;
     use lorafold_runtime::model::RuntimeError;
     e.chain().find_map(|cause| {
@@ -122,6 +124,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 | ConvertError::Written { .. } => Some(
                     "a wider type holds larger values: f32 with --quant, --tensor-type or --adapter-type",
                 ),
+                ConvertError::Calib(CalibError::File { .. }) => Some(RECALIBRATE),
                 _ => None,
             };
         }
@@ -133,6 +136,9 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 }
                 _ => None,
             };
+        }
+        if let Some(CalibError::File { .. }) = cause.downcast_ref::<CalibError>() {
+            return Some(RECALIBRATE);
         }
         match cause.downcast_ref::<RuntimeError>() {
             Some(RuntimeError::AdapterNotModel { .. }) => Some(

@@ -1,6 +1,7 @@
 //! `lorafold run`.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +12,7 @@ use lorafold_runtime::generate::{close_turn, generate, prompt_ids, Sampler, Samp
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::{use_threads, Model, SessionOptions};
 use lorafold_runtime::path_spec::{AdapterSpec, PathSpec};
+use lorafold_runtime::text::read_text_from;
 use lorafold_runtime::tokenizer::Tokenizer;
 
 /// Arguments of `lorafold run`.
@@ -115,10 +117,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .with_context(|| format!("--ctx {ctx}"))?;
     let turns: Vec<String> = match (&args.prompt, args.chat) {
         (Some(p), _) => vec![p.clone()],
-        (None, true) => std::io::stdin()
-            .lock()
+        (None, true) => read_text_from(std::io::stdin().lock(), Path::new("stdin"))?
             .lines()
-            .collect::<std::io::Result<_>>()?,
+            .map(str::to_owned)
+            .collect(),
         (None, false) => bail!("give a prompt with -p, or --chat to read turns from stdin"),
     };
     let mut stdout = std::io::stdout();

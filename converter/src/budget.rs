@@ -279,17 +279,10 @@ pub fn convert_within(
             budget.target.describe()
         ));
     }
-    // The published files are checked now, not the rounds' (in a
-    // temporary folder): distinct, from each other and the inputs.
+    // The published files are checked now, not the rounds' (in a work
+    // folder): distinct, from each other and the inputs.
     crate::convert::check_outputs(opts)?;
-    let beside = crate::output::parent_of(&output);
-    let dir = tempfile::Builder::new()
-        .prefix(".lorafold-budget")
-        .tempdir_in(&beside)
-        .map_err(|source| ConvertError::Io {
-            path: beside.clone(),
-            source,
-        })?;
+    let dir = crate::output::WorkFolder::new(&output)?;
     let cache = Arc::new(
         RungCache::new(&dir.path().join("rungs.bin")).map_err(|source| ConvertError::Io {
             path: dir.path().to_path_buf(),

@@ -22,6 +22,8 @@ use std::borrow::Cow;
 
 use crate::gguf_writer::{GgufWriter, WriteError};
 use crate::gptq::{GptqError, GptqFactor};
+use lorafold_runtime::finite::check_finite;
+use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -53,6 +55,16 @@ pub const CALIBRATION_TYPE: &str = "lorafold-calibration";
 pub const IMATRIX_TYPE: &str = "imatrix";
 /// Metadata key: tokens accumulated.
 pub const KEY_TOKENS: &str = "lorafold.calibration.tokens";
+/// Metadata key: the sha256 of what the statistics say (the token count and
+/// every tensor's name, shape and values), so that a damaged or edited file
+/// is refused rather than used: GGUF has no checksum of its own, and a
+/// flipped bit in a value is otherwise a plausible value.
+pub const KEY_CHECKSUM: &str = "lorafold.calibration.checksum";
+
+/// How far XᵀX may be from symmetric, relative to √(H_ii·H_jj) (which
+/// bounds |H_ij| for a sum of x·xᵀ): f32 products of a few hundred rows
+/// summed in f64 stay within 1e-4 of it.
+const SYMMETRY_TOLERANCE: f64 = 1e-3;
 
 /// The tensor name of an input's XᵀX.
 pub fn tensor_name(layer: usize, input: LinearInput) -> String {
@@ -63,6 +75,83 @@ pub fn tensor_name(layer: usize, input: LinearInput) -> String {
         LinearInput::FfnDown => "ffn_down_in",
     };
     format!("blk.{layer}.{what}.xtx")
+}
+
+/// The (layer, input) whose XᵀX the tensor `name` holds ([`tensor_name`]'s inverse).
+fn parse_tensor_name(name: &str) -> Option<(usize, LinearInput)> {
+    let layer = name.strip_prefix("blk.")?.split('.').next()?.parse().ok()?;
+    let input = LinearInput::ALL
+        .into_iter()
+        .find(|&i| tensor_name(layer, i) == name)?;
+    Some((layer, input))
+}
+
+/// The sha256 behind [`KEY_CHECKSUM`], fed the token count and then each
+/// tensor in file order.
+struct ContentHash(Sha256);
+
+impl ContentHash {
+    fn new(tokens: u64) -> ContentHash {
+        let mut h = Sha256::new();
+        h.update(b"lorafold-calibration-v1");
+        h.update(tokens.to_le_bytes());
+        ContentHash(h)
+    }
+
+    fn tensor(&mut self, name: &str, dims: &[u64], data: &[u8]) {
+        let h = &mut self.0;
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((dims.len() as u64).to_le_bytes());
+        dims.iter().for_each(|d| h.update(d.to_le_bytes()));
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+
+    fn hex(self) -> String {
+        format!("{:x}", self.0.finalize())
+    }
+}
+
+/// What is wrong with an input's XᵀX (`k x k`, row-major), if anything: a
+/// sum of x·xᵀ is finite, has a diagonal >= 0, is symmetric and has no
+/// element above √(H_ii·H_jj), each up to what float summation allows.
+fn xtx_problem(h: &[f32], k: usize) -> Option<String> {
+    if let Err(e) = check_finite(h) {
+        return Some(format!(
+            "element [{}, {}] is {}; statistics must be finite",
+            e.index / k,
+            e.index % k,
+            e.value
+        ));
+    }
+    let diag: Vec<f64> = (0..k).map(|i| h[i * k + i] as f64).collect();
+    if let Some(i) = diag.iter().position(|&d| d < 0.0) {
+        return Some(format!(
+            "diagonal element [{i}, {i}] is {}; a sum of squares is never negative",
+            diag[i]
+        ));
+    }
+    // Room for products that underflow f32 where the squares did.
+    let floor = 1e-6 * diag.iter().sum::<f64>() / k.max(1) as f64;
+    for i in 0..k {
+        for j in i + 1..k {
+            let (a, b) = (h[i * k + j] as f64, h[j * k + i] as f64);
+            let bound = (diag[i] * diag[j]).sqrt() + floor;
+            if (a - b).abs() > SYMMETRY_TOLERANCE * bound {
+                return Some(format!(
+                    "elements [{i}, {j}] = {a} and [{j}, {i}] = {b} differ; XᵀX is symmetric"
+                ));
+            }
+            if a.abs() > (1.0 + SYMMETRY_TOLERANCE) * bound {
+                return Some(format!(
+                    "element [{i}, {j}] = {a} exceeds √([{i}, {i}]·[{j}, {j}]) = {}, which bounds a sum of x·xᵀ",
+                    bound - floor
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// One input's accumulated statistics.
@@ -122,6 +211,18 @@ enum Matrix {
 const FLUSH_ROWS: usize = 512;
 
 impl InputStats {
+    fn new(k: usize, matrix: Matrix, sum2: Vec<f64>) -> InputStats {
+        InputStats {
+            k,
+            matrix,
+            sum2,
+            acc: Vec::new(),
+            pending: Vec::new(),
+            factor: Mutex::default(),
+            readers_left: AtomicUsize::new(0),
+        }
+    }
+
     /// [`crate::gptq::inverse_cholesky`] of these statistics, computed on
     /// first use (`damp` must be the same at every call).
     pub fn gptq_factor(&self, damp: f64, act_order: bool) -> Result<Arc<GptqFactor>, GptqError> {
@@ -243,6 +344,8 @@ pub struct CalibStats {
     pub tokens: u64,
     /// The sha256 of the file these were read from ([`CalibStats::read`]).
     pub source_sha256: Option<String>,
+    /// The file (or text) these came from, for errors to name.
+    pub source: Option<PathBuf>,
 }
 
 impl CalibStats {
@@ -257,15 +360,7 @@ impl CalibStats {
         let s = self
             .inputs
             .entry((layer, input))
-            .or_insert_with(|| InputStats {
-                k,
-                matrix: Matrix::Missing,
-                sum2: vec![0.0; k],
-                acc: Vec::new(),
-                pending: Vec::new(),
-                factor: Mutex::default(),
-                readers_left: AtomicUsize::new(0),
-            });
+            .or_insert_with(|| InputStats::new(k, Matrix::Missing, vec![0.0; k]));
         s.pending.extend_from_slice(rows);
         if s.pending.len() >= FLUSH_ROWS * k {
             s.multiply_out()?;
@@ -333,6 +428,17 @@ impl CalibStats {
             stats.tokens += w.len() as u64;
         }
         stats.flush().map_err(|e| CalibError::Run(e.to_string()))?;
+        // What a statistics file is refused for is not written in the first
+        // place (activations past f32's range give inf).
+        for (&(layer, input), s) in &stats.inputs {
+            let xtx = s.xtx().map_err(|e| CalibError::Run(e.to_string()))?;
+            if let Some(p) = xtx_problem(&xtx, s.k) {
+                return Err(CalibError::Run(format!(
+                    "the statistics of {}: {p}",
+                    tensor_name(layer, input)
+                )));
+            }
+        }
         Ok(stats)
     }
 
@@ -361,9 +467,24 @@ impl CalibStats {
                 problem: "these statistics hold only diagonals (an imatrix); write them with write_imatrix".into(),
             });
         }
+        let run = |e: std::io::Error| CalibError::Run(e.to_string());
+        let bytes_of = |s: &InputStats| -> Result<Vec<u8>, CalibError> {
+            Ok(s.xtx()
+                .map_err(run)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect())
+        };
+        // The header carries the checksum, so the values are seen twice.
+        let mut hash = ContentHash::new(self.tokens);
+        for (&(layer, input), s) in &self.inputs {
+            let dims = [s.k as u64, s.k as u64];
+            hash.tensor(&tensor_name(layer, input), &dims, &bytes_of(s)?);
+        }
         let mut w = GgufWriter::new(path);
         w.add_metadata(names::TYPE, &MetadataValue::String(CALIBRATION_TYPE.into()))?;
         w.add_metadata(KEY_TOKENS, &MetadataValue::U64(self.tokens))?;
+        w.add_metadata(KEY_CHECKSUM, &MetadataValue::String(hash.hex().into()))?;
         for (k, v) in provenance {
             w.add_metadata(k, &MetadataValue::String(v.as_str().into()))?;
         }
@@ -376,9 +497,7 @@ impl CalibStats {
         }
         let mut stream = w.start()?;
         for (&(layer, input), s) in &self.inputs {
-            let xtx = s.xtx().map_err(|e| CalibError::Run(e.to_string()))?;
-            let bytes: Vec<u8> = xtx.iter().flat_map(|v| v.to_le_bytes()).collect();
-            stream.write_tensor(&tensor_name(layer, input), &bytes)?;
+            stream.write_tensor(&tensor_name(layer, input), &bytes_of(s)?)?;
         }
         stream.finish()?;
         Ok(())
@@ -440,7 +559,12 @@ impl CalibStats {
         Ok(())
     }
 
-    /// Read statistics written by [`CalibStats::write`].
+    /// Read statistics written by [`CalibStats::write`] (or an imatrix, see
+    /// [`CalibStats::write_imatrix`]), refusing a file whose checksum does
+    /// not match or whose values no text could give: zero tokens, a value
+    /// that is not finite, a negative diagonal, an asymmetric matrix, a
+    /// tensor that is not a linear input's statistics. Whether they fit a
+    /// model is [`CalibStats::check_fits`].
     pub fn read(path: &Path) -> Result<CalibStats, CalibError> {
         let shown = path.to_path_buf();
         let bad = |problem: String| CalibError::File {
@@ -454,7 +578,10 @@ impl CalibStats {
         match f.get(names::TYPE) {
             Some(MetadataValue::String(s)) if s == CALIBRATION_TYPE => {}
             Some(MetadataValue::String(s)) if s == IMATRIX_TYPE => {
-                return read_imatrix(f, sha).map_err(bad);
+                let mut stats = read_imatrix(f).map_err(bad)?;
+                stats.source_sha256 = Some(sha);
+                stats.source = Some(shown.clone());
+                return Ok(stats);
             }
             _ => {
                 return Err(bad(format!(
@@ -463,64 +590,179 @@ impl CalibStats {
             }
         }
         let tokens = match f.get(KEY_TOKENS) {
+            Some(MetadataValue::U64(0)) => {
+                return Err(bad(format!("{KEY_TOKENS} is 0: statistics over no text")))
+            }
             Some(MetadataValue::U64(n)) => n,
-            _ => return Err(bad(format!("{KEY_TOKENS} missing"))),
+            _ => return Err(bad(format!("{KEY_TOKENS} missing or not a u64"))),
         };
+        let Some(MetadataValue::String(stored)) = f.get(KEY_CHECKSUM) else {
+            return Err(bad(format!("{KEY_CHECKSUM} missing or not a string")));
+        };
+        let stored = stored.to_string();
         let mut stats = CalibStats {
             tokens,
             source_sha256: Some(sha),
+            source: Some(shown.clone()),
             ..CalibStats::default()
         };
-        for layer in 0.. {
-            let mut found = false;
-            for input in LinearInput::ALL {
-                let name = tensor_name(layer, input);
-                let Some(t) = f.tensor(&name) else { continue };
-                found = true;
-                let k = match t.dims() {
-                    [a, b] if a == b && t.ggml_type == GgmlType::F32 => *a as usize,
-                    d => {
-                        return Err(bad(format!(
-                            "tensor '{name}': expected f32 [k, k], got {} {d:?}",
-                            t.ggml_type
-                        )))
-                    }
-                };
-                // The diagonal now; the matrix when it is used.
-                let bytes = f
-                    .tensor_data_copy(t)
-                    .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
-                let diag: Vec<f64> = le_f32s(&bytes).step_by(k + 1).map(f64::from).collect();
-                stats.inputs.insert(
-                    (layer, input),
-                    InputStats {
-                        k,
-                        sum2: diag,
-                        matrix: Matrix::InFile(file.clone(), t.clone()),
-                        acc: Vec::new(),
-                        pending: Vec::new(),
-                        factor: Mutex::default(),
-                        readers_left: AtomicUsize::new(0),
-                    },
-                );
+        let mut hash = ContentHash::new(tokens);
+        // A damaged file says so before what the damage looks like.
+        let mut first_problem = None;
+        for t in f.tensors() {
+            let name = &t.name;
+            let Some(key) = parse_tensor_name(name) else {
+                return Err(bad(format!(
+                    "tensor '{name}' is not a linear input's statistics (blk.N.{{attn_in,attn_output_in,ffn_in,ffn_down_in}}.xtx)"
+                )));
+            };
+            let k = match t.dims() {
+                [a, b] if a == b && *a > 0 && t.ggml_type == GgmlType::F32 => *a as usize,
+                d => {
+                    return Err(bad(format!(
+                        "tensor '{name}': expected f32 [k, k], got {} {d:?}",
+                        t.ggml_type
+                    )))
+                }
+            };
+            let bytes = f
+                .tensor_data_copy(t)
+                .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
+            hash.tensor(name, t.dims(), &bytes);
+            let values: Vec<f32> = le_f32s(&bytes).collect();
+            drop(bytes);
+            if first_problem.is_none() {
+                first_problem = xtx_problem(&values, k).map(|p| format!("tensor '{name}': {p}"));
             }
-            if !found {
-                break;
+            // The diagonal now; the matrix when it is used.
+            let diag: Vec<f64> = values.iter().step_by(k + 1).map(|&v| v as f64).collect();
+            let s = InputStats::new(k, Matrix::InFile(file.clone(), t.clone()), diag);
+            if stats.inputs.insert(key, s).is_some() {
+                return Err(bad(format!("tensor '{name}' appears twice")));
             }
+        }
+        if hash.hex() != stored {
+            return Err(bad(format!(
+                "{KEY_CHECKSUM} does not match the statistics: the file was damaged or edited after it was written"
+            )));
+        }
+        if let Some(p) = first_problem {
+            return Err(bad(p));
+        }
+        if stats.inputs.is_empty() {
+            return Err(bad("no statistics in it".into()));
         }
         Ok(stats)
     }
+
+    /// An error naming where these statistics came from.
+    pub fn refusal(&self, problem: String) -> CalibError {
+        CalibError::File {
+            path: self
+                .source
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("calibration statistics")),
+            problem,
+        }
+    }
+
+    /// Refuse statistics that do not fit the model whose block weights are
+    /// `weights` (GGUF name, row length): every weight that reads a linear
+    /// input must have that input's statistics, as wide as its rows, and
+    /// every statistic must have a weight of the model that reads it.
+    /// Statistics that cover part of a model round the rest to nearest while
+    /// the output says it was calibrated; statistics of another model are
+    /// wrong everywhere.
+    pub fn check_fits<'a>(
+        &self,
+        weights: impl IntoIterator<Item = (&'a str, usize)>,
+    ) -> Result<(), CalibError> {
+        let bad = |problem| self.refusal(problem);
+        let widths: BTreeMap<&str, usize> = weights
+            .into_iter()
+            .filter(|(name, _)| input_of(name).is_some())
+            .collect();
+        for (&(layer, input), s) in &self.inputs {
+            let readers: Vec<String> = input
+                .readers()
+                .iter()
+                .map(|r| format!("blk.{layer}.{r}.weight"))
+                .filter(|n| widths.contains_key(n.as_str()))
+                .collect();
+            if readers.is_empty() {
+                return Err(bad(format!(
+                    "tensor '{}': the model has no weight that reads this input (no blk.{layer}.{{{}}}.weight): statistics of another model",
+                    tensor_name(layer, input),
+                    input.readers().join(",")
+                )));
+            }
+            if let Some(r) = readers.iter().find(|r| widths[r.as_str()] != s.k) {
+                return Err(bad(format!(
+                    "the statistics of the input of '{r}' are {} wide, the tensor's rows {}: statistics of another model",
+                    s.k,
+                    widths[r.as_str()]
+                )));
+            }
+        }
+        let missing: Vec<&str> = widths
+            .keys()
+            .copied()
+            .filter(|n| input_of(n).is_some_and(|key| !self.inputs.contains_key(&key)))
+            .collect();
+        if let Some(first) = missing.first() {
+            return Err(bad(format!(
+                "no statistics of the input of '{first}'{}: statistics of another model, or of part of this one",
+                match missing.len() - 1 {
+                    0 => String::new(),
+                    n => format!(" (nor of {n} more weights)"),
+                }
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Recompute the checksum ([`KEY_CHECKSUM`]) of the statistics file at
+/// `path` and store it in place, for a file whose values were edited on
+/// purpose (a tool that rewrites them, a test of what [`CalibStats::read`]
+/// refuses). Nothing else is checked.
+pub fn reseal(path: &Path) -> Result<(), CalibError> {
+    let bad = |problem: String| CalibError::File {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let (stored, fresh) = {
+        let f = GgufFile::open(path).map_err(|e| CalibError::Run(e.to_string()))?;
+        let tokens = f
+            .get_u64(KEY_TOKENS)
+            .ok_or_else(|| bad(format!("{KEY_TOKENS} missing")))?;
+        let stored = f
+            .get_str(KEY_CHECKSUM)
+            .ok_or_else(|| bad(format!("{KEY_CHECKSUM} missing")))?
+            .into_owned();
+        let mut hash = ContentHash::new(tokens);
+        for t in f.tensors() {
+            let data = f.tensor_data_copy(t).map_err(|e| bad(e.to_string()))?;
+            hash.tensor(&t.name, t.dims(), &data);
+        }
+        (stored, hash.hex())
+    };
+    let mut bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let at = bytes
+        .windows(stored.len().max(1))
+        .position(|w| w == stored.as_bytes())
+        .filter(|_| stored.len() == fresh.len())
+        .ok_or_else(|| bad(format!("{KEY_CHECKSUM} is not a sha256")))?;
+    bytes[at..at + fresh.len()].copy_from_slice(fresh.as_bytes());
+    std::fs::write(path, bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// The diagonal statistics of an imatrix GGUF (llama.cpp's layout, see
 /// [`CalibStats::write_imatrix`]): Σ x² / count per input, from the first
 /// weight tensor that reads it; tensors we do not read (experts, the output
 /// head) are skipped.
-fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
-    let mut stats = CalibStats {
-        source_sha256: Some(sha),
-        ..CalibStats::default()
-    };
+fn read_imatrix(f: &GgufFile) -> Result<CalibStats, String> {
+    let mut stats = CalibStats::default();
     let floats = |name: &str| -> Result<Option<Vec<f32>>, String> {
         let Some(t) = f.tensor(name) else {
             return Ok(None);
@@ -537,9 +779,7 @@ fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
         let Some((layer, input)) = input_of(weight) else {
             continue;
         };
-        if stats.inputs.contains_key(&(layer, input)) {
-            continue;
-        }
+        // Every reader's values are checked, though the first one's are used.
         let sums = floats(&t.name)?.unwrap_or_default();
         let counts = floats(&format!("{weight}.counts"))?
             .ok_or_else(|| format!("tensor '{weight}.counts' missing beside its .in_sum2"))?;
@@ -550,8 +790,8 @@ fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
                 counts.len()
             ));
         };
-        if count.is_nan()
-            || count <= 0.0
+        if !count.is_finite()
+            || count < 1.0
             || sums.is_empty()
             || sums.iter().any(|v| !v.is_finite() || *v < 0.0)
         {
@@ -559,18 +799,21 @@ fn read_imatrix(f: &GgufFile, sha: String) -> Result<CalibStats, String> {
                 "tensor '{weight}.in_sum2': empty, negative or not finite, or no count"
             ));
         }
+        if let Some(first) = stats.inputs.get(&(layer, input)) {
+            if first.k != sums.len() {
+                return Err(format!(
+                    "tensor '{weight}.in_sum2' is {} wide, another weight reading the same input {}",
+                    sums.len(),
+                    first.k
+                ));
+            }
+            continue;
+        }
         stats.tokens = stats.tokens.max(count as u64);
+        let mean2 = sums.iter().map(|&v| v as f64 / count as f64).collect();
         stats.inputs.insert(
             (layer, input),
-            InputStats {
-                k: sums.len(),
-                matrix: Matrix::Missing,
-                sum2: sums.iter().map(|&v| v as f64 / count as f64).collect(),
-                acc: Vec::new(),
-                pending: Vec::new(),
-                factor: Mutex::default(),
-                readers_left: AtomicUsize::new(0),
-            },
+            InputStats::new(sums.len(), Matrix::Missing, mean2),
         );
     }
     if stats.inputs.is_empty() {

@@ -23,6 +23,59 @@ pub struct LowRank {
     pub b: Vec<f32>,
 }
 
+/// A pair as the adapter file holds it (llama.cpp's LoRA layout, `alpha`
+/// shared by every tensor, so B is folded by rank / alpha), and what the
+/// runtime adds back from those bytes, which is what a report may measure.
+#[derive(Debug, Clone)]
+pub struct StoredPair {
+    /// A's bytes, ne `[k, rank]`.
+    pub a: Vec<u8>,
+    /// B's bytes (folded), ne `[rank, rows]`.
+    pub b: Vec<u8>,
+    /// The pair the runtime applies: A and B read back, B at the runtime's
+    /// scale alpha / rank.
+    pub applied: LowRank,
+}
+
+impl LowRank {
+    /// The pair stored as `ty` in an adapter of `alpha`; refused when a value
+    /// does not fit `ty` (f16 holds 65504 at most) rather than written as inf.
+    pub fn store(
+        &self,
+        ty: lorafold_runtime::gguf::GgmlType,
+        alpha: f32,
+        tensor: &str,
+    ) -> Result<StoredPair, CompensateError> {
+        use crate::quant::{dequantize, quantize};
+        let codec = |e: crate::quant::QuantError| CompensateError::Shape(e.to_string());
+        let fold = self.rank as f32 / alpha;
+        let folded: Vec<f32> = self.b.iter().map(|&x| x * fold).collect();
+        let a = quantize(ty, &self.a, tensor).map_err(codec)?;
+        let b = quantize(ty, &folded, tensor).map_err(codec)?;
+        let a_back = dequantize(ty, &a, self.a.len(), tensor).map_err(codec)?;
+        let b_back = dequantize(ty, &b, self.b.len(), tensor).map_err(codec)?;
+        for (factor, back, before) in [("A", &a_back, &self.a), ("B", &b_back, &folded)] {
+            if let Err(e) = crate::error::check_finite(back) {
+                return Err(CompensateError::OutOfRange {
+                    ty,
+                    factor,
+                    index: e.index,
+                    value: before[e.index],
+                });
+            }
+        }
+        Ok(StoredPair {
+            a,
+            b,
+            applied: LowRank {
+                rank: self.rank,
+                a: a_back,
+                b: b_back.iter().map(|&x| x / fold).collect(),
+            },
+        })
+    }
+}
+
 /// Why no pair could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum CompensateError {
@@ -40,6 +93,18 @@ pub enum CompensateError {
     /// The shapes do not agree.
     #[error("{0}")]
     Shape(String),
+    /// A value of the pair does not fit the adapter's type.
+    #[error("element {index} of {factor} is {value}, beyond what {} holds", ty.name())]
+    OutOfRange {
+        /// the adapter's type
+        ty: lorafold_runtime::gguf::GgmlType,
+        /// "A" or "B"
+        factor: &'static str,
+        /// where
+        index: usize,
+        /// the value before rounding to `ty`
+        value: f32,
+    },
 }
 
 /// Power iterations: enough for the spectrum of rounding error, which decays
@@ -109,28 +174,35 @@ pub fn low_rank(
     let mut a = vec![0f32; rank * k];
     let mut b = vec![0f32; rows * rank];
     for (c, &i) in order.iter().take(rank).enumerate() {
+        if values[i] <= 0.0 {
+            continue; // nothing left to approximate: a zero pair
+        }
         let w: Vec<f64> = (0..p).map(|j| vectors[j * p + i]).collect();
-        // Split the singular value evenly between A and B, so that neither
-        // factor's entries leave f16's range first.
-        let s = values[i].max(0.0).sqrt();
-        let (to_b, to_a) = if s > 0.0 {
-            (s.sqrt(), 1.0 / s.sqrt())
-        } else {
-            (0.0, 0.0)
-        };
         let mut row_a = vec![0f64; k];
         for (wj, bj) in w.iter().zip(&bs) {
-            axpy(&mut row_a, *wj * to_a, bj);
+            axpy(&mut row_a, *wj, bj);
         }
         if let Some(l) = &l {
             solve_upper_from_right(&mut row_a, l, k);
         }
-        for (dst, v) in a[c * k..(c + 1) * k].iter_mut().zip(&row_a) {
-            *dst = *v as f32;
+        let col_b: Vec<f64> = (0..rows)
+            .map(|r| w.iter().zip(&q).map(|(wj, qj)| wj * qj[r]).sum())
+            .collect();
+        // Split the component between A and B so that their largest entries
+        // are equal: the product's scale then reaches neither factor alone,
+        // so XᵀX scaled by any factor gives the same pair and f16 holds it
+        // as long as it holds √(largest entry of the product).
+        let largest = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let (na, nb) = (largest(&row_a), largest(&col_b));
+        if !(na > 0.0 && nb > 0.0) {
+            continue;
         }
-        for r in 0..rows {
-            let v: f64 = w.iter().zip(&q).map(|(wj, qj)| wj * qj[r]).sum();
-            b[r * rank + c] = (v * to_b) as f32;
+        let t = (na / nb).sqrt();
+        for (dst, v) in a[c * k..(c + 1) * k].iter_mut().zip(&row_a) {
+            *dst = (v / t) as f32;
+        }
+        for (r, v) in col_b.iter().enumerate() {
+            b[r * rank + c] = (v * t) as f32;
         }
     }
     Ok(LowRank { rank, a, b })
@@ -304,6 +376,7 @@ fn symmetric_eigen(a: &mut [f64], n: usize) -> (Vec<f64>, Vec<f64>) {
 mod tests {
     use super::*;
     use crate::test_rng::Rng;
+    use lorafold_runtime::gguf::GgmlType;
 
     fn product(lr: &LowRank, rows: usize, k: usize) -> Vec<f64> {
         let mut out = vec![0f64; rows * k];
@@ -438,6 +511,48 @@ mod tests {
             last = weighted;
         }
         assert!(last < 0.8 * before, "{last} vs {before}");
+    }
+
+    #[test]
+    fn scaling_the_inputs_does_not_change_the_pair() {
+        // The output norm of c·H orders directions as H does; the split
+        // between A and B must not carry √c into either factor.
+        let (rows, k) = (24, 32);
+        let mut rng = Rng(5);
+        let e: Vec<f32> = (0..rows * k).map(|_| 1e-3 * rng.f()).collect();
+        let h = inputs(k, 100, &mut rng);
+        let huge: Vec<f32> = h.iter().map(|&x| x * 1e30).collect();
+        let plain = low_rank(&e, rows, k, 4, Some(&h), 0.01).unwrap();
+        let scaled = low_rank(&e, rows, k, 4, Some(&huge), 0.01).unwrap();
+        let largest = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (p, s) in [(&plain.a, &scaled.a), (&plain.b, &scaled.b)] {
+            let worst = p
+                .iter()
+                .zip(s)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-3 * largest(p), "{worst} vs {}", largest(p));
+        }
+        assert!(scaled.store(GgmlType::F16, 4.0, "t").is_ok());
+    }
+
+    #[test]
+    fn a_pair_beyond_the_adapter_type_is_refused_and_a_stored_one_read_back() {
+        let lr = LowRank {
+            rank: 2,
+            a: vec![1.0, 2.0, 3.0, 1e6],
+            b: vec![0.5, 0.25, 1.0, 2.0],
+        };
+        let err = lr.store(GgmlType::F16, 4.0, "t").unwrap_err().to_string();
+        assert_eq!(err, "element 3 of A is 1000000, beyond what F16 holds");
+        let stored = lr.store(GgmlType::F32, 4.0, "t").unwrap();
+        // Folded by rank / alpha in the file, unfolded in what is applied.
+        assert_eq!(
+            crate::quant::dequantize(GgmlType::F32, &stored.b, 4, "t").unwrap(),
+            [0.25, 0.125, 0.5, 1.0]
+        );
+        assert_eq!(stored.applied.b, lr.b);
+        assert_eq!(stored.applied.a, lr.a);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::adapter_gguf::{write_adapter_gguf, AdapterError};
 use crate::base::{BaseError, BaseModel, BaseTensor};
-use crate::compensate::LowRank;
+use crate::compensate::StoredPair;
 use crate::gguf_writer::{GgufStream, GgufWriter, WriteError};
 use crate::merge::{self, MergeError, MergePlan, TensorEdit};
 use crate::output::{check_distinct, check_file_destination, OutputError};
@@ -82,6 +82,12 @@ pub enum ConvertError {
         #[source]
         source: std::io::Error,
     },
+    /// A text input (the calibration text) cannot be read.
+    #[error(transparent)]
+    Text(#[from] lorafold_runtime::text::TextError),
+    /// Calibration statistics cannot be used with this model.
+    #[error(transparent)]
+    Calib(#[from] crate::calib::CalibError),
     /// Running an f32 reference or a candidate over the calibration text failed.
     #[error("{path}: {problem}")]
     Measure {
@@ -290,6 +296,13 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             "{} rounding needs calibration statistics",
             opts.rounding.name()
         )));
+    }
+    if let Some(c) = opts.calib.as_ref().filter(|c| !c.has_matrices()) {
+        if opts.rounding == Rounding::Gptq {
+            return Err(c
+                .refusal("holds only the diagonal of XᵀX (an imatrix); GPTQ needs the whole matrix, imatrix rounding the diagonal".into())
+                .into());
+        }
     }
     if !(opts.damp >= 0.0 && opts.damp.is_finite()) {
         return Err(ConvertError::Usage(format!(
@@ -635,7 +648,7 @@ fn start_compensation(
     base: &BaseModel,
     opts: &ConvertOptions,
     provenance: &[(String, MetadataValue<'static>)],
-    pairs: &[(String, LowRank)],
+    pairs: &[(String, StoredPair)],
 ) -> Result<GgufStream, ConvertError> {
     let alpha = c.rank as f32;
     let mut w = crate::adapter_gguf::lora_writer(&c.output, base.arch.gguf_name(), alpha)?;
@@ -655,18 +668,17 @@ fn start_compensation(
         w.add_metadata(k, v)?;
     }
     let ty = opts.adapter_type;
-    for (name, lr) in pairs {
+    for (name, p) in pairs {
+        let lr = &p.applied;
         let k = (lr.a.len() / lr.rank.max(1)) as u64;
         let rows = (lr.b.len() / lr.rank.max(1)) as u64;
         w.add_tensor(&names::lora_a(name), ty, &[k, lr.rank as u64])?;
         w.add_tensor(&names::lora_b(name), ty, &[lr.rank as u64, rows])?;
     }
     let mut stream = w.start()?;
-    for (name, lr) in pairs {
-        let fold = lr.rank as f32 / alpha;
-        let b: Vec<f32> = lr.b.iter().map(|&x| x * fold).collect();
-        stream.write_tensor(&names::lora_a(name), &quant::quantize(ty, &lr.a, name)?)?;
-        stream.write_tensor(&names::lora_b(name), &quant::quantize(ty, &b, name)?)?;
+    for (name, p) in pairs {
+        stream.write_tensor(&names::lora_a(name), &p.a)?;
+        stream.write_tensor(&names::lora_b(name), &p.b)?;
     }
     Ok(stream)
 }
@@ -677,6 +689,10 @@ fn open_inputs(
     opts: &ConvertOptions,
 ) -> Result<(BaseModel, Option<PeftAdapter>, MergePlan), ConvertError> {
     let base = BaseModel::open(&opts.base)?;
+    if let Some(c) = &opts.calib {
+        let matrices = base.tensors.iter().filter(|t| t.dims.len() == 2);
+        c.check_fits(matrices.map(|t| (t.name.as_str(), t.dims[0] as usize)))?;
+    }
     let adapter = opts.adapter.as_ref().map(PeftAdapter::open).transpose()?;
     if let Some(a) = &adapter {
         if let (Some(what), false) = (a.config.modified_base_init(), opts.force) {
@@ -876,7 +892,7 @@ struct Processed {
     base_bytes: Option<Vec<u8>>,
     report: TensorReport,
     /// The rank-R pair for the rounding error, when compensating.
-    compensation: Option<LowRank>,
+    compensation: Option<StoredPair>,
 }
 
 /// W0 + s·B·A for one tensor (W0 alone without an edit), in f32.
@@ -927,6 +943,15 @@ fn stats_of<'o>(
     }
 }
 
+/// ", with the statistics of FILE" for errors the calibration statistics cause
+/// (GPTQ's and compensation's factorisations).
+fn calibration_source(opts: &ConvertOptions) -> String {
+    match opts.calib.as_ref().and_then(|c| c.source.as_ref()) {
+        Some(p) => format!(", with the statistics of {}", p.display()),
+        None => String::new(),
+    }
+}
+
 /// Whether a tensor of `ggml_type` whose input has statistics takes the
 /// chosen rounding rather than ggml's nearest.
 fn is_chosen(ggml_type: GgmlType, opts: &ConvertOptions) -> bool {
@@ -944,7 +969,7 @@ fn round(
 ) -> Result<Vec<u8>, ConvertError> {
     let bad = |e: crate::gptq::GptqError| quant::QuantError::Codec {
         tensor: t.name.clone(),
-        problem: e.to_string(),
+        problem: format!("{e}{}", calibration_source(opts)),
     };
     let rows = values.len() / row_len(t);
     // Tensors whose input no statistics cover (embeddings, the output
@@ -1049,21 +1074,23 @@ fn process(
     let compensation = match &opts.compensate {
         Some(c) if compensating => {
             let residual: Vec<f32> = w.iter().zip(&qw).map(|(a, q)| a - q).collect();
+            let failed = |e: &dyn std::fmt::Display| quant::QuantError::Codec {
+                tensor: t.name.clone(),
+                problem: format!("compensation: {e}{}", calibration_source(opts)),
+            };
             let h = match stats.filter(|s| s.has_matrix()) {
-                Some(s) => Some(s.xtx().map_err(|e| ConvertError::Io {
-                    path: PathBuf::from(&t.name),
-                    source: e,
-                })?),
+                Some(s) => Some(s.xtx().map_err(|e| failed(&e))?),
                 None => None,
             };
             let (rows, k) = (n / row_len(t), row_len(t));
             let lr =
                 crate::compensate::low_rank(&residual, rows, k, c.rank, h.as_deref(), opts.damp)
-                    .map_err(|e| quant::QuantError::Codec {
-                        tensor: t.name.clone(),
-                        problem: format!("compensation: {e}"),
-                    })?;
-            Some(lr)
+                    .map_err(|e| failed(&e))?;
+            // Measured below as stored: the report claims what the file gives.
+            Some(
+                lr.store(opts.adapter_type, c.rank as f32, &t.name)
+                    .map_err(|e| failed(&e))?,
+            )
         }
         _ => None,
     };
@@ -1078,7 +1105,7 @@ fn process(
         } else {
             None
         };
-        let compensated_at = match &compensation {
+        let compensated_at = match compensation.as_ref().map(|p| &p.applied) {
             Some(lr) => {
                 // Q(W) + B·A − W: what is left once the pair is added back.
                 let k = row_len(t);

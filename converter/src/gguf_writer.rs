@@ -227,8 +227,7 @@ impl GgufWriter {
         };
         crate::output::check_file_destination(&self.dest)?;
         crate::output::sweep_stale_partials(&self.dest);
-        let tmp = crate::output::partial_file(&self.dest).map_err(io)?;
-        let live = crate::output::LivePartial::register(tmp.path());
+        let (tmp, live) = crate::output::partial_file(&self.dest).map_err(io)?;
         let out = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io)?);
 
         let mut head = Vec::with_capacity(24 + self.kv.len() + self.tensors.len() * 64);

@@ -322,17 +322,38 @@ fn remove_path(p: &Path) -> bool {
 }
 
 /// Partials this process is writing, for removal on SIGINT/SIGTERM.
-static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+struct Live {
+    paths: Vec<PathBuf>,
+    /// Set when the removal began: no partial may be made after it, as
+    /// nothing would remove it.
+    closing: bool,
+}
+
+static LIVE: Mutex<Live> = Mutex::new(Live {
+    paths: Vec::new(),
+    closing: false,
+});
+
+fn live() -> std::sync::MutexGuard<'static, Live> {
+    // A poisoned lock still holds the list; the paths are what matter.
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A partial file or folder registered for removal on a signal while it lives.
 #[derive(Debug)]
 pub struct LivePartial(PathBuf);
 
 impl LivePartial {
-    /// Register `path` (already created) until this value is dropped.
+    /// Register `path` (already created) until this value is dropped; after
+    /// a signal's removal began, `path` is removed at once. A partial made
+    /// by [`partial_file`] or [`WorkFolder`] is registered as it is created,
+    /// which leaves no moment where a signal would miss it.
     pub fn register(path: &Path) -> LivePartial {
-        if let Ok(mut live) = LIVE.lock() {
-            live.push(path.to_path_buf());
+        let mut live = live();
+        if live.closing {
+            remove_path(path);
+        } else {
+            live.paths.push(path.to_path_buf());
         }
         LivePartial(path.to_path_buf())
     }
@@ -340,24 +361,23 @@ impl LivePartial {
 
 impl Drop for LivePartial {
     fn drop(&mut self) {
-        if let Ok(mut live) = LIVE.lock() {
-            if let Some(i) = live.iter().position(|p| *p == self.0) {
-                live.swap_remove(i);
-            }
+        let mut live = live();
+        if let Some(i) = live.paths.iter().position(|p| *p == self.0) {
+            live.paths.swap_remove(i);
         }
     }
 }
 
-/// Remove every partial this process is still writing. Called by the CLI's
-/// signal thread just before it exits; the writers are not told, as the
-/// process is about to end.
+/// Remove every partial this process is still writing, and refuse to make
+/// more. Called by the CLI's signal thread just before it exits; the writers
+/// are not told, as the process is about to end.
 pub fn remove_live_partials() {
-    // A poisoned lock still holds the list; the paths are what matter.
-    let live = match LIVE.lock() {
-        Ok(l) => l.clone(),
-        Err(p) => p.into_inner().clone(),
+    let paths = {
+        let mut live = live();
+        live.closing = true;
+        live.paths.clone()
     };
-    for p in live {
+    for p in paths {
         // A writer may still be adding files to a folder; try a few times.
         for _ in 0..3 {
             if !p.exists() || remove_path(&p) {
@@ -375,20 +395,21 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = partial_file(path).map_err(io)?;
-    let _live = LivePartial::register(tmp.path());
+    let (tmp, _live) = partial_file(path).map_err(io)?;
     fs::write(tmp.path(), bytes).map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }
 
 /// Create a partial for `dest` beside it with `make`, named with this
-/// process's PID and with `mode` (tempfile makes 0600; outputs are shared).
+/// process's PID and with `mode` (tempfile makes 0600; outputs are shared),
+/// and register it ([`LivePartial`]) in the same step.
 fn partial<T>(
     dest: &Path,
     mode: u32,
     make: impl FnOnce(&tempfile::Builder, &Path) -> std::io::Result<T>,
-) -> std::io::Result<T> {
+    path_of: impl FnOnce(&T) -> &Path,
+) -> std::io::Result<(T, LivePartial)> {
     let prefix = partial_prefix(dest);
     let mut b = tempfile::Builder::new();
     b.prefix(&prefix).suffix(".partial");
@@ -396,16 +417,59 @@ fn partial<T>(
     b.permissions(std::os::unix::fs::PermissionsExt::from_mode(mode));
     #[cfg(not(unix))]
     let _ = mode;
-    make(&b, &parent_of(dest))
+    // Made under the registry's lock: a signal's removal either sees it or
+    // comes first and stops it being made.
+    let mut live = live();
+    if live.closing {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "the process is ending on a signal",
+        ));
+    }
+    let made = make(&b, &parent_of(dest))?;
+    let path = path_of(&made).to_path_buf();
+    live.paths.push(path.clone());
+    Ok((made, LivePartial(path)))
 }
 
-/// Create a partial file (0644) for `dest` beside it.
-pub fn partial_file(dest: &Path) -> std::io::Result<tempfile::NamedTempFile> {
-    partial(dest, 0o644, |b, dir| b.tempfile_in(dir))
+/// Create a partial file (0644) for `dest` beside it, registered for removal
+/// on a signal while the returned [`LivePartial`] lives.
+pub fn partial_file(dest: &Path) -> std::io::Result<(tempfile::NamedTempFile, LivePartial)> {
+    partial(dest, 0o644, |b, dir| b.tempfile_in(dir), |f| f.path())
 }
 
-fn partial_folder(dest: &Path) -> std::io::Result<tempfile::TempDir> {
-    partial(dest, 0o755, |b, dir| b.tempdir_in(dir))
+fn partial_folder(dest: &Path) -> std::io::Result<(tempfile::TempDir, LivePartial)> {
+    partial(dest, 0o755, |b, dir| b.tempdir_in(dir), |d| d.path())
+}
+
+/// A folder a command works in while it makes `dest` (an f32 reference, a
+/// drift budget's rounds), named and registered as a partial of `dest`, so
+/// that it goes the way partials go: removed on drop, on SIGINT/SIGTERM, and
+/// by a later run's sweep once its process is gone. These folders hold the
+/// largest files a command makes (an f32 model), so none may outlive it.
+#[derive(Debug)]
+pub struct WorkFolder {
+    // Declared first, so it is removed before it is unregistered.
+    dir: tempfile::TempDir,
+    _live: LivePartial,
+}
+
+impl WorkFolder {
+    /// Sweep `dest`'s stale partials and create a work folder beside it.
+    pub fn new(dest: &Path) -> Result<WorkFolder, OutputError> {
+        check_parent(dest)?;
+        sweep_stale_partials(dest);
+        let (dir, live) = partial_folder(dest).map_err(|source| OutputError::Io {
+            path: dest.to_path_buf(),
+            source,
+        })?;
+        Ok(WorkFolder { dir, _live: live })
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 /// A set of outputs written into a partial folder beside `dest` and published
@@ -423,11 +487,10 @@ impl StagedSet {
     pub fn new(dest: &Path) -> Result<StagedSet, OutputError> {
         check_set_destination(dest)?;
         sweep_stale_partials(dest);
-        let staging = partial_folder(dest).map_err(|source| OutputError::Io {
+        let (staging, live) = partial_folder(dest).map_err(|source| OutputError::Io {
             path: dest.to_path_buf(),
             source,
         })?;
-        let live = LivePartial::register(staging.path());
         Ok(StagedSet {
             dest: dest.to_path_buf(),
             staging: Some(staging),

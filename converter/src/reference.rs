@@ -1,6 +1,7 @@
 //! The f32 models a text is run through when the converter calibrates or
 //! checks a drift budget itself: W0 + s·B·A written once, unrounded, to a
-//! temporary folder beside the output (removed on drop).
+//! work folder beside the output ([`WorkFolder`]: removed on drop, on a
+//! signal, or by a later run once this one is gone).
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use lorafold_runtime::model::Model;
 
 use crate::calib::CalibStats;
 use crate::convert::{convert, sha256_file, ConvertError, ConvertOptions};
+use crate::output::WorkFolder;
 use crate::quant::QuantPolicy;
 
 /// Tokens per window when a text is not split by lines (`lorafold calibrate`'s default).
@@ -18,7 +20,7 @@ pub const DEFAULT_CTX: usize = 128;
 #[derive(Debug)]
 pub struct F32Reference {
     // Held for its drop, which removes the folder.
-    _dir: tempfile::TempDir,
+    _dir: WorkFolder,
     /// W0 + s·B·A in f32.
     pub merged: PathBuf,
     /// W0 in f32, when written.
@@ -27,20 +29,15 @@ pub struct F32Reference {
 
 impl F32Reference {
     /// Write the f32 merged model of `base` + `adapter` (and the f32 base
-    /// with `with_base`) into a temporary folder in `beside`.
+    /// with `with_base`) into a work folder beside `output` (the file the
+    /// command makes, whose partial the folder is).
     pub fn write(
         base: &Path,
         adapter: Option<&Path>,
-        beside: &Path,
+        output: &Path,
         with_base: bool,
     ) -> Result<F32Reference, ConvertError> {
-        let dir = tempfile::Builder::new()
-            .prefix(".lorafold-f32")
-            .tempdir_in(beside)
-            .map_err(|source| ConvertError::Io {
-                path: beside.to_path_buf(),
-                source,
-            })?;
+        let dir = WorkFolder::new(output)?;
         let f32 = || QuantPolicy::parse("f32", &[]).expect("f32 is a type");
         let merged = dir.path().join("merged-f32.gguf");
         let quiet = |_: &crate::convert::ProgressStep| {};
@@ -77,24 +74,18 @@ pub struct TextCalibration {
 }
 
 impl TextCalibration {
-    /// Write the f32 reference of `base` + `adapter` into `beside` (with the
-    /// f32 base when `with_base`) and collect its statistics over the text
-    /// in `text`, a window per line.
+    /// Write the f32 reference of `base` + `adapter` beside `output` (with
+    /// the f32 base when `with_base`) and collect its statistics over the
+    /// text in `text`, a window per line.
     pub fn over_text(
         base: &Path,
         adapter: Option<&Path>,
         text: &Path,
-        beside: &Path,
+        output: &Path,
         with_base: bool,
     ) -> Result<TextCalibration, ConvertError> {
-        let words =
-            lorafold_runtime::input::read_regular(text, "a text file").map_err(|source| {
-                ConvertError::Io {
-                    path: text.to_path_buf(),
-                    source,
-                }
-            })?;
-        let reference = F32Reference::write(base, adapter, beside, with_base)?;
+        let words = lorafold_runtime::text::read_text(text)?;
+        let reference = F32Reference::write(base, adapter, output, with_base)?;
         let measure = |path: &Path, problem: String| ConvertError::Measure {
             path: path.to_path_buf(),
             problem,
@@ -104,6 +95,7 @@ impl TextCalibration {
         let (mut stats, windows) = CalibStats::over_text(&model, &words, true, DEFAULT_CTX)
             .map_err(|e| measure(text, e.to_string()))?;
         stats.source_sha256 = Some(sha256_file(text)?);
+        stats.source = Some(text.to_path_buf());
         Ok(TextCalibration {
             stats,
             reference,

@@ -4,7 +4,7 @@
 //! their strings escaped before they reach a terminal.
 
 use std::fs::{File, FileType};
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 /// What a file-system object is, in words: "a file", "a folder", "a FIFO"...
@@ -59,11 +59,14 @@ pub fn open_regular(path: &Path, what: &str) -> io::Result<File> {
     Ok(file)
 }
 
-/// The text of the regular file at `path` (see [`open_regular`]).
+/// The text of the regular file at `path` (see [`open_regular`]), at most
+/// [`crate::text::MAX_TEXT_BYTES`], for readers whose errors are
+/// `io::Error` and name the file themselves (JSON configs and tokenizers).
 pub fn read_regular(path: &Path, what: &str) -> io::Result<String> {
-    let mut text = String::new();
-    open_regular(path, what)?.read_to_string(&mut text)?;
-    Ok(text)
+    crate::text::read_file(path, what).map_err(|e| match e.problem {
+        crate::text::TextProblem::Io(source) => source,
+        problem => io::Error::new(io::ErrorKind::InvalidData, problem),
+    })
 }
 
 /// `s` with control characters (C0, DEL, C1: terminal escapes among them)

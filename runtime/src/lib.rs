@@ -19,4 +19,5 @@ pub mod number;
 pub mod path_spec;
 pub mod spm;
 pub mod summary;
+pub mod text;
 pub mod tokenizer;

@@ -935,6 +935,7 @@ fn calibration_of_another_model_is_refused() {
     let mut stats = CalibStats::default();
     let rows: Vec<f32> = (0..4 * k).map(|i| (i % 7) as f32 - 3.0).collect();
     stats.add(0, LinearInput::AttnIn, &rows, k).unwrap();
+    stats.tokens = 4;
     stats.flush().unwrap();
     let calib = dir.path().join("calib.gguf");
     stats.write(&calib, &[]).unwrap();
@@ -963,10 +964,21 @@ fn calibration_of_another_model_is_refused() {
     assert_has(&stderr, &["config.json", "not a GGUF file"]);
     assert!(!out.exists());
 
-    // Statistics of this model: the output records what rounded it.
+    // Statistics of this model (every linear input of every layer): the
+    // output records what rounded it.
     let mut ours = CalibStats::default();
-    let rows: Vec<f32> = (0..4 * HIDDEN).map(|i| (i % 5) as f32 - 2.0).collect();
-    ours.add(0, LinearInput::AttnIn, &rows, HIDDEN).unwrap();
+    for layer in 0..LAYERS {
+        for (input, k) in [
+            (LinearInput::AttnIn, HIDDEN),
+            (LinearInput::AttnOut, Q_ROWS),
+            (LinearInput::FfnIn, HIDDEN),
+            (LinearInput::FfnDown, FFN),
+        ] {
+            let rows: Vec<f32> = (0..4 * k).map(|i| (i % 5) as f32 - 2.0).collect();
+            ours.add(layer, input, &rows, k).unwrap();
+        }
+    }
+    ours.tokens = 4;
     ours.flush().unwrap();
     ours.write(&calib, &[]).unwrap();
     let read = CalibStats::read(&calib).unwrap();

@@ -18,6 +18,7 @@ mod convert_smollm2;
 mod drift;
 mod gguf_roundtrip;
 mod hf_tokenizer;
+mod hostile_calib;
 mod hostile_convert;
 mod hostile_inputs;
 mod hostile_outputs;
