@@ -279,6 +279,30 @@ pub fn generate(
     stop: &[String],
     on_token: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
+    generate_with(
+        session,
+        tokenizer,
+        prompt,
+        max_new,
+        sampler,
+        stop,
+        &mut |piece, _| on_token(piece),
+    )
+}
+
+/// As [`generate`], with the session's position (the positions its cache
+/// holds) given to `on_token` beside each piece: the session is lent to
+/// the loop, so a caller that reports it while generating (the C API's
+/// `lorafold_session_used` from the callback) learns it here.
+pub fn generate_with(
+    session: &mut Session<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: &[String],
+    on_token: &mut dyn FnMut(&str, usize) -> bool,
+) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
     let start = Instant::now();
     let mut stats = GenerationStats {
         prompt_tokens: prompt.len(),
@@ -304,7 +328,7 @@ pub fn generate(
         // Decode the whole tail so multi-byte characters come out whole.
         let full = tokenizer.decode(&out).unwrap_or_default();
         if full.len() > text.len() && full.is_char_boundary(text.len()) {
-            let go_on = on_token(&full[text.len()..]);
+            let go_on = on_token(&full[text.len()..], session.position());
             text = full;
             if !go_on {
                 stats.stopped = true;
