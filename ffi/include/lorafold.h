@@ -329,7 +329,8 @@ lorafold_status lorafold_session_free(struct lorafold_session *session);
 /**
  * Token ids of `text` (with the model's BOS when it adds one). At most
  * `cap` are written to `tokens`; `n_tokens` gets the count, and when it
- * is over `cap` the call returns `LORAFOLD_ERR_BUFFER`.
+ * is over `cap` the call returns `LORAFOLD_ERR_BUFFER`. The text is
+ * tokenized a piece at a time: memory stays small however long it is.
  *
  * # Safety
  * `text` must be NUL-terminated; `tokens` must hold `cap` ids (or be null

@@ -154,7 +154,9 @@ impl From<PromptError> for Failure {
         let code = match &e {
             PromptError::Runtime(r) => runtime_code(r),
             PromptError::NoChatTemplate | PromptError::Empty => LORAFOLD_ERR_INVALID,
-            PromptError::TooLong { .. } | PromptError::ContextFull { .. } => LORAFOLD_ERR_CONTEXT,
+            PromptError::TooLong { .. }
+            | PromptError::TextTooLong { .. }
+            | PromptError::ContextFull { .. } => LORAFOLD_ERR_CONTEXT,
             PromptError::Tokenize(_) => LORAFOLD_ERR_RUNTIME,
         };
         Failure(code, e.to_string())
@@ -730,7 +732,8 @@ pub unsafe extern "C" fn lorafold_session_free(session: *mut lorafold_session) -
 
 /// Token ids of `text` (with the model's BOS when it adds one). At most
 /// `cap` are written to `tokens`; `n_tokens` gets the count, and when it
-/// is over `cap` the call returns `LORAFOLD_ERR_BUFFER`.
+/// is over `cap` the call returns `LORAFOLD_ERR_BUFFER`. The text is
+/// tokenized a piece at a time: memory stays small however long it is.
 ///
 /// # Safety
 /// `text` must be NUL-terminated; `tokens` must hold `cap` ids (or be null
@@ -746,20 +749,29 @@ pub unsafe extern "C" fn lorafold_tokenize(
     entry(|| {
         not_null(n_tokens, "n_tokens")?;
         let core = handle(model, "model")?.core();
-        let ids = core
-            .tokenizer
-            .encode(text(text_utf8, "text")?)
+        let text = text(text_utf8, "text")?;
+        if cap > 0 {
+            not_null(tokens, "tokens")?;
+        }
+        // Counted all through, kept only as far as the buffer goes.
+        let mut count = 0usize;
+        core.tokenizer
+            .encode_pieces(text, &mut |ids| {
+                let fits = ids.len().min(cap.saturating_sub(count));
+                if fits > 0 {
+                    // SAFETY: `tokens` holds `cap` ids and `count + fits <= cap`.
+                    unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens.add(count), fits) };
+                }
+                count += ids.len();
+                true
+            })
             .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
-        *n_tokens = ids.len();
-        if ids.len() > cap {
+        *n_tokens = count;
+        if count > cap {
             return fail(
                 LORAFOLD_ERR_BUFFER,
-                format!("{} tokens do not fit in {cap}", ids.len()),
+                format!("{count} tokens do not fit in {cap}"),
             );
-        }
-        if !ids.is_empty() {
-            not_null(tokens, "tokens")?;
-            std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len());
         }
         Ok(())
     })

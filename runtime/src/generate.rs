@@ -24,6 +24,19 @@ pub enum PromptError {
         /// the context's size
         size: usize,
     },
+    /// The prompt's text is too long for the room left in the context,
+    /// whatever it tokenizes to: refused before tokenizing it.
+    #[error("the prompt's {bytes} bytes make at least {tokens} tokens, but the context has room for {room} of its {size}")]
+    TextTooLong {
+        /// the prompt's bytes
+        bytes: usize,
+        /// the fewest tokens they can make
+        tokens: usize,
+        /// positions left
+        room: usize,
+        /// the context's size
+        size: usize,
+    },
     /// The conversation has no room left for the turn's end marker.
     #[error("the conversation filled the context of {size} positions")]
     ContextFull {
@@ -40,12 +53,28 @@ pub enum PromptError {
 
 /// The ids of `prompt` as the next turn of `session`'s conversation (in the
 /// model's chat template with `chat`), checked to be non-empty and to fit.
+/// A prompt too long to fit whatever it tokenizes to is refused before it
+/// is tokenized, so the work stays bounded by the context, not the text.
 pub fn prompt_ids(
     session: &Session<'_>,
     tokenizer: &Tokenizer,
     prompt: &str,
     chat: bool,
 ) -> Result<Vec<u32>, PromptError> {
+    let (size, room) = (
+        session.max_tokens(),
+        session.max_tokens() - session.position(),
+    );
+    // The template adds text around the prompt: the bound holds for both.
+    let fewest = tokenizer.fewest_tokens(prompt.len());
+    if fewest > room {
+        return Err(PromptError::TextTooLong {
+            bytes: prompt.len(),
+            tokens: fewest,
+            room,
+            size,
+        });
+    }
     let ids = if chat {
         let text = tokenizer
             .chat_prompt(prompt)
