@@ -153,7 +153,8 @@ typedef struct lorafold_drift_report {
 #define LORAFOLD_ERR_UTF8 3
 
 /**
- * A value is out of range (scale, sampling option, slot, thread count).
+ * A value is out of range (scale, sampling option, slot, thread count),
+ * or a text cannot be tokenized.
  */
 #define LORAFOLD_ERR_INVALID 4
 

@@ -41,7 +41,8 @@ pub const LORAFOLD_ERR_NULL: lorafold_status = 1;
 pub const LORAFOLD_ERR_HANDLE: lorafold_status = 2;
 /// A string is not valid UTF-8.
 pub const LORAFOLD_ERR_UTF8: lorafold_status = 3;
-/// A value is out of range (scale, sampling option, slot, thread count).
+/// A value is out of range (scale, sampling option, slot, thread count),
+/// or a text cannot be tokenized.
 pub const LORAFOLD_ERR_INVALID: lorafold_status = 4;
 /// A file could not be loaded as a model or adapter.
 pub const LORAFOLD_ERR_LOAD: lorafold_status = 5;
@@ -157,7 +158,7 @@ impl From<PromptError> for Failure {
             PromptError::TooLong { .. }
             | PromptError::TextTooLong { .. }
             | PromptError::ContextFull { .. } => LORAFOLD_ERR_CONTEXT,
-            PromptError::Tokenize(_) => LORAFOLD_ERR_RUNTIME,
+            PromptError::Tokenize(_) => LORAFOLD_ERR_INVALID,
         };
         Failure(code, e.to_string())
     }
@@ -765,7 +766,7 @@ pub unsafe extern "C" fn lorafold_tokenize(
                 count += ids.len();
                 true
             })
-            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
+            .or_else(|e| fail(LORAFOLD_ERR_INVALID, format!("text: {e}")))?;
         *n_tokens = count;
         if count > cap {
             return fail(

@@ -1,7 +1,8 @@
 //! Long text costs memory near its size, not a hundred times it: on
 //! SmolLM2, `lorafold_tokenize` counts 8 MB of digits (8 million tokens)
 //! a piece at a time, and `lorafold_generate` refuses such a prompt for
-//! the context before tokenizing it. Alone in its test binary, so no other
+//! the context before tokenizing it; a run with no place to cut (256 KB of
+//! letters) is refused rather than tokenized whole. Alone in its test binary, so no other
 //! test allocates while it reads the process's peak resident memory.
 
 use std::ffi::{CStr, CString};
@@ -46,6 +47,9 @@ fn peak() -> u64 {
 fn reset_peak() {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
 }
+
+/// lorafold_runtime::tokenizer::MAX_UNCUT_BYTES, as the message states it.
+const MAX_UNCUT: usize = 256 << 10;
 
 #[test]
 fn long_text_is_tokenized_in_pieces_and_a_prompt_too_long_is_refused_untokenized() {
@@ -104,6 +108,31 @@ fn long_text_is_tokenized_in_pieces_and_a_prompt_too_long_is_refused_untokenized
         assert!(
             grew < 4 << 20,
             "refusing 8 MB grew the peak by {grew} bytes"
+        );
+        // A run with no place to cut is refused past its limit, not paid
+        // for (a run of letters: ~75 bytes a byte).
+        let run = CString::new("a".repeat(MAX_UNCUT + 1)).unwrap();
+        reset_peak();
+        let before = peak();
+        let status = lorafold_tokenize(m, run.as_ptr(), ids.as_mut_ptr(), 16, &mut n);
+        let grew = peak().saturating_sub(before);
+        let m_ = message();
+        assert_eq!(status, LORAFOLD_ERR_INVALID, "{m_}");
+        assert!(
+            m_.contains(&format!(
+                "the text's {} bytes from byte 0 have no place",
+                MAX_UNCUT + 1
+            )) && m_.contains(&format!("over the {MAX_UNCUT} one piece may have")),
+            "{m_}"
+        );
+        assert!(
+            grew < 4 << 20,
+            "refusing a run grew the peak by {grew} bytes"
+        );
+        let run = CString::new("a".repeat(MAX_UNCUT)).unwrap();
+        assert_eq!(
+            lorafold_tokenize(m, run.as_ptr(), ids.as_mut_ptr(), 16, &mut n),
+            LORAFOLD_ERR_BUFFER
         );
         // The session is as it was: a prompt that fits runs.
         let (mut used, mut size) = (0usize, 0usize);

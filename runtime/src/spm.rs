@@ -5,6 +5,8 @@
 
 use std::collections::{BinaryHeap, HashMap};
 
+use crate::tokenizer::{check_piece, TokenizeError};
+
 /// The vocabulary with scores.
 #[derive(Debug, Clone)]
 pub struct SpmVocab {
@@ -91,26 +93,17 @@ impl SpmVocab {
         }
     }
 
-    /// Token ids of `text`.
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        let mut out = Vec::new();
-        self.encode_in(text, crate::tokenizer::PIECE_BYTES, &mut |ids| {
-            out.extend_from_slice(ids);
-            true
-        });
-        out
-    }
-
     /// The ids of `text` handed to `each` a piece at a time: text between
     /// special tokens is cut, after at least `piece_bytes`, before a space
     /// that follows a non-space (when no token spans one), so the pieces
-    /// tokenize as the whole does. `each` returns false to stop.
+    /// tokenize as the whole does. `each` returns false to stop. A piece
+    /// over [`crate::tokenizer::MAX_UNCUT_BYTES`] is refused.
     pub(crate) fn encode_in(
         &self,
         text: &str,
         piece_bytes: usize,
         each: &mut dyn FnMut(&[u32]) -> bool,
-    ) {
+    ) -> Result<(), TokenizeError> {
         let mut out = Vec::new();
         let mut prev_special = true;
         let mut offset = 0;
@@ -137,6 +130,7 @@ impl SpmVocab {
             let raw = &text[offset..raw_end];
             let mut start = 0;
             for end in self.cuts(raw, piece_bytes) {
+                check_piece(offset + start, end - start)?;
                 let mut t = String::new();
                 if self.add_space_prefix && prev_special && start == 0 {
                     t.push(' ');
@@ -145,14 +139,14 @@ impl SpmVocab {
                 self.tokenize_piece(&t.replace(' ', "\u{2581}"), &mut out);
                 start = end;
                 if !each(&out) {
-                    return;
+                    return Ok(());
                 }
                 out.clear();
             }
             match found {
                 Some((at, len, id)) => {
                     if !each(&[id]) {
-                        return;
+                        return Ok(());
                     }
                     prev_special = true;
                     offset = at + len;
@@ -160,6 +154,7 @@ impl SpmVocab {
                 None => break,
             }
         }
+        Ok(())
     }
 
     /// Where `raw` may be cut into pieces of at least `piece_bytes`, and its
@@ -382,7 +377,8 @@ mod tests {
                 ids.extend_from_slice(p);
                 calls += 1;
                 true
-            });
+            })
+            .unwrap();
             (ids, calls)
         };
         let v = vocab(&[]);

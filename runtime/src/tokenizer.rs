@@ -37,6 +37,22 @@ pub struct TokenizerError {
 /// BPE) stays near a piece's while the ids are the same.
 pub const PIECE_BYTES: usize = 4096;
 
+/// The most bytes tokenized as one piece where the text offers no place to
+/// cut (one run of letters, of spaces or of symbols): a longer run is
+/// refused rather than paid for at up to a hundred times its size.
+pub const MAX_UNCUT_BYTES: usize = 256 << 10;
+
+/// Refuse a piece of `len` bytes at byte `start` that is over
+/// [`MAX_UNCUT_BYTES`].
+pub(crate) fn check_piece(start: usize, len: usize) -> Result<(), TokenizeError> {
+    if len > MAX_UNCUT_BYTES {
+        return Err(TokenizeError(format!(
+            "the text's {len} bytes from byte {start} have no place where they may be cut into pieces (one run of letters, spaces or symbols), over the {MAX_UNCUT_BYTES} one piece may have"
+        )));
+    }
+    Ok(())
+}
+
 /// How a byte-level BPE pre-tokenizer splits digits, for finding where
 /// text may be cut (see [`bpe_cuts`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,7 +240,8 @@ impl Tokenizer {
     }
 
     /// Token ids of `text` (special-token text such as `<|im_start|>` becomes
-    /// its id), with BOS prepended if the model asks for it.
+    /// its id), with BOS prepended if the model asks for it; tokenized a
+    /// piece at a time as [`Tokenizer::encode_pieces`] says.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         let mut ids = Vec::new();
         self.encode_pieces(text, &mut |piece| {
@@ -238,7 +255,8 @@ impl Tokenizer {
     /// time (BOS first when the model adds it): the text is tokenized in
     /// pieces of about [`PIECE_BYTES`] cut where the tokenizer splits it
     /// anyway, so memory stays near a piece's however long the text is.
-    /// `each` returns false to stop.
+    /// `each` returns false to stop. A stretch of over [`MAX_UNCUT_BYTES`]
+    /// with no place to cut is an error.
     pub fn encode_pieces(
         &self,
         text: &str,
@@ -264,6 +282,7 @@ impl Tokenizer {
             Backend::Bpe(t, digits) => {
                 let mut start = 0;
                 for end in bpe_cuts(*digits, text, &self.specials, piece_bytes) {
+                    check_piece(start, end - start)?;
                     let piece = t
                         .encode(&text[start..end], false)
                         .map_err(|e| TokenizeError(e.to_string()))?;
@@ -273,7 +292,7 @@ impl Tokenizer {
                     }
                 }
             }
-            Backend::Spm(v) => v.encode_in(text, piece_bytes, each),
+            Backend::Spm(v) => v.encode_in(text, piece_bytes, each)?,
         }
         Ok(())
     }
@@ -337,24 +356,23 @@ impl Tokenizer {
 }
 
 /// Where `text` may be cut into pieces of at least `piece_bytes` that
-/// byte-level BPE tokenizes as it does the whole, and its end: between an
-/// ASCII letter and a space before another letter (each pre-tokenizer here
-/// ends a word at the letter and starts the next at the space), and inside
-/// a run of ASCII digits where `digits` splits it; never inside a special
-/// token's text.
+/// byte-level BPE tokenizes as it does the whole, and its end. No
+/// pre-token of the regexes here has a space after anything but
+/// whitespace (their classes exclude `\s`; only a leading space is
+/// optional); each ends a run of letters (ASCII, or CJK ideographs) at
+/// punctuation (ASCII, or CJK), which starts the next; and splits a run of
+/// ASCII digits as `digits` says. Never inside a special token's text.
 fn bpe_cuts(digits: DigitSplit, text: &str, specials: &[String], piece_bytes: usize) -> Vec<usize> {
     let mut cuts = Vec::new();
     let mut last = 0;
     // Numeric characters (`\p{N}`) just before the current one.
     let mut run = 0usize;
     let mut prev: Option<char> = None;
-    let mut chars = text.char_indices().peekable();
-    while let Some((at, c)) = chars.next() {
+    for (at, c) in text.char_indices() {
         if let Some(p) = prev.filter(|_| at - last >= piece_bytes) {
-            let next = chars.peek().map(|&(_, n)| n);
-            let word = p.is_ascii_alphabetic()
-                && c == ' '
-                && next.is_some_and(|n| n.is_ascii_alphabetic());
+            let word = !p.is_whitespace() && c == ' ';
+            let punctuation = (p.is_ascii_alphabetic() || cjk_ideograph(p))
+                && (c.is_ascii_punctuation() || CJK_PUNCTUATION.contains(&c));
             let digit = p.is_ascii_digit()
                 && c.is_ascii_digit()
                 && match digits {
@@ -362,7 +380,7 @@ fn bpe_cuts(digits: DigitSplit, text: &str, specials: &[String], piece_bytes: us
                     DigitSplit::Threes => run % 3 == 0,
                     DigitSplit::Never => false,
                 };
-            if (word || digit) && !inside_special(text, at, specials) {
+            if (word || punctuation || digit) && !inside_special(text, at, specials) {
                 cuts.push(at);
                 last = at;
             }
@@ -374,6 +392,16 @@ fn bpe_cuts(digits: DigitSplit, text: &str, specials: &[String], piece_bytes: us
         cuts.push(text.len());
     }
     cuts
+}
+
+/// CJK punctuation (`\p{Po}`, unchanged by NFC): 、。！，：；？
+const CJK_PUNCTUATION: [char; 7] = [
+    '\u{3001}', '\u{3002}', '\u{FF01}', '\u{FF0C}', '\u{FF1A}', '\u{FF1B}', '\u{FF1F}',
+];
+
+/// A CJK Unified Ideograph (`\p{Lo}`, unchanged by NFC).
+fn cjk_ideograph(c: char) -> bool {
+    ('\u{4E00}'..='\u{9FFF}').contains(&c)
 }
 
 /// Whether one of `specials` occurs in `text` across byte `at`.
@@ -530,6 +558,19 @@ mod tests {
             "the cat sat",
             "a b",
             "x Y",
+            "hello, world! ",
+            "(x)",
+            "\"q\"",
+            "中文",
+            "。",
+            "，",
+            "x.y",
+            "it's",
+            "слово ",
+            "नमस्ते ",
+            "\u{a0}",
+            "\u{3000}",
+            "x\u{300}",
         ];
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut out = String::new();
@@ -543,9 +584,21 @@ mod tests {
         out
     }
 
+    /// The pre-tokens `t`'s pre-tokenizer makes of `text`.
+    fn pre_tokens(t: &tokenizers::Tokenizer, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut s = PreTokenizedString::from(text);
+        t.get_pre_tokenizer().unwrap().pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
     /// Cut at every place [`bpe_cuts`] allows (pieces of one byte and
-    /// more), each pre-tokenizer tokenizes SmolLM2's vocabulary into the
-    /// ids it gives the whole text.
+    /// more), each pre-tokenizer splits the text as it does the whole, and
+    /// tokenizes it with SmolLM2's vocabulary into the same ids (ids alone
+    /// would miss a wrong cut between symbols the vocabulary never merges).
     #[test]
     fn text_cut_where_bpe_cuts_says_tokenizes_as_the_whole() {
         let home = std::env::var_os("HOME")
@@ -592,17 +645,19 @@ mod tests {
                 .build()
                 .unwrap();
             let (t, digits) = pipeline(bpe, pre, &tokens, &types).unwrap();
-            for seed in 1..=4 {
+            for seed in 1..=8 {
                 let text = stress_text(seed, 6000);
                 let whole = t.encode(text.as_str(), false).unwrap().get_ids().to_vec();
                 let cuts = bpe_cuts(digits, &text, &specials, 1);
-                assert!(cuts.len() > 30, "{pre}: {} cuts", cuts.len());
-                let mut pieces = Vec::new();
+                assert!(cuts.len() > 300, "{pre}: {} cuts", cuts.len());
+                let (mut pieces, mut splits) = (Vec::new(), Vec::new());
                 let mut start = 0;
                 for end in cuts {
                     pieces.extend_from_slice(t.encode(&text[start..end], false).unwrap().get_ids());
+                    splits.extend(pre_tokens(&t, &text[start..end]));
                     start = end;
                 }
+                assert_eq!(splits, pre_tokens(&t, &text), "{pre}, seed {seed}");
                 assert_eq!(pieces, whole, "{pre}, seed {seed}");
             }
         }
