@@ -273,7 +273,9 @@ enum Object {
 
 /// A kind of object behind a handle.
 trait Kind: Sized {
+    /// The registry's entry for `object`.
     fn wrap(object: Arc<Self>) -> Object;
+    /// The object of this kind an entry holds, if it is one.
     fn of(object: &Object) -> Option<&Arc<Self>>;
     /// Whether a call is using it now, so that it may not be freed.
     fn in_use(&self) -> bool {

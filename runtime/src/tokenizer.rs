@@ -377,7 +377,7 @@ fn bpe_cuts(digits: DigitSplit, text: &str, specials: &[String], piece_bytes: us
                 && c.is_ascii_digit()
                 && match digits {
                     DigitSplit::Each => true,
-                    DigitSplit::Threes => run % 3 == 0,
+                    DigitSplit::Threes => run.is_multiple_of(3),
                     DigitSplit::Never => false,
                 };
             if (word || punctuation || digit) && !inside_special(text, at, specials) {
