@@ -131,9 +131,9 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
         if let Some(p) = cause.downcast_ref::<PromptError>() {
             return match p {
                 PromptError::Empty => Some("give some text with -p"),
-                PromptError::TooLong { .. } | PromptError::ContextFull { .. } => {
-                    Some("a larger --ctx holds more")
-                }
+                PromptError::TooLong { .. }
+                | PromptError::TextTooLong { .. }
+                | PromptError::ContextFull { .. } => Some("a larger --ctx holds more"),
                 _ => None,
             };
         }

@@ -8,12 +8,33 @@
  * invalid UTF-8, an adapter made for another model or a full context are
  * error codes.
  *
- * Threads: a model (and an adapter) may be shared by threads, and each
- * thread may run its own session of it at once. A session is one
- * conversation: use it from one thread at a time. Attaching, detaching or
- * rescaling adapters needs the model to have no live session (free them
- * first; LORAFOLD_ERR_BUSY otherwise). Free sessions before their model is
- * freed or not: a session keeps what it uses alive. */
+ * Handles: a handle is an id lorafold issues, not an address, and no id
+ * is issued twice: after lorafold_*_free the old value is refused
+ * (LORAFOLD_ERR_HANDLE) forever, however many objects are made later, and
+ * so is a value that never was a handle or a handle of another kind.
+ *
+ * Threads: any object may be reached from any thread. A model (and an
+ * adapter) may be shared by threads, and each thread may run its own
+ * session of it at once. A session is one conversation and takes one call
+ * at a time: a call made while another is in progress on it (on another
+ * thread) is refused with LORAFOLD_ERR_BUSY, never waited for; only
+ * lorafold_session_used reads it meanwhile. Attaching, detaching or
+ * rescaling adapters needs the model alone: no live session and no call of
+ * another thread (LORAFOLD_ERR_BUSY otherwise). Freeing a model or an
+ * adapter while another thread's call uses it is safe: that call finishes
+ * with it. Free sessions before their model is freed or not: a session
+ * keeps what it uses alive.
+ *
+ * Callbacks: lorafold_generate calls on_piece on the caller's thread,
+ * inside the call, and the session is in use until the call returns: from
+ * the callback every call on that session but lorafold_session_used is
+ * LORAFOLD_ERR_BUSY, lorafold_session_free included (the session is not
+ * freed: free it after lorafold_generate returns). Other objects may be
+ * used from the callback; return false from it to stop generating.
+ *
+ * Panics: nothing is printed on the host's stderr; a bug inside lorafold
+ * is LORAFOLD_ERR_PANIC, with its message and place in
+ * lorafold_last_error(). */
 
 #ifndef LORAFOLD_H
 #define LORAFOLD_H
@@ -132,7 +153,8 @@ typedef struct lorafold_drift_report {
 #define LORAFOLD_ERR_UTF8 3
 
 /**
- * A value is out of range (scale, sampling option, slot, thread count).
+ * A value is out of range (scale, sampling option, slot, thread count),
+ * or a text cannot be tokenized.
  */
 #define LORAFOLD_ERR_INVALID 4
 
@@ -157,7 +179,10 @@ typedef struct lorafold_drift_report {
 #define LORAFOLD_ERR_BUFFER 8
 
 /**
- * The model has live sessions (attach, detach and rescale need none).
+ * The object is in use: a session by a call in progress (on another
+ * thread, or the generate whose callback is running), a model by its live
+ * sessions or another thread's call (attach, detach and rescale need it
+ * alone).
  */
 #define LORAFOLD_ERR_BUSY 9
 
@@ -195,10 +220,12 @@ lorafold_status lorafold_model_load(const char *path,
                                     struct lorafold_model **out);
 
 /**
- * Free a model. Its sessions stay usable until they are freed.
+ * Free a model: its handle is never valid again. Its sessions stay
+ * usable until they are freed, and calls in progress on other threads
+ * finish with it.
  *
  * # Safety
- * No other thread may use `model` during or after the call.
+ * None beyond the handle's: any value is checked.
  */
 lorafold_status lorafold_model_free(struct lorafold_model *model);
 
@@ -220,19 +247,21 @@ lorafold_status lorafold_model_n_vocab(const struct lorafold_model *model, uint3
 lorafold_status lorafold_adapter_load(const char *path, struct lorafold_adapter **out);
 
 /**
- * Free an adapter (a model it is attached to keeps its own copy).
+ * Free an adapter: its handle is never valid again (a model it is
+ * attached to keeps its own copy).
  *
  * # Safety
- * No other thread may use `adapter` during or after the call.
+ * None beyond the handle's: any value is checked.
  */
 lorafold_status lorafold_adapter_free(struct lorafold_adapter *adapter);
 
 /**
  * Attach `adapter` to `model` at `scale` (finite, |scale| <= 100); its
- * slot is written to `slot`.
+ * slot is written to `slot`. `LORAFOLD_ERR_BUSY` while the model has live
+ * sessions or another thread's call uses it.
  *
  * # Safety
- * `slot` must point to writable memory; no other thread may use `model`.
+ * `slot` must point to writable memory.
  */
 lorafold_status lorafold_model_attach(struct lorafold_model *model,
                                       const struct lorafold_adapter *adapter,
@@ -240,18 +269,20 @@ lorafold_status lorafold_model_attach(struct lorafold_model *model,
                                       int32_t *slot);
 
 /**
- * Change the scale of the adapter in `slot` (0 turns it off).
+ * Change the scale of the adapter in `slot` (0 turns it off);
+ * `LORAFOLD_ERR_BUSY` as for [`lorafold_model_attach`].
  *
  * # Safety
- * No other thread may use `model` during the call.
+ * None beyond the handle's: any value is checked.
  */
 lorafold_status lorafold_model_set_scale(struct lorafold_model *model, int32_t slot, float scale);
 
 /**
- * Detach the adapter in `slot`.
+ * Detach the adapter in `slot`; `LORAFOLD_ERR_BUSY` as for
+ * [`lorafold_model_attach`].
  *
  * # Safety
- * No other thread may use `model` during the call.
+ * None beyond the handle's: any value is checked.
  */
 lorafold_status lorafold_model_detach(struct lorafold_model *model, int32_t slot);
 
@@ -266,37 +297,41 @@ lorafold_status lorafold_session_new(const struct lorafold_model *model,
 
 /**
  * Empty the session's cache: the next call starts a new conversation.
+ * `LORAFOLD_ERR_BUSY` while another call uses the session.
  *
  * # Safety
- * No other thread may use `session` during the call.
+ * None beyond the handle's: any value is checked.
  */
 lorafold_status lorafold_session_reset(struct lorafold_session *session);
 
 /**
  * The positions the session's conversation holds (`used`) and its
  * context size (`size`): an app resets or starts a new session before a
- * turn would not fit.
+ * turn would not fit. The one call a session in use answers (from the
+ * generate callback: the positions so far).
  *
  * # Safety
- * `used` and `size` must be valid for writes; no other thread may use
- * `session` during the call.
+ * `used` and `size` must be valid for writes.
  */
 lorafold_status lorafold_session_used(const struct lorafold_session *session,
                                       size_t *used,
                                       size_t *size);
 
 /**
- * Free a session.
+ * Free a session: its handle is never valid again. A session in use (by
+ * another thread's call, or the generate whose callback is running) is
+ * not freed: `LORAFOLD_ERR_BUSY`, and the handle stays valid.
  *
  * # Safety
- * No other thread may use `session` during or after the call.
+ * None beyond the handle's: any value is checked.
  */
 lorafold_status lorafold_session_free(struct lorafold_session *session);
 
 /**
  * Token ids of `text` (with the model's BOS when it adds one). At most
  * `cap` are written to `tokens`; `n_tokens` gets the count, and when it
- * is over `cap` the call returns `LORAFOLD_ERR_BUFFER`.
+ * is over `cap` the call returns `LORAFOLD_ERR_BUFFER`. The text is
+ * tokenized a piece at a time: memory stays small however long it is.
  *
  * # Safety
  * `text` must be NUL-terminated; `tokens` must hold `cap` ids (or be null
@@ -338,9 +373,14 @@ struct lorafold_sampling lorafold_sampling_default(void);
  * `chat`, the prompt is a user turn in the model's template and the reply's
  * turn is closed after it, so the session holds a conversation turn by turn.
  *
+ * The session is in use until the call returns: from `on_piece` (or
+ * another thread) every call on it but [`lorafold_session_used`] is
+ * `LORAFOLD_ERR_BUSY`, [`lorafold_session_free`] included; other objects
+ * (another session, the model's tokenizer) may be used from the callback.
+ *
  * # Safety
  * `prompt` must be NUL-terminated; `on_piece` must be safe to call with
- * `user`; no other thread may use `session` during the call.
+ * `user`.
  */
 lorafold_status lorafold_generate(struct lorafold_session *session,
                                   const char *prompt,
@@ -354,9 +394,10 @@ lorafold_status lorafold_generate(struct lorafold_session *session,
  * the last position to `logits` (`cap` floats, at least the vocabulary
  * size: `LORAFOLD_ERR_BUFFER` otherwise): for apps with their own sampler.
  *
+ * `LORAFOLD_ERR_BUSY` while another call uses the session.
+ *
  * # Safety
- * `tokens` must hold `n` ids and `logits` `cap` floats; no other thread
- * may use `session` during the call.
+ * `tokens` must hold `n` ids and `logits` `cap` floats.
  */
 lorafold_status lorafold_eval(struct lorafold_session *session,
                               const uint32_t *tokens,

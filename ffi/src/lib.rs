@@ -1,20 +1,30 @@
 //! lorafold's runtime behind a C ABI, for apps that embed it (Swift, Kotlin
 //! through JNI, C++): the calls `include/lorafold.h` declares, modelled on
-//! what llama.cpp's `llama.h` offers. Every entry point catches panics,
-//! checks its pointers and handles, and reports failure as a status code
-//! with a per-thread message ([`lorafold_last_error`]); nothing unwinds
-//! into C or aborts on bad input.
+//! what llama.cpp's `llama.h` offers. Every entry point catches panics
+//! (quietly: nothing is printed on the host's stderr), checks its pointers
+//! and handles, and reports failure as a status code with a per-thread
+//! message ([`lorafold_last_error`]); nothing unwinds into C or aborts on
+//! bad input.
+//!
+//! Handles are ids, never addresses: the registry maps each to its object,
+//! and an id is never issued twice, so a freed handle stays invalid however
+//! the allocator reuses memory. A call holds its object (an `Arc`) for its
+//! duration, so freeing a handle while another thread uses it cannot free
+//! memory in use; a session is locked by the call that uses it, and any
+//! other call on it (another thread's, or one from the generate callback)
+//! finds it busy.
 #![allow(non_camel_case_types)]
 
-use std::cell::RefCell;
-use std::collections::HashSet;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, TryLockError};
 
 use candle_core::Device;
 use lorafold_runtime::generate::{
-    check_room, close_turn, generate, prompt_ids, PromptError, Sampler, SamplerConfig,
+    check_room, close_turn, generate_with, prompt_ids, PromptError, Sampler, SamplerConfig,
 };
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::measure::{check_vocabulary, drift, windows, DriftError, WindowError};
@@ -31,7 +41,8 @@ pub const LORAFOLD_ERR_NULL: lorafold_status = 1;
 pub const LORAFOLD_ERR_HANDLE: lorafold_status = 2;
 /// A string is not valid UTF-8.
 pub const LORAFOLD_ERR_UTF8: lorafold_status = 3;
-/// A value is out of range (scale, sampling option, slot, thread count).
+/// A value is out of range (scale, sampling option, slot, thread count),
+/// or a text cannot be tokenized.
 pub const LORAFOLD_ERR_INVALID: lorafold_status = 4;
 /// A file could not be loaded as a model or adapter.
 pub const LORAFOLD_ERR_LOAD: lorafold_status = 5;
@@ -41,7 +52,10 @@ pub const LORAFOLD_ERR_MISMATCH: lorafold_status = 6;
 pub const LORAFOLD_ERR_CONTEXT: lorafold_status = 7;
 /// An output buffer is too small; the size needed was written.
 pub const LORAFOLD_ERR_BUFFER: lorafold_status = 8;
-/// The model has live sessions (attach, detach and rescale need none).
+/// The object is in use: a session by a call in progress (on another
+/// thread, or the generate whose callback is running), a model by its live
+/// sessions or another thread's call (attach, detach and rescale need it
+/// alone).
 pub const LORAFOLD_ERR_BUSY: lorafold_status = 9;
 /// Running the model failed.
 pub const LORAFOLD_ERR_RUNTIME: lorafold_status = 10;
@@ -50,7 +64,9 @@ pub const LORAFOLD_ERR_PANIC: lorafold_status = 11;
 
 /// A loaded model (GGUF), its tokenizer and its attached adapters.
 pub struct lorafold_model {
-    core: Arc<ModelCore>,
+    // Each session and each call in progress holds a clone: attaching needs
+    // the only one. The lock is held only to clone it or to change it.
+    core: Mutex<Arc<ModelCore>>,
 }
 
 struct ModelCore {
@@ -67,9 +83,20 @@ pub struct lorafold_adapter {
 
 /// One conversation: a KV cache over a model.
 pub struct lorafold_session {
-    // Declared first, dropped first: it borrows the model `_core` keeps.
+    // Locked (never waited for) by the call that uses it: a second call
+    // finds it busy instead of racing it.
+    conversation: Mutex<Conversation>,
+    /// Positions the cache holds, kept by the call holding the lock, so
+    /// `lorafold_session_used` reads them while a call is in progress.
+    used: AtomicUsize,
+    /// Positions the cache has room for.
+    size: usize,
+}
+
+struct Conversation {
+    // Declared first, dropped first: it borrows the model `core` keeps.
     session: Session<'static>,
-    _core: Arc<ModelCore>,
+    core: Arc<ModelCore>,
 }
 
 /// Sampling for [`lorafold_generate`]; start from
@@ -128,8 +155,10 @@ impl From<PromptError> for Failure {
         let code = match &e {
             PromptError::Runtime(r) => runtime_code(r),
             PromptError::NoChatTemplate | PromptError::Empty => LORAFOLD_ERR_INVALID,
-            PromptError::TooLong { .. } | PromptError::ContextFull { .. } => LORAFOLD_ERR_CONTEXT,
-            PromptError::Tokenize(_) => LORAFOLD_ERR_RUNTIME,
+            PromptError::TooLong { .. }
+            | PromptError::TextTooLong { .. }
+            | PromptError::ContextFull { .. } => LORAFOLD_ERR_CONTEXT,
+            PromptError::Tokenize(_) => LORAFOLD_ERR_INVALID,
         };
         Failure(code, e.to_string())
     }
@@ -164,6 +193,10 @@ impl From<RuntimeError> for Failure {
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// Entry points in progress on this thread (a callback may re-enter).
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// Where the last panic inside an entry point happened.
+    static PANIC_AT: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 fn set_error(message: &str) {
@@ -171,10 +204,43 @@ fn set_error(message: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
+/// Whether a panic on this thread will be caught at our boundary: inside an
+/// entry point, or on a worker thread of the runtime's pool (which hands
+/// its panic to the caller's thread).
+fn caught_here() -> bool {
+    DEPTH.try_with(|d| d.get() > 0).unwrap_or(false)
+        || std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("lorafold-"))
+}
+
+/// Install, once, a panic hook that says nothing for panics we catch (the
+/// message goes to `lorafold_last_error` instead of the host's stderr) and
+/// hands every other panic to the hook that was there before.
+fn quiet_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !caught_here() {
+                return previous(info);
+            }
+            if let Some(at) = info.location() {
+                let at = format!("{}:{}", at.file(), at.line());
+                let _ = PANIC_AT.try_with(|p| *p.borrow_mut() = Some(at));
+            }
+        }));
+    });
+}
+
 /// Run an entry point: a panic becomes `LORAFOLD_ERR_PANIC`, a failure its
 /// code, and either sets the thread's message.
 fn entry(f: impl FnOnce() -> Outcome<()>) -> lorafold_status {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    quiet_panics();
+    DEPTH.with(|d| d.set(d.get() + 1));
+    let outcome = catch_unwind(AssertUnwindSafe(f));
+    DEPTH.with(|d| d.set(d.get() - 1));
+    match outcome {
         Ok(Ok(())) => {
             set_error("");
             LORAFOLD_OK
@@ -189,73 +255,209 @@ fn entry(f: impl FnOnce() -> Outcome<()>) -> lorafold_status {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            set_error(&format!("lorafold bug (please report): {what}"));
+            let at = PANIC_AT
+                .with(|p| p.borrow_mut().take())
+                .map(|at| format!(" (at {at})"))
+                .unwrap_or_default();
+            set_error(&format!("lorafold bug (please report): {what}{at}"));
             LORAFOLD_ERR_PANIC
         }
     }
 }
 
-/// Which objects are alive, by address and kind: a freed or foreign handle
-/// is refused instead of followed.
-static LIVE: Mutex<Option<HashSet<(usize, u8)>>> = Mutex::new(None);
-
-const MODEL: u8 = 0;
-const ADAPTER: u8 = 1;
-const SESSION: u8 = 2;
-
-fn live() -> std::sync::MutexGuard<'static, Option<HashSet<(usize, u8)>>> {
-    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+/// Run the host's code (a callback): a panic there is not ours to silence.
+fn outside<R>(f: impl FnOnce() -> R) -> R {
+    let depth = DEPTH.with(|d| d.replace(0));
+    let r = f();
+    DEPTH.with(|d| d.set(depth));
+    r
 }
 
-fn register<T>(value: T, kind: u8) -> *mut T {
-    let p = Box::into_raw(Box::new(value));
-    live()
-        .get_or_insert_with(HashSet::new)
-        .insert((p as usize, kind));
-    p
+/// The object a handle names.
+#[derive(Clone)]
+enum Object {
+    Model(Arc<lorafold_model>),
+    Adapter(Arc<lorafold_adapter>),
+    Session(Arc<lorafold_session>),
 }
 
-fn check_handle<T>(p: *const T, kind: u8, what: &str) -> Outcome<()> {
-    not_null(p, what)?;
-    let known = live()
-        .as_ref()
-        .is_some_and(|s| s.contains(&(p as usize, kind)));
-    if known {
-        Ok(())
-    } else {
-        fail(
-            LORAFOLD_ERR_HANDLE,
-            format!("{what} is not a live lorafold object (freed, or not made by lorafold)"),
-        )
+/// A kind of object behind a handle.
+trait Kind: Sized {
+    /// The registry's entry for `object`.
+    fn wrap(object: Arc<Self>) -> Object;
+    /// The object of this kind an entry holds, if it is one.
+    fn of(object: &Object) -> Option<&Arc<Self>>;
+    /// Whether a call is using it now, so that it may not be freed.
+    fn in_use(&self) -> bool {
+        false
     }
 }
 
-/// The object behind a live handle.
-///
-/// # Safety
-/// `p` must not be freed by another thread during the call (the header
-/// says so); it was checked to be live and of this kind.
-unsafe fn handle<'a, T>(p: *const T, kind: u8, what: &str) -> Outcome<&'a T> {
-    check_handle(p, kind, what)?;
-    Ok(&*p)
+impl Kind for lorafold_model {
+    fn wrap(object: Arc<Self>) -> Object {
+        Object::Model(object)
+    }
+    fn of(object: &Object) -> Option<&Arc<Self>> {
+        match object {
+            Object::Model(m) => Some(m),
+            _ => None,
+        }
+    }
 }
 
-/// As [`handle`], mutable.
-///
-/// # Safety
-/// As [`handle`], and no other thread may use the object during the call.
-unsafe fn handle_mut<'a, T>(p: *mut T, kind: u8, what: &str) -> Outcome<&'a mut T> {
-    check_handle(p, kind, what)?;
-    Ok(&mut *p)
+impl Kind for lorafold_adapter {
+    fn wrap(object: Arc<Self>) -> Object {
+        Object::Adapter(object)
+    }
+    fn of(object: &Object) -> Option<&Arc<Self>> {
+        match object {
+            Object::Adapter(a) => Some(a),
+            _ => None,
+        }
+    }
 }
 
-fn release<T>(p: *mut T, kind: u8, what: &str) -> Outcome<()> {
-    check_handle(p, kind, what)?;
-    live().as_mut().map(|s| s.remove(&(p as usize, kind)));
-    // SAFETY: made by `register` with this kind, and now unregistered, so
-    // freed once.
-    drop(unsafe { Box::from_raw(p) });
-    Ok(())
+impl Kind for lorafold_session {
+    fn wrap(object: Arc<Self>) -> Object {
+        Object::Session(object)
+    }
+    fn of(object: &Object) -> Option<&Arc<Self>> {
+        match object {
+            Object::Session(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn in_use(&self) -> bool {
+        matches!(self.conversation.try_lock(), Err(TryLockError::WouldBlock))
+    }
+}
+
+/// The live objects by handle, and how many handles were ever issued.
+struct Registry {
+    issued: usize,
+    live: BTreeMap<usize, Object>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    issued: 0,
+    live: BTreeMap::new(),
+});
+
+/// The first handle: the top half of the address space, where a 64-bit
+/// host's own objects never are, so a stray pointer is not taken for one.
+const FIRST_HANDLE: usize = 1 << (usize::BITS - 1);
+/// Handles step like the addresses of aligned objects.
+const HANDLE_STEP: usize = 8;
+
+fn registry() -> MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A new handle for `value`, never issued before.
+fn register<T: Kind>(value: T) -> Outcome<*mut T> {
+    let object = T::wrap(Arc::new(value));
+    let mut r = registry();
+    let Some(id) = r
+        .issued
+        .checked_mul(HANDLE_STEP)
+        .and_then(|offset| FIRST_HANDLE.checked_add(offset))
+    else {
+        // 2^60 handles on a 64-bit target; 2^28 on a 32-bit one.
+        return fail(
+            LORAFOLD_ERR_RUNTIME,
+            "lorafold has issued every handle it can: restart the process",
+        );
+    };
+    r.issued += 1;
+    r.live.insert(id, object);
+    Ok(std::ptr::without_provenance_mut(id))
+}
+
+/// The live object of kind `T` that `p` names, held for the call.
+fn handle<T: Kind>(p: *const T, what: &str) -> Outcome<Arc<T>> {
+    not_null(p, what)?;
+    let object = registry().live.get(&p.addr()).and_then(T::of).cloned();
+    object.map_or_else(
+        || {
+            fail(
+                LORAFOLD_ERR_HANDLE,
+                format!("{what} is not a live lorafold object (freed, or not made by lorafold)"),
+            )
+        },
+        Ok,
+    )
+}
+
+/// Retire the handle `p`: it is never valid again. The object goes when
+/// the last call holding it returns (a session's model when its last
+/// session goes).
+fn release<T: Kind>(p: *mut T, what: &str) -> Outcome<()> {
+    not_null(p, what)?;
+    let mut r = registry();
+    match r.live.get(&p.addr()).and_then(T::of) {
+        None => fail(
+            LORAFOLD_ERR_HANDLE,
+            format!("{what} is not a live lorafold object (freed, or not made by lorafold)"),
+        ),
+        Some(object) if object.in_use() => fail(
+            LORAFOLD_ERR_BUSY,
+            format!("{what} is in use by a call in progress: free it after that call returns"),
+        ),
+        Some(_) => {
+            let object = r.live.remove(&p.addr());
+            // Dropped outside the lock: a session joins its worker threads.
+            drop(r);
+            drop(object);
+            Ok(())
+        }
+    }
+}
+
+impl lorafold_model {
+    /// The model as it is now, held for the caller's use.
+    fn core(&self) -> Arc<ModelCore> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Change the model, which needs no session or call of another thread
+    /// to hold it.
+    fn change<R>(&self, what: &str, f: impl FnOnce(&mut ModelCore) -> Outcome<R>) -> Outcome<R> {
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        match Arc::get_mut(&mut core) {
+            Some(core) => f(core),
+            None => fail(
+                LORAFOLD_ERR_BUSY,
+                format!(
+                    "the model is in use (live sessions, or a call on another thread): free its sessions before {what}"
+                ),
+            ),
+        }
+    }
+}
+
+/// Run `f` on the conversation behind `p`, which it holds for the call: a
+/// call already holding it (on another thread, or the generate whose
+/// callback this is) makes this one `LORAFOLD_ERR_BUSY`.
+fn with_session<R>(
+    p: *mut lorafold_session,
+    f: impl FnOnce(&lorafold_session, &mut Conversation) -> Outcome<R>,
+) -> Outcome<R> {
+    let s = handle(p, "session")?;
+    let mut conversation = match s.conversation.try_lock() {
+        Ok(c) => c,
+        // A panic in an earlier call left it as it was: a reset empties it.
+        Err(TryLockError::Poisoned(c)) => c.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            return fail(
+                LORAFOLD_ERR_BUSY,
+                "the session is in use by a call in progress (on another thread, or the generate whose callback is running): only lorafold_session_used may be called on it now",
+            )
+        }
+    };
+    let outcome = f(&s, &mut conversation);
+    s.used
+        .store(conversation.session.position(), Ordering::Release);
+    outcome
 }
 
 /// A C string argument as UTF-8.
@@ -327,23 +529,22 @@ pub unsafe extern "C" fn lorafold_model_load(
             threads,
             n_ctx,
         };
-        *out = register(
-            lorafold_model {
-                core: Arc::new(core),
-            },
-            MODEL,
-        );
+        *out = register(lorafold_model {
+            core: Mutex::new(Arc::new(core)),
+        })?;
         Ok(())
     })
 }
 
-/// Free a model. Its sessions stay usable until they are freed.
+/// Free a model: its handle is never valid again. Its sessions stay
+/// usable until they are freed, and calls in progress on other threads
+/// finish with it.
 ///
 /// # Safety
-/// No other thread may use `model` during or after the call.
+/// None beyond the handle's: any value is checked.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_model_free(model: *mut lorafold_model) -> lorafold_status {
-    entry(|| release(model, MODEL, "model"))
+    entry(|| release(model, "model"))
 }
 
 /// The size of the model's vocabulary (the length of a logits row).
@@ -357,7 +558,7 @@ pub unsafe extern "C" fn lorafold_model_n_vocab(
 ) -> lorafold_status {
     entry(|| {
         not_null(out, "out")?;
-        *out = handle(model, MODEL, "model")?.core.model.config.vocab as u32;
+        *out = handle(model, "model")?.core().model.config.vocab as u32;
         Ok(())
     })
 }
@@ -375,37 +576,27 @@ pub unsafe extern "C" fn lorafold_adapter_load(
     entry(|| {
         not_null(out, "out")?;
         let adapter = LoraAdapter::load(text(path, "path")?)?;
-        *out = register(lorafold_adapter { adapter }, ADAPTER);
+        *out = register(lorafold_adapter { adapter })?;
         Ok(())
     })
 }
 
-/// Free an adapter (a model it is attached to keeps its own copy).
+/// Free an adapter: its handle is never valid again (a model it is
+/// attached to keeps its own copy).
 ///
 /// # Safety
-/// No other thread may use `adapter` during or after the call.
+/// None beyond the handle's: any value is checked.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_adapter_free(adapter: *mut lorafold_adapter) -> lorafold_status {
-    entry(|| release(adapter, ADAPTER, "adapter"))
-}
-
-fn unshared<'a>(model: &'a mut lorafold_model, what: &str) -> Outcome<&'a mut ModelCore> {
-    Arc::get_mut(&mut model.core).map_or_else(
-        || {
-            fail(
-                LORAFOLD_ERR_BUSY,
-                format!("the model has live sessions: free them before {what}"),
-            )
-        },
-        Ok,
-    )
+    entry(|| release(adapter, "adapter"))
 }
 
 /// Attach `adapter` to `model` at `scale` (finite, |scale| <= 100); its
-/// slot is written to `slot`.
+/// slot is written to `slot`. `LORAFOLD_ERR_BUSY` while the model has live
+/// sessions or another thread's call uses it.
 ///
 /// # Safety
-/// `slot` must point to writable memory; no other thread may use `model`.
+/// `slot` must point to writable memory.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_model_attach(
     model: *mut lorafold_model,
@@ -415,19 +606,18 @@ pub unsafe extern "C" fn lorafold_model_attach(
 ) -> lorafold_status {
     entry(|| {
         not_null(slot, "slot")?;
-        let adapter = handle(adapter, ADAPTER, "adapter")?;
-        let model = handle_mut(model, MODEL, "model")?;
-        let s = unshared(model, "attaching an adapter")?
-            .model
-            .attach(&adapter.adapter, scale as f64)?;
+        let adapter = handle(adapter, "adapter")?;
+        let s = handle(model, "model")?.change("attaching an adapter", |core| {
+            Ok(core.model.attach(&adapter.adapter, scale as f64)?)
+        })?;
         *slot = s as i32;
         Ok(())
     })
 }
 
-fn attached_slot(model: &lorafold_model, slot: i32) -> Outcome<usize> {
+fn attached_slot(core: &ModelCore, slot: i32) -> Outcome<usize> {
     match usize::try_from(slot) {
-        Ok(s) if model.core.model.scale(s).is_some() => Ok(s),
+        Ok(s) if core.model.scale(s).is_some() => Ok(s),
         _ => fail(
             LORAFOLD_ERR_INVALID,
             format!("slot {slot} holds no adapter of this model"),
@@ -435,10 +625,11 @@ fn attached_slot(model: &lorafold_model, slot: i32) -> Outcome<usize> {
     }
 }
 
-/// Change the scale of the adapter in `slot` (0 turns it off).
+/// Change the scale of the adapter in `slot` (0 turns it off);
+/// `LORAFOLD_ERR_BUSY` as for [`lorafold_model_attach`].
 ///
 /// # Safety
-/// No other thread may use `model` during the call.
+/// None beyond the handle's: any value is checked.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_model_set_scale(
     model: *mut lorafold_model,
@@ -446,29 +637,31 @@ pub unsafe extern "C" fn lorafold_model_set_scale(
     scale: f32,
 ) -> lorafold_status {
     entry(|| {
-        let model = handle_mut(model, MODEL, "model")?;
-        let s = attached_slot(model, slot)?;
-        unshared(model, "changing a scale")?
-            .model
-            .set_scale(s, scale as f64)?;
-        Ok(())
+        let model = handle(model, "model")?;
+        let s = attached_slot(&model.core(), slot)?;
+        model.change("changing a scale", |core| {
+            Ok(core.model.set_scale(s, scale as f64)?)
+        })
     })
 }
 
-/// Detach the adapter in `slot`.
+/// Detach the adapter in `slot`; `LORAFOLD_ERR_BUSY` as for
+/// [`lorafold_model_attach`].
 ///
 /// # Safety
-/// No other thread may use `model` during the call.
+/// None beyond the handle's: any value is checked.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_model_detach(
     model: *mut lorafold_model,
     slot: i32,
 ) -> lorafold_status {
     entry(|| {
-        let model = handle_mut(model, MODEL, "model")?;
-        let s = attached_slot(model, slot)?;
-        unshared(model, "detaching an adapter")?.model.detach(s);
-        Ok(())
+        let model = handle(model, "model")?;
+        let s = attached_slot(&model.core(), slot)?;
+        model.change("detaching an adapter", |core| {
+            core.model.detach(s);
+            Ok(())
+        })
     })
 }
 
@@ -483,7 +676,7 @@ pub unsafe extern "C" fn lorafold_session_new(
 ) -> lorafold_status {
     entry(|| {
         not_null(out, "out")?;
-        let core = handle(model, MODEL, "model")?.core.clone();
+        let core = handle(model, "model")?.core();
         // SAFETY: the model lives in the Arc the session holds, which is
         // dropped after it; no one mutates it while a session holds it
         // (attach and the like need the Arc unshared).
@@ -492,36 +685,37 @@ pub unsafe extern "C" fn lorafold_session_new(
             threads: core.threads,
             ..SessionOptions::new(core.n_ctx)
         })?;
-        *out = register(
-            lorafold_session {
-                session,
-                _core: core,
-            },
-            SESSION,
-        );
+        *out = register(lorafold_session {
+            used: AtomicUsize::new(session.position()),
+            size: session.max_tokens(),
+            conversation: Mutex::new(Conversation { session, core }),
+        })?;
         Ok(())
     })
 }
 
 /// Empty the session's cache: the next call starts a new conversation.
+/// `LORAFOLD_ERR_BUSY` while another call uses the session.
 ///
 /// # Safety
-/// No other thread may use `session` during the call.
+/// None beyond the handle's: any value is checked.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_session_reset(session: *mut lorafold_session) -> lorafold_status {
     entry(|| {
-        handle_mut(session, SESSION, "session")?.session.reset();
-        Ok(())
+        with_session(session, |_, c| {
+            c.session.reset();
+            Ok(())
+        })
     })
 }
 
 /// The positions the session's conversation holds (`used`) and its
 /// context size (`size`): an app resets or starts a new session before a
-/// turn would not fit.
+/// turn would not fit. The one call a session in use answers (from the
+/// generate callback: the positions so far).
 ///
 /// # Safety
-/// `used` and `size` must be valid for writes; no other thread may use
-/// `session` during the call.
+/// `used` and `size` must be valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_session_used(
     session: *const lorafold_session,
@@ -531,25 +725,28 @@ pub unsafe extern "C" fn lorafold_session_used(
     entry(|| {
         not_null(used, "used")?;
         not_null(size, "size")?;
-        let s = &handle(session, SESSION, "session")?.session;
-        *used = s.position();
-        *size = s.max_tokens();
+        let s = handle(session, "session")?;
+        *used = s.used.load(Ordering::Acquire);
+        *size = s.size;
         Ok(())
     })
 }
 
-/// Free a session.
+/// Free a session: its handle is never valid again. A session in use (by
+/// another thread's call, or the generate whose callback is running) is
+/// not freed: `LORAFOLD_ERR_BUSY`, and the handle stays valid.
 ///
 /// # Safety
-/// No other thread may use `session` during or after the call.
+/// None beyond the handle's: any value is checked.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_session_free(session: *mut lorafold_session) -> lorafold_status {
-    entry(|| release(session, SESSION, "session"))
+    entry(|| release(session, "session"))
 }
 
 /// Token ids of `text` (with the model's BOS when it adds one). At most
 /// `cap` are written to `tokens`; `n_tokens` gets the count, and when it
-/// is over `cap` the call returns `LORAFOLD_ERR_BUFFER`.
+/// is over `cap` the call returns `LORAFOLD_ERR_BUFFER`. The text is
+/// tokenized a piece at a time: memory stays small however long it is.
 ///
 /// # Safety
 /// `text` must be NUL-terminated; `tokens` must hold `cap` ids (or be null
@@ -564,22 +761,30 @@ pub unsafe extern "C" fn lorafold_tokenize(
 ) -> lorafold_status {
     entry(|| {
         not_null(n_tokens, "n_tokens")?;
-        let model = handle(model, MODEL, "model")?;
-        let ids = model
-            .core
-            .tokenizer
-            .encode(text(text_utf8, "text")?)
-            .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
-        *n_tokens = ids.len();
-        if ids.len() > cap {
+        let core = handle(model, "model")?.core();
+        let text = text(text_utf8, "text")?;
+        if cap > 0 {
+            not_null(tokens, "tokens")?;
+        }
+        // Counted all through, kept only as far as the buffer goes.
+        let mut count = 0usize;
+        core.tokenizer
+            .encode_pieces(text, &mut |ids| {
+                let fits = ids.len().min(cap.saturating_sub(count));
+                if fits > 0 {
+                    // SAFETY: `tokens` holds `cap` ids and `count + fits <= cap`.
+                    unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens.add(count), fits) };
+                }
+                count += ids.len();
+                true
+            })
+            .or_else(|e| fail(LORAFOLD_ERR_INVALID, format!("text: {e}")))?;
+        *n_tokens = count;
+        if count > cap {
             return fail(
                 LORAFOLD_ERR_BUFFER,
-                format!("{} tokens do not fit in {cap}", ids.len()),
+                format!("{count} tokens do not fit in {cap}"),
             );
-        }
-        if !ids.is_empty() {
-            not_null(tokens, "tokens")?;
-            std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len());
         }
         Ok(())
     })
@@ -603,7 +808,7 @@ pub unsafe extern "C" fn lorafold_detokenize(
 ) -> lorafold_status {
     entry(|| {
         not_null(len, "len")?;
-        let model = handle(model, MODEL, "model")?;
+        let core = handle(model, "model")?.core();
         let ids: &[u32] = match n {
             0 => &[],
             _ => {
@@ -611,9 +816,8 @@ pub unsafe extern "C" fn lorafold_detokenize(
                 std::slice::from_raw_parts(tokens, n)
             }
         };
-        check_ids(ids, model.core.model.config.vocab)?;
-        let s = model
-            .core
+        check_ids(ids, core.model.config.vocab)?;
+        let s = core
             .tokenizer
             .decode(ids)
             .or_else(|e| fail(LORAFOLD_ERR_RUNTIME, e.to_string()))?;
@@ -664,9 +868,14 @@ fn check_ids(ids: &[u32], vocab: usize) -> Outcome<()> {
 /// `chat`, the prompt is a user turn in the model's template and the reply's
 /// turn is closed after it, so the session holds a conversation turn by turn.
 ///
+/// The session is in use until the call returns: from `on_piece` (or
+/// another thread) every call on it but [`lorafold_session_used`] is
+/// `LORAFOLD_ERR_BUSY`, [`lorafold_session_free`] included; other objects
+/// (another session, the model's tokenizer) may be used from the callback.
+///
 /// # Safety
 /// `prompt` must be NUL-terminated; `on_piece` must be safe to call with
-/// `user`; no other thread may use `session` during the call.
+/// `user`.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_generate(
     session: *mut lorafold_session,
@@ -677,58 +886,75 @@ pub unsafe extern "C" fn lorafold_generate(
     n_generated: *mut usize,
 ) -> lorafold_status {
     entry(|| {
-        let s = handle_mut(session, SESSION, "session")?;
         let prompt = text(prompt, "prompt")?;
         let p = if params.is_null() {
             lorafold_sampling_default()
         } else {
             *params
         };
-        let tok = &s._core.tokenizer;
-        let ids = prompt_ids(&s.session, tok, prompt, p.chat)?;
-        let mut sampler = Sampler::try_new(SamplerConfig {
-            temperature: p.temperature as f64,
-            top_k: p.top_k as usize,
-            top_p: p.top_p as f64,
-            repeat_penalty: p.repeat_penalty,
-            seed: p.seed,
-        })?;
-        let mut on_token = |piece: &str| -> bool {
-            match on_piece {
-                None => true,
-                Some(f) => {
-                    let c = CString::new(piece.replace('\0', " ")).unwrap_or_default();
-                    // SAFETY: the caller vouches for the callback and `user`.
-                    unsafe { f(c.as_ptr(), c.as_bytes().len(), user) }
-                }
-            }
-        };
-        let (out, _) = generate(
-            &mut s.session,
-            tok,
-            &ids,
-            p.max_tokens as usize,
-            &mut sampler,
-            &[],
-            &mut on_token,
-        )?;
-        if !n_generated.is_null() {
-            *n_generated = out.len();
-        }
-        if p.chat {
-            close_turn(&mut s.session, tok)?;
-        }
-        Ok(())
+        with_session(session, |s, c| {
+            generate_in(s, c, prompt, p, on_piece, user, n_generated)
+        })
     })
+}
+
+/// [`lorafold_generate`] on a session its call holds.
+unsafe fn generate_in(
+    s: &lorafold_session,
+    c: &mut Conversation,
+    prompt: &str,
+    p: lorafold_sampling,
+    on_piece: lorafold_piece_fn,
+    user: *mut c_void,
+    n_generated: *mut usize,
+) -> Outcome<()> {
+    let tok = &c.core.tokenizer;
+    let ids = prompt_ids(&c.session, tok, prompt, p.chat)?;
+    let mut sampler = Sampler::try_new(SamplerConfig {
+        temperature: p.temperature as f64,
+        top_k: p.top_k as usize,
+        top_p: p.top_p as f64,
+        repeat_penalty: p.repeat_penalty,
+        seed: p.seed,
+    })?;
+    let mut on_token = |piece: &str, position: usize| -> bool {
+        // What lorafold_session_used reads from the callback.
+        s.used.store(position, Ordering::Release);
+        match on_piece {
+            None => true,
+            Some(f) => {
+                let c = CString::new(piece.replace('\0', " ")).unwrap_or_default();
+                // SAFETY: the caller vouches for the callback and `user`.
+                outside(|| unsafe { f(c.as_ptr(), c.as_bytes().len(), user) })
+            }
+        }
+    };
+    let (out, _) = generate_with(
+        &mut c.session,
+        tok,
+        &ids,
+        p.max_tokens as usize,
+        &mut sampler,
+        &[],
+        &mut on_token,
+    )?;
+    if !n_generated.is_null() {
+        *n_generated = out.len();
+    }
+    if p.chat {
+        close_turn(&mut c.session, tok)?;
+    }
+    Ok(())
 }
 
 /// Run `tokens` after the session's conversation and write the logits of
 /// the last position to `logits` (`cap` floats, at least the vocabulary
 /// size: `LORAFOLD_ERR_BUFFER` otherwise): for apps with their own sampler.
 ///
+/// `LORAFOLD_ERR_BUSY` while another call uses the session.
+///
 /// # Safety
-/// `tokens` must hold `n` ids and `logits` `cap` floats; no other thread
-/// may use `session` during the call.
+/// `tokens` must hold `n` ids and `logits` `cap` floats.
 #[no_mangle]
 pub unsafe extern "C" fn lorafold_eval(
     session: *mut lorafold_session,
@@ -737,27 +963,35 @@ pub unsafe extern "C" fn lorafold_eval(
     logits: *mut f32,
     cap: usize,
 ) -> lorafold_status {
-    entry(|| {
-        let s = handle_mut(session, SESSION, "session")?;
-        not_null(logits, "logits")?;
-        if n == 0 {
-            return fail(LORAFOLD_ERR_INVALID, "no tokens to run");
-        }
-        not_null(tokens, "tokens")?;
-        let vocab = s._core.model.config.vocab;
-        if cap < vocab {
-            return fail(
-                LORAFOLD_ERR_BUFFER,
-                format!("the logits need {vocab} floats, the buffer holds {cap}"),
-            );
-        }
-        let ids = std::slice::from_raw_parts(tokens, n);
-        check_ids(ids, vocab)?;
-        check_room(&s.session, n)?;
-        let row = s.session.logits(ids, false)?;
-        std::ptr::copy_nonoverlapping(row.as_ptr(), logits, vocab);
-        Ok(())
-    })
+    entry(|| with_session(session, |_, c| eval_in(c, tokens, n, logits, cap)))
+}
+
+/// [`lorafold_eval`] on a session its call holds.
+unsafe fn eval_in(
+    c: &mut Conversation,
+    tokens: *const u32,
+    n: usize,
+    logits: *mut f32,
+    cap: usize,
+) -> Outcome<()> {
+    not_null(logits, "logits")?;
+    if n == 0 {
+        return fail(LORAFOLD_ERR_INVALID, "no tokens to run");
+    }
+    not_null(tokens, "tokens")?;
+    let vocab = c.core.model.config.vocab;
+    if cap < vocab {
+        return fail(
+            LORAFOLD_ERR_BUFFER,
+            format!("the logits need {vocab} floats, the buffer holds {cap}"),
+        );
+    }
+    let ids = std::slice::from_raw_parts(tokens, n);
+    check_ids(ids, vocab)?;
+    check_room(&c.session, n)?;
+    let row = c.session.logits(ids, false)?;
+    std::ptr::copy_nonoverlapping(row.as_ptr(), logits, vocab);
+    Ok(())
 }
 
 /// How far `candidate` drifts from `reference` over `text` (a window per
@@ -774,18 +1008,18 @@ pub unsafe extern "C" fn lorafold_drift(
 ) -> lorafold_status {
     entry(|| {
         not_null(out, "out")?;
-        let r = handle(reference, MODEL, "reference")?;
-        let c = handle(candidate, MODEL, "candidate")?;
+        let r = handle(reference, "reference")?.core();
+        let c = handle(candidate, "candidate")?.core();
         // Refused before the text is tokenized, as drift itself would.
-        check_vocabulary(&r.core.model, &c.core.model)?;
-        let w = windows(&r.core.tokenizer, text(text_utf8, "text")?, true, 128).or_else(|e| {
+        check_vocabulary(&r.model, &c.model)?;
+        let w = windows(&r.tokenizer, text(text_utf8, "text")?, true, 128).or_else(|e| {
             let code = match e {
                 WindowError::NoWindow | WindowError::ZeroContext => LORAFOLD_ERR_INVALID,
                 WindowError::Tokenize(_) => LORAFOLD_ERR_RUNTIME,
             };
             fail(code, format!("text: {e}"))
         })?;
-        let d = drift(&r.core.model, &[&c.core.model], None, &w)?.remove(0);
+        let d = drift(&r.model, &[&c.model], None, &w)?.remove(0);
         *out = lorafold_drift_report {
             tokens: d.tokens as u64,
             kl_mean: d.kl_mean,
@@ -797,13 +1031,62 @@ pub unsafe extern "C" fn lorafold_drift(
     })
 }
 
-// What the header promises about threads, checked by the compiler: a model
-// (and an adapter) may be used from several threads at once, and a session
-// may move between threads.
+// What the header promises about threads, checked by the compiler: every
+// object may be reached from any thread (a session's lock turns a second
+// user away), and a session's conversation may move between threads.
 const _: () = {
     const fn shared<T: Send + Sync>() {}
     const fn movable<T: Send>() {}
     shared::<ModelCore>();
+    shared::<lorafold_model>();
     shared::<lorafold_adapter>();
-    movable::<lorafold_session>();
+    shared::<lorafold_session>();
+    movable::<Conversation>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic caught at the boundary (in an entry point, or on a worker
+    /// thread of the runtime's pool, which hands it to the caller) prints
+    /// nothing on the host's stderr; a panic of the host's own still
+    /// reaches the hook that was there before. Checked in a child process:
+    /// the test harness would capture the hook's output.
+    #[test]
+    fn panics_caught_at_the_boundary_print_nothing() {
+        if std::env::var_os("LORAFOLD_PANIC_CHILD").is_some() {
+            let status = entry(|| panic!("boom"));
+            assert_eq!(status, LORAFOLD_ERR_PANIC);
+            // SAFETY: a NUL-terminated string.
+            let m = unsafe { CStr::from_ptr(lorafold_last_error()) }.to_string_lossy();
+            assert!(m.contains("boom") && m.contains("lib.rs:"), "{m}");
+            let status = entry(|| {
+                let pool = lorafold_runtime::cpu::pool::WorkerPool::new(2);
+                pool.run(&|i, _| assert!(i == 0, "worker {i} fails"));
+                Ok(())
+            });
+            assert_eq!(status, LORAFOLD_ERR_PANIC);
+            let host = std::panic::catch_unwind(|| panic!("the host's own"));
+            assert!(host.is_err());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::panics_caught_at_the_boundary_print_nothing",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("LORAFOLD_PANIC_CHILD", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            !stderr.contains("boom") && !stderr.contains("fails"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("the host's own"), "{stderr}");
+    }
+}

@@ -25,6 +25,19 @@ pub enum PromptError {
         /// the context's size
         size: usize,
     },
+    /// The prompt's text is too long for the room left in the context,
+    /// whatever it tokenizes to: refused before tokenizing it.
+    #[error("the prompt's {bytes} bytes make at least {tokens} tokens, but the context has room for {room} of its {size}")]
+    TextTooLong {
+        /// the prompt's bytes
+        bytes: usize,
+        /// the fewest tokens they can make
+        tokens: usize,
+        /// positions left
+        room: usize,
+        /// the context's size
+        size: usize,
+    },
     /// The conversation has no room left for the turn's end marker.
     #[error("the conversation filled the context of {size} positions")]
     ContextFull {
@@ -41,12 +54,28 @@ pub enum PromptError {
 
 /// The ids of `prompt` as the next turn of `session`'s conversation (in the
 /// model's chat template with `chat`), checked to be non-empty and to fit.
+/// A prompt too long to fit whatever it tokenizes to is refused before it
+/// is tokenized, so the work stays bounded by the context, not the text.
 pub fn prompt_ids(
     session: &Session<'_>,
     tokenizer: &Tokenizer,
     prompt: &str,
     chat: bool,
 ) -> Result<Vec<u32>, PromptError> {
+    let (size, room) = (
+        session.max_tokens(),
+        session.max_tokens() - session.position(),
+    );
+    // The template adds text around the prompt: the bound holds for both.
+    let fewest = tokenizer.fewest_tokens(prompt.len());
+    if fewest > room {
+        return Err(PromptError::TextTooLong {
+            bytes: prompt.len(),
+            tokens: fewest,
+            room,
+            size,
+        });
+    }
     let ids = if chat {
         let text = tokenizer
             .chat_prompt(prompt)
@@ -284,6 +313,30 @@ pub fn generate(
     stop: &[String],
     on_token: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
+    generate_with(
+        session,
+        tokenizer,
+        prompt,
+        max_new,
+        sampler,
+        stop,
+        &mut |piece, _| on_token(piece),
+    )
+}
+
+/// As [`generate`], with the session's position (the positions its cache
+/// holds) given to `on_token` beside each piece: the session is lent to
+/// the loop, so a caller that reports it while generating (the C API's
+/// `lorafold_session_used` from the callback) learns it here.
+pub fn generate_with(
+    session: &mut Session<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: &[String],
+    on_token: &mut dyn FnMut(&str, usize) -> bool,
+) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
     let start = Instant::now();
     let mut stats = GenerationStats {
         prompt_tokens: prompt.len(),
@@ -309,7 +362,7 @@ pub fn generate(
         // Decode the whole tail so multi-byte characters come out whole.
         let full = tokenizer.decode(&out).unwrap_or_default();
         if full.len() > text.len() && full.is_char_boundary(text.len()) {
-            let go_on = on_token(&full[text.len()..]);
+            let go_on = on_token(&full[text.len()..], session.position());
             text = full;
             if !go_on {
                 stats.stopped = true;

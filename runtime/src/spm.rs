@@ -5,6 +5,8 @@
 
 use std::collections::{BinaryHeap, HashMap};
 
+use crate::tokenizer::{check_piece, TokenizeError};
+
 /// The vocabulary with scores.
 #[derive(Debug, Clone)]
 pub struct SpmVocab {
@@ -16,6 +18,9 @@ pub struct SpmVocab {
     specials: Vec<(String, u32)>,
     /// Prepend a space to text at the start or after a special token.
     pub add_space_prefix: bool,
+    /// No token has "▁" after another character, so none spans a space
+    /// that follows a non-space: text may be cut before such a space.
+    cuts_at_spaces: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -73,7 +78,12 @@ impl SpmVocab {
             .map(|(i, _)| (tokens[i].clone(), i as u32))
             .collect();
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        let cuts_at_spaces = !tokens.iter().any(|t| {
+            t.char_indices()
+                .any(|(i, c)| c != '\u{2581}' && t[i + c.len_utf8()..].starts_with('\u{2581}'))
+        });
         SpmVocab {
+            cuts_at_spaces,
             tokens,
             scores,
             index,
@@ -83,40 +93,89 @@ impl SpmVocab {
         }
     }
 
-    /// Token ids of `text`.
-    pub fn encode(&self, text: &str) -> Vec<u32> {
+    /// The ids of `text` handed to `each` a piece at a time: text between
+    /// special tokens is cut, after at least `piece_bytes`, before a space
+    /// that follows a non-space (when no token spans one), so the pieces
+    /// tokenize as the whole does. `each` returns false to stop. A piece
+    /// over [`crate::tokenizer::MAX_UNCUT_BYTES`] is refused.
+    pub(crate) fn encode_in(
+        &self,
+        text: &str,
+        piece_bytes: usize,
+        each: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<(), TokenizeError> {
         let mut out = Vec::new();
         let mut prev_special = true;
-        let mut rest = text;
-        while !rest.is_empty() {
-            // The next special token in the rest, earliest then longest.
-            let found = self
-                .specials
+        let mut offset = 0;
+        // Where each special token next occurs at or after `offset`: searched
+        // again only once passed, so the scan stays linear in the text.
+        let mut next: Vec<Option<usize>> = self
+            .specials
+            .iter()
+            .map(|(s, _)| text.find(s.as_str()))
+            .collect();
+        while offset < text.len() {
+            for (n, (s, _)) in next.iter_mut().zip(&self.specials) {
+                if n.is_some_and(|at| at < offset) {
+                    *n = text[offset..].find(s.as_str()).map(|at| offset + at);
+                }
+            }
+            // The next special token, earliest then longest.
+            let found = next
                 .iter()
-                .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
+                .zip(&self.specials)
+                .filter_map(|(n, (s, id))| n.map(|at| (at, s.len(), *id)))
                 .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            let (raw, special) = match found {
-                Some((at, len, id)) => (&rest[..at], Some((len, id, at))),
-                None => (rest, None),
-            };
-            if !raw.is_empty() {
+            let raw_end = found.map_or(text.len(), |f| f.0);
+            let raw = &text[offset..raw_end];
+            let mut start = 0;
+            for end in self.cuts(raw, piece_bytes) {
+                check_piece(offset + start, end - start)?;
                 let mut t = String::new();
-                if self.add_space_prefix && prev_special {
+                if self.add_space_prefix && prev_special && start == 0 {
                     t.push(' ');
                 }
-                t.push_str(raw);
+                t.push_str(&raw[start..end]);
                 self.tokenize_piece(&t.replace(' ', "\u{2581}"), &mut out);
+                start = end;
+                if !each(&out) {
+                    return Ok(());
+                }
+                out.clear();
             }
-            match special {
-                Some((len, id, at)) => {
-                    out.push(id);
+            match found {
+                Some((at, len, id)) => {
+                    if !each(&[id]) {
+                        return Ok(());
+                    }
                     prev_special = true;
-                    rest = &rest[at + len..];
+                    offset = at + len;
                 }
                 None => break,
             }
         }
-        out
+        Ok(())
+    }
+
+    /// Where `raw` may be cut into pieces of at least `piece_bytes`, and its
+    /// end (nothing for empty text).
+    fn cuts(&self, raw: &str, piece_bytes: usize) -> Vec<usize> {
+        let mut cuts = Vec::new();
+        let mut last = 0;
+        if self.cuts_at_spaces {
+            let mut prev = None;
+            for (at, c) in raw.char_indices() {
+                if c == ' ' && prev.is_some_and(|p| p != ' ') && at - last >= piece_bytes {
+                    cuts.push(at);
+                    last = at;
+                }
+                prev = Some(c);
+            }
+        }
+        if last < raw.len() {
+            cuts.push(raw.len());
+        }
+        cuts
     }
 
     fn tokenize_piece(&self, text: &str, out: &mut Vec<u32>) {
@@ -258,6 +317,12 @@ impl SpmVocab {
         }
     }
 
+    /// Whether every byte has its token (`<0xXX>`), so that no text is
+    /// dropped for want of one.
+    pub fn spells_every_byte(&self) -> bool {
+        self.bytes.iter().all(|b| b.is_some())
+    }
+
     /// Vocabulary size.
     pub fn len(&self) -> usize {
         self.tokens.len()
@@ -266,5 +331,63 @@ impl SpmVocab {
     /// True for an empty vocabulary.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab(extra: &[&str]) -> SpmVocab {
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>", "\u{2581}", "a", "b", "c", "1"]
+            .iter()
+            .chain(
+                [
+                    "\u{2581}a",
+                    "ab",
+                    "\u{2581}ab",
+                    "abc",
+                    "\u{2581}abc",
+                    "bc",
+                    "\u{2581}\u{2581}",
+                ]
+                .iter(),
+            )
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        let scores: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        let types: Vec<i64> = (0..tokens.len())
+            .map(|i| if i == 1 || i == 2 { 3 } else { 1 })
+            .collect();
+        SpmVocab::new(tokens, scores, &types, true)
+    }
+
+    /// Cut before every space that follows a non-space, text tokenizes as
+    /// the whole does; a vocabulary with a token across such a space is
+    /// not cut.
+    #[test]
+    fn text_cut_before_spaces_tokenizes_as_the_whole() {
+        let text = "abc ab  a b c1 <s>abc  abc</s> a\u{e9} bc\n ab ".repeat(50);
+        let each = |v: &SpmVocab, piece_bytes: usize| {
+            let mut ids = Vec::new();
+            let mut calls = 0;
+            v.encode_in(&text, piece_bytes, &mut |p| {
+                ids.extend_from_slice(p);
+                calls += 1;
+                true
+            })
+            .unwrap();
+            (ids, calls)
+        };
+        let v = vocab(&[]);
+        let (whole, few) = each(&v, usize::MAX);
+        let (cut, many) = each(&v, 1);
+        assert_eq!(cut, whole);
+        assert!(many > few + 300, "{many} pieces, {few} whole");
+        let spanning = vocab(&["c\u{2581}a"]);
+        assert!(!spanning.cuts_at_spaces);
+        assert_eq!(each(&spanning, 1), each(&spanning, usize::MAX));
     }
 }

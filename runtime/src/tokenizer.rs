@@ -31,8 +31,42 @@ pub struct TokenizerError {
     pub problem: String,
 }
 
+/// Bytes of text tokenized at a time: a long text is cut into pieces of
+/// about this size where the tokenizer splits it anyway, so that the
+/// working memory (a hundred times the text's size and more for byte-level
+/// BPE) stays near a piece's while the ids are the same.
+pub const PIECE_BYTES: usize = 4096;
+
+/// The most bytes tokenized as one piece where the text offers no place to
+/// cut (one run of letters, of spaces or of symbols): a longer run is
+/// refused rather than paid for at up to a hundred times its size.
+pub const MAX_UNCUT_BYTES: usize = 256 << 10;
+
+/// Refuse a piece of `len` bytes at byte `start` that is over
+/// [`MAX_UNCUT_BYTES`].
+pub(crate) fn check_piece(start: usize, len: usize) -> Result<(), TokenizeError> {
+    if len > MAX_UNCUT_BYTES {
+        return Err(TokenizeError(format!(
+            "the text's {len} bytes from byte {start} have no place where they may be cut into pieces (one run of letters, spaces or symbols), over the {MAX_UNCUT_BYTES} one piece may have"
+        )));
+    }
+    Ok(())
+}
+
+/// How a byte-level BPE pre-tokenizer splits digits, for finding where
+/// text may be cut (see [`bpe_cuts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DigitSplit {
+    /// Every digit alone (SmolLM's `Digits`, qwen2's `\p{N}`).
+    Each,
+    /// In threes from the start of a run (llama3's `\p{N}{1,3}`).
+    Threes,
+    /// A run is one pre-token (GPT-2's ` ?\p{N}+`).
+    Never,
+}
+
 enum Backend {
-    Bpe(Box<tokenizers::Tokenizer>),
+    Bpe(Box<tokenizers::Tokenizer>, DigitSplit),
     Spm(Box<SpmVocab>),
 }
 
@@ -54,6 +88,11 @@ pub struct Tokenizer {
     pub add_bos: bool,
     /// The chat template, if any.
     pub chat_template: Option<String>,
+    /// The most bytes of text one token stands for.
+    max_token_bytes: usize,
+    /// Text matched whole as one token (control and user-defined), which a
+    /// cut must not split.
+    specials: Vec<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -81,8 +120,35 @@ impl Tokenizer {
             types,
             scores,
         } = TokenizerMetadata::read(|k| file.get(k), rows).map_err(err)?;
+        let specials: Vec<String> = types
+            .iter()
+            .zip(tokens.iter())
+            .filter(|(&t, s)| (t == 3 || t == 4) && !s.is_empty())
+            .map(|(_, s)| s.to_string())
+            .collect();
+        // A byte-level BPE token's characters stand for a byte each, a
+        // special token for its text, a SentencePiece token for at most its
+        // text's bytes ("▁" stands for one); qwen2's NFC can shrink text
+        // threefold (three Hangul jamo compose into one syllable) before it
+        // is tokenized.
+        let mut max_token_bytes = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| match model.as_str() {
+                "gpt2" if ty != 3 && ty != 4 => t.chars().count(),
+                _ => t.len(),
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        if model == "gpt2" && file.get_str(names::TOKENIZER_PRE).as_deref() == Some("qwen2") {
+            max_token_bytes *= 3;
+        }
         let inner = match scores {
-            None => Backend::Bpe(Box::new(bpe(file, &tokens, &types).map_err(err)?)),
+            None => {
+                let (t, digits) = bpe(file, &tokens, &types).map_err(err)?;
+                Backend::Bpe(Box::new(t), digits)
+            }
             Some(scores) => {
                 let prefix = file
                     .get(names::TOKENIZER_ADD_SPACE_PREFIX)
@@ -96,6 +162,13 @@ impl Tokenizer {
                 )))
             }
         };
+        // Text a SentencePiece vocabulary without byte tokens cannot spell
+        // is dropped, so its length says nothing of the tokens it makes.
+        if let Backend::Spm(v) = &inner {
+            if !v.spells_every_byte() {
+                max_token_bytes = usize::MAX;
+            }
+        }
         let id = |k: &str| file.get_u64(&names::special_token_id(k)).map(|v| v as u32);
         let eos = id("eos");
         let mut stop_ids: Vec<u32> = ["eot", "eom"].iter().filter_map(|k| id(k)).collect();
@@ -124,31 +197,81 @@ impl Tokenizer {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(add_bos_default),
             chat_template: file.get_str(names::CHAT_TEMPLATE).map(|s| s.into_owned()),
+            max_token_bytes,
+            specials,
         })
     }
 
     /// Token ids of `text` (special-token text such as `<|im_start|>` becomes
-    /// its id), with BOS prepended if the model asks for it.
+    /// its id), with BOS prepended if the model asks for it; tokenized a
+    /// piece at a time as [`Tokenizer::encode_pieces`] says.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         let mut ids = Vec::new();
+        self.encode_pieces(text, &mut |piece| {
+            ids.extend_from_slice(piece);
+            true
+        })?;
+        Ok(ids)
+    }
+
+    /// The ids [`Tokenizer::encode`] gives, handed to `each` a piece at a
+    /// time (BOS first when the model adds it): the text is tokenized in
+    /// pieces of about [`PIECE_BYTES`] cut where the tokenizer splits it
+    /// anyway, so memory stays near a piece's however long the text is.
+    /// `each` returns false to stop. A stretch of over [`MAX_UNCUT_BYTES`]
+    /// with no place to cut is an error.
+    pub fn encode_pieces(
+        &self,
+        text: &str,
+        each: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<(), TokenizeError> {
+        self.encode_in(text, PIECE_BYTES, each)
+    }
+
+    fn encode_in(
+        &self,
+        text: &str,
+        piece_bytes: usize,
+        each: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<(), TokenizeError> {
         if self.add_bos {
-            ids.extend(self.bos);
+            if let Some(bos) = self.bos {
+                if !each(&[bos]) {
+                    return Ok(());
+                }
+            }
         }
         match &self.inner {
-            Backend::Bpe(t) => ids.extend_from_slice(
-                t.encode(text, false)
-                    .map_err(|e| TokenizeError(e.to_string()))?
-                    .get_ids(),
-            ),
-            Backend::Spm(v) => ids.extend(v.encode(text)),
+            Backend::Bpe(t, digits) => {
+                let mut start = 0;
+                for end in bpe_cuts(*digits, text, &self.specials, piece_bytes) {
+                    check_piece(start, end - start)?;
+                    let piece = t
+                        .encode(&text[start..end], false)
+                        .map_err(|e| TokenizeError(e.to_string()))?;
+                    start = end;
+                    if !each(piece.get_ids()) {
+                        break;
+                    }
+                }
+            }
+            Backend::Spm(v) => v.encode_in(text, piece_bytes, each)?,
         }
-        Ok(ids)
+        Ok(())
+    }
+
+    /// The fewest tokens `bytes` of text can make (no token stands for more
+    /// than the vocabulary's longest), known without tokenizing it: what
+    /// lets a caller refuse a text too long for a context before paying
+    /// for it.
+    pub fn fewest_tokens(&self, bytes: usize) -> usize {
+        bytes.div_ceil(self.max_token_bytes)
     }
 
     /// The text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizeError> {
         match &self.inner {
-            Backend::Bpe(t) => t
+            Backend::Bpe(t, _) => t
                 .decode(ids, false)
                 .map_err(|e| TokenizeError(e.to_string())),
             Backend::Spm(v) => Ok(v.decode(ids)),
@@ -158,7 +281,7 @@ impl Tokenizer {
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         match &self.inner {
-            Backend::Bpe(t) => t.get_vocab_size(true),
+            Backend::Bpe(t, _) => t.get_vocab_size(true),
             Backend::Spm(v) => v.len(),
         }
     }
@@ -315,12 +438,72 @@ impl<'a> TokenizerMetadata<'a> {
     }
 }
 
-/// The byte-level BPE pipeline for `tokenizer.ggml.pre`.
+/// Where `text` may be cut into pieces of at least `piece_bytes` that
+/// byte-level BPE tokenizes as it does the whole, and its end. No
+/// pre-token of the regexes here has a space after anything but
+/// whitespace (their classes exclude `\s`; only a leading space is
+/// optional); each ends a run of letters (ASCII, or CJK ideographs) at
+/// punctuation (ASCII, or CJK), which starts the next; and splits a run of
+/// ASCII digits as `digits` says. Never inside a special token's text.
+fn bpe_cuts(digits: DigitSplit, text: &str, specials: &[String], piece_bytes: usize) -> Vec<usize> {
+    let mut cuts = Vec::new();
+    let mut last = 0;
+    // Numeric characters (`\p{N}`) just before the current one.
+    let mut run = 0usize;
+    let mut prev: Option<char> = None;
+    for (at, c) in text.char_indices() {
+        if let Some(p) = prev.filter(|_| at - last >= piece_bytes) {
+            let word = !p.is_whitespace() && c == ' ';
+            let punctuation = (p.is_ascii_alphabetic() || cjk_ideograph(p))
+                && (c.is_ascii_punctuation() || CJK_PUNCTUATION.contains(&c));
+            let digit = p.is_ascii_digit()
+                && c.is_ascii_digit()
+                && match digits {
+                    DigitSplit::Each => true,
+                    DigitSplit::Threes => run.is_multiple_of(3),
+                    DigitSplit::Never => false,
+                };
+            if (word || punctuation || digit) && !inside_special(text, at, specials) {
+                cuts.push(at);
+                last = at;
+            }
+        }
+        run = if c.is_numeric() { run + 1 } else { 0 };
+        prev = Some(c);
+    }
+    if last < text.len() {
+        cuts.push(text.len());
+    }
+    cuts
+}
+
+/// CJK punctuation (`\p{Po}`, unchanged by NFC): 、。！，：；？
+const CJK_PUNCTUATION: [char; 7] = [
+    '\u{3001}', '\u{3002}', '\u{FF01}', '\u{FF0C}', '\u{FF1A}', '\u{FF1B}', '\u{FF1F}',
+];
+
+/// A CJK Unified Ideograph (`\p{Lo}`, unchanged by NFC).
+fn cjk_ideograph(c: char) -> bool {
+    ('\u{4E00}'..='\u{9FFF}').contains(&c)
+}
+
+/// Whether one of `specials` occurs in `text` across byte `at`.
+fn inside_special(text: &str, at: usize, specials: &[String]) -> bool {
+    let bytes = text.as_bytes();
+    specials.iter().any(|s| {
+        let s = s.as_bytes();
+        (at.saturating_sub(s.len().saturating_sub(1))..at)
+            .any(|start| bytes[start..].starts_with(s))
+    })
+}
+
+/// The byte-level BPE pipeline for `tokenizer.ggml.pre`, and how it splits
+/// digits.
 fn bpe(
     file: &GgufFile,
     tokens: &[Cow<'_, str>],
     types: &[i64],
-) -> Result<tokenizers::Tokenizer, String> {
+) -> Result<(tokenizers::Tokenizer, DigitSplit), String> {
     let merges = file
         .get_strings(names::TOKENIZER_MERGES)
         .ok_or("no tokenizer.ggml.merges")?;
@@ -341,11 +524,21 @@ fn bpe(
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| e.to_string())?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
     let pre = file
         .get_str(names::TOKENIZER_PRE)
         .map(|s| s.into_owned())
         .unwrap_or_else(|| "default".into());
+    pipeline(bpe, &pre, tokens, types)
+}
+
+/// `bpe` behind the pre-tokenizer `pre` and with the special tokens.
+fn pipeline(
+    bpe: BPE,
+    pre: &str,
+    tokens: &[Cow<'_, str>],
+    types: &[i64],
+) -> Result<(tokenizers::Tokenizer, DigitSplit), String> {
+    let mut inner = tokenizers::Tokenizer::new(bpe);
     let split = |re: &str| -> Result<PreTokenizerWrapper, String> {
         let s = Split::new(
             SplitPattern::Regex(re.to_string()),
@@ -355,21 +548,26 @@ fn bpe(
         .map_err(|e| e.to_string())?;
         Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, false, false).into()]).into())
     };
-    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3)?,
+    let (pre_tokenizer, digits): (PreTokenizerWrapper, DigitSplit) = match pre {
+        "llama-bpe" | "llama3" | "smaug-bpe" => (split(LLAMA3)?, DigitSplit::Threes),
         "qwen2" => {
             inner
                 .with_normalizer(Some(NFC))
                 .map_err(|e| e.to_string())?;
-            split(QWEN2)?
+            (split(QWEN2)?, DigitSplit::Each)
         }
         // SmolLM: every digit alone, then GPT-2's regex.
-        "smollm" => Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, false, true).into(),
-        ])
-        .into(),
-        "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, false, true).into(),
+        "smollm" => (
+            Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, false, true).into(),
+            ])
+            .into(),
+            DigitSplit::Each,
+        ),
+        "default" | "gpt2" | "gpt-2" => {
+            (ByteLevel::new(false, false, true).into(), DigitSplit::Never)
+        }
         other => {
             return Err(format!(
                 "pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"
@@ -389,5 +587,162 @@ fn bpe(
     inner
         .add_special_tokens(specials)
         .map_err(|e| e.to_string())?;
-    Ok(inner)
+    Ok((inner, digits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Text with every kind of boundary the pre-tokenizers treat apart:
+    /// words and contractions, runs of spaces and newlines, ASCII and other
+    /// digits, punctuation, combining marks and Hangul jamo (which NFC
+    /// composes), emoji and special tokens.
+    fn stress_text(seed: u64, bytes: usize) -> String {
+        const PARTS: &[&str] = &[
+            "a",
+            "b",
+            "z",
+            "Q",
+            "word",
+            " ",
+            " ",
+            "  ",
+            "   ",
+            "\n",
+            "\n\n",
+            " \n",
+            "\t",
+            "0",
+            "1",
+            "7",
+            "42",
+            "123",
+            "9999",
+            "'s",
+            "'ll",
+            "'D",
+            ".",
+            ",",
+            "!",
+            "...",
+            "é",
+            "e\u{301}",
+            "\u{1100}\u{1161}\u{11A8}",
+            "한",
+            "😀",
+            "\u{663}",
+            "²",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|im_",
+            "_start|>",
+            "the cat sat",
+            "a b",
+            "x Y",
+            "hello, world! ",
+            "(x)",
+            "\"q\"",
+            "中文",
+            "。",
+            "，",
+            "x.y",
+            "it's",
+            "слово ",
+            "नमस्ते ",
+            "\u{a0}",
+            "\u{3000}",
+            "x\u{300}",
+        ];
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut out = String::new();
+        while out.len() < bytes {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let r = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize;
+            out.push_str(PARTS[r % PARTS.len()]);
+        }
+        out
+    }
+
+    /// The pre-tokens `t`'s pre-tokenizer makes of `text`.
+    fn pre_tokens(t: &tokenizers::Tokenizer, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut s = PreTokenizedString::from(text);
+        t.get_pre_tokenizer().unwrap().pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    /// Cut at every place [`bpe_cuts`] allows (pieces of one byte and
+    /// more), each pre-tokenizer splits the text as it does the whole, and
+    /// tokenizes it with SmolLM2's vocabulary into the same ids (ids alone
+    /// would miss a wrong cut between symbols the vocabulary never merges).
+    #[test]
+    fn text_cut_where_bpe_cuts_says_tokenizes_as_the_whole() {
+        let home = std::env::var_os("HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_default();
+        let path = home.join(".cache/lorafold/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.exists(),
+            "{} is missing: run scripts/fetch-smollm2.sh",
+            path.display()
+        );
+        let file = GgufFile::open(&path).unwrap();
+        let tokens = file.get_strings(names::TOKENIZER_TOKENS).unwrap();
+        let types: Vec<i64> = file
+            .get(names::TOKENIZER_TOKEN_TYPE)
+            .and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().map(|t| t.as_f64().unwrap() as i64).collect())
+            })
+            .unwrap();
+        let specials: Vec<String> = types
+            .iter()
+            .zip(tokens.iter())
+            .filter(|(&t, _)| t == 3 || t == 4)
+            .map(|(_, s)| s.to_string())
+            .collect();
+        let merges: Vec<(String, String)> = file
+            .get_strings(names::TOKENIZER_MERGES)
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').unwrap();
+                (a.to_string(), b.to_string())
+            })
+            .collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        for pre in ["smollm", "llama-bpe", "qwen2", "gpt2"] {
+            let bpe = BPE::builder()
+                .vocab_and_merges(vocab.clone(), merges.clone())
+                .build()
+                .unwrap();
+            let (t, digits) = pipeline(bpe, pre, &tokens, &types).unwrap();
+            for seed in 1..=8 {
+                let text = stress_text(seed, 6000);
+                let whole = t.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+                let cuts = bpe_cuts(digits, &text, &specials, 1);
+                assert!(cuts.len() > 300, "{pre}: {} cuts", cuts.len());
+                let (mut pieces, mut splits) = (Vec::new(), Vec::new());
+                let mut start = 0;
+                for end in cuts {
+                    pieces.extend_from_slice(t.encode(&text[start..end], false).unwrap().get_ids());
+                    splits.extend(pre_tokens(&t, &text[start..end]));
+                    start = end;
+                }
+                assert_eq!(splits, pre_tokens(&t, &text), "{pre}, seed {seed}");
+                assert_eq!(pieces, whole, "{pre}, seed {seed}");
+            }
+        }
+    }
 }

@@ -25,6 +25,7 @@ mod hostile_outputs;
 mod hostile_run;
 mod inspect_cli;
 mod llama_cpp_compat;
+mod long_prompt;
 mod output_safety;
 mod run_cli;
 mod runtime;
