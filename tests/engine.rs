@@ -121,7 +121,7 @@ fn engine_equals_candle_at_every_type() {
         "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k",
         "q5_k", "q6_k",
     ] {
-        let path = synthetic::quantize(base, quant, &dir.join(format!("{quant}.gguf")));
+        let path = synthetic::quantize(base, quant, &dir.join(format!("as-{quant}.gguf")));
         // Float weights leave only summation order; quantized ones also the
         // activations' rounding (which candle does in its own order).
         let bound = if quant.starts_with('f') || quant == "bf16" {
