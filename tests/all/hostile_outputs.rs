@@ -10,10 +10,9 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use crate::hostile_convert::write_safetensors;
 use common::synthetic::{write_f32, Shape};
 use common::{lorafold, Rng};
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 use serde_json::json;
 
 /// 32 wide (one Q8_0 block per row), one block, 32 tokens.
@@ -65,21 +64,7 @@ fn adapter_of(dim: usize, dir: &Path, name: &str, b_value: f32) -> PathBuf {
         ),
         (key("lora_B.weight"), vec![dim, 2], vec![b_value; 2 * dim]),
     ];
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((k, s, _), b)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &a.join("adapter_model.safetensors")).unwrap();
+    write_safetensors(&a.join("adapter_model.safetensors"), &tensors);
     a
 }
 

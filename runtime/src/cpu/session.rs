@@ -617,6 +617,21 @@ impl<'m> CpuSession<'m> {
         ((layer * self.cfg.n_head_kv + kv_head) * self.max + pos) * self.cfg.head_dim
     }
 
+    /// The attention output (rows `ld` apart) and the per-thread scratch
+    /// (a row per thread), as pointers the workers share.
+    fn attention_buffers(&mut self, ld: usize) -> (Out, Out) {
+        let per = self.s.per_thread.len() / self.pool.threads();
+        let out = Out {
+            ptr: self.s.attn.as_mut_ptr(),
+            ld,
+        };
+        let scratch = Out {
+            ptr: self.s.per_thread.as_mut_ptr(),
+            ld: per,
+        };
+        (out, scratch)
+    }
+
     /// softmax(q·kᵀ / √d + causal mask) · v for every query head and row.
     fn attention(&mut self, layer: usize, t: usize) {
         if t == 1 {
@@ -634,24 +649,18 @@ impl<'m> CpuSession<'m> {
         let group = cfg.n_head / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let units = cfg.n_head;
+        let (out, scratch) = self.attention_buffers(0);
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
-        let out = Out {
-            ptr: self.s.attn.as_mut_ptr(),
-            ld: 0,
-        };
-        let per = self.s.per_thread.len() / self.pool.threads();
-        let scratch = Out {
-            ptr: self.s.per_thread.as_mut_ptr(),
-            ld: per,
-        };
         let this = &*self;
         let isa = self.isa;
         let work = |th: usize, n: usize| {
             // Whole copies: a closure capturing only `.ptr` would not be Sync.
             let (scratch, out) = (scratch, out);
             // SAFETY: each thread uses its own slice of the per-thread scratch.
-            let mine = unsafe { std::slice::from_raw_parts_mut(scratch.ptr.add(th * per), per) };
+            let mine = unsafe {
+                std::slice::from_raw_parts_mut(scratch.ptr.add(th * scratch.ld), scratch.ld)
+            };
             let (scores, acc) = mine.split_at_mut(pos + 1);
             let acc = &mut acc[..hd];
             for h in (th..units).step_by(n) {
@@ -687,23 +696,17 @@ impl<'m> CpuSession<'m> {
         let scale = 1.0 / (hd as f32).sqrt();
         let blocks = t.div_ceil(PREFILL_ROWS);
         let units = cfg.n_head_kv * blocks;
+        let (out, scratch) = self.attention_buffers(q_out);
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
-        let out = Out {
-            ptr: self.s.attn.as_mut_ptr(),
-            ld: q_out,
-        };
-        let per = self.s.per_thread.len() / self.pool.threads();
-        let scratch = Out {
-            ptr: self.s.per_thread.as_mut_ptr(),
-            ld: per,
-        };
         let this = &*self;
         let isa = self.isa;
         let work = |th: usize, n: usize| {
             let (scratch, out) = (scratch, out);
             // SAFETY: each thread uses its own slice of the per-thread scratch.
-            let mine = unsafe { std::slice::from_raw_parts_mut(scratch.ptr.add(th * per), per) };
+            let mine = unsafe {
+                std::slice::from_raw_parts_mut(scratch.ptr.add(th * scratch.ld), scratch.ld)
+            };
             // Last blocks first: they are the longest, and dealing them out
             // first evens the threads' shares.
             for u in (th..units).step_by(n) {
