@@ -5,52 +5,20 @@
 //! header, answers like a pirate at scale 1 and like the Rust API's base at
 //! scale 0.
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void};
 use std::path::{Path, PathBuf};
 use std::ptr::{null, null_mut};
 
 use lorafold::*;
+
+mod common;
+use common::{c, expect, message, smollm2};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-fn smollm2() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let p = home.join(".cache/lorafold/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-smollm2.sh",
-        p.display()
-    );
-    p
-}
-
-fn c(s: &str) -> CString {
-    CString::new(s).unwrap()
-}
-
-fn message() -> String {
-    // SAFETY: lorafold_last_error returns a NUL-terminated string.
-    unsafe { CStr::from_ptr(lorafold_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// The status, and a message exactly when it is an error.
-fn expect(status: lorafold_status, want: lorafold_status, what: &str) {
-    let m = message();
-    assert_eq!(status, want, "{what}: {m}");
-    assert_eq!(
-        status != LORAFOLD_OK,
-        !m.is_empty(),
-        "{what}: message '{m}'"
-    );
 }
 
 /// The pirate adapter as a llama.cpp LoRA GGUF, written by the converter.

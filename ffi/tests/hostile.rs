@@ -9,12 +9,15 @@
 #[allow(dead_code)]
 mod synthetic;
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::path::Path;
 use std::ptr::{null, null_mut};
 use std::sync::mpsc;
 
 use lorafold::*;
+
+mod common;
+use common::{c, expect, message};
 use lorafold_runtime::gguf::GgmlType;
 
 const TINY: synthetic::Shape = synthetic::Shape {
@@ -29,23 +32,6 @@ const TINY: synthetic::Shape = synthetic::Shape {
 /// The sessions' context.
 const N_CTX: usize = 48;
 const VOCAB: usize = 64;
-
-fn c(s: &str) -> CString {
-    CString::new(s).unwrap()
-}
-
-fn message() -> String {
-    // SAFETY: lorafold_last_error returns a NUL-terminated string.
-    unsafe { CStr::from_ptr(lorafold_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn expect(status: lorafold_status, want: lorafold_status, what: &str) {
-    let m = message();
-    assert_eq!(status, want, "{what}: {m}");
-    assert_eq!(status != LORAFOLD_OK, !m.is_empty(), "{what}: '{m}'");
-}
 
 /// The tiny model and a LoRA adapter (zeros, rank 4 on blk.0.attn_q) for it.
 fn tiny(dir: &Path) -> (CString, CString) {

@@ -5,31 +5,13 @@
 //! letters) is refused rather than tokenized whole. Alone in its test binary, so no other
 //! test allocates while it reads the process's peak resident memory.
 
-use std::ffi::{CStr, CString};
-use std::path::PathBuf;
+use std::ffi::CString;
 use std::ptr::{null, null_mut};
 
 use lorafold::*;
 
-fn smollm2() -> CString {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let p = home.join(".cache/lorafold/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-smollm2.sh",
-        p.display()
-    );
-    CString::new(p.to_str().unwrap()).unwrap()
-}
-
-fn message() -> String {
-    // SAFETY: lorafold_last_error returns a NUL-terminated string.
-    unsafe { CStr::from_ptr(lorafold_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
+mod common;
+use common::{c, message, smollm2};
 
 /// The process's peak resident memory since the last [`reset_peak`], bytes.
 fn peak() -> u64 {
@@ -54,7 +36,7 @@ const MAX_UNCUT: usize = 256 << 10;
 #[test]
 fn long_text_is_tokenized_in_pieces_and_a_prompt_too_long_is_refused_untokenized() {
     const BYTES: usize = 8 << 20;
-    let path = smollm2();
+    let path = c(smollm2().to_str().unwrap());
     let digits = CString::new("0123456789".repeat(BYTES / 10)).unwrap();
     let (mut m, mut s) = (null_mut(), null_mut());
     unsafe {
