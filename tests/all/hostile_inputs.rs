@@ -8,7 +8,7 @@ use crate::common;
 use crate::hostile_convert::{
     adapter, adapter_config, hf_base, hf_config, hf_tensors, lora_qv, write_safetensors,
 };
-use crate::hostile_run::{array, Spec};
+use crate::hostile_run::{array, Spec, TOKENS};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -100,17 +100,6 @@ fn mkfifo(path: &Path) -> PathBuf {
     assert!(st.success(), "mkfifo {}", path.display());
     path.to_path_buf()
 }
-
-const TOKENS: [&str; 8] = [
-    "<unk>",
-    "<s>",
-    "</s>",
-    "\u{2581}a",
-    "\u{2581}b",
-    "a",
-    "b",
-    "\u{2581}",
-];
 
 /// Metadata entries to set on [`Spec::model`].
 type Edits = Vec<(&'static str, MetadataValue<'static>)>;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use crate::hostile_convert::write_safetensors;
+use crate::output_safety::listing;
 use common::synthetic::{write_f32, Shape};
 use common::{lorafold, Rng};
 use serde_json::json;
@@ -86,16 +87,6 @@ fn refused(o: &Output, expect: &[&str]) -> String {
         assert!(err.contains(e), "{err:?} lacks {e:?}");
     }
     err
-}
-
-/// The names in `dir`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 // ---- 1. two outputs on one path, an output on an input ----

@@ -30,20 +30,23 @@ pub(crate) fn array(elem: ValueType, items: Vec<MetadataValue<'static>>) -> Meta
     MetadataValue::Array(MetadataArray::Owned { elem, items })
 }
 
+/// The SentencePiece vocabulary of [`Spec::model`].
+pub(crate) const TOKENS: [&str; 8] = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "\u{2581}a",
+    "\u{2581}b",
+    "a",
+    "b",
+    "\u{2581}",
+];
+
 impl Spec {
     /// A two-block llama, 32 wide, with an 8-token SentencePiece vocabulary.
     pub(crate) fn model() -> Spec {
         let mut rng = common::Rng::new(7);
-        let tokens = [
-            "<unk>",
-            "<s>",
-            "</s>",
-            "\u{2581}a",
-            "\u{2581}b",
-            "a",
-            "b",
-            "\u{2581}",
-        ];
+        let tokens = TOKENS;
         let md = vec![
             (
                 "general.architecture".into(),

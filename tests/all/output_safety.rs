@@ -19,7 +19,8 @@ fn tiny() -> PathBuf {
     common::shared_data().join("tiny-llama")
 }
 
-fn listing(dir: &Path) -> Vec<String> {
+/// The names in `dir`, sorted.
+pub(crate) fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
