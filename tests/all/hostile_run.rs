@@ -603,17 +603,7 @@ fn odd_alignment_loads_on_both_backends() {
 fn token_ids_beyond_the_embedding_are_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     // Nine tokens for eight embedding rows.
-    let tokens = [
-        "<unk>",
-        "<s>",
-        "</s>",
-        "\u{2581}a",
-        "\u{2581}b",
-        "a",
-        "b",
-        "\u{2581}",
-        "c",
-    ];
+    let tokens: Vec<&str> = TOKENS.iter().copied().chain(["c"]).collect();
     let p = Spec::model()
         .set("tokenizer.ggml.tokens", MetadataValue::string_array(tokens))
         .set(
