@@ -112,10 +112,13 @@ fn types() -> Vec<WType> {
 
 fn bench(c: &mut Criterion) {
     let types = types();
-    let mut isas = vec![("scalar", Isa::scalar())];
-    if Isa::detect().avx2 {
-        isas.insert(0, ("avx2", Isa::detect()));
-    }
+    // Every tier this CPU has, fastest first, down to the scalar reference.
+    let mut isas: Vec<(&str, Isa)> = Isa::detect()
+        .tiers()
+        .into_iter()
+        .map(|i| (i.name(), i))
+        .collect();
+    isas.reverse();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for (k, n) in SHAPES {
         let ws: Vec<(WType, Vec<u8>)> = types

@@ -9,6 +9,7 @@
 use half::f16;
 
 use crate::blocks::QK_K;
+use crate::Isa;
 
 /// The format activations are rounded to for a weight type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,11 +285,13 @@ fn f16_round(x: f32) -> f32 {
 
 /// ggml's `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d) (half away from zero).
 fn q8_codes(xs: &[f32], qs: &mut [i8; 32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; `xs` holds 32 values (its callers chunk by 32).
-        return unsafe { q8_codes_avx2(xs, qs) };
-    }
+    // SAFETY: the tier was detected on this CPU; `xs` holds 32 values (its
+    // callers chunk by 32).
+    unsafe { (Isa::detect().kernels().q8_codes)(xs, qs) }
+}
+
+/// The portable [`q8_codes`].
+pub(crate) fn q8_codes_scalar(xs: &[f32], qs: &mut [i8; 32]) -> f32 {
     let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -302,7 +305,7 @@ fn q8_codes(xs: &[f32], qs: &mut [i8; 32]) -> f32 {
 /// [`round_half_away`] lane by lane); the scalar loop was 8% of a prefill.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn q8_codes_avx2(xs: &[f32], qs: &mut [i8; 32]) -> f32 {
+pub(crate) unsafe fn q8_codes_avx2(xs: &[f32], qs: &mut [i8; 32]) -> f32 {
     use std::arch::x86_64::*;
     assert!(xs.len() >= 32);
     let p = xs.as_ptr();
@@ -374,11 +377,12 @@ fn quantize_q8_1(xs: &[f32], b: &mut ActQ8_1) {
 /// ggml's `quantize_row_q8_K_ref`: the scale comes from the signed value of
 /// largest magnitude, codes round half to even (its `nearest_int`), clamped at 127.
 fn quantize_q8k(xs: &[f32], b: &mut ActQ8K) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; `xs` holds QK_K values.
-        return unsafe { quantize_q8k_avx2(xs, b) };
-    }
+    // SAFETY: the tier was detected on this CPU; `xs` holds QK_K values.
+    unsafe { (Isa::detect().kernels().quantize_q8k)(xs, b) }
+}
+
+/// The portable [`quantize_q8k`].
+pub(crate) fn quantize_q8k_scalar(xs: &[f32], b: &mut ActQ8K) {
     let (mut amax, mut max) = (0f32, 0f32);
     for &x in xs {
         if x.abs() > amax {
@@ -408,7 +412,7 @@ fn quantize_q8k(xs: &[f32], b: &mut ActQ8K) {
 /// prefill.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_q8k_avx2(xs: &[f32], b: &mut ActQ8K) {
+pub(crate) unsafe fn quantize_q8k_avx2(xs: &[f32], b: &mut ActQ8K) {
     use std::arch::x86_64::*;
     assert!(xs.len() >= QK_K);
     let p = xs.as_ptr();
@@ -479,6 +483,17 @@ mod tests {
                 bsums: [0; QK_K / 16],
             };
             let mut b = a;
+            // Every tier this CPU runs, each bit-identical to the reference.
+            let tiers: Vec<(Isa, ActQ8K)> = Isa::detect()
+                .tiers()
+                .into_iter()
+                .map(|isa| {
+                    let mut t = a;
+                    // SAFETY: the tier was detected here; xs holds QK_K values.
+                    unsafe { (isa.kernels().quantize_q8k)(xs, &mut t) };
+                    (isa, t)
+                })
+                .collect();
             quantize_q8k(xs, &mut a);
             // The scalar reference, inline.
             let (mut amax, mut max) = (0f32, 0f32);
@@ -502,6 +517,13 @@ mod tests {
                 (a.d.to_bits(), a.qs, a.bsums),
                 (b.d.to_bits(), b.qs, b.bsums)
             );
+            for (isa, t) in tiers {
+                assert_eq!(
+                    (t.d.to_bits(), t.qs, t.bsums),
+                    (b.d.to_bits(), b.qs, b.bsums),
+                    "{isa}"
+                );
+            }
         }
     }
 
@@ -526,6 +548,13 @@ mod tests {
                 *q = (v * id).round() as i8;
             }
             assert_eq!(a, b);
+            // Every tier this CPU runs, each bit-identical to the reference.
+            for isa in Isa::detect().tiers() {
+                let mut t = [0i8; 32];
+                // SAFETY: the tier was detected here; xs holds 32 values.
+                let dt = unsafe { (isa.kernels().q8_codes)(xs, &mut t) };
+                assert_eq!((dt.to_bits(), t), (d.to_bits(), b), "{isa}");
+            }
         }
     }
 

@@ -18,12 +18,12 @@ pub enum Row<'a> {
 
 /// q · row.
 pub fn dot(q: &[f32], row: Row, isa: Isa) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2 {
-        // SAFETY: the CPU has AVX2, FMA and F16C (Isa::detect).
-        return unsafe { avx2::dot(q, row) };
-    }
-    let _ = isa;
+    // SAFETY: `isa` was detected on this CPU (see `Isa`).
+    unsafe { (isa.kernels().dot)(q, row) }
+}
+
+/// The portable [`dot`]: eight lanes summed as every tier sums them.
+pub(crate) fn dot_scalar(q: &[f32], row: Row) -> f32 {
     let mut acc = [0f32; 8];
     let n = q.len();
     let at = |i: usize| match row {
@@ -45,12 +45,12 @@ pub fn dot(q: &[f32], row: Row, isa: Isa) -> f32 {
 
 /// acc += p * row.
 pub fn axpy(acc: &mut [f32], p: f32, row: Row, isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2 {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::axpy(acc, p, row) };
-    }
-    let _ = isa;
+    // SAFETY: as in `dot`.
+    unsafe { (isa.kernels().axpy)(acc, p, row) }
+}
+
+/// The portable [`axpy`].
+pub(crate) fn axpy_scalar(acc: &mut [f32], p: f32, row: Row) {
     match row {
         Row::F32(r) => acc.iter_mut().zip(r).for_each(|(a, &v)| *a += p * v),
         Row::F16(r) => acc
@@ -66,31 +66,33 @@ pub fn axpy(acc: &mut [f32], p: f32, row: Row, isa: Isa) {
 /// instead of one latency-bound chain each.
 pub fn dots(q: &[f32], row: Row, out: &mut [f32], isa: Isa) {
     let hd = q.len() / out.len().max(1);
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2 && hd.is_multiple_of(16) {
-        // SAFETY: the CPU has AVX2, FMA and F16C (Isa::detect).
-        return unsafe { avx2::dots(q, row, out, hd) };
-    }
+    // SAFETY: as in `dot`.
+    unsafe { (isa.kernels().dots)(q, row, out, hd) }
+}
+
+/// The portable [`dots`]: one [`dot_scalar`] per head.
+pub(crate) fn dots_scalar(q: &[f32], row: Row, out: &mut [f32], hd: usize) {
     for (o, qh) in out.iter_mut().zip(q.chunks_exact(hd)) {
-        *o = dot(qh, row, isa);
+        *o = dot_scalar(qh, row);
     }
 }
 
 /// `acc_h += p[h] * row` for the `p.len()` accumulators laid end to end in `acc`.
 pub fn axpys(acc: &mut [f32], p: &[f32], row: Row, isa: Isa) {
     let hd = acc.len() / p.len().max(1);
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2 && hd.is_multiple_of(8) {
-        // SAFETY: as in `dots`.
-        return unsafe { avx2::axpys(acc, p, row, hd) };
-    }
+    // SAFETY: as in `dot`.
+    unsafe { (isa.kernels().axpys)(acc, p, row, hd) }
+}
+
+/// The portable [`axpys`]: one [`axpy_scalar`] per head.
+pub(crate) fn axpys_scalar(acc: &mut [f32], p: &[f32], row: Row, hd: usize) {
     for (a, &ph) in acc.chunks_exact_mut(hd).zip(p) {
-        axpy(a, ph, row, isa);
+        axpy_scalar(a, ph, row);
     }
 }
 
 /// Softmax of `x` in place, as ggml computes it: the largest value
-/// subtracted, e^x summed in f64, then scaled. The AVX2 path's e^x is a
+/// subtracted, e^x summed in f64, then scaled. The SIMD paths' e^x is a
 /// degree-6 polynomial after range reduction (Cephes' expf, within 2 ulp):
 /// prefill computes one e^x per (query, key) pair, as many as its products'
 /// multiply-adds divided by the head width, and libm's scalar expf made
@@ -100,18 +102,8 @@ pub fn softmax(x: &mut [f32], isa: Isa) {
         return;
     }
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    #[cfg(target_arch = "x86_64")]
-    let sum = if isa.avx2 {
-        // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
-        unsafe { avx2::exp_shifted(x, max) }
-    } else {
-        exp_shifted(x, max)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let sum = {
-        let _ = isa;
-        exp_shifted(x, max)
-    };
+    // SAFETY: as in `dot`.
+    let sum = unsafe { (isa.kernels().exp_shifted)(x, max) };
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v *= inv;
@@ -119,7 +111,7 @@ pub fn softmax(x: &mut [f32], isa: Isa) {
 }
 
 /// `x = e^(x - max)` in place; returns the sum in f64.
-fn exp_shifted(x: &mut [f32], max: f32) -> f64 {
+pub(crate) fn exp_shifted_scalar(x: &mut [f32], max: f32) -> f64 {
     let mut sum = 0f64;
     for v in x.iter_mut() {
         *v = (*v - max).exp();
@@ -133,7 +125,7 @@ fn lanes(a: [f32; 8]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{lanes, Row};
@@ -147,7 +139,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot(q: &[f32], row: Row) -> f32 {
+    pub(crate) unsafe fn dot(q: &[f32], row: Row) -> f32 {
         let n = q.len();
         let len = match row {
             Row::F32(r) => r.len(),
@@ -177,7 +169,13 @@ mod avx2 {
     const NQ: usize = 4;
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dots(q: &[f32], row: Row, out: &mut [f32], hd: usize) {
+    pub(crate) unsafe fn dots(q: &[f32], row: Row, out: &mut [f32], hd: usize) {
+        if !hd.is_multiple_of(16) {
+            for (o, qh) in out.iter_mut().zip(q.chunks_exact(hd)) {
+                *o = dot(qh, row);
+            }
+            return;
+        }
         let len = match row {
             Row::F32(r) => r.len(),
             Row::F16(r) => r.len(),
@@ -212,7 +210,13 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn axpys(acc: &mut [f32], p: &[f32], row: Row, hd: usize) {
+    pub(crate) unsafe fn axpys(acc: &mut [f32], p: &[f32], row: Row, hd: usize) {
+        if !hd.is_multiple_of(8) {
+            for (a, &ph) in acc.chunks_exact_mut(hd).zip(p) {
+                axpy(a, ph, row);
+            }
+            return;
+        }
         let len = match row {
             Row::F32(r) => r.len(),
             Row::F16(r) => r.len(),
@@ -236,7 +240,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn axpy(acc: &mut [f32], p: f32, row: Row) {
+    pub(crate) unsafe fn axpy(acc: &mut [f32], p: f32, row: Row) {
         let n = acc.len();
         let len = match row {
             Row::F32(r) => r.len(),
@@ -262,7 +266,7 @@ mod avx2 {
     }
     /// `x = e^(x - max)` in place, eight at a time; returns the sum in f64.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn exp_shifted(x: &mut [f32], max: f32) -> f64 {
+    pub(crate) unsafe fn exp_shifted(x: &mut [f32], max: f32) -> f64 {
         let n = x.len();
         let m = _mm256_set1_ps(max);
         let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());

@@ -13,7 +13,7 @@
 
 use std::ops::Range;
 
-use crate::{ActBuf, Isa, Out, WType, Weights};
+use crate::{ActBuf, Out, WType, Weights};
 
 /// Elements per lane group (one AVX2 register of f32).
 pub(crate) const LANES: usize = 8;
@@ -51,21 +51,12 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(o | ((h & 0x8000) as u32) << 16)
 }
 
-/// Type tags for the const-generic kernels.
-pub(crate) const F32: u8 = 0;
-/// See [`F32`].
-pub(crate) const F16: u8 = 1;
-/// See [`F32`].
-pub(crate) const BF16: u8 = 2;
+pub(crate) use crate::code::{BF16, F16, F32};
 
 /// The tag of a float weight type.
 pub(crate) fn tag(wtype: WType) -> u8 {
-    match wtype {
-        WType::F32 => F32,
-        WType::F16 => F16,
-        WType::BF16 => BF16,
-        _ => unreachable!("{wtype:?} is not a float type"),
-    }
+    debug_assert_eq!(wtype.family(), crate::Family::Float);
+    wtype.code()
 }
 
 /// The lane reduction every path uses (see the module comment).
@@ -124,17 +115,6 @@ fn dot<const T: u8>(w: &[u8], a: &[f32]) -> f32 {
     s
 }
 
-/// See [`crate::gemm`].
-pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2 {
-        crate::float_avx2::gemm(w, rows, acts, out);
-        return;
-    }
-    let _ = isa;
-    gemm_scalar(w, rows, acts, out);
-}
-
 /// The portable path.
 ///
 /// # Safety
@@ -173,7 +153,7 @@ pub(crate) fn dequantize(wtype: WType, bytes: &[u8], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::testing::{self, run, Family, Rng};
-    use crate::ActType;
+    use crate::{gemm, ActType, Isa};
     use half::{bf16, f16};
 
     const TYPES: [WType; 3] = [WType::F32, WType::F16, WType::BF16];
@@ -269,8 +249,8 @@ mod tests {
     }
 
     #[test]
-    fn avx2_matches_scalar_and_reference() {
-        testing::avx2_matches_scalar_and_reference::<Fam>();
+    fn simd_matches_scalar_and_reference() {
+        testing::simd_matches_scalar_and_reference::<Fam>();
     }
 
     /// Every element of a tiled product equals the same element computed

@@ -18,7 +18,7 @@ use half::f16;
 
 use crate::act::ActQ8K;
 use crate::blocks::QK_K;
-use crate::{ActBuf, Isa, Out, WType, Weights};
+use crate::{ActBuf, Out, WType, Weights};
 
 /// Groups of 16 per super-block.
 pub(crate) const NG: usize = QK_K / 16;
@@ -204,17 +204,6 @@ fn dot(w: &Weights, r: usize, a: &[ActQ8K]) -> f32 {
     sumf
 }
 
-/// See [`crate::gemm`].
-pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2 {
-        crate::kquants_avx2::gemm(w, rows, acts, out);
-        return;
-    }
-    let _ = isa;
-    gemm_scalar(w, rows, acts, out);
-}
-
 /// The portable path.
 ///
 /// # Safety
@@ -355,8 +344,8 @@ mod tests {
     }
 
     #[test]
-    fn avx2_matches_scalar_and_reference() {
-        testing::avx2_matches_scalar_and_reference::<Fam>();
+    fn simd_matches_scalar_and_reference() {
+        testing::simd_matches_scalar_and_reference::<Fam>();
     }
 
     /// Every element of a tiled product equals the same element computed

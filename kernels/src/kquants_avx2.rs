@@ -25,11 +25,7 @@ use crate::kquants::q3k_scales;
 use crate::rows8_avx2::{decode_rows, reduce8, Ctx};
 use crate::{ActBuf, Out, WType, Weights};
 
-pub(crate) const Q2K: u8 = 0;
-pub(crate) const Q3K: u8 = 1;
-pub(crate) const Q4K: u8 = 2;
-pub(crate) const Q5K: u8 = 3;
-pub(crate) const Q6K: u8 = 4;
+use crate::code::{Q2K, Q3K, Q4K, Q5K, Q6K};
 
 /// Whether `T` has minimums (w = d sc q - dmin mn).
 const fn has_min(t: u8) -> bool {

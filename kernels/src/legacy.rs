@@ -10,7 +10,7 @@ use std::ops::Range;
 use half::f16;
 
 use crate::act::{ActQ8_0, ActQ8_1};
-use crate::{ActBuf, Isa, Out, WType, Weights};
+use crate::{ActBuf, Out, WType, Weights};
 
 /// Weights per block.
 pub(crate) const QK: usize = 32;
@@ -69,7 +69,7 @@ pub(crate) fn codes(wtype: WType, blk: &[u8]) -> [i32; QK] {
 
 /// Whether blocks of `wtype` carry a minimum `m` (w = d q + m).
 pub(crate) fn has_min(wtype: WType) -> bool {
-    matches!(wtype, WType::Q4_1 | WType::Q5_1)
+    wtype.has_min()
 }
 
 /// ggml's `ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0`.
@@ -95,17 +95,6 @@ fn dot_q8_1(w: &Weights, r: usize, a: &[ActQ8_1]) -> f32 {
         sumf += (f16_at(blk, 0) * ab.d) * sumi as f32 + f16_at(blk, 2) * ab.s;
     }
     sumf
-}
-
-/// See [`crate::gemm`].
-pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2 {
-        crate::legacy_avx2::gemm(w, rows, acts, out);
-        return;
-    }
-    let _ = isa;
-    gemm_scalar(w, rows, acts, out);
 }
 
 /// The portable path.
@@ -263,8 +252,8 @@ mod tests {
     }
 
     #[test]
-    fn avx2_matches_scalar_and_reference() {
-        testing::avx2_matches_scalar_and_reference::<Fam>();
+    fn simd_matches_scalar_and_reference() {
+        testing::simd_matches_scalar_and_reference::<Fam>();
     }
 
     /// Every element of a tiled product equals the same element computed

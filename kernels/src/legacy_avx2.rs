@@ -20,11 +20,7 @@ use std::ops::Range;
 use crate::rows8_avx2::{decode_rows, reduce8, Ctx};
 use crate::{ActBuf, Out, WType, Weights};
 
-pub(crate) const Q4_0: u8 = 0;
-pub(crate) const Q4_1: u8 = 1;
-pub(crate) const Q5_0: u8 = 2;
-pub(crate) const Q5_1: u8 = 3;
-pub(crate) const Q8_0: u8 = 4;
+use crate::code::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
 /// Whether `T` has a minimum and takes Q8_1 activations.
 const fn has_min(t: u8) -> bool {

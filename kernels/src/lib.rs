@@ -22,6 +22,7 @@ mod float;
 #[cfg(target_arch = "x86_64")]
 mod float_avx2;
 pub mod grid;
+mod isa;
 mod kquants;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
@@ -39,10 +40,14 @@ mod testing;
 use std::ops::Range;
 
 pub use act::{ActBuf, ActType};
+pub use isa::{Isa, Tier};
 
-/// A weight type: the ggml types the converter writes.
+/// A weight type: the ggml types the converter writes. The discriminant is
+/// the type's row in [`TypeTraits`]' table and the `u8` code const-generic
+/// kernels are specialised by (see [`code`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
+#[repr(u8)]
 pub enum WType {
     /// 32-bit float.
     F32,
@@ -92,50 +97,39 @@ impl WType {
 
     /// The type for a ggml type id, if we have kernels for it.
     pub fn from_ggml_id(id: u32) -> Option<WType> {
-        Some(match id {
-            0 => WType::F32,
-            1 => WType::F16,
-            2 => WType::Q4_0,
-            3 => WType::Q4_1,
-            6 => WType::Q5_0,
-            7 => WType::Q5_1,
-            8 => WType::Q8_0,
-            10 => WType::Q2K,
-            11 => WType::Q3K,
-            12 => WType::Q4K,
-            13 => WType::Q5K,
-            14 => WType::Q6K,
-            30 => WType::BF16,
-            _ => return None,
-        })
+        WType::ALL.into_iter().find(|t| t.traits().ggml_id == id)
+    }
+
+    /// The type with this name as ggml prints it ("Q4_K", "f16"; any case).
+    pub fn from_name(name: &str) -> Option<WType> {
+        WType::ALL
+            .into_iter()
+            .find(|t| t.traits().name.eq_ignore_ascii_case(name))
+    }
+
+    /// The type whose [`WType::code`] is `c` (const-generic kernels' `T`).
+    pub const fn from_code(c: u8) -> WType {
+        WType::ALL[c as usize]
+    }
+
+    /// The `u8` a const-generic kernel is specialised by.
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// This type's row of the table.
+    pub const fn traits(self) -> &'static TypeTraits {
+        &TRAITS[self as usize]
     }
 
     /// Weights per block.
-    pub fn block_len(self) -> usize {
-        match self {
-            WType::F32 | WType::F16 | WType::BF16 => 1,
-            WType::Q4_0 | WType::Q4_1 | WType::Q5_0 | WType::Q5_1 | WType::Q8_0 => 32,
-            WType::Q2K | WType::Q3K | WType::Q4K | WType::Q5K | WType::Q6K => blocks::QK_K,
-        }
+    pub const fn block_len(self) -> usize {
+        self.traits().block_len
     }
 
     /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        use std::mem::size_of;
-        match self {
-            WType::F32 => 4,
-            WType::F16 | WType::BF16 => 2,
-            WType::Q4_0 => size_of::<blocks::BlockQ4_0>(),
-            WType::Q4_1 => size_of::<blocks::BlockQ4_1>(),
-            WType::Q5_0 => size_of::<blocks::BlockQ5_0>(),
-            WType::Q5_1 => size_of::<blocks::BlockQ5_1>(),
-            WType::Q8_0 => size_of::<blocks::BlockQ8_0>(),
-            WType::Q2K => size_of::<blocks::BlockQ2K>(),
-            WType::Q3K => size_of::<blocks::BlockQ3K>(),
-            WType::Q4K => size_of::<blocks::BlockQ4K>(),
-            WType::Q5K => size_of::<blocks::BlockQ5K>(),
-            WType::Q6K => size_of::<blocks::BlockQ6K>(),
-        }
+    pub const fn block_bytes(self) -> usize {
+        self.traits().block_bytes
     }
 
     /// Bytes of one row of `k` weights; None when `k` is not a whole number of blocks.
@@ -145,66 +139,113 @@ impl WType {
     }
 
     /// The activation format this type's dot product takes (as ggml's vec_dot_type).
-    pub fn act_type(self) -> ActType {
-        match self {
-            WType::F32 | WType::F16 | WType::BF16 => ActType::F32,
-            WType::Q4_0 | WType::Q5_0 | WType::Q8_0 => ActType::Q8_0,
-            WType::Q4_1 | WType::Q5_1 => ActType::Q8_1,
-            WType::Q2K | WType::Q3K | WType::Q4K | WType::Q5K | WType::Q6K => ActType::Q8K,
-        }
+    pub const fn act_type(self) -> ActType {
+        self.traits().act
+    }
+
+    /// The kernel family.
+    pub const fn family(self) -> Family {
+        self.traits().family
+    }
+
+    /// Whether blocks carry minimums (w = d q + m, or K-quant group minimums).
+    pub const fn has_min(self) -> bool {
+        self.traits().has_min
     }
 }
 
-/// The instruction sets a kernel may use, detected once.
+/// Which kernels a type's products go through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Isa {
-    /// AVX2 and FMA (and F16C).
-    pub avx2: bool,
-    /// AVX-512 VNNI on 256-bit vectors (with F, BW and VL), for prefill.
-    pub vnni: bool,
+pub enum Family {
+    /// F32, F16, BF16: f32 activations.
+    Float,
+    /// The 32-weight block types.
+    Legacy,
+    /// The 256-weight K-quants.
+    KQuant,
 }
 
-impl Isa {
-    /// What this CPU has, less what `LORAFOLD_ISA` takes away: `avx2` stops
-    /// at AVX2 (to measure what a CPU without AVX-512 gets), `scalar` uses
-    /// the portable path only.
-    pub fn detect() -> Isa {
-        let cap = std::env::var("LORAFOLD_ISA").unwrap_or_default();
-        if cap == "scalar" {
-            return Isa::scalar();
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            let vnni = avx2
-                && cap != "avx2"
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512vnni");
-            Isa { avx2, vnni }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::scalar()
-    }
+/// One type's row of the table every kernel, the runtime and the tests read
+/// (ggml's `type_traits`): adding a type starts here.
+#[derive(Debug, Clone, Copy)]
+pub struct TypeTraits {
+    /// ggml's name ("Q4_K").
+    pub name: &'static str,
+    /// The GGUF type id.
+    pub ggml_id: u32,
+    /// Weights per block.
+    pub block_len: usize,
+    /// Bytes per block.
+    pub block_bytes: usize,
+    /// The activation rounding its dot product takes.
+    pub act: ActType,
+    /// The kernel family.
+    pub family: Family,
+    /// Whether blocks carry minimums.
+    pub has_min: bool,
+}
 
-    /// The portable path only (the reference in tests).
-    pub fn scalar() -> Isa {
-        Isa {
-            avx2: false,
-            vnni: false,
-        }
+const fn row(
+    name: &'static str,
+    ggml_id: u32,
+    block_len: usize,
+    block_bytes: usize,
+    act: ActType,
+    family: Family,
+    has_min: bool,
+) -> TypeTraits {
+    TypeTraits {
+        name,
+        ggml_id,
+        block_len,
+        block_bytes,
+        act,
+        family,
+        has_min,
     }
+}
 
-    /// AVX2 without AVX-512, whatever the CPU has beyond it.
-    pub fn avx2_only(self) -> Isa {
-        Isa {
-            vnni: false,
-            ..self
-        }
-    }
+/// The table, in [`WType`] order (its discriminants index it).
+const TRAITS: [TypeTraits; 13] = {
+    use blocks::*;
+    use std::mem::size_of;
+    use ActType::{Q8K, Q8_0, Q8_1};
+    use Family::{Float, KQuant, Legacy};
+    [
+        row("F32", 0, 1, 4, ActType::F32, Float, false),
+        row("F16", 1, 1, 2, ActType::F32, Float, false),
+        row("BF16", 30, 1, 2, ActType::F32, Float, false),
+        row("Q4_0", 2, 32, size_of::<BlockQ4_0>(), Q8_0, Legacy, false),
+        row("Q4_1", 3, 32, size_of::<BlockQ4_1>(), Q8_1, Legacy, true),
+        row("Q5_0", 6, 32, size_of::<BlockQ5_0>(), Q8_0, Legacy, false),
+        row("Q5_1", 7, 32, size_of::<BlockQ5_1>(), Q8_1, Legacy, true),
+        row("Q8_0", 8, 32, size_of::<BlockQ8_0>(), Q8_0, Legacy, false),
+        row("Q2_K", 10, QK_K, size_of::<BlockQ2K>(), Q8K, KQuant, true),
+        row("Q3_K", 11, QK_K, size_of::<BlockQ3K>(), Q8K, KQuant, false),
+        row("Q4_K", 12, QK_K, size_of::<BlockQ4K>(), Q8K, KQuant, true),
+        row("Q5_K", 13, QK_K, size_of::<BlockQ5K>(), Q8K, KQuant, true),
+        row("Q6_K", 14, QK_K, size_of::<BlockQ6K>(), Q8K, KQuant, false),
+    ]
+};
+
+/// Each type's [`WType::code`] by name, for const-generic kernels
+/// (`gemm_t::<{ code::Q4_0 }>`): one source for every kernel file.
+pub mod code {
+    #![allow(missing_docs)]
+    use crate::WType;
+    pub const F32: u8 = WType::F32.code();
+    pub const F16: u8 = WType::F16.code();
+    pub const BF16: u8 = WType::BF16.code();
+    pub const Q4_0: u8 = WType::Q4_0.code();
+    pub const Q4_1: u8 = WType::Q4_1.code();
+    pub const Q5_0: u8 = WType::Q5_0.code();
+    pub const Q5_1: u8 = WType::Q5_1.code();
+    pub const Q8_0: u8 = WType::Q8_0.code();
+    pub const Q2K: u8 = WType::Q2K.code();
+    pub const Q3K: u8 = WType::Q3K.code();
+    pub const Q4K: u8 = WType::Q4K.code();
+    pub const Q5K: u8 = WType::Q5K.code();
+    pub const Q6K: u8 = WType::Q6K.code();
 }
 
 /// Where [`gemm`] writes: the product of activation row `i` and weight row
@@ -377,23 +418,16 @@ pub unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, isa
     debug_assert_eq!(acts.act_type(), w.wtype.act_type());
     debug_assert_eq!(acts.k(), w.k);
     debug_assert!(rows.end <= w.n);
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2
-        && acts.rows() >= panel_avx2::MIN_ROWS
-        && !matches!(w.wtype, WType::F32 | WType::F16 | WType::BF16)
-    {
-        panel_avx2::gemm(w, rows, acts, out, isa.vnni);
-        return;
-    }
-    match w.wtype {
-        WType::F32 | WType::F16 | WType::BF16 => float::gemm(w, rows, acts, out, isa),
-        WType::Q4_0 | WType::Q4_1 | WType::Q5_0 | WType::Q5_1 | WType::Q8_0 => {
-            legacy::gemm(w, rows, acts, out, isa)
-        }
-        WType::Q2K | WType::Q3K | WType::Q4K | WType::Q5K | WType::Q6K => {
-            kquants::gemm(w, rows, acts, out, isa)
-        }
-    }
+    let k = isa.kernels();
+    let f = match (w.wtype.family(), k.panel) {
+        (Family::Float, _) => k.float,
+        (_, Some(p)) if acts.rows() >= p.min_rows => p.gemm,
+        (Family::Legacy, _) => k.legacy,
+        (Family::KQuant, _) => k.kquants,
+    };
+    // SAFETY: `isa` was detected on this CPU, which therefore has its
+    // tier's target features; the rest is the caller's contract.
+    f(w, rows, acts, out)
 }
 
 /// [`gemm`] over every row, into an `[m, n]` row-major slice, on this thread.

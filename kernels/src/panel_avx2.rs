@@ -45,17 +45,7 @@ pub(crate) const KC: usize = 2048;
 /// Activation rows from which the panel path pays for its unpacking.
 pub(crate) const MIN_ROWS: usize = 4;
 
-// Panel types (a const parameter each kernel is specialised for).
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
-const Q2K: u8 = 5;
-const Q3K: u8 = 6;
-const Q4K: u8 = 7;
-const Q5K: u8 = 8;
-const Q6K: u8 = 9;
+use crate::code::{Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
 
 /// Columns per group (one scale, one minimum).
 const fn group(t: u8) -> usize {
@@ -67,7 +57,7 @@ const fn group(t: u8) -> usize {
 
 /// Whether `t` has a minimum per group.
 const fn has_min(t: u8) -> bool {
-    matches!(t, Q4_1 | Q5_1 | Q2K | Q4K | Q5K)
+    WType::from_code(t).has_min()
 }
 
 /// Whether the panel keeps Q8_0's codes signed: without VNNI, unsigned
@@ -91,11 +81,7 @@ const fn offset(t: u8, vnni: bool) -> i32 {
 
 /// Weights per block.
 const fn wlen(t: u8) -> usize {
-    if t >= Q2K {
-        QK_K
-    } else {
-        32
-    }
+    WType::from_code(t).block_len()
 }
 
 /// Eight weight rows of up to [`KC`] columns, unpacked.
@@ -123,7 +109,19 @@ struct Panel {
 /// # Safety
 /// As [`crate::gemm`], on a CPU with AVX2, FMA and F16C (and AVX-512 F, BW,
 /// VL and VNNI when `vnni`).
-pub(crate) unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, vnni: bool) {
+pub(crate) unsafe fn gemm_avx2_panel(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
+    gemm(w, rows, acts, out, false)
+}
+
+/// [`gemm_avx2_panel`] with AVX-512 VNNI.
+///
+/// # Safety
+/// As [`crate::gemm`], on a CPU with AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI.
+pub(crate) unsafe fn gemm_vnni_panel(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
+    gemm(w, rows, acts, out, true)
+}
+
+unsafe fn gemm(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out, vnni: bool) {
     macro_rules! by_type {
         ($f:ident) => {
             match w.wtype {
@@ -297,10 +295,10 @@ unsafe fn pack<const T: u8, const VNNI: bool>(
         for b in 0..kc / 32 {
             let blk = src.add(b * stride);
             let v = match T {
-                Q4_0 => crate::legacy_avx2::codes::<{ crate::legacy_avx2::Q4_0 }>(blk),
-                Q4_1 => crate::legacy_avx2::codes::<{ crate::legacy_avx2::Q4_1 }>(blk),
-                Q5_0 => crate::legacy_avx2::codes::<{ crate::legacy_avx2::Q5_0 }>(blk),
-                Q5_1 => crate::legacy_avx2::codes::<{ crate::legacy_avx2::Q5_1 }>(blk),
+                Q4_0 => crate::legacy_avx2::codes::<Q4_0>(blk),
+                Q4_1 => crate::legacy_avx2::codes::<Q4_1>(blk),
+                Q5_0 => crate::legacy_avx2::codes::<Q5_0>(blk),
+                Q5_1 => crate::legacy_avx2::codes::<Q5_1>(blk),
                 _ => {
                     let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                     if signed(T, VNNI) {
@@ -321,11 +319,11 @@ unsafe fn pack<const T: u8, const VNNI: bool>(
     for b in 0..kc / QK_K {
         let blk = src.add(b * stride);
         let u = match T {
-            Q2K => k::unpack::<{ k::Q2K }>(blk),
-            Q3K => k::unpack::<{ k::Q3K }>(blk),
-            Q4K => k::unpack::<{ k::Q4K }>(blk),
-            Q5K => k::unpack::<{ k::Q5K }>(blk),
-            _ => k::unpack::<{ k::Q6K }>(blk),
+            Q2K => k::unpack::<Q2K>(blk),
+            Q3K => k::unpack::<Q3K>(blk),
+            Q4K => k::unpack::<Q4K>(blk),
+            Q5K => k::unpack::<Q5K>(blk),
+            _ => k::unpack::<Q6K>(blk),
         };
         for (c, &v) in u.q.iter().enumerate() {
             put(p, r, 8 * b + c, v);

@@ -4,12 +4,6 @@
 
 use crate::{gemm, gemm_all, reference, ActBuf, Isa, Out, WType, Weights};
 
-/// Rows from which the prefill panels take over (1 where there are none).
-#[cfg(target_arch = "x86_64")]
-const PANEL_MIN_ROWS: usize = crate::panel_avx2::MIN_ROWS;
-#[cfg(not(target_arch = "x86_64"))]
-const PANEL_MIN_ROWS: usize = 1;
-
 /// xorshift64*: deterministic test data without a dependency.
 pub(crate) struct Rng(pub(crate) u64);
 
@@ -78,21 +72,23 @@ pub(crate) fn scalar_matches_reference<F: Family>() {
     }
 }
 
-/// The SIMD kernels (AVX2, and AVX-512 VNNI where the CPU has it) are
-/// within the bound of the reference, and within twice it of the scalar
-/// ones (FMA rounds once where scalar rounds twice; prefill panels scale per
-/// group where ggml's K-quant dot scales per super-block). Row counts cover
-/// decode (1), the row tiles (3) and the prefill panels with a remainder (13).
-pub(crate) fn avx2_matches_scalar_and_reference<F: Family>() {
-    let detected = Isa::detect();
-    if !detected.avx2 {
-        eprintln!("no AVX2: skipped");
-        return;
-    }
-    let mut isas = vec![detected.avx2_only()];
-    if detected.vnni {
-        isas.push(detected);
-    }
+/// The SIMD kernels of every tier this CPU runs (AVX2 and AVX-512 VNNI;
+/// NEON, dot product and i8mm) are within the bound of the reference, and
+/// within twice it of the scalar ones (FMA rounds once where scalar rounds
+/// twice; prefill panels scale per group where ggml's K-quant dot scales
+/// per super-block). Row counts cover decode (1), the row tiles (3) and the
+/// prefill panels with a remainder (13). Prints the tiers it checked.
+pub(crate) fn simd_matches_scalar_and_reference<F: Family>() {
+    let isas: Vec<Isa> = Isa::detect()
+        .tiers()
+        .into_iter()
+        .filter(|&t| t != Isa::scalar())
+        .collect();
+    eprintln!(
+        "{:?}: tiers checked against scalar: [{}]",
+        F::TYPES,
+        isas.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+    );
     let mut rng = Rng(0xD1B5_4A32_D192_ED03);
     for isa in isas {
         for &wtype in F::TYPES {
@@ -130,7 +126,12 @@ pub(crate) fn avx2_matches_scalar_and_reference<F: Family>() {
 /// products in any batch of the same path (decode and small tiles: alone;
 /// prefill panels: in any batch of at least their threshold of rows).
 pub(crate) fn tiles_are_bit_identical<F: Family>() {
-    let isa = Isa::detect();
+    for isa in Isa::detect().tiers() {
+        tiles_are_bit_identical_at::<F>(isa);
+    }
+}
+
+fn tiles_are_bit_identical_at<F: Family>(isa: Isa) {
     let mut rng = Rng(0x1234_5678_9ABC_DEF1);
     for &wtype in F::TYPES {
         for &(k, n) in F::TILE_SHAPES {
@@ -141,7 +142,7 @@ pub(crate) fn tiles_are_bit_identical<F: Family>() {
                 let all = run(&w, &a, isa);
                 // The same row in a batch of the same path: alone below the
                 // panel threshold, else with the batch's first rows around it.
-                let batch = m.min(PANEL_MIN_ROWS);
+                let batch = m.min(isa.panel_rows());
                 let mut other = ActBuf::new(wtype.act_type(), k, batch);
                 for i in 0..m {
                     let mut rows: Vec<f32> = Vec::with_capacity(batch * k);
@@ -157,7 +158,7 @@ pub(crate) fn tiles_are_bit_identical<F: Family>() {
                         assert_eq!(
                             t.to_bits(),
                             row[r].to_bits(),
-                            "{wtype:?} m={m} ({i},{r}) vs the row in another batch"
+                            "{isa} {wtype:?} m={m} ({i},{r}) vs the row in another batch"
                         );
                     }
                 }
@@ -175,7 +176,7 @@ pub(crate) fn tiles_are_bit_identical<F: Family>() {
                         assert_eq!(
                             all[i * n + r].to_bits(),
                             single[i].to_bits(),
-                            "{wtype:?} m={m} ({i},{r}) vs weight row alone"
+                            "{isa} {wtype:?} m={m} ({i},{r}) vs weight row alone"
                         );
                     }
                 }
@@ -210,7 +211,7 @@ pub(crate) fn rows8_layout_gives_the_same_products<F: Family>() {
                 dequantize_row(&p, r, &mut y);
                 assert_eq!(x, y, "{wtype:?} row {r}");
             }
-            for isa in [Isa::scalar(), detected.avx2_only(), detected] {
+            for isa in detected.tiers() {
                 for m in [1, 3, 13] {
                     let (_, a) = F::acts(wtype, k, m, &mut rng);
                     let bits = |w: &Weights| {

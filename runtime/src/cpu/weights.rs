@@ -137,9 +137,10 @@ impl Matrix {
         // The reader checked n_bytes against the dims and type.
         Weights::new(wtype, file.tensor_data(info), k, n).map_err(|e| bad(e.to_string()))?;
         let data = file.tensor_data(info);
+        // The kernel crate says which layout the detected ISA reads best.
         let rows8 = for_products
             && Weights::new(wtype, data, k, n).is_ok_and(|w| w.packs_rows8())
-            && lorafold_kernels::Isa::detect().avx2;
+            && lorafold_kernels::Isa::detect().layout(wtype) == lorafold_kernels::Layout::Rows8;
         let (blocks, layout) = if rows8 {
             // Interleaved once here, so a decode step reads eight rows as
             // one stream (SmolLM2 q4_0 decode, one thread: 128 -> 162 t/s).
