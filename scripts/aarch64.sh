@@ -14,7 +14,7 @@
 # and max (both). `test` sets LORAFOLD_EXPECT_ISA to TIER, so the kernels'
 # detection test fails unless the dispatch picked exactly that tier.
 # qemu's timings are not a phone's: it runs some vector instructions through
-# helper calls. Builds go to target/aarch64/, apart from the host's, so that
+# helper calls. Builds go to $CARGO_TARGET_DIR or else target/aarch64/, apart from the host's, so that
 # both can build at once (cargo locks a target folder) and a second rustc's
 # fingerprints never invalidate the host's.
 set -euo pipefail
@@ -47,7 +47,7 @@ cargo_arm() {
   # Plain qemu-aarch64 finds /lib/ld-linux-aarch64.so.1 from libc6:arm64; do
   # not add -L /usr/aarch64-linux-gnu (mixing the two libcs hangs on the
   # first thread spawn).
-  CARGO_TARGET_DIR=target/aarch64 \
+  CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/aarch64} \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu ${QEMU_CPU:-max}" \
     cargo +debweb "$@"
@@ -72,7 +72,7 @@ case "$cmd" in
     cargo_arm build --release --target $TARGET --bin lorafold -p lorafold-ffi
     out=dist/$TARGET
     mkdir -p "$out"
-    rel=target/aarch64/$TARGET/release
+    rel=${CARGO_TARGET_DIR:-target/aarch64}/$TARGET/release
     cp "$rel/lorafold" "$rel/liblorafold.a" "$rel/liblorafold.so" "$out/"
     aarch64-linux-gnu-strip "$out/lorafold" "$out/liblorafold.so"
     cp ffi/include/lorafold.h "$out/" 2>/dev/null || true
