@@ -49,6 +49,7 @@ fn all_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
             max_tokens: ids.len(),
             threads: Some(2),
             kv: KvType::F32,
+            isa: None,
         })
         .unwrap();
     s.logits(ids, true).unwrap().to_vec()
@@ -144,6 +145,7 @@ fn decoding_allocates_nothing() {
             max_tokens: 64,
             threads: Some(2),
             kv: KvType::F16,
+            isa: None,
         })
         .unwrap();
     s.logits(&prompt(Shape::SMALL_256.vocab, 16), false)
@@ -175,6 +177,7 @@ fn prefill_attention_equals_decoding_across_blocks() {
                     max_tokens: ids.len(),
                     threads: Some(2),
                     kv,
+                    isa: None,
                 })
                 .unwrap()
         };

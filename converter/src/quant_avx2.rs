@@ -5,16 +5,19 @@
 //! order as the reference, so the bytes are identical (tested against
 //! candle's on random, tied, zero and signed-zero blocks).
 
+#[cfg(target_arch = "x86_64")]
 use half::f16;
 
 /// Bytes of one Q4_0 block: an f16 scale and 16 bytes of nibbles.
+#[cfg(target_arch = "x86_64")]
 const BLOCK_BYTES: usize = 18;
 
 /// Quantize `xs` (a whole number of 32-value blocks) into `out` as Q4_0, if
-/// this CPU has AVX2; false (and `out` untouched) if not.
+/// the kernels' detected tier has AVX2 (so `LORAFOLD_ISA` caps it too);
+/// false (and `out` untouched) if not.
 pub(crate) fn quantize_q4_0(xs: &[f32], out: &mut [u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if lorafold_kernels::Isa::detect().avx2() {
         assert!(xs.len().is_multiple_of(32) && out.len() == xs.len() / 32 * BLOCK_BYTES);
         // SAFETY: AVX2 is present; the lengths are checked above.
         unsafe { quantize_q4_0_avx2(xs, out) };
@@ -96,7 +99,7 @@ mod tests {
         let mut got = vec![0u8; want.len()];
         let ran = quantize_q4_0(&xs, &mut got);
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(ran, std::arch::is_x86_feature_detected!("avx2"));
+        assert_eq!(ran, lorafold_kernels::Isa::detect().avx2());
         if ran {
             assert_eq!(got, want);
         }

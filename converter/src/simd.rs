@@ -4,7 +4,8 @@
 //! error sums) are plain Rust that LLVM vectorises; built for the baseline
 //! x86-64 target they get SSE2's 2 f64 lanes. Compiled with AVX2 enabled
 //! they get 4, with the same operations in the same order, so the same bits
-//! (measured 2.3x on GPTQ's factors). This is the one place that says how.
+//! (measured 2.3x on GPTQ's factors). This is the one place that says how;
+//! whether is the kernel crate's ISA detection (`lorafold_kernels::Isa`).
 
 /// `fn name(args) -> ret { body }` defines `name`, whose body runs compiled
 /// for AVX2 when the CPU has it and as built otherwise.
@@ -15,12 +16,13 @@ macro_rules! avx2_or_portable {
             #[inline(always)]
             fn portable($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if lorafold_kernels::Isa::detect().avx2() {
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                // SAFETY: AVX2 is present, checked just above; the body is
+                // SAFETY: AVX2 is present (the kernel crate's detection, which
+                // `LORAFOLD_ISA` may only lower), checked just above; the body is
                 // the portable code, which needs nothing else.
                 return unsafe { avx2($($arg),*) };
             }

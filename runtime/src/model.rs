@@ -14,6 +14,8 @@ use crate::cpu::{CpuSession, CpuWeights, KvType, StepError};
 use crate::finite::check_finite;
 use crate::gguf::{GgufError, GgufFile, HyperKey, Hyperparameters, ShapeOrder, ShapeRules};
 use crate::mapped;
+/// The kernel tiers a session may run ([`SessionOptions::isa`]).
+pub use lorafold_kernels::Isa;
 
 /// An error loading or running a model or adapter.
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +347,9 @@ pub struct SessionOptions {
     pub threads: Option<usize>,
     /// The engine's KV cache type (candle's is f32).
     pub kv: KvType,
+    /// The engine's kernel tier (default: the best this CPU has, capped by
+    /// `LORAFOLD_ISA`); `Isa::scalar()` gives the portable reference path.
+    pub isa: Option<Isa>,
 }
 
 impl SessionOptions {
@@ -354,6 +359,7 @@ impl SessionOptions {
             max_tokens,
             threads: None,
             kv: KvType::default(),
+            isa: None,
         }
     }
 }
@@ -565,6 +571,7 @@ impl Model {
                 max,
                 threads,
                 opts.kv,
+                opts.isa.unwrap_or_else(Isa::detect),
             )),
             ModelWeights::Candle(_) => SessionKind::Candle(CandleSession::new(
                 &self.config,

@@ -183,7 +183,8 @@ pub const BATCH: usize = 512;
 const ROW_ALIGN: usize = 16;
 
 impl<'m> CpuSession<'m> {
-    /// A session for up to `max` positions with `threads` threads.
+    /// A session for up to `max` positions with `threads` threads, running
+    /// `isa`'s kernels.
     pub fn new(
         w: &'m CpuWeights,
         cfg: &'m ModelConfig,
@@ -191,6 +192,7 @@ impl<'m> CpuSession<'m> {
         max: usize,
         threads: usize,
         kv: KvType,
+        isa: Isa,
     ) -> CpuSession<'m> {
         let max = max.max(1);
         let batch = BATCH.min(max);
@@ -242,7 +244,7 @@ impl<'m> CpuSession<'m> {
             w,
             cfg,
             pool,
-            isa: Isa::detect(),
+            isa,
             kv_k: KvData::new(kv, kv_len),
             kv_v: KvData::new(kv, kv_len),
             pos: 0,
