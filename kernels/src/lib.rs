@@ -29,6 +29,8 @@ mod kquants_avx2;
 mod legacy;
 #[cfg(target_arch = "x86_64")]
 mod legacy_avx2;
+#[cfg(target_arch = "aarch64")]
+mod legacy_neon;
 #[cfg(target_arch = "x86_64")]
 mod panel_avx2;
 pub mod reference;
