@@ -324,16 +324,29 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
-    use super::{Kernels, SCALAR};
+    use super::{Kernels, Panel, SCALAR};
+    use crate::panel_neon;
 
     /// ARMv8.0 NEON.
     pub(super) const NEON: Kernels = Kernels { ..SCALAR };
 
     /// NEON with `sdot`/`udot`.
-    pub(super) const DOTPROD: Kernels = Kernels { ..NEON };
+    pub(super) const DOTPROD: Kernels = Kernels {
+        panel: Some(Panel {
+            min_rows: panel_neon::MIN_ROWS,
+            gemm: panel_neon::gemm_dotprod_panel,
+        }),
+        ..NEON
+    };
 
     /// NEON with `sdot` and `smmla`.
-    pub(super) const I8MM: Kernels = Kernels { ..DOTPROD };
+    pub(super) const I8MM: Kernels = Kernels {
+        panel: Some(Panel {
+            min_rows: panel_neon::MIN_ROWS,
+            gemm: panel_neon::gemm_i8mm_panel,
+        }),
+        ..DOTPROD
+    };
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ mod legacy;
 mod legacy_avx2;
 #[cfg(target_arch = "x86_64")]
 mod panel_avx2;
+#[cfg(target_arch = "aarch64")]
+mod panel_neon;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod rows8_avx2;
