@@ -812,3 +812,96 @@ unsafe fn tile_mm<const T: u8, const P: usize>(
         store8(dst[j][1], nr, r1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{run, Rng};
+    use crate::{ActBuf, Isa, WType, Weights};
+
+    /// Random blocks of `wtype` with finite f16 scales.
+    fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8> {
+        let bb = wtype.block_bytes();
+        let mut v: Vec<u8> = (0..n * k / wtype.block_len() * bb)
+            .map(|_| rng.next() as u8)
+            .collect();
+        let f16s: &[usize] = match wtype {
+            WType::Q4_0 | WType::Q5_0 | WType::Q8_0 => &[0],
+            WType::Q4_1 | WType::Q5_1 | WType::Q4K | WType::Q5K => &[0, 2],
+            WType::Q2K => &[80, 82],
+            WType::Q3K => &[108],
+            _ => &[208],
+        };
+        for blk in v.chunks_exact_mut(bb) {
+            for &o in f16s {
+                let s = half::f16::from_f32(0.001 + 0.01 * rng.f().abs());
+                blk[o..o + 2].copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        v
+    }
+
+    /// Every batch size's remainder tiles (1, 2 and 3 rows past the tiles of
+    /// four; for `smmla` a lone row paired with itself, a pair, a pair and a
+    /// lone row) give each row the bits it gets in a batch of four.
+    #[test]
+    fn remainder_tiles_give_the_same_bits() {
+        let mut rng = Rng(0xA5A5_0F0F_1234_4321);
+        let types = [
+            WType::Q4_0,
+            WType::Q4_1,
+            WType::Q5_0,
+            WType::Q5_1,
+            WType::Q8_0,
+            WType::Q2K,
+            WType::Q3K,
+            WType::Q4K,
+            WType::Q5K,
+            WType::Q6K,
+        ];
+        let tiers: Vec<Isa> = Isa::detect()
+            .tiers()
+            .into_iter()
+            .filter(|t| t.panel_rows() > 1)
+            .collect();
+        eprintln!(
+            "panel tiers checked: [{}]",
+            tiers
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for wtype in types {
+            let (k, n) = (512, 11);
+            let wb = weights(wtype, k, n, &mut rng);
+            let w = Weights::new(wtype, &wb, k, n).unwrap();
+            for &isa in &tiers {
+                let four = isa.panel_rows();
+                assert_eq!(four, 4);
+                for m in 4..=7 {
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
+                    let mut a = ActBuf::new(wtype.act_type(), k, m);
+                    a.quantize(&x);
+                    let all = run(&w, &a, isa);
+                    for i in 0..m {
+                        let mut rows = x[i * k..(i + 1) * k].to_vec();
+                        for j in (0..m).filter(|&j| j != i).take(3) {
+                            rows.extend_from_slice(&x[j * k..(j + 1) * k]);
+                        }
+                        let mut b = ActBuf::new(wtype.act_type(), k, four);
+                        b.quantize(&rows);
+                        let one = run(&w, &b, isa);
+                        for r in 0..n {
+                            assert_eq!(
+                                all[i * n + r].to_bits(),
+                                one[r].to_bits(),
+                                "{isa} {wtype:?} m={m} ({i},{r})"
+                            );
+                            assert!(all[i * n + r].is_finite());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
