@@ -216,7 +216,17 @@ unsafe fn dup2(x: f32, y: f32) -> float32x4_t {
 /// The f16 at `p`.
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    half::f16::from_bits((p as *const u16).read_unaligned()).to_f32()
+    let h = (p as *const u16).read_unaligned() as u32;
+    let x: f32;
+    // SAFETY: half to single precision `fcvt` is in the aarch64 baseline
+    // (FP); registers only.
+    asm!(
+        "fcvt {x:s}, {h:h}",
+        x = lateout(vreg) x,
+        h = in(vreg) h,
+        options(pure, nomem, nostack)
+    );
+    x
 }
 
 /// Store 16 codes of row `r`, columns `c..c + 16` (`c` a multiple of 16),
@@ -304,28 +314,51 @@ unsafe fn pack<const T: u8, const MM: bool>(
         }
         return;
     }
-    let bb = WType::from_code(T).block_bytes();
     let sg = scale_group(T);
     for b in 0..kc / QK_K {
-        let blk = std::slice::from_raw_parts(src.add(b * stride), bb);
-        let x = crate::kquants::decode(WType::from_code(T), blk);
-        for c in 0..QK_K / 16 {
-            put16::<MM>(
-                codes,
-                r,
-                QK_K * b + 16 * c,
-                vld1q_s8(x.q.as_ptr().add(16 * c)),
-            );
-        }
+        let blk = src.add(b * stride);
+        super_block_codes::<T>(blk, |c, v| put16::<MM>(codes, r, QK_K * b + c, v));
+        // Integer scales and minimums, and the f32 super-block scales, at
+        // the offsets of ggml's `block_q*_K` (see `kquants::decode`).
+        let bytes = std::slice::from_raw_parts(blk, WType::from_code(T).block_bytes());
+        let mut sc = [0i32; 16];
+        let mut mn = [0i8; 16];
+        let (d, dmin) = match T {
+            Q2K => {
+                for g in 0..16 {
+                    sc[g] = (bytes[g] & 0xF) as i32;
+                    mn[g] = (bytes[g] >> 4) as i8;
+                }
+                (f16_at(blk.add(80)), f16_at(blk.add(82)))
+            }
+            Q3K => {
+                let s = crate::kquants::q3k_scales(&bytes[96..108]);
+                for g in 0..16 {
+                    sc[g] = s[g] as i32 - 32;
+                }
+                (f16_at(blk.add(108)), 0.0)
+            }
+            Q4K | Q5K => {
+                for j in 0..8 {
+                    let (s, m) = crate::kquants::scale_min_k4(j, &bytes[4..16]);
+                    sc[j] = s as i32;
+                    // At most 63 (6 bits), for both groups of 16.
+                    mn[2 * j] = m as i8;
+                    mn[2 * j + 1] = m as i8;
+                }
+                (f16_at(blk), f16_at(blk.add(2)))
+            }
+            _ => {
+                for g in 0..16 {
+                    sc[g] = bytes[192 + g] as i8 as i32;
+                }
+                (f16_at(blk.add(208)), 0.0)
+            }
+        };
         for s in 0..QK_K / sg {
-            (*p).isc[(b * (QK_K / sg) + s) * NR + r] = x.sc[s * sg / 16];
+            (*p).isc[(b * (QK_K / sg) + s) * NR + r] = sc[s];
         }
         if has_min(T) {
-            let mut mn = [0i8; 16];
-            for (m, &v) in mn.iter_mut().zip(&x.mn) {
-                // At most 63 (6 bits).
-                *m = v as i8;
-            }
             put16::<MM>(
                 (*p).mn.as_mut_ptr().add(16 * NR * b),
                 r,
@@ -333,8 +366,90 @@ unsafe fn pack<const T: u8, const MM: bool>(
                 vld1q_s8(mn.as_ptr()),
             );
         }
-        (*p).d[b * NR + r] = x.d;
-        (*p).dm[b * NR + r] = x.dmin;
+        (*p).d[b * NR + r] = d;
+        (*p).dm[b * NR + r] = dmin;
+    }
+}
+
+/// `v` shifted right by `n` bits (a shift count known only at run time).
+#[inline(always)]
+unsafe fn shr(v: uint8x16_t, n: usize) -> uint8x16_t {
+    vshlq_u8(v, vdupq_n_s8(-(n as i8)))
+}
+
+/// One K-quant super-block's 256 signed codes (offsets subtracted, as
+/// `kquants::decode` gives them), 16 columns at a time: `put(c, codes of
+/// columns c..c + 16)`.
+#[inline(always)]
+unsafe fn super_block_codes<const T: u8>(blk: *const u8, mut put: impl FnMut(usize, int8x16_t)) {
+    let s8 = vreinterpretq_s8_u8;
+    let (m3, m4) = (vdupq_n_u8(3), vdupq_n_u8(0xF));
+    match T {
+        // Column 128 n + 32 j + l: bits 2j..2j+2 of qs[32 n + l]; Q3_K
+        // subtracts 4 where bit 4n + j of hmask[l] is clear.
+        Q2K | Q3K => {
+            let qs = blk.add(if T == Q2K { 16 } else { 32 });
+            for n in 0..2 {
+                for h in 0..2 {
+                    let q = vld1q_u8(qs.add(32 * n + 16 * h));
+                    for j in 0..4 {
+                        let low = vandq_u8(shr(q, 2 * j), m3);
+                        let v = if T == Q2K {
+                            s8(low)
+                        } else {
+                            let hm = vld1q_u8(blk.add(16 * h));
+                            let bit = vdupq_n_u8(1 << (4 * n + j));
+                            let high = vandq_u8(vtstq_u8(hm, bit), vdupq_n_u8(4));
+                            vsubq_s8(s8(vorrq_u8(low, high)), vdupq_n_s8(4))
+                        };
+                        put(128 * n + 32 * j + 16 * h, v);
+                    }
+                }
+            }
+        }
+        // Column 64 j + l: low nibble of qs[32 j + l], 64 j + 32 + l its high
+        // nibble; Q5_K's fifth bits are bits 2j and 2j + 1 of qh[l].
+        Q4K | Q5K => {
+            let qs = blk.add(if T == Q4K { 16 } else { 48 });
+            for j in 0..4 {
+                for h in 0..2 {
+                    let q = vld1q_u8(qs.add(32 * j + 16 * h));
+                    let (mut lo, mut hi) = (vandq_u8(q, m4), vshrq_n_u8::<4>(q));
+                    if T == Q5K {
+                        let qh = vld1q_u8(blk.add(16 + 16 * h));
+                        let f = vdupq_n_u8(0x10);
+                        let b0 = vtstq_u8(qh, vdupq_n_u8(1 << (2 * j)));
+                        let b1 = vtstq_u8(qh, vdupq_n_u8(2 << (2 * j)));
+                        lo = vorrq_u8(lo, vandq_u8(b0, f));
+                        hi = vorrq_u8(hi, vandq_u8(b1, f));
+                    }
+                    put(64 * j + 16 * h, s8(lo));
+                    put(64 * j + 32 + 16 * h, s8(hi));
+                }
+            }
+        }
+        // Column 128 n + 32 t + l: the low nibble of ql[64 n + l] (t = 0), of
+        // ql[64 n + 32 + l] (t = 1), their high nibbles (t = 2, 3), under
+        // bits 2t..2t+2 of qh[32 n + l]; minus 32.
+        _ => {
+            let (ql, qh) = (blk, blk.add(128));
+            for n in 0..2 {
+                for h in 0..2 {
+                    let hv = vld1q_u8(qh.add(32 * n + 16 * h));
+                    for t in 0..4 {
+                        let lv = vld1q_u8(ql.add(64 * n + 32 * (t & 1) + 16 * h));
+                        let low = if t < 2 {
+                            vandq_u8(lv, m4)
+                        } else {
+                            vshrq_n_u8::<4>(lv)
+                        };
+                        let high = vshlq_n_u8::<4>(vandq_u8(shr(hv, 2 * t), m3));
+                        let v = vsubq_s8(s8(vorrq_u8(low, high)), vdupq_n_s8(32));
+                        put(128 * n + 32 * t + 16 * h, v);
+                    }
+                }
+            }
+        }
     }
 }
 
