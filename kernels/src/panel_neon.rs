@@ -675,10 +675,15 @@ unsafe fn tile_dot<const T: u8, const M: usize>(
                 vld1q_f32(p.ws.as_ptr().add(g * NR)),
                 vld1q_f32(p.ws.as_ptr().add(g * NR + 4)),
             ];
-            let wm = [
-                vld1q_f32(p.wm.as_ptr().add(g * NR)),
-                vld1q_f32(p.wm.as_ptr().add(g * NR + 4)),
-            ];
+            // Minimums are unpacked only for the types that have them.
+            let wm = if has_min(T) {
+                [
+                    vld1q_f32(p.wm.as_ptr().add(g * NR)),
+                    vld1q_f32(p.wm.as_ptr().add(g * NR + 4)),
+                ]
+            } else {
+                [vdupq_n_f32(0.0); 2]
+            };
             for i in 0..M {
                 let da = *(blk[i] as *const f32);
                 for h in 0..2 {
@@ -825,8 +830,13 @@ unsafe fn tile_mm<const T: u8, const P: usize>(
             octet!(ia, c.add(24 * NR), col(3));
             let ws: [float32x4_t; 4] =
                 std::array::from_fn(|q| pair(p.ws.as_ptr().add(g * NR + 2 * q) as *const u8));
-            let wm: [float32x4_t; 4] =
-                std::array::from_fn(|q| pair(p.wm.as_ptr().add(g * NR + 2 * q) as *const u8));
+            let wm: [float32x4_t; 4] = std::array::from_fn(|q| {
+                if has_min(T) {
+                    pair(p.wm.as_ptr().add(g * NR + 2 * q) as *const u8)
+                } else {
+                    vdupq_n_f32(0.0)
+                }
+            });
             for j in 0..P {
                 let f = |k: usize, o: usize| *(blk[j][k].add(o) as *const f32);
                 let da = dup2(f(0, 0), f(1, 0));
