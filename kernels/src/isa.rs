@@ -324,8 +324,8 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
-    use super::{Kernels, SCALAR};
-    use crate::legacy_neon;
+    use super::{Kernels, Panel, SCALAR};
+    use crate::{legacy_neon, panel_neon};
 
     /// ARMv8.0 NEON.
     pub(super) const NEON: Kernels = Kernels {
@@ -337,11 +337,21 @@ mod arm {
     /// NEON with `sdot`/`udot`.
     pub(super) const DOTPROD: Kernels = Kernels {
         legacy: legacy_neon::gemm_dotprod,
+        panel: Some(Panel {
+            min_rows: panel_neon::MIN_ROWS,
+            gemm: panel_neon::gemm_dotprod_panel,
+        }),
         ..NEON
     };
 
     /// NEON with `sdot` and `smmla`.
-    pub(super) const I8MM: Kernels = Kernels { ..DOTPROD };
+    pub(super) const I8MM: Kernels = Kernels {
+        panel: Some(Panel {
+            min_rows: panel_neon::MIN_ROWS,
+            gemm: panel_neon::gemm_i8mm_panel,
+        }),
+        ..DOTPROD
+    };
 }
 
 #[cfg(test)]

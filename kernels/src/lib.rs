@@ -33,6 +33,8 @@ mod legacy_avx2;
 mod legacy_neon;
 #[cfg(target_arch = "x86_64")]
 mod panel_avx2;
+#[cfg(target_arch = "aarch64")]
+mod panel_neon;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod rows8_avx2;
