@@ -325,9 +325,20 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::{Kernels, SCALAR};
+    use crate::{act, attention, float_neon};
 
     /// ARMv8.0 NEON.
-    pub(super) const NEON: Kernels = Kernels { ..SCALAR };
+    pub(super) const NEON: Kernels = Kernels {
+        float: float_neon::gemm,
+        q8_codes: act::q8_codes_neon,
+        quantize_q8k: act::quantize_q8k_neon,
+        dot: attention::neon::dot,
+        dots: attention::neon::dots,
+        axpy: attention::neon::axpy,
+        axpys: attention::neon::axpys,
+        exp_shifted: attention::neon::exp_shifted,
+        ..SCALAR
+    };
 
     /// NEON with `sdot`/`udot`.
     pub(super) const DOTPROD: Kernels = Kernels { ..NEON };
