@@ -545,6 +545,59 @@ pub(crate) unsafe fn quantize_q8k_neon(xs: &[f32], b: &mut ActQ8K) {
     b.d = 1.0 / iscale;
 }
 
+/// The NEON paths on what the shared tests do not feed them.
+#[cfg(all(test, target_arch = "aarch64"))]
+mod neon_tests {
+    use super::*;
+
+    /// NaN, infinities and codes near ±127.5, bit for bit with scalar.
+    #[test]
+    fn odd_values_match_scalar() {
+        let mut x: Vec<f32> = (0..QK_K).map(|i| (i as f32 - 128.0) * 0.999).collect();
+        let cases: [(usize, f32); 4] = [
+            (7, f32::NAN),
+            (40, f32::INFINITY),
+            (70, f32::NEG_INFINITY),
+            (100, -1.0e-45),
+        ];
+        for (i, v) in cases {
+            for n in [0, 1] {
+                let mut y = x.clone();
+                if n == 1 {
+                    y[i] = v;
+                }
+                for xs in y.chunks_exact(32) {
+                    let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+                    let d = q8_codes_scalar(xs, &mut a);
+                    // SAFETY: NEON is baseline on aarch64; 32 values.
+                    let e = unsafe { q8_codes_neon(xs, &mut b) };
+                    assert_eq!((d.to_bits(), a), (e.to_bits(), b), "{v} at {i}");
+                }
+                let z = ActQ8K {
+                    d: 0.0,
+                    qs: [0; QK_K],
+                    bsums: [0; QK_K / 16],
+                };
+                let (mut a, mut b) = (z, z);
+                quantize_q8k_scalar(&y, &mut a);
+                // SAFETY: as above; QK_K values.
+                unsafe { quantize_q8k_neon(&y, &mut b) };
+                assert_eq!(
+                    (a.d.to_bits(), a.qs, a.bsums),
+                    (b.d.to_bits(), b.qs, b.bsums),
+                    "{v} at {i}"
+                );
+            }
+        }
+        x.iter_mut().for_each(|v| *v = -*v);
+        let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+        // SAFETY: as above.
+        let e = unsafe { q8_codes_neon(&x[..32], &mut b) };
+        assert_eq!(q8_codes_scalar(&x[..32], &mut a).to_bits(), e.to_bits());
+        assert_eq!(a, b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -393,14 +393,11 @@ pub(crate) mod neon {
         s
     }
 
-    /// Queries at most this many at once (more go in turns): 16
-    /// accumulators, four row vectors and the query loads fit the 32 q
-    /// registers.
-    const NQ: usize = 4;
-
     /// `out[h] = q_h · row` for heads of width `hd`: the row widened once
     /// for all of them, two interleaved sets of eight lanes per query to
-    /// halve its chain (as the AVX2 `dots`).
+    /// halve its chain (as the AVX2 `dots`), up to four queries at a time
+    /// (16 accumulators, four row vectors and the query loads fit the 32 q
+    /// registers).
     ///
     /// # Safety
     /// None beyond NEON.
@@ -415,27 +412,59 @@ pub(crate) mod neon {
             len(row) >= hd && q.len() >= out.len() * hd,
             "cache row shorter than q"
         );
-        let mut h0 = 0;
-        while h0 < out.len() {
-            let nq = (out.len() - h0).min(NQ);
-            let mut acc = [[vdupq_n_f32(0.0); 4]; NQ];
-            let mut i = 0;
-            while i < hd {
-                let r0 = load(row, i);
-                let r1 = load(row, i + 8);
-                let r = [r0[0], r0[1], r1[0], r1[1]];
-                for (h, a) in acc.iter_mut().enumerate().take(nq) {
-                    let qp = q.as_ptr().add((h0 + h) * hd + i);
-                    for (l, a) in a.iter_mut().enumerate() {
-                        *a = vfmaq_f32(*a, vld1q_f32(qp.add(4 * l)), r[l]);
-                    }
+        // One loop per row type and query count, so that neither is
+        // decided inside it.
+        let f32s = |r: &[f32]| {
+            let p = r.as_ptr();
+            move |i: usize| [vld1q_f32(p.add(i)), vld1q_f32(p.add(i + 4))]
+        };
+        let f16s = |r: &[half::f16]| {
+            let p = r.as_ptr() as *const u16;
+            move |i: usize| {
+                let h = vld1q_u16(p.add(i));
+                [f16_lo(h), f16_hi(h)]
+            }
+        };
+        for (o, qs) in out.chunks_mut(4).zip(q.chunks(4 * hd)) {
+            let qp = qs.as_ptr();
+            match (row, o.len()) {
+                (Row::F32(r), 1) => dots_n::<1>(qp, hd, f32s(r), o),
+                (Row::F32(r), 2) => dots_n::<2>(qp, hd, f32s(r), o),
+                (Row::F32(r), 3) => dots_n::<3>(qp, hd, f32s(r), o),
+                (Row::F32(r), _) => dots_n::<4>(qp, hd, f32s(r), o),
+                (Row::F16(r), 1) => dots_n::<1>(qp, hd, f16s(r), o),
+                (Row::F16(r), 2) => dots_n::<2>(qp, hd, f16s(r), o),
+                (Row::F16(r), 3) => dots_n::<3>(qp, hd, f16s(r), o),
+                (Row::F16(r), _) => dots_n::<4>(qp, hd, f16s(r), o),
+            }
+        }
+    }
+
+    /// `out[h] = q_h · row` for N queries of width `hd` (a multiple of 16)
+    /// at `q`, the row's elements `i..i + 8` given by `load(i)`.
+    #[inline(always)]
+    unsafe fn dots_n<const N: usize>(
+        q: *const f32,
+        hd: usize,
+        load: impl Fn(usize) -> [float32x4_t; 2],
+        out: &mut [f32],
+    ) {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; N];
+        let mut i = 0;
+        while i < hd {
+            let r0 = load(i);
+            let r1 = load(i + 8);
+            let r = [r0[0], r0[1], r1[0], r1[1]];
+            for (h, a) in acc.iter_mut().enumerate() {
+                let qp = q.add(h * hd + i);
+                for (l, a) in a.iter_mut().enumerate() {
+                    *a = vfmaq_f32(*a, vld1q_f32(qp.add(4 * l)), r[l]);
                 }
-                i += 16;
             }
-            for (h, a) in acc.iter().enumerate().take(nq) {
-                out[h0 + h] = hsum(vaddq_f32(a[0], a[2]), vaddq_f32(a[1], a[3]));
-            }
-            h0 += nq;
+            i += 16;
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = hsum(vaddq_f32(a[0], a[2]), vaddq_f32(a[1], a[3]));
         }
     }
 
@@ -552,6 +581,59 @@ pub(crate) mod neon {
             vdupq_n_s32(127),
         )));
         vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(vmulq_f32(y, pow2)), tiny))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::{axpys_scalar, dot_scalar, exp_shifted_scalar};
+        use super::*;
+        use half::f16;
+
+        /// Every head count (the groups of four and the rest) and head
+        /// width (whole groups of 16 and the fallback), both row types.
+        #[test]
+        fn every_head_count_matches_scalar() {
+            for hd in [8, 16, 40, 64, 128] {
+                let r32: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.11).cos()).collect();
+                let r16: Vec<f16> = r32.iter().map(|&v| f16::from_f32(v)).collect();
+                for row in [Row::F32(&r32), Row::F16(&r16)] {
+                    for nh in 1..=9 {
+                        let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+                        let mut out = vec![f32::NAN; nh];
+                        // SAFETY: NEON is baseline on aarch64.
+                        unsafe { dots(&q, row, &mut out, hd) };
+                        for (h, &o) in out.iter().enumerate() {
+                            let want = dot_scalar(&q[h * hd..(h + 1) * hd], row);
+                            assert!((o - want).abs() < 1e-5, "hd {hd} nh {nh} head {h}");
+                        }
+                        let p: Vec<f32> = (0..nh).map(|h| h as f32 * 0.3 - 1.0).collect();
+                        let (mut a, mut b) = (q.clone(), q.clone());
+                        axpys_scalar(&mut a, &p, row, hd);
+                        // SAFETY: as above.
+                        unsafe { axpys(&mut b, &p, row, hd) };
+                        for (x, y) in a.iter().zip(&b) {
+                            assert!((x - y).abs() < 1e-6, "hd {hd} nh {nh}");
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Masked (-inf), negligible and ordinary scores.
+        #[test]
+        fn exp_shifted_matches_scalar() {
+            let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.91).sin() * 50.0).collect();
+            x[3] = f32::NEG_INFINITY;
+            x[9] = -1.0e30;
+            let mut y = x.clone();
+            let s = exp_shifted_scalar(&mut x, 50.0);
+            // SAFETY: as above.
+            let v = unsafe { exp_shifted(&mut y, 50.0) };
+            assert!((s - v).abs() <= 1e-6 * s);
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() <= 2e-7 * a + 1e-37, "{a} vs {b}");
+            }
+        }
     }
 }
 
