@@ -185,6 +185,9 @@ unsafe fn load1<const T: u8>(p: *const u8, j: usize) -> f32 {
 }
 
 /// `float::reduce_lanes` of lanes 0-3 in `lo` and 4-7 in `hi`, in the same order.
+///
+/// # Safety
+/// None beyond NEON, which every aarch64 CPU has.
 #[inline(always)]
 pub(crate) unsafe fn hsum(lo: float32x4_t, hi: float32x4_t) -> f32 {
     // [l0+l4, l1+l5, l2+l6, l3+l7]
