@@ -460,6 +460,144 @@ pub(crate) unsafe fn quantize_q8k_avx2(xs: &[f32], b: &mut ActQ8K) {
     b.d = 1.0 / iscale;
 }
 
+/// [`q8_codes`] with NEON (every aarch64 CPU), the same integers: the same
+/// amax (a block with a NaN goes to the scalar path), d and 1/d, and `fcvtas`
+/// rounds half away from zero as [`round_half_away`] does (NaN to 0); the
+/// narrowing `xtn` wraps as `as i8` does.
+///
+/// # Safety
+/// None beyond NEON; `xs` must hold 32 values (checked).
+#[cfg(target_arch = "aarch64")]
+pub(crate) unsafe fn q8_codes_neon(xs: &[f32], qs: &mut [i8; 32]) -> f32 {
+    use std::arch::aarch64::*;
+    assert!(xs.len() >= 32);
+    let p = xs.as_ptr();
+    let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
+    let m = v
+        .iter()
+        .fold(vdupq_n_f32(0.0), |m, &x| vmaxq_f32(m, vabsq_f32(x)));
+    let amax = vmaxvq_f32(m);
+    if amax.is_nan() {
+        // `fmax` keeps NaNs where `f32::max` skips them: rare, so the
+        // portable path decides.
+        return q8_codes_scalar(xs, qs);
+    }
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let r = v.map(|x| vcvtaq_s32_f32(vmulq_n_f32(x, id)));
+    let h: [int16x8_t; 4] =
+        std::array::from_fn(|j| vmovn_high_s32(vmovn_s32(r[2 * j]), r[2 * j + 1]));
+    let b0 = vmovn_high_s16(vmovn_s16(h[0]), h[1]);
+    let b1 = vmovn_high_s16(vmovn_s16(h[2]), h[3]);
+    vst1q_s8(qs.as_mut_ptr(), b0);
+    vst1q_s8(qs.as_mut_ptr().add(16), b1);
+    d
+}
+
+/// [`quantize_q8k`] with NEON: the same largest magnitude (a block with a
+/// NaN goes to the scalar path; the first value that has it gives the
+/// sign), the same scale, `fcvtns` rounds half to even as `nearest_int`
+/// does (NaN to 0), and `saddlv` sums each group of sixteen codes.
+///
+/// # Safety
+/// None beyond NEON; `xs` must hold QK_K values (checked).
+#[cfg(target_arch = "aarch64")]
+pub(crate) unsafe fn quantize_q8k_neon(xs: &[f32], b: &mut ActQ8K) {
+    use std::arch::aarch64::*;
+    assert!(xs.len() >= QK_K);
+    let p = xs.as_ptr();
+    let mut m = [vdupq_n_f32(0.0); 4];
+    for c in 0..QK_K / 16 {
+        for (j, m) in m.iter_mut().enumerate() {
+            *m = vmaxq_f32(*m, vabsq_f32(vld1q_f32(p.add(16 * c + 4 * j))));
+        }
+    }
+    let amax = vmaxvq_f32(vmaxq_f32(vmaxq_f32(m[0], m[1]), vmaxq_f32(m[2], m[3])));
+    if amax.is_nan() {
+        // `fmax` keeps NaNs where the scalar `>` skips them: rare, so the
+        // portable path decides.
+        return quantize_q8k_scalar(xs, b);
+    }
+    if amax == 0.0 {
+        b.d = 0.0;
+        b.qs = [0; QK_K];
+        b.bsums = [0; QK_K / 16];
+        return;
+    }
+    let max = xs[..QK_K]
+        .iter()
+        .copied()
+        .find(|x| x.abs() == amax)
+        .unwrap_or(amax);
+    let iscale = -127.0 / max;
+    let top = vdupq_n_s32(127);
+    for c in 0..QK_K / 16 {
+        let r: [int32x4_t; 4] = std::array::from_fn(|j| {
+            let y = vmulq_n_f32(vld1q_f32(p.add(16 * c + 4 * j)), iscale);
+            vminq_s32(vcvtnq_s32_f32(y), top)
+        });
+        let lo = vmovn_high_s32(vmovn_s32(r[0]), r[1]);
+        let hi = vmovn_high_s32(vmovn_s32(r[2]), r[3]);
+        let q = vmovn_high_s16(vmovn_s16(lo), hi);
+        vst1q_s8(b.qs.as_mut_ptr().add(16 * c), q);
+        b.bsums[c] = vaddlvq_s8(q);
+    }
+    b.d = 1.0 / iscale;
+}
+
+/// The NEON paths on what the shared tests do not feed them.
+#[cfg(all(test, target_arch = "aarch64"))]
+mod neon_tests {
+    use super::*;
+
+    /// NaN, infinities and codes near ±127.5, bit for bit with scalar.
+    #[test]
+    fn odd_values_match_scalar() {
+        let mut x: Vec<f32> = (0..QK_K).map(|i| (i as f32 - 128.0) * 0.999).collect();
+        let cases: [(usize, f32); 4] = [
+            (7, f32::NAN),
+            (40, f32::INFINITY),
+            (70, f32::NEG_INFINITY),
+            (100, -1.0e-45),
+        ];
+        for (i, v) in cases {
+            for n in [0, 1] {
+                let mut y = x.clone();
+                if n == 1 {
+                    y[i] = v;
+                }
+                for xs in y.chunks_exact(32) {
+                    let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+                    let d = q8_codes_scalar(xs, &mut a);
+                    // SAFETY: NEON is baseline on aarch64; 32 values.
+                    let e = unsafe { q8_codes_neon(xs, &mut b) };
+                    assert_eq!((d.to_bits(), a), (e.to_bits(), b), "{v} at {i}");
+                }
+                let z = ActQ8K {
+                    d: 0.0,
+                    qs: [0; QK_K],
+                    bsums: [0; QK_K / 16],
+                };
+                let (mut a, mut b) = (z, z);
+                quantize_q8k_scalar(&y, &mut a);
+                // SAFETY: as above; QK_K values.
+                unsafe { quantize_q8k_neon(&y, &mut b) };
+                assert_eq!(
+                    (a.d.to_bits(), a.qs, a.bsums),
+                    (b.d.to_bits(), b.qs, b.bsums),
+                    "{v} at {i}"
+                );
+            }
+        }
+        x.iter_mut().for_each(|v| *v = -*v);
+        let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+        // SAFETY: as above.
+        let e = unsafe { q8_codes_neon(&x[..32], &mut b) };
+        assert_eq!(q8_codes_scalar(&x[..32], &mut a).to_bits(), e.to_bits());
+        assert_eq!(a, b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -329,6 +329,314 @@ pub(crate) mod avx2 {
     }
 }
 
+/// The same products with NEON (every aarch64 CPU), f16 rows widened with
+/// `fcvtl`; the sums run in the SIMD order the AVX2 paths use, and e^x is
+/// the same polynomial.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use std::arch::aarch64::*;
+
+    use super::Row;
+    use crate::float_neon::{f16_hi, f16_lo, hsum};
+
+    /// Elements `i..i + 8` of the row, widened (lanes 0-3, 4-7).
+    #[inline(always)]
+    unsafe fn load(row: Row, i: usize) -> [float32x4_t; 2] {
+        match row {
+            Row::F32(r) => {
+                let p = r.as_ptr().add(i);
+                [vld1q_f32(p), vld1q_f32(p.add(4))]
+            }
+            Row::F16(r) => {
+                let h = vld1q_u16(r.as_ptr().add(i) as *const u16);
+                [f16_lo(h), f16_hi(h)]
+            }
+        }
+    }
+
+    /// Element `j` of the row as f32.
+    #[inline(always)]
+    fn at(row: Row, j: usize) -> f32 {
+        match row {
+            Row::F32(r) => r[j],
+            Row::F16(r) => r[j].to_f32(),
+        }
+    }
+
+    fn len(row: Row) -> usize {
+        match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        }
+    }
+
+    /// q · row, in `dot_scalar`'s eight lanes (two q registers).
+    ///
+    /// # Safety
+    /// None beyond NEON, which every aarch64 CPU has.
+    pub(crate) unsafe fn dot(q: &[f32], row: Row) -> f32 {
+        let n = q.len();
+        assert!(len(row) >= n, "cache row shorter than q");
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        let mut i = 0;
+        while i + 8 <= n {
+            let r = load(row, i);
+            let qp = q.as_ptr().add(i);
+            acc[0] = vfmaq_f32(acc[0], vld1q_f32(qp), r[0]);
+            acc[1] = vfmaq_f32(acc[1], vld1q_f32(qp.add(4)), r[1]);
+            i += 8;
+        }
+        let mut s = hsum(acc[0], acc[1]);
+        for j in i..n {
+            s += q[j] * at(row, j);
+        }
+        s
+    }
+
+    /// `out[h] = q_h · row` for heads of width `hd`: the row widened once
+    /// for all of them, two interleaved sets of eight lanes per query to
+    /// halve its chain (as the AVX2 `dots`), up to four queries at a time
+    /// (16 accumulators, four row vectors and the query loads fit the 32 q
+    /// registers).
+    ///
+    /// # Safety
+    /// None beyond NEON.
+    pub(crate) unsafe fn dots(q: &[f32], row: Row, out: &mut [f32], hd: usize) {
+        if !hd.is_multiple_of(16) {
+            for (o, qh) in out.iter_mut().zip(q.chunks_exact(hd)) {
+                *o = dot(qh, row);
+            }
+            return;
+        }
+        assert!(
+            len(row) >= hd && q.len() >= out.len() * hd,
+            "cache row shorter than q"
+        );
+        // One loop per row type and query count, so that neither is
+        // decided inside it.
+        let f32s = |r: &[f32]| {
+            let p = r.as_ptr();
+            move |i: usize| [vld1q_f32(p.add(i)), vld1q_f32(p.add(i + 4))]
+        };
+        let f16s = |r: &[half::f16]| {
+            let p = r.as_ptr() as *const u16;
+            move |i: usize| {
+                let h = vld1q_u16(p.add(i));
+                [f16_lo(h), f16_hi(h)]
+            }
+        };
+        for (o, qs) in out.chunks_mut(4).zip(q.chunks(4 * hd)) {
+            let qp = qs.as_ptr();
+            match (row, o.len()) {
+                (Row::F32(r), 1) => dots_n::<1>(qp, hd, f32s(r), o),
+                (Row::F32(r), 2) => dots_n::<2>(qp, hd, f32s(r), o),
+                (Row::F32(r), 3) => dots_n::<3>(qp, hd, f32s(r), o),
+                (Row::F32(r), _) => dots_n::<4>(qp, hd, f32s(r), o),
+                (Row::F16(r), 1) => dots_n::<1>(qp, hd, f16s(r), o),
+                (Row::F16(r), 2) => dots_n::<2>(qp, hd, f16s(r), o),
+                (Row::F16(r), 3) => dots_n::<3>(qp, hd, f16s(r), o),
+                (Row::F16(r), _) => dots_n::<4>(qp, hd, f16s(r), o),
+            }
+        }
+    }
+
+    /// `out[h] = q_h · row` for N queries of width `hd` (a multiple of 16)
+    /// at `q`, the row's elements `i..i + 8` given by `load(i)`.
+    #[inline(always)]
+    unsafe fn dots_n<const N: usize>(
+        q: *const f32,
+        hd: usize,
+        load: impl Fn(usize) -> [float32x4_t; 2],
+        out: &mut [f32],
+    ) {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; N];
+        let mut i = 0;
+        while i < hd {
+            let r0 = load(i);
+            let r1 = load(i + 8);
+            let r = [r0[0], r0[1], r1[0], r1[1]];
+            for (h, a) in acc.iter_mut().enumerate() {
+                let qp = q.add(h * hd + i);
+                for (l, a) in a.iter_mut().enumerate() {
+                    *a = vfmaq_f32(*a, vld1q_f32(qp.add(4 * l)), r[l]);
+                }
+            }
+            i += 16;
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = hsum(vaddq_f32(a[0], a[2]), vaddq_f32(a[1], a[3]));
+        }
+    }
+
+    /// acc += p row.
+    ///
+    /// # Safety
+    /// None beyond NEON.
+    pub(crate) unsafe fn axpy(acc: &mut [f32], p: f32, row: Row) {
+        let n = acc.len();
+        assert!(len(row) >= n, "cache row shorter than the accumulator");
+        let pv = vdupq_n_f32(p);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = load(row, i);
+            let ap = acc.as_mut_ptr().add(i);
+            vst1q_f32(ap, vfmaq_f32(vld1q_f32(ap), pv, v[0]));
+            vst1q_f32(ap.add(4), vfmaq_f32(vld1q_f32(ap.add(4)), pv, v[1]));
+            i += 8;
+        }
+        for j in i..n {
+            acc[j] += p * at(row, j);
+        }
+    }
+
+    /// `acc_h += p[h] row` for accumulators of width `hd`: the row widened
+    /// once for all of them.
+    ///
+    /// # Safety
+    /// None beyond NEON.
+    pub(crate) unsafe fn axpys(acc: &mut [f32], p: &[f32], row: Row, hd: usize) {
+        if !hd.is_multiple_of(8) {
+            for (a, &ph) in acc.chunks_exact_mut(hd).zip(p) {
+                axpy(a, ph, row);
+            }
+            return;
+        }
+        assert!(
+            len(row) >= hd && acc.len() >= p.len() * hd,
+            "cache row shorter than the accumulator"
+        );
+        let mut i = 0;
+        while i < hd {
+            let v = load(row, i);
+            for (h, &ph) in p.iter().enumerate() {
+                let ap = acc.as_mut_ptr().add(h * hd + i);
+                let pv = vdupq_n_f32(ph);
+                vst1q_f32(ap, vfmaq_f32(vld1q_f32(ap), pv, v[0]));
+                vst1q_f32(ap.add(4), vfmaq_f32(vld1q_f32(ap.add(4)), pv, v[1]));
+            }
+            i += 8;
+        }
+    }
+
+    /// `x = e^(x - max)` in place, eight at a time; returns the sum in f64
+    /// (summed as the AVX2 path sums it).
+    ///
+    /// # Safety
+    /// None beyond NEON.
+    pub(crate) unsafe fn exp_shifted(x: &mut [f32], max: f32) -> f64 {
+        let n = x.len();
+        let m = vdupq_n_f32(max);
+        // f64 pairs of lanes 0-1, 2-3, 4-5, 6-7.
+        let mut s = [vdupq_n_f64(0.0); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let p = x.as_mut_ptr().add(i);
+            for h in 0..2 {
+                let e = exp(vsubq_f32(vld1q_f32(p.add(4 * h)), m));
+                vst1q_f32(p.add(4 * h), e);
+                s[2 * h] = vaddq_f64(s[2 * h], vcvt_f64_f32(vget_low_f32(e)));
+                s[2 * h + 1] = vaddq_f64(s[2 * h + 1], vcvt_high_f64_f32(e));
+            }
+            i += 8;
+        }
+        // l = lanes 0-3 + lanes 4-7, then (l0 + l2) + (l1 + l3).
+        let l01 = vaddq_f64(s[0], s[2]);
+        let l23 = vaddq_f64(s[1], s[3]);
+        let t = vaddq_f64(l01, l23);
+        let mut sum = vgetq_lane_f64::<0>(t) + vgetq_lane_f64::<1>(t);
+        for v in &mut x[i..] {
+            *v = (*v - max).exp();
+            sum += *v as f64;
+        }
+        sum
+    }
+
+    /// e^x for four lanes, as the AVX2 `exp`: x = n·ln 2 + r with
+    /// |r| <= ln 2 / 2, e^r by Cephes' polynomial, 2^n built in the
+    /// exponent bits; inputs below -87.3 give 0, not denormals.
+    #[inline(always)]
+    unsafe fn exp(x: float32x4_t) -> float32x4_t {
+        let tiny = vcltq_f32(x, vdupq_n_f32(-87.3));
+        let x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3)), vdupq_n_f32(88.3));
+        let n = vrndmq_f32(vfmaq_f32(
+            vdupq_n_f32(0.5),
+            x,
+            vdupq_n_f32(std::f32::consts::LOG2_E),
+        ));
+        let r = vfmsq_f32(x, n, vdupq_n_f32(0.693_359_4));
+        let r = vfmsq_f32(r, n, vdupq_n_f32(-2.121_944_4e-4));
+        let mut y = vdupq_n_f32(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ] {
+            y = vfmaq_f32(vdupq_n_f32(c), y, r);
+        }
+        let y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0)), y, vmulq_f32(r, r));
+        let pow2 = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(
+            vcvtq_s32_f32(n),
+            vdupq_n_s32(127),
+        )));
+        vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(vmulq_f32(y, pow2)), tiny))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::{axpys_scalar, dot_scalar, exp_shifted_scalar};
+        use super::*;
+        use half::f16;
+
+        /// Every head count (the groups of four and the rest) and head
+        /// width (whole groups of 16 and the fallback), both row types.
+        #[test]
+        fn every_head_count_matches_scalar() {
+            for hd in [8, 16, 40, 64, 128] {
+                let r32: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.11).cos()).collect();
+                let r16: Vec<f16> = r32.iter().map(|&v| f16::from_f32(v)).collect();
+                for row in [Row::F32(&r32), Row::F16(&r16)] {
+                    for nh in 1..=9 {
+                        let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+                        let mut out = vec![f32::NAN; nh];
+                        // SAFETY: NEON is baseline on aarch64.
+                        unsafe { dots(&q, row, &mut out, hd) };
+                        for (h, &o) in out.iter().enumerate() {
+                            let want = dot_scalar(&q[h * hd..(h + 1) * hd], row);
+                            assert!((o - want).abs() < 1e-5, "hd {hd} nh {nh} head {h}");
+                        }
+                        let p: Vec<f32> = (0..nh).map(|h| h as f32 * 0.3 - 1.0).collect();
+                        let (mut a, mut b) = (q.clone(), q.clone());
+                        axpys_scalar(&mut a, &p, row, hd);
+                        // SAFETY: as above.
+                        unsafe { axpys(&mut b, &p, row, hd) };
+                        for (x, y) in a.iter().zip(&b) {
+                            assert!((x - y).abs() < 1e-6, "hd {hd} nh {nh}");
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Masked (-inf), negligible and ordinary scores.
+        #[test]
+        fn exp_shifted_matches_scalar() {
+            let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.91).sin() * 50.0).collect();
+            x[3] = f32::NEG_INFINITY;
+            x[9] = -1.0e30;
+            let mut y = x.clone();
+            let s = exp_shifted_scalar(&mut x, 50.0);
+            // SAFETY: as above.
+            let v = unsafe { exp_shifted(&mut y, 50.0) };
+            assert!((s - v).abs() <= 1e-6 * s);
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() <= 2e-7 * a + 1e-37, "{a} vs {b}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,12 +325,20 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::{Kernels, Panel, SCALAR};
-    use crate::{legacy_neon, panel_neon};
+    use crate::{act, attention, float_neon, legacy_neon, panel_neon};
 
     /// ARMv8.0 NEON.
     pub(super) const NEON: Kernels = Kernels {
+        float: float_neon::gemm,
         legacy: legacy_neon::gemm_neon,
         rows8: true,
+        q8_codes: act::q8_codes_neon,
+        quantize_q8k: act::quantize_q8k_neon,
+        dot: attention::neon::dot,
+        dots: attention::neon::dots,
+        axpy: attention::neon::axpy,
+        axpys: attention::neon::axpys,
+        exp_shifted: attention::neon::exp_shifted,
         ..SCALAR
     };
 

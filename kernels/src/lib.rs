@@ -21,6 +21,8 @@ pub mod blocks;
 mod float;
 #[cfg(target_arch = "x86_64")]
 mod float_avx2;
+#[cfg(target_arch = "aarch64")]
+mod float_neon;
 pub mod grid;
 mod isa;
 mod kquants;
