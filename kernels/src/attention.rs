@@ -293,7 +293,7 @@ pub(crate) mod avx2 {
     /// Cephes' polynomial, 2^n built in the exponent bits. Inputs below
     /// -87.3 give 0 (softmax's masked and negligible terms), not denormals.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp(x: __m256) -> __m256 {
         let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3), _CMP_LT_OQ);
         let x = _mm256_min_ps(
             _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
@@ -555,7 +555,7 @@ pub(crate) mod neon {
     /// |r| <= ln 2 / 2, e^r by Cephes' polynomial, 2^n built in the
     /// exponent bits; inputs below -87.3 give 0, not denormals.
     #[inline(always)]
-    unsafe fn exp(x: float32x4_t) -> float32x4_t {
+    pub(crate) unsafe fn exp(x: float32x4_t) -> float32x4_t {
         let tiny = vcltq_f32(x, vdupq_n_f32(-87.3));
         let x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3)), vdupq_n_f32(88.3));
         let n = vrndmq_f32(vfmaq_f32(

@@ -268,6 +268,8 @@ pub(crate) struct Kernels {
     pub(crate) axpys: unsafe fn(&mut [f32], &[f32], Row, usize),
     /// `x = e^(x - max)` in place, returning the sum in f64.
     pub(crate) exp_shifted: unsafe fn(&mut [f32], f32) -> f64,
+    /// `gate = silu(gate) * up`, slices as long.
+    pub(crate) swiglu: unsafe fn(&mut [f32], &[f32]),
 }
 
 /// The portable path: every other tier's reference, and where a tier has
@@ -286,12 +288,13 @@ const SCALAR: Kernels = Kernels {
     axpy: crate::attention::axpy_scalar,
     axpys: crate::attention::axpys_scalar,
     exp_shifted: crate::attention::exp_shifted_scalar,
+    swiglu: crate::swiglu::swiglu_scalar,
 };
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Kernels, Panel};
-    use crate::{act, attention, float_avx2, kquants_avx2, legacy_avx2, panel_avx2};
+    use crate::{act, attention, float_avx2, kquants_avx2, legacy_avx2, panel_avx2, swiglu};
 
     /// AVX2, FMA and F16C.
     pub(super) const AVX2: Kernels = Kernels {
@@ -310,6 +313,7 @@ mod x86 {
         axpy: attention::avx2::axpy,
         axpys: attention::avx2::axpys,
         exp_shifted: attention::avx2::exp_shifted,
+        swiglu: swiglu::avx2::swiglu,
     };
 
     /// AVX2 with AVX-512 VNNI in the prefill panels.
@@ -325,7 +329,7 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::{Kernels, Panel, SCALAR};
-    use crate::{act, attention, float_neon, legacy_neon, panel_neon};
+    use crate::{act, attention, float_neon, legacy_neon, panel_neon, swiglu};
 
     /// ARMv8.0 NEON.
     pub(super) const NEON: Kernels = Kernels {
@@ -339,6 +343,7 @@ mod arm {
         axpy: attention::neon::axpy,
         axpys: attention::neon::axpys,
         exp_shifted: attention::neon::exp_shifted,
+        swiglu: swiglu::neon::swiglu,
         ..SCALAR
     };
 

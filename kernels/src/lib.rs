@@ -40,6 +40,7 @@ mod panel_neon;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod rows8_avx2;
+mod swiglu;
 #[cfg(test)]
 mod testing;
 
@@ -47,6 +48,7 @@ use std::ops::Range;
 
 pub use act::{ActBuf, ActType};
 pub use isa::{Isa, Tier};
+pub use swiglu::swiglu;
 
 /// A weight type: the ggml types the converter writes. The discriminant is
 /// the type's row in [`TypeTraits`]' table and the `u8` code const-generic

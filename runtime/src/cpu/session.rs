@@ -425,7 +425,7 @@ impl<'m> CpuSession<'m> {
             let (g, u) = (self.s.gate.as_mut_ptr(), self.s.up.as_mut_ptr());
             self.matmuls(&[(&b.gate, g), (&b.up, u)], Input::H, t, dim, scales);
             let ffn = b.gate.n;
-            ops::swiglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn]);
+            lorafold_kernels::swiglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn], self.isa);
             observe(layer, LinearInput::FfnDown, &self.s.gate[..t * ffn], ffn);
             self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
             ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
