@@ -325,12 +325,20 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::{Kernels, SCALAR};
+    use crate::kquants_neon;
 
     /// ARMv8.0 NEON.
-    pub(super) const NEON: Kernels = Kernels { ..SCALAR };
+    pub(super) const NEON: Kernels = Kernels {
+        kquants: kquants_neon::gemm_neon,
+        rows8: true,
+        ..SCALAR
+    };
 
     /// NEON with `sdot`/`udot`.
-    pub(super) const DOTPROD: Kernels = Kernels { ..NEON };
+    pub(super) const DOTPROD: Kernels = Kernels {
+        kquants: kquants_neon::gemm_dotprod,
+        ..NEON
+    };
 
     /// NEON with `sdot` and `smmla`.
     pub(super) const I8MM: Kernels = Kernels { ..DOTPROD };
