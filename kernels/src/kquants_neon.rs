@@ -9,7 +9,7 @@
 //! form each tier multiplies by, and the coefficients that meet `bsums`.
 //! A super-block's integer sums are exact, so only the f32 steps after
 //! them decide the bits: per super-block and per output element,
-//! `acc = fma(d da, sumi, acc)`, then `acc = fma(-(dmin da), summ, acc)`
+//! `acc = fma(d da, sumi, acc)`, then `acc = fma(dmin da, -summ, acc)`
 //! for the types with minimums, in super-block order, the same in every
 //! tile. A product is thus bit-identical computed in any tile, alone, or
 //! in either [`crate::Layout`].
@@ -36,6 +36,15 @@ const fn g32(t: u8) -> bool {
 /// Whether `T` has minimums (w = d sc q - dmin mn).
 const fn has_min(t: u8) -> bool {
     matches!(t, Q2K | Q4K | Q5K)
+}
+
+/// `body` once per listed value of `$i` (a `usize` const in each copy): the
+/// loops over a super-block's vectors must unroll for their lanes and
+/// register indices to be constants, which LLVM does not always do alone.
+macro_rules! unroll {
+    ($i:ident in [$($n:literal)*] $body:block) => {
+        $( { const $i: usize = $n; $body } )*
+    };
 }
 
 /// See [`crate::gemm`]; ARMv8.0 NEON only.
@@ -114,10 +123,10 @@ unsafe fn gemm_t<const T: u8, const DOT: bool>(
         while i0 < m {
             let a = |j: usize| arow(i0 + j);
             match m - i0 {
-                1 => tile::<T, DOT, 1>(&run, [a(0)], i0),
-                2 => tile::<T, DOT, 2>(&run, [a(0), a(1)], i0),
-                3 => tile::<T, DOT, 3>(&run, [a(0), a(1), a(2)], i0),
-                _ => tile::<T, DOT, 4>(&run, [a(0), a(1), a(2), a(3)], i0),
+                1 => tile_of::<T, DOT, 1>(&run, [a(0)], i0),
+                2 => tile_of::<T, DOT, 2>(&run, [a(0), a(1)], i0),
+                3 => tile_of::<T, DOT, 3>(&run, [a(0), a(1), a(2)], i0),
+                _ => tile_of::<T, DOT, 4>(&run, [a(0), a(1), a(2), a(3)], i0),
             }
             i0 += (m - i0).min(4);
         }
@@ -143,6 +152,32 @@ struct Run {
     r0: usize,
 }
 
+/// [`tile`] at the tier `DOT` says, one function per type and tile (so
+/// that each inner loop can be read in the disassembly).
+#[inline(always)]
+unsafe fn tile_of<const T: u8, const DOT: bool, const MR: usize>(
+    run: &Run,
+    a: [*const ActQ8K; MR],
+    i0: usize,
+) {
+    if DOT {
+        tile_dot::<T, MR>(run, a, i0)
+    } else {
+        tile_neon::<T, MR>(run, a, i0)
+    }
+}
+
+#[inline(never)]
+unsafe fn tile_neon<const T: u8, const MR: usize>(run: &Run, a: [*const ActQ8K; MR], i0: usize) {
+    tile::<T, false, MR>(run, a, i0)
+}
+
+#[inline(never)]
+#[target_feature(enable = "dotprod")]
+unsafe fn tile_dot<const T: u8, const MR: usize>(run: &Run, a: [*const ActQ8K; MR], i0: usize) {
+    tile::<T, true, MR>(run, a, i0)
+}
+
 /// The run's rows times activation rows `a` (output rows `i0..i0 + MR`).
 #[inline(always)]
 unsafe fn tile<const T: u8, const DOT: bool, const MR: usize>(
@@ -160,7 +195,7 @@ unsafe fn tile<const T: u8, const DOT: bool, const MR: usize>(
                 let da = (*ab).d;
                 let mut s = (u.d * da).mul_add(si as f32, *acci);
                 if has_min(T) {
-                    s = (-(u.dmin * da)).mul_add(sm as f32, s);
+                    s = (u.dmin * da).mul_add(-(sm as f32), s);
                 }
                 *acci = s;
             }
@@ -256,18 +291,55 @@ unsafe fn mla_lane(acc: int32x4_t, p: int32x4_t, c: int32x4_t, lane: usize) -> i
     }
 }
 
-/// `acc` plus both halves of `t` (widened) times `s[lane]`: two `smlal`.
+/// `acc` plus both halves of `t` (widened) times `s[lane]`: `smlal` and
+/// `smlal2` by element, in asm because LLVM otherwise adds the halves
+/// first and multiplies by a broadcast scale (five instructions, not two).
 #[inline(always)]
 unsafe fn smlal_lane(acc: int32x4_t, t: int16x8_t, s: int16x8_t, lane: usize) -> int32x4_t {
-    macro_rules! arms {
-        ($($l:literal)*) => {
-            match lane {
-                $($l => vmlal_high_laneq_s16::<$l>(vmlal_laneq_s16::<$l>(acc, vget_low_s16(t), s), t, s),)*
-                _ => unreachable!(),
-            }
-        };
+    macro_rules! arm {
+        ($l:literal) => {{
+            let mut acc = acc;
+            // SAFETY: plain NEON arithmetic on registers (the by-element
+            // 16-bit form takes its element register from v0-v15).
+            asm!(
+                concat!("smlal {acc:v}.4s, {t:v}.4h, {s:v}.h[", $l, "]"),
+                acc = inout(vreg) acc,
+                t = in(vreg) t,
+                s = in(vreg_low16) s,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            // SAFETY: as above.
+            asm!(
+                concat!("smlal2 {acc:v}.4s, {t:v}.8h, {s:v}.h[", $l, "]"),
+                acc = inout(vreg) acc,
+                t = in(vreg) t,
+                s = in(vreg_low16) s,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            acc
+        }};
     }
-    arms!(0 1 2 3 4 5 6 7)
+    match lane {
+        0 => arm!(0),
+        1 => arm!(1),
+        2 => arm!(2),
+        3 => arm!(3),
+        4 => arm!(4),
+        5 => arm!(5),
+        6 => arm!(6),
+        _ => arm!(7),
+    }
+}
+
+/// `v` unchanged, but opaque to LLVM: the sdot coefficients are widened
+/// once per super-block, and without this LLVM widens each lane again at
+/// every `mla` by element (a `dup` and an `sshll` per group).
+#[inline(always)]
+unsafe fn opaque(v: int32x4_t) -> int32x4_t {
+    let mut v = v;
+    // SAFETY: an empty asm statement; it only pins the value in a register.
+    asm!("/* {v:v} */", v = inout(vreg) v, options(pure, nomem, nostack, preserves_flags));
+    v
 }
 
 /// The sdot coefficients of eight group scales (0..=63): `sc[g] - sc[g + 1]`.
@@ -276,7 +348,12 @@ unsafe fn coef8(sc: uint8x8_t) -> [int32x4_t; 4] {
     let next = vext_u8::<1>(sc, vdup_n_u8(0));
     let d16 = vmovl_s8(vreinterpret_s8_u8(vsub_u8(sc, next)));
     let z = vdupq_n_s32(0);
-    [vmovl_s16(vget_low_s16(d16)), vmovl_high_s16(d16), z, z]
+    [
+        opaque(vmovl_s16(vget_low_s16(d16))),
+        opaque(vmovl_high_s16(d16)),
+        z,
+        z,
+    ]
 }
 
 /// Sixteen signed group scales widened to 16 bits.
@@ -292,10 +369,10 @@ unsafe fn coef16(s: [int16x8_t; 2]) -> [int32x4_t; 4] {
     let nhi = vextq_s16::<1>(s[1], vdupq_n_s16(0));
     let (dlo, dhi) = (vsubq_s16(s[0], nlo), vsubq_s16(s[1], nhi));
     [
-        vmovl_s16(vget_low_s16(dlo)),
-        vmovl_high_s16(dlo),
-        vmovl_s16(vget_low_s16(dhi)),
-        vmovl_high_s16(dhi),
+        opaque(vmovl_s16(vget_low_s16(dlo))),
+        opaque(vmovl_high_s16(dlo)),
+        opaque(vmovl_s16(vget_low_s16(dhi))),
+        opaque(vmovl_high_s16(dhi)),
     ]
 }
 
@@ -413,10 +490,10 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
             let m4 = vdupq_n_u8(0x0F);
             // Vector c: group of 32 gc = c / 2, half c % 2; its bytes are
             // qs[32 (gc / 2) + 16 half..], low nibbles for even gc.
-            for (c, v) in q.iter_mut().enumerate() {
-                let (gc, half) = (c / 2, c % 2);
+            unroll!(C in [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] {
+                let (gc, half) = (C / 2, C % 2);
                 let b = ld(qs.add(32 * (gc / 2) + 16 * half));
-                *v = s(if T == Q5K {
+                q[C] = s(if T == Q5K {
                     let h = bit_to(hb[half], gc, 4);
                     if gc % 2 == 0 {
                         vbslq_u8(m4, b, h)
@@ -428,7 +505,7 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
                 } else {
                     vshrq_n_u8::<4>(b)
                 });
-            }
+            });
             let (d, dmin) = f16_pair(p);
             Sb {
                 q,
@@ -443,8 +520,9 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
             let sc = widen16(vld1q_s8(p.add(192) as *const i8));
             // Element 128 n + 32 t + l: ql[64 n + 32 (t & 1) + l], low
             // nibble for t < 2; top bits 2t.. of qh[32 n + l].
-            for n in 0..2 {
-                for half in 0..2 {
+            unroll!(NH in [0 1 2 3] {
+                let (n, half) = (NH / 2, NH % 2);
+                {
                     let h = ld(p.add(128 + 32 * n + 16 * half));
                     let l0 = ld(p.add(64 * n + 16 * half));
                     let l1 = ld(p.add(64 * n + 32 + 16 * half));
@@ -457,7 +535,7 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
                     q[c] = s(vsliq_n_u8::<4>(l0, vandq_u8(h, m3)));
                     q[c + 2] = s(vsliq_n_u8::<4>(l1, vandq_u8(h2, m3)));
                 }
-            }
+            });
             Sb {
                 q,
                 coef: if DOT { coef16(sc) } else { [vdupq_n_s32(0); 4] },
@@ -474,15 +552,12 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
             // Element 128 n + 32 j + l: bits 2j.. of qs[32 n + l], plus 4
             // where bit 4 n + j of hmask[l] is set.
             let hm = [ld(p), ld(p.add(16))];
-            for n in 0..2 {
-                for half in 0..2 {
-                    let b = ld(p.add(32 + 32 * n + 16 * half));
-                    for j in 0..4 {
-                        let hb = bit_to(hm[half], 4 * n + j, 0);
-                        q[8 * n + 2 * j + half] = s(vsliq_n_u8::<2>(crumb_src(b, j), hb));
-                    }
-                }
-            }
+            unroll!(C in [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] {
+                let (n, j, half) = (C / 8, C % 8 / 2, C % 2);
+                let b = ld(p.add(32 + 32 * n + 16 * half));
+                let hb = bit_to(hm[half], 4 * n + j, 0);
+                q[C] = s(vsliq_n_u8::<2>(crumb_src(b, j), hb));
+            });
             Sb {
                 q,
                 coef: if DOT { coef16(sc) } else { [vdupq_n_s32(0); 4] },
@@ -499,15 +574,11 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
             let sc = widen16(vreinterpretq_s8_u8(vandq_u8(sm, vdupq_n_u8(0x0F))));
             let mn = vshrq_n_u8::<4>(sm);
             let m3 = vdupq_n_u8(0x03);
-            for n in 0..2 {
-                for half in 0..2 {
-                    let b = ld(p.add(16 + 32 * n + 16 * half));
-                    for j in 0..4 {
-                        let v = crumb_src(b, j);
-                        q[8 * n + 2 * j + half] = s(if j == 3 { v } else { vandq_u8(v, m3) });
-                    }
-                }
-            }
+            unroll!(C in [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] {
+                let (n, j, half) = (C / 8, C % 8 / 2, C % 2);
+                let v = crumb_src(ld(p.add(16 + 32 * n + 16 * half)), j);
+                q[C] = s(if j == 3 { v } else { vandq_u8(v, m3) });
+            });
             let (d, dmin) = f16_pair(p.add(80));
             Sb {
                 q,
@@ -537,44 +608,44 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
     if DOT {
         let mut p = vdupq_n_s32(0);
         if g32(T) {
-            for g in 0..8 {
-                p = sdot(p, u.q[2 * g], x(2 * g));
-                p = sdot(p, u.q[2 * g + 1], x(2 * g + 1));
-                acc = if g == 0 {
+            unroll!(G in [0 1 2 3 4 5 6 7] {
+                p = sdot(p, u.q[2 * G], x(2 * G));
+                p = sdot(p, u.q[2 * G + 1], x(2 * G + 1));
+                acc = if G == 0 {
                     vmulq_laneq_s32::<0>(p, u.coef[0])
                 } else {
-                    mla_lane(acc, p, u.coef[g / 4], g % 4)
+                    mla_lane(acc, p, u.coef[G / 4], G % 4)
                 };
-            }
+            });
         } else {
-            for g in 0..16 {
-                p = sdot(p, u.q[g], x(g));
-                acc = if g == 0 {
+            unroll!(G in [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] {
+                p = sdot(p, u.q[G], x(G));
+                acc = if G == 0 {
                     vmulq_laneq_s32::<0>(p, u.coef[0])
                 } else {
-                    mla_lane(acc, p, u.coef[g / 4], g % 4)
+                    mla_lane(acc, p, u.coef[G / 4], G % 4)
                 };
-            }
+            });
         }
     } else if g32(T) {
         // Four products per 16-bit lane: at most 31 * 128 * 4 < 2^15.
-        for g in 0..8 {
-            let (q0, q1) = (u.q[2 * g], u.q[2 * g + 1]);
-            let (x0, x1) = (x(2 * g), x(2 * g + 1));
+        unroll!(G in [0 1 2 3 4 5 6 7] {
+            let (q0, q1) = (u.q[2 * G], u.q[2 * G + 1]);
+            let (x0, x1) = (x(2 * G), x(2 * G + 1));
             let t = vmull_s8(vget_low_s8(q0), vget_low_s8(x0));
             let t = vmlal_high_s8(t, q0, x0);
             let t = vmlal_s8(t, vget_low_s8(q1), vget_low_s8(x1));
             let t = vmlal_high_s8(t, q1, x1);
-            acc = smlal_lane(acc, t, u.sc16[0], g);
-        }
+            acc = smlal_lane(acc, t, u.sc16[0], G);
+        });
     } else {
         // Two products per 16-bit lane: at most 63 * 128 * 2 < 2^15.
-        for g in 0..16 {
-            let (q0, x0) = (u.q[g], x(g));
+        unroll!(G in [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] {
+            let (q0, x0) = (u.q[G], x(G));
             let t = vmull_s8(vget_low_s8(q0), vget_low_s8(x0));
             let t = vmlal_high_s8(t, q0, x0);
-            acc = smlal_lane(acc, t, u.sc16[g / 8], g % 8);
-        }
+            acc = smlal_lane(acc, t, u.sc16[G / 8], G % 8);
+        });
     }
     if g32(T) {
         let pairs = vpaddq_s16(bs0, bs1);
