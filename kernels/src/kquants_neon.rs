@@ -78,6 +78,7 @@ pub(crate) unsafe fn gemm_dotprod(w: &Weights, rows: Range<usize>, acts: &ActBuf
     }
 }
 
+/// [`gemm_t`] with sdot.
 #[target_feature(enable = "dotprod")]
 unsafe fn gemm_dot<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, out: Out) {
     gemm_t::<T, true>(w, rows, acts, out)
@@ -167,11 +168,13 @@ unsafe fn tile_of<const T: u8, const DOT: bool, const MR: usize>(
     }
 }
 
+/// [`tile`] without sdot.
 #[inline(never)]
 unsafe fn tile_neon<const T: u8, const MR: usize>(run: &Run, a: [*const ActQ8K; MR], i0: usize) {
     tile::<T, false, MR>(run, a, i0)
 }
 
+/// [`tile`] with sdot.
 #[inline(never)]
 #[target_feature(enable = "dotprod")]
 unsafe fn tile_dot<const T: u8, const MR: usize>(run: &Run, a: [*const ActQ8K; MR], i0: usize) {
@@ -220,7 +223,7 @@ struct Sb {
     sc16: [int16x8_t; 2],
     /// What `bsums` is multiplied by: the minimums per group of 32
     /// (`bc[0]`, against pairwise sums), or per group of 16: the minimums,
-    /// or `off sc` (subtracted from the integer sum).
+    /// or `-off sc` (added to the integer sum).
     bc: [int16x8_t; 2],
     /// Super-block scale.
     d: f32,
@@ -354,6 +357,16 @@ unsafe fn coef8(sc: uint8x8_t) -> [int32x4_t; 4] {
         z,
         z,
     ]
+}
+
+/// [`opaque`] for 16-bit lanes: without it LLVM splits the offsets' `-off
+/// sc` into halves and negates each at every use (`ext` and `neg`).
+#[inline(always)]
+unsafe fn opaque16(v: int16x8_t) -> int16x8_t {
+    let mut v = v;
+    // SAFETY: an empty asm statement; it only pins the value in a register.
+    asm!("/* {v:v} */", v = inout(vreg) v, options(pure, nomem, nostack, preserves_flags));
+    v
 }
 
 /// Sixteen signed group scales widened to 16 bits.
@@ -541,7 +554,10 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
                 coef: if DOT { coef16(sc) } else { [vdupq_n_s32(0); 4] },
                 sc16: sc,
                 // Codes are stored plus 32.
-                bc: [vshlq_n_s16::<5>(sc[0]), vshlq_n_s16::<5>(sc[1])],
+                bc: [
+                    opaque16(vmulq_n_s16(sc[0], -32)),
+                    opaque16(vmulq_n_s16(sc[1], -32)),
+                ],
                 d: f16_at(p.add(208)),
                 dmin: 0.0,
             }
@@ -563,7 +579,10 @@ unsafe fn unpack<const T: u8, const DOT: bool>(p: *const u8) -> Sb {
                 coef: if DOT { coef16(sc) } else { [vdupq_n_s32(0); 4] },
                 sc16: sc,
                 // Codes are stored plus 4.
-                bc: [vshlq_n_s16::<2>(sc[0]), vshlq_n_s16::<2>(sc[1])],
+                bc: [
+                    opaque16(vmulq_n_s16(sc[0], -4)),
+                    opaque16(vmulq_n_s16(sc[1], -4)),
+                ],
                 d: f16_at(p.add(108)),
                 dmin: 0.0,
             }
@@ -659,10 +678,10 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
         let m = vmlal_high_s16(m, bs1, u.bc[1]);
         (vaddvq_s32(acc), vaddvq_s32(m))
     } else {
-        let acc = vmlsl_s16(acc, vget_low_s16(bs0), vget_low_s16(u.bc[0]));
-        let acc = vmlsl_high_s16(acc, bs0, u.bc[0]);
-        let acc = vmlsl_s16(acc, vget_low_s16(bs1), vget_low_s16(u.bc[1]));
-        let acc = vmlsl_high_s16(acc, bs1, u.bc[1]);
+        let acc = vmlal_s16(acc, vget_low_s16(bs0), vget_low_s16(u.bc[0]));
+        let acc = vmlal_high_s16(acc, bs0, u.bc[0]);
+        let acc = vmlal_s16(acc, vget_low_s16(bs1), vget_low_s16(u.bc[1]));
+        let acc = vmlal_high_s16(acc, bs1, u.bc[1]);
         (vaddvq_s32(acc), 0)
     }
 }
