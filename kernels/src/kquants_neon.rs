@@ -153,8 +153,9 @@ struct Run {
     r0: usize,
 }
 
-/// [`tile`] at the tier `DOT` says, one function per type and tile (so
-/// that each inner loop can be read in the disassembly).
+/// [`tile`] at the tier `DOT` says, out of line per type and tile so the
+/// inner loops can be found in the disassembly (`tile_neon` keeps its own
+/// symbol; LLVM still inlines `tile_dot` into `gemm_dotprod`).
 #[inline(always)]
 unsafe fn tile_of<const T: u8, const DOT: bool, const MR: usize>(
     run: &Run,
