@@ -329,12 +329,13 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::{Kernels, Panel, SCALAR};
-    use crate::{act, attention, float_neon, legacy_neon, panel_neon, swiglu};
+    use crate::{act, attention, float_neon, kquants_neon, legacy_neon, panel_neon, swiglu};
 
     /// ARMv8.0 NEON.
     pub(super) const NEON: Kernels = Kernels {
         float: float_neon::gemm,
         legacy: legacy_neon::gemm_neon,
+        kquants: kquants_neon::gemm_neon,
         rows8: true,
         q8_codes: act::q8_codes_neon,
         quantize_q8k: act::quantize_q8k_neon,
@@ -350,6 +351,7 @@ mod arm {
     /// NEON with `sdot`/`udot`.
     pub(super) const DOTPROD: Kernels = Kernels {
         legacy: legacy_neon::gemm_dotprod,
+        kquants: kquants_neon::gemm_dotprod,
         panel: Some(Panel {
             min_rows: panel_neon::MIN_ROWS,
             gemm: panel_neon::gemm_dotprod_panel,

@@ -28,6 +28,8 @@ mod isa;
 mod kquants;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
+#[cfg(target_arch = "aarch64")]
+mod kquants_neon;
 mod legacy;
 #[cfg(target_arch = "x86_64")]
 mod legacy_avx2;
