@@ -69,12 +69,13 @@ case "$cmd" in
     exec qemu-aarch64 -cpu "$(cpu_of "$tier")" "$@"
     ;;
   dist)
-    cargo_arm build --release --target $TARGET --bin lorafold -p lorafold-ffi
+    cargo_arm build --release --target $TARGET -p lorafold -p lorafold-ffi
     out=dist/$TARGET
     mkdir -p "$out"
     rel=${CARGO_TARGET_DIR:-target/aarch64}/$TARGET/release
     cp "$rel/lorafold" "$rel/liblorafold.a" "$rel/liblorafold.so" "$out/"
     aarch64-linux-gnu-strip "$out/lorafold" "$out/liblorafold.so"
+    aarch64-linux-gnu-strip --strip-debug "$out/liblorafold.a"
     cp ffi/include/lorafold.h "$out/" 2>/dev/null || true
     ls -l "$out"
     ;;
