@@ -35,6 +35,8 @@ mod legacy;
 mod legacy_avx2;
 #[cfg(target_arch = "aarch64")]
 mod legacy_neon;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(target_arch = "x86_64")]
 mod panel_avx2;
 #[cfg(target_arch = "aarch64")]

@@ -33,12 +33,12 @@
 //! depend on how the runtime splits rows between threads.
 
 use std::arch::aarch64::*;
-use std::arch::asm;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use crate::blocks::QK_K;
 use crate::code::{Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
+use crate::neon::{f16_at, sdot_lane, smmla};
 use crate::{ActBuf, Out, WType, Weights};
 
 /// Weight rows per panel.
@@ -151,40 +151,6 @@ unsafe fn gemm_mm<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, o
     gemm_t::<T, true>(w, rows, acts, out)
 }
 
-/// `acc += w . a[L]`: each lane, four codes of one weight row times the
-/// activation's four codes in 32-bit lane `L`.
-#[inline(always)]
-unsafe fn sdot<const L: i32>(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
-    let mut acc = acc;
-    // SAFETY: callers are compiled with the dotprod feature, which the
-    // dispatch proved; the instruction touches registers only.
-    asm!(
-        "sdot {acc:v}.4s, {w:v}.16b, {a:v}.4b[{l}]",
-        acc = inout(vreg) acc,
-        w = in(vreg) w,
-        a = in(vreg) a,
-        l = const L,
-        options(pure, nomem, nostack)
-    );
-    acc
-}
-
-/// `acc += a w^T` for `a` and `w` 2x8 matrices of codes (row-major).
-#[inline(always)]
-unsafe fn smmla(acc: int32x4_t, a: int8x16_t, w: int8x16_t) -> int32x4_t {
-    let mut acc = acc;
-    // SAFETY: callers are compiled with the i8mm feature, which the dispatch
-    // proved; the instruction touches registers only.
-    asm!(
-        "smmla {acc:v}.4s, {a:v}.16b, {w:v}.16b",
-        acc = inout(vreg) acc,
-        a = in(vreg) a,
-        w = in(vreg) w,
-        options(pure, nomem, nostack)
-    );
-    acc
-}
-
 /// The low halves of `a` and `b` (as 64-bit lanes), one after the other.
 #[inline(always)]
 unsafe fn lo2<V: Copy>(a: V, b: V) -> V {
@@ -211,22 +177,6 @@ unsafe fn pair<V: Copy>(p: *const u8) -> V {
 #[inline(always)]
 unsafe fn dup2(x: f32, y: f32) -> float32x4_t {
     vcombine_f32(vdup_n_f32(x), vdup_n_f32(y))
-}
-
-/// The f16 at `p`.
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let h = (p as *const u16).read_unaligned() as u32;
-    let x: f32;
-    // SAFETY: half to single precision `fcvt` is in the aarch64 baseline
-    // (FP); registers only.
-    asm!(
-        "fcvt {x:s}, {h:h}",
-        x = lateout(vreg) x,
-        h = in(vreg) h,
-        options(pure, nomem, nostack)
-    );
-    x
 }
 
 /// Store 16 codes of row `r`, columns `c..c + 16` (`c` a multiple of 16),
@@ -619,8 +569,8 @@ macro_rules! dot_quad {
         let w0 = vld1q_s8($w);
         let w1 = vld1q_s8($w.add(16));
         for i in 0..$m {
-            $acc[i][0] = sdot::<$l>($acc[i][0], w0, $x[i][$h]);
-            $acc[i][1] = sdot::<$l>($acc[i][1], w1, $x[i][$h]);
+            $acc[i][0] = sdot_lane::<$l>($acc[i][0], w0, $x[i][$h]);
+            $acc[i][1] = sdot_lane::<$l>($acc[i][1], w1, $x[i][$h]);
         }
     }};
 }
