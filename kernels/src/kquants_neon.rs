@@ -25,19 +25,10 @@ use std::ops::Range;
 
 use crate::act::ActQ8K;
 use crate::blocks::QK_K;
-use crate::code::{Q2K, Q3K, Q4K, Q5K, Q6K};
+use crate::code::{has_min, Q2K, Q3K, Q4K, Q5K, Q6K};
+use crate::kquants::group_len;
 use crate::neon::{fcvtl, sdot};
 use crate::{ActBuf, Out, WType, Weights};
-
-/// Whether `T`'s scales cover groups of 32 (else 16).
-const fn g32(t: u8) -> bool {
-    matches!(t, Q4K | Q5K)
-}
-
-/// Whether `T` has minimums (w = d sc q - dmin mn).
-const fn has_min(t: u8) -> bool {
-    matches!(t, Q2K | Q4K | Q5K)
-}
 
 /// `body` once per listed value of `$i` (a `usize` const in each copy): the
 /// loops over a super-block's vectors must unroll for their lanes and
@@ -598,7 +589,7 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
     let mut acc = vdupq_n_s32(0);
     if DOT {
         let mut p = vdupq_n_s32(0);
-        if g32(T) {
+        if group_len(T) == 32 {
             unroll!(G in [0 1 2 3 4 5 6 7] {
                 p = sdot(p, u.q[2 * G], x(2 * G));
                 p = sdot(p, u.q[2 * G + 1], x(2 * G + 1));
@@ -618,7 +609,7 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
                 };
             });
         }
-    } else if g32(T) {
+    } else if group_len(T) == 32 {
         // Four products per 16-bit lane: at most 31 * 128 * 4 < 2^15.
         unroll!(G in [0 1 2 3 4 5 6 7] {
             let (q0, q1) = (u.q[2 * G], u.q[2 * G + 1]);
@@ -638,7 +629,7 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
             acc = smlal_lane(acc, t, u.sc16[G / 8], G % 8);
         });
     }
-    if g32(T) {
+    if group_len(T) == 32 {
         let pairs = vpaddq_s16(bs0, bs1);
         let m = vmull_s16(vget_low_s16(pairs), vget_low_s16(u.bc[0]));
         let m = vmlal_high_s16(m, pairs, u.bc[0]);

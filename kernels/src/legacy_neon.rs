@@ -28,32 +28,11 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use crate::code::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::act::act_block;
+use crate::code::{has_min, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::legacy::offset;
 use crate::neon::{fcvtl, fcvtl2, sdot};
 use crate::{ActBuf, Layout, Out, WType, Weights};
-
-/// Whether `T` has a minimum and takes Q8_1 activations.
-const fn has_min(t: u8) -> bool {
-    matches!(t, Q4_1 | Q5_1)
-}
-
-/// The offset subtracted from unsigned codes (Q4_0 and Q5_0).
-const fn offset(t: u8) -> i32 {
-    match t {
-        Q4_0 => 8,
-        Q5_0 => 16,
-        _ => 0,
-    }
-}
-
-/// Activation block bytes and the offset of its codes.
-const fn abytes(t: u8) -> (usize, usize) {
-    if has_min(t) {
-        (40, 8)
-    } else {
-        (36, 4)
-    }
-}
 
 /// Where a weight block's fifth bits and its packed codes start.
 const fn fields(t: u8) -> (usize, usize) {
@@ -210,7 +189,7 @@ unsafe fn tile<const T: u8, const DP: bool, const G: bool, const MR: usize>(
     out: [*mut f32; MR],
     lanes: Range<usize>,
 ) {
-    let (ab, aq) = abytes(T);
+    let (ab, aq) = act_block(T);
     let zero = [vdupq_n_f32(0.0); MR];
     // Per quad of rows: the accumulators and those of the minimum's terms.
     let (mut acc0, mut acc1, mut accm0, mut accm1) = (zero, zero, zero, zero);
@@ -285,7 +264,7 @@ unsafe fn quad<const T: u8, const DP: bool, const MR: usize>(
     acc: &mut [float32x4_t; MR],
     accm: &mut [float32x4_t; MR],
 ) {
-    let (ab, _) = abytes(T);
+    let (ab, _) = act_block(T);
     let sumi = quad_dots::<T, DP, MR>(w, x, init);
     let (dw, mw) = sc;
     for i in 0..MR {
