@@ -16,26 +16,6 @@ pub enum Row<'a> {
     F16(&'a [f16]),
 }
 
-impl Row<'_> {
-    /// Values in the row: every SIMD loop checks it before reading unchecked.
-    #[inline(always)]
-    pub(crate) fn len(self) -> usize {
-        match self {
-            Row::F32(r) => r.len(),
-            Row::F16(r) => r.len(),
-        }
-    }
-
-    /// Value `j` as f32 (the scalar tails of every tier).
-    #[inline(always)]
-    pub(crate) fn at(self, j: usize) -> f32 {
-        match self {
-            Row::F32(r) => r[j],
-            Row::F16(r) => r[j].to_f32(),
-        }
-    }
-}
-
 /// q · row.
 pub fn dot(q: &[f32], row: Row, isa: Isa) -> f32 {
     // SAFETY: `isa` was detected on this CPU (see `Isa`).
@@ -161,7 +141,10 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn dot(q: &[f32], row: Row) -> f32 {
         let n = q.len();
-        let len = row.len();
+        let len = match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        };
         assert!(len >= n, "cache row shorter than q");
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
@@ -173,7 +156,11 @@ pub(crate) mod avx2 {
         _mm256_storeu_ps(a.as_mut_ptr(), acc);
         let mut s = lanes(a);
         for j in i..n {
-            s += q[j] * row.at(j);
+            s += q[j]
+                * match row {
+                    Row::F32(r) => r[j],
+                    Row::F16(r) => r[j].to_f32(),
+                };
         }
         s
     }
@@ -189,7 +176,10 @@ pub(crate) mod avx2 {
             }
             return;
         }
-        let len = row.len();
+        let len = match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        };
         assert!(
             len >= hd && q.len() >= out.len() * hd,
             "cache row shorter than q"
@@ -227,7 +217,10 @@ pub(crate) mod avx2 {
             }
             return;
         }
-        let len = row.len();
+        let len = match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        };
         assert!(
             len >= hd && acc.len() >= p.len() * hd,
             "cache row shorter than the accumulator"
@@ -249,7 +242,10 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn axpy(acc: &mut [f32], p: f32, row: Row) {
         let n = acc.len();
-        let len = row.len();
+        let len = match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        };
         assert!(len >= n, "cache row shorter than the accumulator");
         let pv = _mm256_set1_ps(p);
         let mut i = 0;
@@ -262,7 +258,10 @@ pub(crate) mod avx2 {
             i += 8;
         }
         for j in i..n {
-            acc[j] += p * row.at(j);
+            acc[j] += p * match row {
+                Row::F32(r) => r[j],
+                Row::F16(r) => r[j].to_f32(),
+            };
         }
     }
     /// `x = e^(x - max)` in place, eight at a time; returns the sum in f64.
@@ -356,13 +355,29 @@ pub(crate) mod neon {
         }
     }
 
+    /// Element `j` of the row as f32.
+    #[inline(always)]
+    fn at(row: Row, j: usize) -> f32 {
+        match row {
+            Row::F32(r) => r[j],
+            Row::F16(r) => r[j].to_f32(),
+        }
+    }
+
+    fn len(row: Row) -> usize {
+        match row {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        }
+    }
+
     /// q · row, in `dot_scalar`'s eight lanes (two q registers).
     ///
     /// # Safety
     /// None beyond NEON, which every aarch64 CPU has.
     pub(crate) unsafe fn dot(q: &[f32], row: Row) -> f32 {
         let n = q.len();
-        assert!(row.len() >= n, "cache row shorter than q");
+        assert!(len(row) >= n, "cache row shorter than q");
         let mut acc = [vdupq_n_f32(0.0); 2];
         let mut i = 0;
         while i + 8 <= n {
@@ -374,7 +389,7 @@ pub(crate) mod neon {
         }
         let mut s = hsum(acc[0], acc[1]);
         for j in i..n {
-            s += q[j] * row.at(j);
+            s += q[j] * at(row, j);
         }
         s
     }
@@ -395,7 +410,7 @@ pub(crate) mod neon {
             return;
         }
         assert!(
-            row.len() >= hd && q.len() >= out.len() * hd,
+            len(row) >= hd && q.len() >= out.len() * hd,
             "cache row shorter than q"
         );
         // One loop per row type and query count, so that neither is
@@ -460,7 +475,7 @@ pub(crate) mod neon {
     /// None beyond NEON.
     pub(crate) unsafe fn axpy(acc: &mut [f32], p: f32, row: Row) {
         let n = acc.len();
-        assert!(row.len() >= n, "cache row shorter than the accumulator");
+        assert!(len(row) >= n, "cache row shorter than the accumulator");
         let pv = vdupq_n_f32(p);
         let mut i = 0;
         while i + 8 <= n {
@@ -471,7 +486,7 @@ pub(crate) mod neon {
             i += 8;
         }
         for j in i..n {
-            acc[j] += p * row.at(j);
+            acc[j] += p * at(row, j);
         }
     }
 
@@ -488,7 +503,7 @@ pub(crate) mod neon {
             return;
         }
         assert!(
-            row.len() >= hd && acc.len() >= p.len() * hd,
+            len(row) >= hd && acc.len() >= p.len() * hd,
             "cache row shorter than the accumulator"
         );
         let mut i = 0;
