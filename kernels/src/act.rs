@@ -61,6 +61,17 @@ pub struct ActQ8K {
 }
 const _: () = assert!(std::mem::size_of::<ActQ8K>() == 292);
 
+/// Bytes per activation block that weights of the type with code `t` take,
+/// and where its codes start: the SIMD kernels walk activation rows by bytes.
+pub(crate) const fn act_block(t: u8) -> (usize, usize) {
+    use std::mem::{offset_of, size_of};
+    match crate::WType::from_code(t).act_type() {
+        ActType::Q8_1 => (size_of::<ActQ8_1>(), offset_of!(ActQ8_1, qs)),
+        ActType::Q8K => (size_of::<ActQ8K>(), offset_of!(ActQ8K, qs)),
+        _ => (size_of::<ActQ8_0>(), offset_of!(ActQ8_0, qs)),
+    }
+}
+
 impl ActType {
     /// Values per block.
     pub fn block_len(self) -> usize {
@@ -381,6 +392,25 @@ fn quantize_q8k(xs: &[f32], b: &mut ActQ8K) {
     unsafe { (Isa::detect().kernels().quantize_q8k)(xs, b) }
 }
 
+/// The SIMD tiers' step from `amax`, the largest |x| of the super-block, to
+/// the scalar path's scale: `-127 / x` for the first `x` with |x| = amax (the
+/// one the scalar loop keeps); None, with `b` zeroed, when amax is 0.
+#[inline]
+pub(crate) fn q8k_iscale(xs: &[f32], amax: f32, b: &mut ActQ8K) -> Option<f32> {
+    if amax == 0.0 {
+        b.d = 0.0;
+        b.qs = [0; QK_K];
+        b.bsums = [0; QK_K / 16];
+        return None;
+    }
+    let max = xs[..QK_K]
+        .iter()
+        .copied()
+        .find(|x| x.abs() == amax)
+        .unwrap_or(amax);
+    Some(-127.0 / max)
+}
+
 /// The portable [`quantize_q8k`].
 pub(crate) fn quantize_q8k_scalar(xs: &[f32], b: &mut ActQ8K) {
     let (mut amax, mut max) = (0f32, 0f32);
@@ -425,18 +455,9 @@ pub(crate) unsafe fn quantize_q8k_avx2(xs: &[f32], b: &mut ActQ8K) {
     let mut l = [0f32; 8];
     _mm256_storeu_ps(l.as_mut_ptr(), m);
     let amax = l.iter().fold(0f32, |a, &v| a.max(v));
-    if amax == 0.0 {
-        b.d = 0.0;
-        b.qs = [0; QK_K];
-        b.bsums = [0; QK_K / 16];
+    let Some(iscale) = q8k_iscale(xs, amax, b) else {
         return;
-    }
-    let max = xs[..QK_K]
-        .iter()
-        .copied()
-        .find(|x| x.abs() == amax)
-        .unwrap_or(amax);
-    let iscale = -127.0 / max;
+    };
     let is = _mm256_set1_ps(iscale);
     let top = _mm256_set1_epi32(127);
     for c in 0..QK_K / 32 {
@@ -518,18 +539,9 @@ pub(crate) unsafe fn quantize_q8k_neon(xs: &[f32], b: &mut ActQ8K) {
         // portable path decides.
         return quantize_q8k_scalar(xs, b);
     }
-    if amax == 0.0 {
-        b.d = 0.0;
-        b.qs = [0; QK_K];
-        b.bsums = [0; QK_K / 16];
+    let Some(iscale) = q8k_iscale(xs, amax, b) else {
         return;
-    }
-    let max = xs[..QK_K]
-        .iter()
-        .copied()
-        .find(|x| x.abs() == amax)
-        .unwrap_or(amax);
-    let iscale = -127.0 / max;
+    };
     let top = vdupq_n_s32(127);
     for c in 0..QK_K / 16 {
         let r: [int32x4_t; 4] = std::array::from_fn(|j| {

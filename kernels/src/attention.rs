@@ -337,7 +337,8 @@ pub(crate) mod neon {
     use std::arch::aarch64::*;
 
     use super::Row;
-    use crate::float_neon::{f16_hi, f16_lo, hsum};
+    use crate::float_neon::hsum;
+    use crate::neon::{fcvtl, fcvtl2};
 
     /// Elements `i..i + 8` of the row, widened (lanes 0-3, 4-7).
     #[inline(always)]
@@ -349,7 +350,7 @@ pub(crate) mod neon {
             }
             Row::F16(r) => {
                 let h = vld1q_u16(r.as_ptr().add(i) as *const u16);
-                [f16_lo(h), f16_hi(h)]
+                [fcvtl(vget_low_u16(h)), fcvtl2(h)]
             }
         }
     }
@@ -422,7 +423,7 @@ pub(crate) mod neon {
             let p = r.as_ptr() as *const u16;
             move |i: usize| {
                 let h = vld1q_u16(p.add(i));
-                [f16_lo(h), f16_hi(h)]
+                [fcvtl(vget_low_u16(h)), fcvtl2(h)]
             }
         };
         for (o, qs) in out.chunks_mut(4).zip(q.chunks(4 * hd)) {

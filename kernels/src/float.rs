@@ -59,6 +59,39 @@ pub(crate) fn tag(wtype: WType) -> u8 {
     wtype.code()
 }
 
+/// The prefill walk both SIMD float kernels take (from `gemm_t`, for
+/// `$m >= 2` activation rows): weight rows in panels of about `$panel_bytes`
+/// (whole tiles of `$nr` rows, so a panel stays in L2), each swept by every
+/// tile of `$mr` activation rows, then by the one to three rows left. A
+/// macro, not a function, so that each copy is compiled inside its kernel's
+/// target features with `$sweep`'s tile sizes as constants.
+macro_rules! prefill {
+    ($sweep:ident::<$t:ident>, $ctx:expr, $rows:expr, $m:expr, $arow:expr, $wrow:expr,
+     $panel_bytes:expr, $mr:expr, $nr:expr) => {{
+        let (ctx, rows, m, arow) = ($ctx, $rows, $m, $arow);
+        let panel_rows = ($panel_bytes / $wrow.max(1) / $nr).max(1) * $nr;
+        let mut p0 = rows.start;
+        while p0 < rows.end {
+            let panel = p0..(p0 + panel_rows).min(rows.end);
+            let mut i0 = 0;
+            while i0 + $mr <= m {
+                let a = std::array::from_fn(|j| arow(i0 + j));
+                $sweep::<$t, { $mr }, { $nr }>(ctx, panel.clone(), i0, a);
+                i0 += $mr;
+            }
+            let p = panel.clone();
+            match m - i0 {
+                0 => {}
+                1 => $sweep::<$t, 1, { $nr }>(ctx, p, i0, [arow(i0)]),
+                2 => $sweep::<$t, 2, { $nr }>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
+                _ => $sweep::<$t, 3, { $nr }>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
+            }
+            p0 = panel.end;
+        }
+    }};
+}
+pub(crate) use prefill;
+
 /// The lane reduction every path uses (see the module comment).
 #[inline(always)]
 pub(crate) fn reduce_lanes(l: [f32; LANES]) -> f32 {

@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::float::{f16_to_f32, tag, wbytes, BF16, F16, F32, LANES};
+use crate::float::{f16_to_f32, prefill, tag, wbytes, BF16, F16, F32, LANES};
 use crate::{ActBuf, Out, Weights};
 
 /// Activation rows per prefill tile.
@@ -72,25 +72,18 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
         }
         return;
     }
-    let panel_rows = (PANEL_BYTES / ctx.wrow.max(1) / NR_PREFILL).max(1) * NR_PREFILL;
-    let mut p0 = rows.start;
-    while p0 < rows.end {
-        let panel = p0..(p0 + panel_rows).min(rows.end);
-        let mut i0 = 0;
-        while i0 + MR_PREFILL <= m {
-            let a = std::array::from_fn(|j| arow(i0 + j));
-            sweep::<T, MR_PREFILL, NR_PREFILL>(ctx, panel.clone(), i0, a);
-            i0 += MR_PREFILL;
-        }
-        let p = panel.clone();
-        match m - i0 {
-            0 => {}
-            1 => sweep::<T, 1, NR_PREFILL>(ctx, p, i0, [arow(i0)]),
-            2 => sweep::<T, 2, NR_PREFILL>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-            _ => sweep::<T, 3, NR_PREFILL>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-        }
-        p0 = panel.end;
-    }
+    let wrow = ctx.wrow;
+    prefill!(
+        sweep::<T>,
+        ctx,
+        rows,
+        m,
+        arow,
+        wrow,
+        PANEL_BYTES,
+        MR_PREFILL,
+        NR_PREFILL
+    );
 }
 
 /// Activation rows `a` (output rows `i0..i0 + MR`) against weight rows

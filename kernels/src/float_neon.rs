@@ -13,10 +13,10 @@
 //! splitting a row's sum, which would change its order.
 
 use std::arch::aarch64::*;
-use std::arch::asm;
 use std::ops::Range;
 
-use crate::float::{f16_to_f32, tag, wbytes, BF16, F16, F32, LANES};
+use crate::float::{f16_to_f32, prefill, tag, wbytes, BF16, F16, F32, LANES};
+use crate::neon::{fcvtl, fcvtl2};
 use crate::{ActBuf, Out, Weights};
 
 /// Weight rows per decode tile: eight independent `fmla` chains hide the
@@ -32,32 +32,6 @@ const NR_PREFILL: usize = 2;
 /// Bytes of weights swept by every activation tile before moving on, so
 /// that the panel stays in L2 (256 KiB on a Cortex-A76, 128-512 on A55s).
 const PANEL_BYTES: usize = 192 << 10;
-
-/// Lanes 0-3 of eight IEEE halves, widened exactly (`fcvtl`; the
-/// `float16x4_t` intrinsics are unstable in Rust 1.96).
-#[inline(always)]
-pub(crate) fn f16_lo(h: uint16x8_t) -> float32x4_t {
-    let o: float32x4_t;
-    // SAFETY: FCVTL is base Advanced SIMD (every aarch64 CPU); it reads and
-    // writes registers only.
-    unsafe {
-        asm!("fcvtl {o:v}.4s, {h:v}.4h", o = lateout(vreg) o, h = in(vreg) h,
-             options(pure, nomem, nostack, preserves_flags));
-    }
-    o
-}
-
-/// Lanes 4-7 of eight IEEE halves, widened exactly (`fcvtl2`).
-#[inline(always)]
-pub(crate) fn f16_hi(h: uint16x8_t) -> float32x4_t {
-    let o: float32x4_t;
-    // SAFETY: as in `f16_lo`.
-    unsafe {
-        asm!("fcvtl2 {o:v}.4s, {h:v}.8h", o = lateout(vreg) o, h = in(vreg) h,
-             options(pure, nomem, nostack, preserves_flags));
-    }
-    o
-}
 
 /// See [`crate::gemm`]; NEON is part of every aarch64 CPU.
 ///
@@ -103,25 +77,17 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
         return;
     }
     let wrow = w.k * wbytes(T);
-    let panel_rows = (PANEL_BYTES / wrow.max(1) / NR_PREFILL).max(1) * NR_PREFILL;
-    let mut p0 = rows.start;
-    while p0 < rows.end {
-        let panel = p0..(p0 + panel_rows).min(rows.end);
-        let mut i0 = 0;
-        while i0 + MR_PREFILL <= m {
-            let a = std::array::from_fn(|j| arow(i0 + j));
-            sweep::<T, MR_PREFILL, NR_PREFILL>(ctx, panel.clone(), i0, a);
-            i0 += MR_PREFILL;
-        }
-        let p = panel.clone();
-        match m - i0 {
-            0 => {}
-            1 => sweep::<T, 1, NR_PREFILL>(ctx, p, i0, [arow(i0)]),
-            2 => sweep::<T, 2, NR_PREFILL>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-            _ => sweep::<T, 3, NR_PREFILL>(ctx, p, i0, std::array::from_fn(|j| arow(i0 + j))),
-        }
-        p0 = panel.end;
-    }
+    prefill!(
+        sweep::<T>,
+        ctx,
+        rows,
+        m,
+        arow,
+        wrow,
+        PANEL_BYTES,
+        MR_PREFILL,
+        NR_PREFILL
+    );
 }
 
 /// Activation rows `a` (output rows `i0..i0 + MR`) against weight rows
@@ -159,7 +125,7 @@ unsafe fn load8<const T: u8>(p: *const u8) -> [float32x4_t; 2] {
         ],
         F16 => {
             let h = vld1q_u16(p as *const u16);
-            [f16_lo(h), f16_hi(h)]
+            [fcvtl(vget_low_u16(h)), fcvtl2(h)]
         }
         _ => {
             // bf16 is the top half of an f32: `shll`/`shll2` by 16.
@@ -250,7 +216,7 @@ mod tests {
             // SAFETY: NEON is baseline on aarch64; `hs` holds eight halves.
             let (lo, hi) = unsafe {
                 let h = vld1q_u16(hs.as_ptr());
-                (f16_lo(h), f16_hi(h))
+                (fcvtl(vget_low_u16(h)), fcvtl2(h))
             };
             let mut got = [0f32; 8];
             // SAFETY: `got` holds eight f32.

@@ -18,6 +18,7 @@ use half::f16;
 
 use crate::act::ActQ8K;
 use crate::blocks::QK_K;
+use crate::code::{Q2K, Q3K, Q6K};
 use crate::{ActBuf, Out, WType, Weights};
 
 /// Groups of 16 per super-block.
@@ -27,6 +28,16 @@ pub(crate) const NG: usize = QK_K / 16;
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// Columns per scale group of the type with code `t` (one scale, and one
+/// minimum where it has them): 16 for Q2_K, Q3_K and Q6_K, 32 for Q4_K and
+/// Q5_K (and for the 32-weight types, whose block is their group).
+pub(crate) const fn group_len(t: u8) -> usize {
+    match t {
+        Q2K | Q3K | Q6K => 16,
+        _ => 32,
+    }
 }
 
 /// ggml's `get_scale_min_k4`: scale and minimum of group `j` of 32 from the

@@ -25,12 +25,7 @@ use crate::kquants::q3k_scales;
 use crate::rows8_avx2::{decode_rows, reduce8, Ctx};
 use crate::{ActBuf, Out, WType, Weights};
 
-use crate::code::{Q2K, Q3K, Q4K, Q5K, Q6K};
-
-/// Whether `T` has minimums (w = d sc q - dmin mn).
-const fn has_min(t: u8) -> bool {
-    matches!(t, Q2K | Q4K | Q5K)
-}
+use crate::code::{has_min, Q2K, Q3K, Q4K, Q5K, Q6K};
 
 /// See [`crate::gemm`]; the caller has checked AVX2, FMA and F16C.
 ///

@@ -25,18 +25,10 @@ use std::ops::Range;
 
 use crate::act::ActQ8K;
 use crate::blocks::QK_K;
-use crate::code::{Q2K, Q3K, Q4K, Q5K, Q6K};
+use crate::code::{has_min, Q2K, Q3K, Q4K, Q5K, Q6K};
+use crate::kquants::group_len;
+use crate::neon::{fcvtl, sdot};
 use crate::{ActBuf, Out, WType, Weights};
-
-/// Whether `T`'s scales cover groups of 32 (else 16).
-const fn g32(t: u8) -> bool {
-    matches!(t, Q4K | Q5K)
-}
-
-/// Whether `T` has minimums (w = d sc q - dmin mn).
-const fn has_min(t: u8) -> bool {
-    matches!(t, Q2K | Q4K | Q5K)
-}
 
 /// `body` once per listed value of `$i` (a `usize` const in each copy): the
 /// loops over a super-block's vectors must unroll for their lanes and
@@ -232,49 +224,19 @@ struct Sb {
     dmin: f32,
 }
 
-/// `acc + b c` with the 32-bit dot product instruction (FEAT_DotProd):
-/// lane l gains the products of bytes 4l..4l + 4.
-#[inline(always)]
-unsafe fn sdot(acc: int32x4_t, b: int8x16_t, c: int8x16_t) -> int32x4_t {
-    let mut acc = acc;
-    // SAFETY: only reached from `#[target_feature(enable = "dotprod")]`
-    // functions (DOT = true), on a CPU the dispatch found with dotprod.
-    asm!(
-        "sdot {acc:v}.4s, {b:v}.16b, {c:v}.16b",
-        acc = inout(vreg) acc,
-        b = in(vreg) b,
-        c = in(vreg) c,
-        options(pure, nomem, nostack, preserves_flags)
-    );
-    acc
-}
-
-/// The four f16 at `bits` (little-endian) as f32, with the ARMv8.0
-/// conversion instruction (the f16 intrinsics are not stable Rust).
-#[inline(always)]
-unsafe fn f16x4(bits: u64) -> float32x4_t {
-    let h = vcreate_u16(bits);
-    let f: float32x4_t;
-    // SAFETY: FCVTL from half precision is in every aarch64 FP unit.
-    asm!(
-        "fcvtl {f:v}.4s, {h:v}.4h",
-        f = lateout(vreg) f,
-        h = in(vreg) h,
-        options(pure, nomem, nostack, preserves_flags)
-    );
-    f
-}
-
-/// The f16 at `p`.
+/// The f16 at `p` (widened as a vector: [`crate::neon::f16_at`]'s scalar
+/// `fcvt` changes the instruction count of the super-block loops).
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    vgetq_lane_f32::<0>(f16x4((p as *const u16).read_unaligned() as u64))
+    vgetq_lane_f32::<0>(fcvtl(
+        vcreate_u16((p as *const u16).read_unaligned() as u64),
+    ))
 }
 
 /// The f16 pair at `p` (d then dmin).
 #[inline(always)]
 unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
-    let f = f16x4((p as *const u32).read_unaligned() as u64);
+    let f = fcvtl(vcreate_u16((p as *const u32).read_unaligned() as u64));
     (vgetq_lane_f32::<0>(f), vgetq_lane_f32::<1>(f))
 }
 
@@ -627,7 +589,7 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
     let mut acc = vdupq_n_s32(0);
     if DOT {
         let mut p = vdupq_n_s32(0);
-        if g32(T) {
+        if group_len(T) == 32 {
             unroll!(G in [0 1 2 3 4 5 6 7] {
                 p = sdot(p, u.q[2 * G], x(2 * G));
                 p = sdot(p, u.q[2 * G + 1], x(2 * G + 1));
@@ -647,7 +609,7 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
                 };
             });
         }
-    } else if g32(T) {
+    } else if group_len(T) == 32 {
         // Four products per 16-bit lane: at most 31 * 128 * 4 < 2^15.
         unroll!(G in [0 1 2 3 4 5 6 7] {
             let (q0, q1) = (u.q[2 * G], u.q[2 * G + 1]);
@@ -667,7 +629,7 @@ unsafe fn sums<const T: u8, const DOT: bool>(u: &Sb, a: *const ActQ8K) -> (i32, 
             acc = smlal_lane(acc, t, u.sc16[G / 8], G % 8);
         });
     }
-    if g32(T) {
+    if group_len(T) == 32 {
         let pairs = vpaddq_s16(bs0, bs1);
         let m = vmull_s16(vget_low_s16(pairs), vget_low_s16(u.bc[0]));
         let m = vmlal_high_s16(m, pairs, u.bc[0]);

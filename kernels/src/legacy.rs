@@ -10,6 +10,7 @@ use std::ops::Range;
 use half::f16;
 
 use crate::act::{ActQ8_0, ActQ8_1};
+use crate::code::{Q4_0, Q5_0};
 use crate::{ActBuf, Out, WType, Weights};
 
 /// Weights per block.
@@ -65,6 +66,16 @@ pub(crate) fn codes(wtype: WType, blk: &[u8]) -> [i32; QK] {
         _ => unreachable!("{wtype:?} is not a legacy block type"),
     }
     q
+}
+
+/// The offset subtracted from the unsigned codes of the type with code `t`
+/// (Q4_0 and Q5_0; 0 for the others).
+pub(crate) const fn offset(t: u8) -> i32 {
+    match t {
+        Q4_0 => 8,
+        Q5_0 => 16,
+        _ => 0,
+    }
 }
 
 /// Whether blocks of `wtype` carry a minimum `m` (w = d q + m).

@@ -20,30 +20,9 @@ use std::ops::Range;
 use crate::rows8_avx2::{decode_rows, reduce8, Ctx};
 use crate::{ActBuf, Out, WType, Weights};
 
-use crate::code::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
-
-/// Whether `T` has a minimum and takes Q8_1 activations.
-const fn has_min(t: u8) -> bool {
-    matches!(t, Q4_1 | Q5_1)
-}
-
-/// The offset subtracted from unsigned codes (Q4_0 and Q5_0).
-const fn offset(t: u8) -> i8 {
-    match t {
-        Q4_0 => 8,
-        Q5_0 => 16,
-        _ => 0,
-    }
-}
-
-/// Activation block bytes and the offset of its codes.
-const fn abytes(t: u8) -> (usize, usize) {
-    if has_min(t) {
-        (40, 8)
-    } else {
-        (36, 4)
-    }
-}
+use crate::act::act_block;
+use crate::code::{has_min, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::legacy::offset;
 
 /// See [`crate::gemm`]; the caller has checked AVX2, FMA and F16C.
 ///
@@ -115,7 +94,7 @@ unsafe fn gemm_t<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, ou
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows8<const T: u8>(ctx: Ctx, r0: usize, a: *const u8, sums: *const i32, dst: *mut f32) {
-    let (ab, aq) = abytes(T);
+    let (ab, aq) = act_block(T);
     let ones = _mm256_set1_epi16(1);
     let (base, rs, bs) = ctx.rows.group(r0);
     // The low 16 bits of each gathered word (d), then the high (m), packed.
@@ -150,7 +129,7 @@ unsafe fn rows8<const T: u8>(ctx: Ctx, r0: usize, a: *const u8, sums: *const i32
         }
         let mut v = reduce8(s);
         if offset(T) != 0 {
-            v = _mm256_sub_epi32(v, _mm256_set1_epi32(offset(T) as i32 * *sums.add(b)));
+            v = _mm256_sub_epi32(v, _mm256_set1_epi32(offset(T) * *sums.add(b)));
         }
         let wd = |j: usize| (wb.add(j * rs) as *const i32).read_unaligned();
         let words = _mm256_setr_epi32(wd(0), wd(1), wd(2), wd(3), wd(4), wd(5), wd(6), wd(7));
@@ -267,9 +246,9 @@ unsafe fn tile<const T: u8, const MR: usize>(
     i0: usize,
     r: usize,
 ) {
-    let (ab, aq) = abytes(T);
+    let (ab, aq) = act_block(T);
     let ones = _mm256_set1_epi16(1);
-    let off = _mm256_set1_epi8(offset(T));
+    let off = _mm256_set1_epi8(offset(T) as i8);
     let mut acc = [_mm256_setzero_ps(); MR];
     let mut summ = [0f32; MR];
     for b in 0..ctx.nb {

@@ -28,31 +28,11 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use crate::code::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::act::act_block;
+use crate::code::{has_min, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::legacy::offset;
+use crate::neon::{fcvtl, fcvtl2, sdot};
 use crate::{ActBuf, Layout, Out, WType, Weights};
-
-/// Whether `T` has a minimum and takes Q8_1 activations.
-const fn has_min(t: u8) -> bool {
-    matches!(t, Q4_1 | Q5_1)
-}
-
-/// The offset subtracted from unsigned codes (Q4_0 and Q5_0).
-const fn offset(t: u8) -> i32 {
-    match t {
-        Q4_0 => 8,
-        Q5_0 => 16,
-        _ => 0,
-    }
-}
-
-/// Activation block bytes and the offset of its codes.
-const fn abytes(t: u8) -> (usize, usize) {
-    if has_min(t) {
-        (40, 8)
-    } else {
-        (36, 4)
-    }
-}
 
 /// Where a weight block's fifth bits and its packed codes start.
 const fn fields(t: u8) -> (usize, usize) {
@@ -209,7 +189,7 @@ unsafe fn tile<const T: u8, const DP: bool, const G: bool, const MR: usize>(
     out: [*mut f32; MR],
     lanes: Range<usize>,
 ) {
-    let (ab, aq) = abytes(T);
+    let (ab, aq) = act_block(T);
     let zero = [vdupq_n_f32(0.0); MR];
     // Per quad of rows: the accumulators and those of the minimum's terms.
     let (mut acc0, mut acc1, mut accm0, mut accm1) = (zero, zero, zero, zero);
@@ -284,7 +264,7 @@ unsafe fn quad<const T: u8, const DP: bool, const MR: usize>(
     acc: &mut [float32x4_t; MR],
     accm: &mut [float32x4_t; MR],
 ) {
-    let (ab, _) = abytes(T);
+    let (ab, _) = act_block(T);
     let sumi = quad_dots::<T, DP, MR>(w, x, init);
     let (dw, mw) = sc;
     for i in 0..MR {
@@ -371,11 +351,11 @@ unsafe fn scales<const T: u8>(w: [*const u8; 4]) -> (float32x4_t, float32x4_t) {
         // d and m are adjacent f16: one word per block holds both.
         let wd = |j: usize| (w[j] as *const u32).read_unaligned();
         let v = vld1q_u32([wd(0), wd(1), wd(2), wd(3)].as_ptr());
-        (f16x4(vmovn_u32(v)), f16x4(vshrn_n_u32::<16>(v)))
+        (fcvtl(vmovn_u32(v)), fcvtl(vshrn_n_u32::<16>(v)))
     } else {
         let hd = |j: usize| (w[j] as *const u16).read_unaligned();
         (
-            f16x4(vld1_u16([hd(0), hd(1), hd(2), hd(3)].as_ptr())),
+            fcvtl(vld1_u16([hd(0), hd(1), hd(2), hd(3)].as_ptr())),
             vdupq_n_f32(0.0),
         )
     }
@@ -394,7 +374,7 @@ unsafe fn scales8<const T: u8>(
             v = ld1_s::<1>(v, p, step);
             v = ld1_s::<2>(v, p, step);
             v = ld1_s::<3>(v, p, step);
-            (f16x4(vmovn_u32(v)), f16x4(vshrn_n_u32::<16>(v)))
+            (fcvtl(vmovn_u32(v)), fcvtl(vshrn_n_u32::<16>(v)))
         };
         (four(), four())
     } else {
@@ -407,7 +387,7 @@ unsafe fn scales8<const T: u8>(
         v = ld1_h::<6>(v, p, step);
         v = ld1_h::<7>(v, p, step);
         let z = vdupq_n_f32(0.0);
-        ((f16x4(vget_low_u16(v)), z), (f16x4_high(v), z))
+        ((fcvtl(vget_low_u16(v)), z), (fcvtl2(v), z))
     }
 }
 
@@ -525,51 +505,6 @@ unsafe fn insert_fifth(codes: uint8x16_t, set: uint8x16_t) -> uint8x16_t {
         options(pure, nomem, nostack, preserves_flags)
     );
     c
-}
-
-/// `acc + a · b` per group of four bytes (`sdot`, FEAT_DotProd).
-#[inline]
-#[target_feature(enable = "dotprod")]
-unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-    let mut acc = acc;
-    // SAFETY: register-only arithmetic; the caller's tier has FEAT_DotProd.
-    asm!(
-        "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
-        acc = inout(vreg) acc,
-        a = in(vreg) a,
-        b = in(vreg) b,
-        options(pure, nomem, nostack, preserves_flags)
-    );
-    acc
-}
-
-/// The upper four of eight f16 (as bits) to f32 (`fcvtl2`).
-#[inline(always)]
-unsafe fn f16x4_high(h: uint16x8_t) -> float32x4_t {
-    let out: float32x4_t;
-    // SAFETY: register-only conversion, part of the aarch64 baseline.
-    asm!(
-        "fcvtl2 {o:v}.4s, {h:v}.8h",
-        o = lateout(vreg) out,
-        h = in(vreg) h,
-        options(pure, nomem, nostack, preserves_flags)
-    );
-    out
-}
-
-/// Four f16 (as bits) to f32 (`fcvtl`: ARMv8.0, but the f16 vector types
-/// its intrinsic takes are not stable Rust).
-#[inline(always)]
-unsafe fn f16x4(h: uint16x4_t) -> float32x4_t {
-    let out: float32x4_t;
-    // SAFETY: register-only conversion, part of the aarch64 baseline.
-    asm!(
-        "fcvtl {o:v}.4s, {h:v}.4h",
-        o = lateout(vreg) out,
-        h = in(vreg) h,
-        options(pure, nomem, nostack, preserves_flags)
-    );
-    out
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ mod legacy;
 mod legacy_avx2;
 #[cfg(target_arch = "aarch64")]
 mod legacy_neon;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(target_arch = "x86_64")]
 mod panel_avx2;
 #[cfg(target_arch = "aarch64")]
@@ -256,6 +258,16 @@ pub mod code {
     pub const Q4K: u8 = WType::Q4K.code();
     pub const Q5K: u8 = WType::Q5K.code();
     pub const Q6K: u8 = WType::Q6K.code();
+
+    /// [`WType::has_min`] of the type with code `t`, for const-generic kernels.
+    pub(crate) const fn has_min(t: u8) -> bool {
+        WType::from_code(t).has_min()
+    }
+
+    /// [`WType::block_len`] of the type with code `t`, for const-generic kernels.
+    pub(crate) const fn block_len(t: u8) -> usize {
+        WType::from_code(t).block_len()
+    }
 }
 
 /// Where [`gemm`] writes: the product of activation row `i` and weight row

@@ -45,20 +45,8 @@ pub(crate) const KC: usize = 2048;
 /// Activation rows from which the panel path pays for its unpacking.
 pub(crate) const MIN_ROWS: usize = 4;
 
-use crate::code::{Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
-
-/// Columns per group (one scale, one minimum).
-const fn group(t: u8) -> usize {
-    match t {
-        Q2K | Q3K | Q6K => 16,
-        _ => 32,
-    }
-}
-
-/// Whether `t` has a minimum per group.
-const fn has_min(t: u8) -> bool {
-    WType::from_code(t).has_min()
-}
+use crate::code::{block_len, has_min, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
+use crate::kquants::group_len;
 
 /// Whether the panel keeps Q8_0's codes signed: without VNNI, unsigned
 /// codes up to 255 times activations would overflow maddubs' 16-bit pair
@@ -77,11 +65,6 @@ const fn offset(t: u8, vnni: bool) -> i32 {
         Q6K => 32,
         _ => 0,
     }
-}
-
-/// Weights per block.
-const fn wlen(t: u8) -> usize {
-    WType::from_code(t).block_len()
 }
 
 /// Eight weight rows of up to [`KC`] columns, unpacked.
@@ -200,10 +183,10 @@ unsafe fn gemm_t<const T: u8, const VNNI: bool>(
             for r in 0..NR {
                 if r < nr {
                     let (start, stride) = w.locate(r0 + r);
-                    let src = w.bytes.as_ptr().add(start + c0 / wlen(T) * stride);
+                    let src = w.bytes.as_ptr().add(start + c0 / block_len(T) * stride);
                     pack::<T, VNNI>(src, bb, stride, kc, panel, r);
                 } else {
-                    clear(kc / group(T), kc, panel, r);
+                    clear(kc / group_len(T), kc, panel, r);
                 }
             }
             let first = c0 == 0;
@@ -291,7 +274,7 @@ unsafe fn pack<const T: u8, const VNNI: bool>(
         *ws.add(g * NR + r) = s;
         *wm.add(g * NR + r) = m;
     };
-    if wlen(T) == 32 {
+    if block_len(T) == 32 {
         for b in 0..kc / 32 {
             let blk = src.add(b * stride);
             let v = match T {
@@ -372,7 +355,7 @@ unsafe fn pack<const T: u8, const VNNI: bool>(
 /// its scale, and the code sum the offset or minimum needs.
 #[inline(always)]
 unsafe fn act_group<const T: u8>(a: &ActRow, g: usize) -> (*const u8, f32, i32, f32) {
-    let gl = group(T);
+    let gl = group_len(T);
     match T {
         Q4_0 | Q5_0 | Q8_0 => {
             let blk = a.blocks.add(36 * g);
@@ -417,7 +400,7 @@ unsafe fn tile<const T: u8, const VNNI: bool, const M: usize>(
     nr: usize,
     first: bool,
 ) {
-    let gl = group(T);
+    let gl = group_len(T);
     let off = offset(T, VNNI);
     let mut acc = [_mm256_setzero_ps(); M];
     if !first {
@@ -499,7 +482,7 @@ unsafe fn group_dot<const T: u8, const VNNI: bool, const M: usize>(
     ga: usize,
     g: usize,
 ) -> ([__m256i; M], [(*const u8, f32, i32, f32); M]) {
-    let gl = group(T);
+    let gl = group_len(T);
     let ones = _mm256_set1_epi16(1);
     let mut groups = [(std::ptr::null(), 0f32, 0i32, 0f32); M];
     for i in 0..M {

@@ -33,12 +33,14 @@
 //! depend on how the runtime splits rows between threads.
 
 use std::arch::aarch64::*;
-use std::arch::asm;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
+use crate::act::act_block;
 use crate::blocks::QK_K;
-use crate::code::{Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
+use crate::code::{block_len, has_min, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
+use crate::kquants::group_len;
+use crate::neon::{f16_at, sdot_lane, smmla};
 use crate::{ActBuf, Out, WType, Weights};
 
 /// Weight rows per panel.
@@ -48,25 +50,6 @@ const NR: usize = 8;
 pub(crate) const KC: usize = 2048;
 /// Activation rows from which the panel path pays for its unpacking.
 pub(crate) const MIN_ROWS: usize = 4;
-
-/// Weights per block.
-const fn wlen(t: u8) -> usize {
-    WType::from_code(t).block_len()
-}
-
-/// Whether `t` has a minimum (per block, or per K-quant group).
-const fn has_min(t: u8) -> bool {
-    WType::from_code(t).has_min()
-}
-
-/// K-quants: columns per integer scale (Q4_K and Q5_K repeat theirs over
-/// both halves of a group of 32, so one multiply serves 32 columns).
-const fn scale_group(t: u8) -> usize {
-    match t {
-        Q4K | Q5K => 32,
-        _ => 16,
-    }
-}
 
 /// Byte offset of (row `r`, column `c`) in a run of codes laid out for
 /// `smmla` (`MM`) or for `sdot`.
@@ -151,40 +134,6 @@ unsafe fn gemm_mm<const T: u8>(w: &Weights, rows: Range<usize>, acts: &ActBuf, o
     gemm_t::<T, true>(w, rows, acts, out)
 }
 
-/// `acc += w . a[L]`: each lane, four codes of one weight row times the
-/// activation's four codes in 32-bit lane `L`.
-#[inline(always)]
-unsafe fn sdot<const L: i32>(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
-    let mut acc = acc;
-    // SAFETY: callers are compiled with the dotprod feature, which the
-    // dispatch proved; the instruction touches registers only.
-    asm!(
-        "sdot {acc:v}.4s, {w:v}.16b, {a:v}.4b[{l}]",
-        acc = inout(vreg) acc,
-        w = in(vreg) w,
-        a = in(vreg) a,
-        l = const L,
-        options(pure, nomem, nostack)
-    );
-    acc
-}
-
-/// `acc += a w^T` for `a` and `w` 2x8 matrices of codes (row-major).
-#[inline(always)]
-unsafe fn smmla(acc: int32x4_t, a: int8x16_t, w: int8x16_t) -> int32x4_t {
-    let mut acc = acc;
-    // SAFETY: callers are compiled with the i8mm feature, which the dispatch
-    // proved; the instruction touches registers only.
-    asm!(
-        "smmla {acc:v}.4s, {a:v}.16b, {w:v}.16b",
-        acc = inout(vreg) acc,
-        a = in(vreg) a,
-        w = in(vreg) w,
-        options(pure, nomem, nostack)
-    );
-    acc
-}
-
 /// The low halves of `a` and `b` (as 64-bit lanes), one after the other.
 #[inline(always)]
 unsafe fn lo2<V: Copy>(a: V, b: V) -> V {
@@ -211,22 +160,6 @@ unsafe fn pair<V: Copy>(p: *const u8) -> V {
 #[inline(always)]
 unsafe fn dup2(x: f32, y: f32) -> float32x4_t {
     vcombine_f32(vdup_n_f32(x), vdup_n_f32(y))
-}
-
-/// The f16 at `p`.
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let h = (p as *const u16).read_unaligned() as u32;
-    let x: f32;
-    // SAFETY: half to single precision `fcvt` is in the aarch64 baseline
-    // (FP); registers only.
-    asm!(
-        "fcvt {x:s}, {h:h}",
-        x = lateout(vreg) x,
-        h = in(vreg) h,
-        options(pure, nomem, nostack)
-    );
-    x
 }
 
 /// Store 16 codes of row `r`, columns `c..c + 16` (`c` a multiple of 16),
@@ -301,7 +234,7 @@ unsafe fn pack<const T: u8, const MM: bool>(
     r: usize,
 ) {
     let codes = (*p).codes.as_mut_ptr();
-    if wlen(T) == 32 {
+    if block_len(T) == 32 {
         for b in 0..kc / 32 {
             let blk = src.add(b * stride);
             let (lo, hi) = block_codes::<T>(blk);
@@ -314,7 +247,7 @@ unsafe fn pack<const T: u8, const MM: bool>(
         }
         return;
     }
-    let sg = scale_group(T);
+    let sg = group_len(T);
     for b in 0..kc / QK_K {
         let blk = src.add(b * stride);
         super_block_codes::<T>(blk, |c, v| put16::<MM>(codes, r, QK_K * b + c, v));
@@ -475,15 +408,6 @@ unsafe fn clear<const T: u8, const MM: bool>(kc: usize, p: *mut Panel, r: usize)
     }
 }
 
-/// Bytes per activation block, and where its codes start.
-const fn act_block(t: u8) -> (usize, usize) {
-    match t {
-        Q4_0 | Q5_0 | Q8_0 => (36, 4),
-        Q4_1 | Q5_1 => (40, 8),
-        _ => (std::mem::size_of::<crate::act::ActQ8K>(), 4),
-    }
-}
-
 // The body is inlined into the two entry points above, so each is compiled
 // with its own target features (the asm helpers inline into their callers).
 #[inline(always)]
@@ -512,7 +436,7 @@ unsafe fn gemm_t<const T: u8, const MM: bool>(
             for r in 0..NR {
                 if r < nr {
                     let (start, stride) = w.locate(r0 + r);
-                    let src = w.bytes.as_ptr().add(start + c0 / wlen(T) * stride);
+                    let src = w.bytes.as_ptr().add(start + c0 / block_len(T) * stride);
                     pack::<T, MM>(src, stride, kc, panel, r);
                 } else {
                     clear::<T, MM>(kc, panel, r);
@@ -619,8 +543,8 @@ macro_rules! dot_quad {
         let w0 = vld1q_s8($w);
         let w1 = vld1q_s8($w.add(16));
         for i in 0..$m {
-            $acc[i][0] = sdot::<$l>($acc[i][0], w0, $x[i][$h]);
-            $acc[i][1] = sdot::<$l>($acc[i][1], w1, $x[i][$h]);
+            $acc[i][0] = sdot_lane::<$l>($acc[i][0], w0, $x[i][$h]);
+            $acc[i][1] = sdot_lane::<$l>($acc[i][1], w1, $x[i][$h]);
         }
     }};
 }
@@ -659,7 +583,7 @@ unsafe fn tile_dot<const T: u8, const M: usize>(
         }
     }
     let cw = p.codes.as_ptr();
-    if wlen(T) == 32 {
+    if block_len(T) == 32 {
         let b0 = c0 / 32;
         for g in 0..kc / 32 {
             let blk: [*const u8; M] = std::array::from_fn(|i| a[i].add(ab * (b0 + g)));
@@ -697,7 +621,7 @@ unsafe fn tile_dot<const T: u8, const M: usize>(
             }
         }
     } else {
-        let sg = scale_group(T);
+        let sg = group_len(T);
         let nsg = QK_K / sg;
         let s0 = c0 / QK_K;
         for sb in 0..kc / QK_K {
@@ -812,7 +736,7 @@ unsafe fn tile_mm<const T: u8, const P: usize>(
             [lo2(x0, x1), hi2(x0, x1)]
         })
     };
-    if wlen(T) == 32 {
+    if block_len(T) == 32 {
         let b0 = c0 / 32;
         for g in 0..kc / 32 {
             let blk: [[*const u8; 2]; P] =
@@ -855,7 +779,7 @@ unsafe fn tile_mm<const T: u8, const P: usize>(
             }
         }
     } else {
-        let sg = scale_group(T);
+        let sg = group_len(T);
         let nsg = QK_K / sg;
         let s0 = c0 / QK_K;
         for sb in 0..kc / QK_K {
@@ -941,7 +865,7 @@ unsafe fn tile_mm<const T: u8, const P: usize>(
 #[cfg(test)]
 mod tests {
     use crate::testing::{run, Rng};
-    use crate::{ActBuf, Isa, WType, Weights};
+    use crate::{ActBuf, Family, Isa, WType, Weights};
 
     /// Random blocks of `wtype` with finite f16 scales.
     fn weights(wtype: WType, k: usize, n: usize, rng: &mut Rng) -> Vec<u8> {
@@ -971,18 +895,9 @@ mod tests {
     #[test]
     fn remainder_tiles_give_the_same_bits() {
         let mut rng = Rng(0xA5A5_0F0F_1234_4321);
-        let types = [
-            WType::Q4_0,
-            WType::Q4_1,
-            WType::Q5_0,
-            WType::Q5_1,
-            WType::Q8_0,
-            WType::Q2K,
-            WType::Q3K,
-            WType::Q4K,
-            WType::Q5K,
-            WType::Q6K,
-        ];
+        let types = WType::ALL
+            .into_iter()
+            .filter(|t| t.family() != Family::Float);
         let tiers: Vec<Isa> = Isa::detect()
             .tiers()
             .into_iter()
