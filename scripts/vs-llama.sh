@@ -5,6 +5,8 @@
 # llama-cpp-python 0.3.36 source the tests use, GGML_NATIVE, cached), builds `lorafold` in release, then for
 # each file and thread count runs ours and theirs alternately, `rounds` times,
 # and prints the medians and the ratio ours/llama.cpp for prefill and decode.
+# LLAMA_BENCH=PATH uses another llama-bench (e.g. built without AVX-512);
+# LORAFOLD_ISA=avx2 caps ours to match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 p=128 n=64 r=3 threads="1 2" rounds=3
@@ -18,7 +20,9 @@ shift $((OPTIND - 1))
 [ $# -gt 0 ] || { echo "give at least one GGUF file" >&2; exit 2; }
 
 py=$(scripts/python-env.sh)
-bench="$(scripts/llama-tools.sh)/llama-bench"
+# LLAMA_BENCH: another llama-bench build to compare with (an AVX2-only
+# one, say); LORAFOLD_ISA caps ours the same way.
+bench="${LLAMA_BENCH:-$(scripts/llama-tools.sh)/llama-bench}"
 cargo build --release --quiet
 ours=target/release/lorafold
 
