@@ -10,6 +10,7 @@ use std::process::Command;
 use candle_core::Device;
 use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
+use lorafold_runtime::measure::{argmax, log_softmax};
 use lorafold_runtime::model::{Isa, Model, SessionOptions};
 use lorafold_runtime::tokenizer::Tokenizer;
 
@@ -40,17 +41,6 @@ fn all_logits(model: &Model, ids: &[u32], isa: Isa) -> Vec<f32> {
         })
         .unwrap();
     s.logits(ids, true).unwrap().to_vec()
-}
-
-fn softmax(x: &[f32]) -> Vec<f64> {
-    let m = x.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-    let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.into_iter().map(|v| v / s).collect()
-}
-
-fn argmax(x: &[f32]) -> usize {
-    (0..x.len()).fold(0, |b, i| if x[i] > x[b] { i } else { b })
 }
 
 #[test]
@@ -99,13 +89,9 @@ fn detected_tier_answers_as_the_scalar_path() {
             .zip(s)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        let (pf, ps) = (softmax(f), softmax(s));
-        let kl: f64 = ps
-            .iter()
-            .zip(&pf)
-            .filter(|(a, _)| **a > 0.0)
-            .map(|(a, b)| a * (a / b.max(1e-300)).ln())
-            .sum();
+        // KL(scalar || detected), as `lorafold drift` measures it.
+        let (ls, lf) = (log_softmax(s), log_softmax(f));
+        let kl: f64 = ls.iter().zip(&lf).map(|(a, b)| a.exp() * (a - b)).sum();
         worst = worst.max(d);
         worst_kl = worst_kl.max(kl);
         if p + 1 >= prompt.len() {
