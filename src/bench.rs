@@ -77,8 +77,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .paths
         .iter()
         .map(|p| {
-            bench_path(p, &dev, args.prompt, args.n, args.reps, args.kv)
-                .with_context(|| format!("{p}: -p {} -n {}", args.prompt, args.n))
+            let sizes = format!("-p {} -n {}", args.prompt, args.n);
+            bench_path(p, &dev, args.prompt, args.n, args.reps, args.kv).map_err(|e| {
+                // Most errors name their file already: name it once.
+                let names_a_file = std::iter::once(&p.model)
+                    .chain(p.adapters.iter().map(|a| &a.path))
+                    .any(|f| e.to_string().contains(&f.display().to_string()));
+                match names_a_file {
+                    true => anyhow::Error::new(e).context(sizes),
+                    false => anyhow::Error::new(e).context(format!("{p}: {sizes}")),
+                }
+            })
         })
         .collect::<Result<_>>()?;
     if args.json {

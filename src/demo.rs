@@ -119,7 +119,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     eprintln!("[4/5] drift against the f32 merged model on the adapter's held-out lines");
     let reference = paths[0].1.load(&dev)?;
-    let tok = Tokenizer::from_gguf(reference.file())?;
+    let tok = reference.tokenizer()?;
     let text = lorafold_runtime::text::read_text(&adapter.join("eval.txt"))?;
     let w = windows(&tok, &text, true, 256)?;
     let mut cands = Vec::new();

@@ -157,7 +157,7 @@ pub fn run(args: &DriftArgs) -> Result<()> {
     reference
         .session(args.ctx)
         .with_context(|| format!("--ctx {}", args.ctx))?;
-    let tok = Tokenizer::from_gguf(reference.file())?;
+    let tok = reference.tokenizer()?;
     let mut candidates = Vec::new();
     for Candidate { name, spec } in &args.candidates {
         let m = spec.load(&dev)?;

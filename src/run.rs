@@ -87,7 +87,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let dev = device(args.device)?;
     let t0 = Instant::now();
     let mut model = Model::load(&args.model.model, &dev)?;
-    let tokenizer = Tokenizer::from_gguf(model.file())?;
+    let tokenizer = model.tokenizer()?;
     let sampler_config = SamplerConfig {
         temperature: args.temp,
         top_k: args.top_k,

@@ -4,7 +4,7 @@
 use lorafold_runtime::gguf::names;
 use std::path::{Path, PathBuf};
 
-use lorafold_runtime::arch::{qk_permutation, Architecture};
+use lorafold_runtime::arch::{qk_permutation, ArchSpec, Architecture, LocalLayers};
 use lorafold_runtime::gguf::{GgufFile, HyperKey, MetadataValue, ShapeOrder, ShapeRules};
 use lorafold_runtime::input::read_regular;
 use lorafold_runtime::model::{ModelConfig, RuntimeError};
@@ -31,6 +31,8 @@ enum Source {
         file: usize,
         key: String,
         permute_heads: Option<usize>,
+        /// Added to every value (Gemma's norms: llama.cpp stores `1 + w`).
+        offset: f32,
     },
     Computed(Vec<f32>),
 }
@@ -187,6 +189,7 @@ impl BaseModel {
                     file,
                     key,
                     permute_heads,
+                    offset,
                 },
                 Storage::Hf { maps, files, .. },
             ) => {
@@ -198,12 +201,16 @@ impl BaseModel {
                 let view = st.tensor(key).map_err(|e| bad(e.to_string()))?;
                 let v = widen(view.dtype(), view.data());
                 release_mapped(view.data());
-                let v = v.ok_or_else(|| {
+                let mut v = v.ok_or_else(|| {
                     bad(format!(
                         "tensor '{key}': dtype {:?} is not f32, f16 or bf16",
                         view.dtype()
                     ))
                 })?;
+                if *offset != 0.0 {
+                    // In f32, as llama.cpp's converter adds it.
+                    v.iter_mut().for_each(|x| *x += *offset);
+                }
                 Ok(match permute_heads {
                     // A bias is one value per row.
                     Some(h) => permute_rows(
@@ -342,40 +349,15 @@ fn open_gguf(path: &Path) -> Result<BaseModel, BaseError> {
     })
 }
 
-/// HF tensor name -> GGUF tensor name, for the llama family.
+/// HF tensor name -> GGUF tensor name, for the llama family (other
+/// architectures: [`lorafold_runtime::arch::ArchSpec::hf_to_gguf`]).
 pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some(names::TOKEN_EMBD),
-        "model.norm.weight" => Some(names::OUTPUT_NORM),
-        "lm_head.weight" => Some(names::OUTPUT),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    let (part, _) = names::BLOCK_PARTS.iter().find(|(_, hf)| *hf == module)?;
-    matches!(suffix, "weight" | "bias").then(|| format!("blk.{layer}.{part}.{suffix}"))
+    Architecture::Llama.spec().hf_to_gguf(hf)
 }
 
 /// GGUF tensor name -> HF tensor name, the inverse of [`hf_to_gguf_name`].
 pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        names::TOKEN_EMBD => Some("model.embed_tokens.weight"),
-        names::OUTPUT_NORM => Some("model.norm.weight"),
-        names::OUTPUT => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
-    }
-    let mut it = gguf.strip_prefix("blk.")?.splitn(3, '.');
-    let (layer, part, suffix) = (it.next()?, it.next()?, it.next()?);
-    let (_, module) = names::BLOCK_PARTS.iter().find(|(p, _)| *p == part)?;
-    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+    Architecture::Llama.spec().gguf_to_hf(gguf)
 }
 
 /// A count in config.json (layers, heads, widths): a positive integer that
@@ -429,15 +411,17 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     let cfg: Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or("");
-    let arch = match model_type {
-        "llama" | "mistral" => Architecture::Llama,
-        "qwen2" => Architecture::Qwen2,
-        other => {
-            return Err(bad(format!(
-                "unsupported model_type '{other}' (supported: llama, mistral, qwen2)"
-            )))
-        }
-    };
+    let arch = Architecture::from_hf_model_type(model_type).ok_or_else(|| {
+        let known: Vec<&str> = Architecture::ALL
+            .iter()
+            .flat_map(|a| a.spec().hf_model_types.iter().copied())
+            .collect();
+        bad(format!(
+            "unsupported model_type '{model_type}' (supported: {})",
+            known.join(", ")
+        ))
+    })?;
+    let spec = arch.spec();
     let count = |k: &str, default: Option<u64>| config_count(&cfg, k, default).map_err(bad);
     let hidden = count("hidden_size", None)?;
     let n_head = count("num_attention_heads", None)?;
@@ -459,23 +443,31 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     let head_dim = count("head_dim", Some(hidden / n_head))?;
     let rope_theta = config_positive(
         cfg.get("rope_theta")
-            .or_else(|| cfg.pointer("/rope_parameters/rope_theta")),
+            .or_else(|| cfg.pointer("/rope_parameters/rope_theta"))
+            // transformers 5 gives Gemma 3 a base per layer type.
+            .or_else(|| cfg.pointer("/rope_parameters/full_attention/rope_theta")),
         "rope_theta",
         10000.0,
     )
     .map_err(bad)?;
+    let sliding_window = match spec.local_layers {
+        None => None,
+        Some(local) => Some(local_layer_settings(&cfg, local, head_dim).map_err(bad)?),
+    };
     let rms_norm_eps =
         config_positive(cfg.get("rms_norm_eps"), "rms_norm_eps", 1e-6).map_err(bad)?;
     let rope_scaling = cfg
         .get("rope_scaling")
         .filter(|v| !v.is_null())
-        .or_else(|| cfg.get("rope_parameters"));
+        .or_else(|| cfg.get("rope_parameters"))
+        .map(|r| r.get("full_attention").unwrap_or(r));
     let rope_type = rope_scaling
         .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
         .and_then(Value::as_str)
         .unwrap_or("default");
     let tied = match cfg.get("tie_word_embeddings") {
-        None | Some(Value::Null) => false,
+        // transformers' default: Gemma configs tie unless they say otherwise.
+        None | Some(Value::Null) => arch == Architecture::Gemma3,
         Some(Value::Bool(b)) => *b,
         Some(v) => {
             return Err(bad(format!(
@@ -516,6 +508,9 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     if head_dim != hidden / n_head {
         metadata.push((HyperKey::KeyLength.key(a), u32_md(head_dim)));
         metadata.push((HyperKey::ValueLength.key(a), u32_md(head_dim)));
+    }
+    if let Some(w) = sliding_window {
+        metadata.push((HyperKey::SlidingWindow.key(a), u32_md(w)));
     }
     let mut computed = Vec::new();
     match rope_type {
@@ -565,7 +560,7 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
                 tensor_notes.push(format!("{key} skipped: tie_word_embeddings is set"));
                 continue;
             }
-            let name = hf_to_gguf_name(key).ok_or_else(|| BaseError::Invalid {
+            let name = spec.hf_to_gguf(key).ok_or_else(|| BaseError::Invalid {
                 path: file.clone(),
                 problem: format!("tensor '{key}' has no llama.cpp name for {model_type}"),
             })?;
@@ -616,6 +611,11 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
                     file: fi,
                     key: key.to_string(),
                     permute_heads,
+                    offset: if spec.is_norm(&name) {
+                        spec.hf_norm_offset
+                    } else {
+                        0.0
+                    },
                 },
             };
             found.push((name, t));
@@ -633,9 +633,10 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
             },
         ));
     }
-    found.sort_by_key(|(n, _)| gguf_order(n));
+    found.sort_by_key(|(n, _)| gguf_order(spec, n));
     let tensors: Vec<BaseTensor> = found.into_iter().map(|(_, t)| t).collect();
     let hyper = ShapeRules::new(
+        arch,
         [n_layers, hidden, n_head, n_head_kv, head_dim, ffn, vocab],
         [
             "num_hidden_layers",
@@ -655,7 +656,7 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     hyper
         .check(
             &named,
-            |n| gguf_to_hf_name(n).unwrap_or_else(|| n.to_string()),
+            |n| spec.gguf_to_hf(n).unwrap_or_else(|| n.to_string()),
             ShapeOrder::Torch,
         )
         .map_err(bad)?;
@@ -713,19 +714,8 @@ fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
 }
 
 /// Sort key giving llama.cpp's usual order: embeddings, rope factors, blocks in
-/// order, then the output norm and head.
-fn gguf_order(name: &str) -> (usize, usize, usize, String) {
-    const PARTS: [&str; 9] = [
-        "attn_norm",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_norm",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
+/// order (parts as the architecture lists them), then the output norm and head.
+fn gguf_order(spec: &ArchSpec, name: &str) -> (usize, usize, usize, String) {
     match name {
         names::TOKEN_EMBD => (0, 0, 0, String::new()),
         names::ROPE_FREQS => (1, 0, 0, String::new()),
@@ -735,10 +725,78 @@ fn gguf_order(name: &str) -> (usize, usize, usize, String) {
             let mut it = name.split('.');
             let layer = it.nth(1).and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
             let part = it.next().unwrap_or("");
-            let idx = PARTS.iter().position(|p| *p == part).unwrap_or(PARTS.len());
+            let idx = spec
+                .parts
+                .iter()
+                .position(|p| p.gguf == part)
+                .unwrap_or(spec.parts.len());
             (2, layer, idx, name.to_string())
         }
     }
+}
+
+/// The sliding window of an architecture with local layers, after checking
+/// that config.json describes the layers the architecture fixes (llama.cpp
+/// stores only the window and the global RoPE base, so anything else would
+/// convert into a model that runs wrong): the local RoPE base, the pattern
+/// of local and global layers, the attention scale, GELU-tanh, and no
+/// logit soft-capping.
+fn local_layer_settings(cfg: &Value, local: LocalLayers, head_dim: u64) -> Result<u64, String> {
+    let window = config_count(cfg, "sliding_window", None)?;
+    let local_base = cfg
+        .pointer("/rope_parameters/sliding_attention/rope_theta")
+        .or_else(|| cfg.get("rope_local_base_freq"));
+    if let Some(b) = local_base.filter(|v| !v.is_null()) {
+        if b.as_f64() != Some(local.rope_base as f64) {
+            return Err(format!(
+                "the local layers' RoPE base is {b}, but llama.cpp fixes it at {}",
+                local.rope_base
+            ));
+        }
+    }
+    if let Some(types) = cfg.get("layer_types").and_then(Value::as_array) {
+        for (l, t) in types.iter().enumerate() {
+            let want = if local.is_local(l) {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            };
+            if t.as_str() != Some(want) {
+                return Err(format!(
+                    "'layer_types'[{l}] is {t}, but llama.cpp runs layer {l} as {want} (every {}th layer is global)",
+                    local.period
+                ));
+            }
+        }
+    }
+    if let Some(p) = cfg.get("sliding_window_pattern").filter(|v| !v.is_null()) {
+        if p.as_u64() != Some(local.period as u64) {
+            return Err(format!(
+                "'sliding_window_pattern' is {p}, but llama.cpp fixes it at {}",
+                local.period
+            ));
+        }
+    }
+    if let Some(s) = cfg.get("query_pre_attn_scalar").filter(|v| !v.is_null()) {
+        if s.as_f64() != Some(head_dim as f64) {
+            return Err(format!(
+                "'query_pre_attn_scalar' is {s}; only the head width ({head_dim}) is supported"
+            ));
+        }
+    }
+    for key in ["hidden_activation", "hidden_act"] {
+        if let Some(a) = cfg.get(key).and_then(Value::as_str) {
+            if a != "gelu_pytorch_tanh" {
+                return Err(format!("'{key}' is '{a}'; gelu_pytorch_tanh is supported"));
+            }
+        }
+    }
+    for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+        if cfg.get(key).is_some_and(|v| !v.is_null()) {
+            return Err(format!("'{key}' is set; soft-capping is not supported"));
+        }
+    }
+    Ok(window)
 }
 
 /// llama.cpp's rope_freqs for Llama 3.1-style "llama3" rope scaling.

@@ -4,7 +4,7 @@
 use lorafold_runtime::gguf::names;
 use std::collections::BTreeMap;
 
-use crate::base::{hf_to_gguf_name, BaseModel};
+use crate::base::BaseModel;
 use crate::error::{check_finite, NonFinite};
 use crate::peft::{LoraModule, ModuleKind, PeftAdapter, PeftError};
 
@@ -85,7 +85,7 @@ impl MergePlan {
                 (ModuleKind::Embedding, "model.embed_tokens") => {
                     Some(names::TOKEN_EMBD.to_string())
                 }
-                (ModuleKind::Linear, p) => hf_to_gguf_name(&format!("{p}.weight")),
+                (ModuleKind::Linear, p) => base.arch.spec().hf_to_gguf(&format!("{p}.weight")),
                 _ => None,
             }
             .ok_or_else(|| {
@@ -142,7 +142,7 @@ impl MergePlan {
         }
         for s in &adapter.saved {
             let hf = s.name.replace(".base_layer.", ".");
-            let name = hf_to_gguf_name(&hf).ok_or_else(|| {
+            let name = base.arch.spec().hf_to_gguf(&hf).ok_or_else(|| {
                 mismatch(
                     &s.key,
                     format!(

@@ -71,7 +71,7 @@ pub struct lorafold_model {
 
 struct ModelCore {
     model: Model,
-    tokenizer: Tokenizer,
+    tokenizer: std::sync::Arc<Tokenizer>,
     threads: Option<usize>,
     n_ctx: usize,
 }
@@ -508,7 +508,8 @@ pub unsafe extern "C" fn lorafold_model_load(
             n => Some(lorafold_runtime::model::check_threads(n as usize)?),
         };
         let model = Model::load(path, &Device::Cpu)?;
-        let tokenizer = Tokenizer::from_gguf(model.file())
+        let tokenizer = model
+            .tokenizer()
             .or_else(|e| fail(LORAFOLD_ERR_LOAD, e.to_string()))?;
         let n_ctx = match n_ctx as usize {
             0 => model.config.context_length.clamp(1, 2048),

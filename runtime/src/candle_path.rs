@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::arch::Architecture;
+use crate::arch::{Activation, Role, RopeStyle, Width};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::mapped;
 use crate::model::{ModelConfig, RuntimeError};
@@ -63,6 +63,11 @@ struct Block {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// The norms only some architectures have.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_attn_norm: Option<Tensor>,
+    post_ffn_norm: Option<Tensor>,
 }
 
 /// The model's weights as candle tensors (over the map on CPU).
@@ -131,21 +136,46 @@ impl CandleWeights {
         let (dim, hd, vocab) = (cfg.dim, cfg.head_dim, cfg.vocab);
         let emb_info = tensor(names::TOKEN_EMBD)?;
         check_dims(f, emb_info, &[dim as u64, vocab as u64])?;
-        let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
-        let ffn = cfg.ffn;
+        let width = |w: Width| match w {
+            Width::Hidden => dim,
+            Width::Queries => cfg.n_head * hd,
+            Width::KeyValues => cfg.n_head_kv * hd,
+            Width::HeadDim => hd,
+            Width::Ffn => cfg.ffn,
+        };
+        let spec = cfg.spec();
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
+            let name = |role: Role| -> Result<String, RuntimeError> {
+                let part = spec
+                    .part_for(role)
+                    .ok_or_else(|| model_err(f, format!("{} has no {role:?} part", cfg.arch)))?;
+                Ok(format!("blk.{i}.{}", part.gguf))
+            };
+            let norm = |role: Role| -> Result<Tensor, RuntimeError> {
+                vector(&format!("{}.weight", name(role)?), width(role.dims()[0]))
+            };
+            let optional = |role: Role| -> Result<Option<Tensor>, RuntimeError> {
+                spec.part_for(role).map(|_| norm(role)).transpose()
+            };
+            let proj = |role: Role| -> Result<Linear, RuntimeError> {
+                let d = role.dims();
+                linear(&name(role)?, width(d[0]), width(d[1]))
+            };
             blocks.push(Block {
-                attn_norm: vector(&p("attn_norm.weight"), dim)?,
-                q: linear(&p("attn_q"), dim, q_out)?,
-                k: linear(&p("attn_k"), dim, kv_out)?,
-                v: linear(&p("attn_v"), dim, kv_out)?,
-                o: linear(&p("attn_output"), q_out, dim)?,
-                ffn_norm: vector(&p("ffn_norm.weight"), dim)?,
-                gate: linear(&p("ffn_gate"), dim, ffn)?,
-                up: linear(&p("ffn_up"), dim, ffn)?,
-                down: linear(&p("ffn_down"), ffn, dim)?,
+                attn_norm: norm(Role::AttnNorm)?,
+                q: proj(Role::Q)?,
+                k: proj(Role::K)?,
+                v: proj(Role::V)?,
+                o: proj(Role::O)?,
+                ffn_norm: norm(Role::FfnNorm)?,
+                gate: proj(Role::Gate)?,
+                up: proj(Role::Up)?,
+                down: proj(Role::Down)?,
+                q_norm: optional(Role::QNorm)?,
+                k_norm: optional(Role::KNorm)?,
+                post_attn_norm: optional(Role::PostAttnNorm)?,
+                post_ffn_norm: optional(Role::PostFfnNorm)?,
             });
         }
         let output = match f.tensor(names::OUTPUT) {
@@ -192,8 +222,11 @@ pub(crate) struct CandleSession {
     v: Vec<Tensor>,
     pos: usize,
     max: usize,
-    cos: Tensor,
-    sin: Tensor,
+    /// cos and sin, `[max, head_dim / 2]`, one pair per RoPE base.
+    ropes: Vec<(Tensor, Tensor)>,
+    /// Each layer's index into `ropes`.
+    layer_rope: Vec<usize>,
+    device: Device,
 }
 
 impl CandleSession {
@@ -212,14 +245,29 @@ impl CandleSession {
             v.push(Tensor::zeros(shape, DType::F32, device)?);
         }
         let half = cfg.head_dim / 2;
-        let (cos, sin) = crate::cpu::ops::rope_tables(max, cfg.head_dim, cfg.rope_base, rope_freqs);
+        let bases = cfg.rope_bases();
+        let mut ropes = Vec::with_capacity(bases.len());
+        for &b in &bases {
+            let (cos, sin) = crate::cpu::ops::rope_tables(max, cfg.head_dim, b, rope_freqs);
+            ropes.push((
+                Tensor::from_vec(cos, (max, half), device)?,
+                Tensor::from_vec(sin, (max, half), device)?,
+            ));
+        }
+        let layer_rope = (0..cfg.n_layers)
+            .map(|l| {
+                let b = cfg.layer_attention(l).rope_base;
+                bases.iter().position(|&x| x == b).unwrap_or(0)
+            })
+            .collect();
         Ok(CandleSession {
             k,
             v,
             pos: 0,
             max,
-            cos: Tensor::from_vec(cos, (max, half), device)?,
-            sin: Tensor::from_vec(sin, (max, half), device)?,
+            ropes,
+            layer_rope,
+            device: device.clone(),
         })
     }
 
@@ -241,7 +289,7 @@ impl CandleSession {
         all: bool,
     ) -> Result<Tensor, RuntimeError> {
         let t = tokens.len();
-        let device = self.cos.device().clone();
+        let device = self.device.clone();
         let ids = Tensor::new(tokens, &device)?;
         let mut x = m.embedding.embedding(&ids)?;
         for l in &m.embedding_loras {
@@ -250,43 +298,60 @@ impl CandleSession {
                 x = (x + rows.matmul(&l.b_t)?.affine(s * l.file_scale, 0.0)?)?;
             }
         }
+        if let Some(scale) = c.embedding_scale() {
+            x = x.affine(scale as f64, 0.0)?;
+        }
         let (pos, hd) = (self.pos, c.head_dim);
         let group = c.n_head / c.n_head_kv;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
         let total = pos + t;
-        let mask = if t > 1 {
+        // Query i (at pos + i) sees key j when j <= pos + i and, in a local
+        // layer, pos + i - j < window. One mask per distinct window.
+        let mask = |window: Option<usize>| -> candle_core::Result<Option<Tensor>> {
+            let hides =
+                |i: usize, j: usize| j > pos + i || window.is_some_and(|w| pos + i - j >= w);
+            if !(0..t).any(|i| (0..total).any(|j| hides(i, j))) {
+                return Ok(None);
+            }
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                    (0..total).map(move |j| if hides(i, j) { f32::NEG_INFINITY } else { 0.0 })
                 })
                 .collect();
-            Some(Tensor::from_vec(m, (t, total), &device)?)
-        } else {
-            None
+            Ok(Some(Tensor::from_vec(m, (t, total), &device)?))
+        };
+        let global_mask = mask(None)?;
+        let local_mask = match c.sliding_window {
+            Some(w) => mask(Some(w))?,
+            None => None,
         };
         let scale = 1.0 / (hd as f64).sqrt();
+        let eps = c.rms_eps as f32;
+        let spec = c.spec();
         for (i, b) in m.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, c.rms_eps as f32)?;
-            let heads = |l: &Linear, n: usize| -> candle_core::Result<Tensor> {
-                l.forward(&h, scales)?
-                    .reshape((1, t, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
+            let (cos, sin) = &self.ropes[self.layer_rope[i]];
+            let cos = cos.narrow(0, pos, t)?;
+            let sin = sin.narrow(0, pos, t)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
+            let heads =
+                |l: &Linear, n: usize, norm: &Option<Tensor>| -> candle_core::Result<Tensor> {
+                    let y = l.forward(&h, scales)?.reshape((1, t, n, hd))?;
+                    let y = match norm {
+                        Some(w) => candle_nn::ops::rms_norm(&y.contiguous()?, w, eps)?,
+                        None => y,
+                    };
+                    y.transpose(1, 2)?.contiguous()
+                };
             let (q, k, v) = (
-                heads(&b.q, c.n_head)?,
-                heads(&b.k, c.n_head_kv)?,
-                heads(&b.v, c.n_head_kv)?,
+                heads(&b.q, c.n_head, &b.q_norm)?,
+                heads(&b.k, c.n_head_kv, &b.k_norm)?,
+                heads(&b.v, c.n_head_kv, &None)?,
             );
-            // llama's GGUF q/k rows were permuted for ggml's adjacent-pair RoPE;
-            // qwen2 keeps HF order and rotates halves (neox style).
-            let (q, k) = match c.arch {
-                Architecture::Llama => (
+            let (q, k) = match spec.rope {
+                RopeStyle::Adjacent => (
                     candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
                     candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
                 ),
-                Architecture::Qwen2 => (
+                RopeStyle::Halves => (
                     candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
                     candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
                 ),
@@ -299,7 +364,11 @@ impl CandleSession {
             // Scale the scores, not q, as ggml's soft_max_ext does.
             let q = q.squeeze(0)?.reshape((c.n_head_kv, group * t, hd))?;
             let mut scores = (q.matmul(&keys.t()?)? * scale)?; // [n_kv, group*t, total]
-            if let Some(mask) = &mask {
+            let mask = match c.layer_attention(i).window {
+                Some(_) => &local_mask,
+                None => &global_mask,
+            };
+            if let Some(mask) = mask {
                 scores = scores
                     .reshape((c.n_head_kv, group, t, total))?
                     .broadcast_add(mask)?
@@ -311,11 +380,24 @@ impl CandleSession {
                 .reshape((c.n_head, t, hd))?
                 .transpose(0, 1)?
                 .reshape((t, c.n_head * hd))?;
-            x = (x + b.o.forward(&attn, scales)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
-            let g = b.gate.forward(&h, scales)?.silu()?;
+            let mut a = b.o.forward(&attn, scales)?;
+            if let Some(w) = &b.post_attn_norm {
+                a = candle_nn::ops::rms_norm(&a, w, eps)?;
+            }
+            x = (x + a)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+            let g = b.gate.forward(&h, scales)?;
+            let g = match spec.activation {
+                Activation::Silu => g.silu()?,
+                // candle's gelu is the tanh approximation (gelu_erf is exact).
+                Activation::GeluTanh => g.gelu()?,
+            };
             let u = b.up.forward(&h, scales)?;
-            x = (x + b.down.forward(&(g * u)?, scales)?)?;
+            let mut d = b.down.forward(&(g * u)?, scales)?;
+            if let Some(w) = &b.post_ffn_norm {
+                d = candle_nn::ops::rms_norm(&d, w, eps)?;
+            }
+            x = (x + d)?;
         }
         self.pos = total;
         let x = if all { x } else { x.narrow(0, t - 1, 1)? };

@@ -404,7 +404,8 @@ pub fn complete(
         path: model.file().path().to_path_buf(),
         problem: e.to_string(),
     };
-    let tok = Tokenizer::from_gguf(model.file())
+    let tok = model
+        .tokenizer()
         .map_err(|e| tok_err(&format_args!("tokenizer: {}", e.problem)))?;
     let ids = tok.encode(prompt).map_err(|e| tok_err(&e))?;
     let mut session = model.session(ids.len() + max_new)?;

@@ -1,5 +1,5 @@
-//! The llama-family transformer (llama, mistral-as-llama, qwen2) over a
-//! memory-mapped GGUF: hyperparameters, loading, adapters attached by slot,
+//! The decoder-only transformers of `crate::arch` (llama, mistral-as-llama,
+//! qwen2, gemma3) over a memory-mapped GGUF: hyperparameters, loading, adapters attached by slot,
 //! and sessions on our CPU engine or on candle.
 
 use crate::gguf::names;
@@ -14,6 +14,7 @@ use crate::cpu::{CpuSession, CpuWeights, KvType, StepError};
 use crate::finite::check_finite;
 use crate::gguf::{GgufError, GgufFile, HyperKey, Hyperparameters, ShapeOrder, ShapeRules};
 use crate::mapped;
+use crate::tokenizer::{Tokenizer, TokenizerError};
 /// The kernel tiers a session may run ([`SessionOptions::isa`]).
 pub use lorafold_kernels::Isa;
 
@@ -147,6 +148,60 @@ pub struct ModelConfig {
     pub rms_eps: f64,
     /// Vocabulary (rows of the embedding).
     pub vocab: usize,
+    /// Positions a local layer attends to (architectures with local layers).
+    pub sliding_window: Option<usize>,
+}
+
+/// How one layer attends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerAttention {
+    /// RoPE base.
+    pub rope_base: f32,
+    /// Keys a query sees, itself included (None: every earlier position).
+    pub window: Option<usize>,
+}
+
+impl ModelConfig {
+    /// The architecture's description.
+    pub fn spec(&self) -> &'static crate::arch::ArchSpec {
+        self.arch.spec()
+    }
+
+    /// How `layer` attends: local layers use the architecture's own RoPE
+    /// base and the sliding window, the others the file's base and every
+    /// position.
+    pub fn layer_attention(&self, layer: usize) -> LayerAttention {
+        match (self.spec().local_layers, self.sliding_window) {
+            (Some(local), Some(window)) if local.is_local(layer) => LayerAttention {
+                rope_base: local.rope_base,
+                window: Some(window),
+            },
+            _ => LayerAttention {
+                rope_base: self.rope_base,
+                window: None,
+            },
+        }
+    }
+
+    /// The RoPE bases the layers use, each once, in first-use order.
+    pub fn rope_bases(&self) -> Vec<f32> {
+        let mut bases: Vec<f32> = Vec::new();
+        for l in 0..self.n_layers {
+            let b = self.layer_attention(l).rope_base;
+            if !bases.contains(&b) {
+                bases.push(b);
+            }
+        }
+        bases
+    }
+
+    /// What the input embedding is multiplied by (√width as f32, as
+    /// llama.cpp and transformers compute it), when the architecture scales it.
+    pub fn embedding_scale(&self) -> Option<f32> {
+        self.spec()
+            .scales_embedding
+            .then(|| (self.dim as f32).sqrt())
+    }
 }
 
 fn model_err(file: &GgufFile, problem: String) -> RuntimeError {
@@ -168,12 +223,8 @@ impl ModelConfig {
             .get_str(names::ARCHITECTURE)
             .ok_or_else(|| model_err(f, "no general.architecture".into()))?
             .into_owned();
-        let arch = Architecture::from_gguf_name(&arch_name).ok_or_else(|| {
-            model_err(
-                f,
-                format!("unknown architecture '{arch_name}' (llama and qwen2 are supported)"),
-            )
-        })?;
+        let arch = Architecture::from_gguf_name(&arch_name)
+            .ok_or_else(|| model_err(f, crate::arch::unsupported(&arch_name)))?;
         let h = Hyperparameters::read(f, &arch_name);
         let need = |v: Option<u64>, k: HyperKey| {
             v.map(|v| v as usize)
@@ -211,6 +262,21 @@ impl ModelConfig {
             rope_base: positive(h.rope_freq_base, HyperKey::RopeFreqBase, 10000.0)? as f32,
             rms_eps: positive(h.rms_norm_eps, HyperKey::RmsEpsilon, 1e-5)?,
             vocab,
+            sliding_window: match arch.spec().local_layers {
+                None => None,
+                Some(_) => match need(h.sliding_window, HyperKey::SlidingWindow)? {
+                    0 => {
+                        return Err(model_err(
+                            f,
+                            format!(
+                                "{} is 0: a local layer must see at least its own position",
+                                HyperKey::SlidingWindow.key(&arch_name)
+                            ),
+                        ))
+                    }
+                    w => Some(w),
+                },
+            },
         };
         // Hostile or broken hyperparameters must be errors, not divisions by zero.
         if config.n_head == 0
@@ -276,10 +342,7 @@ impl ModelConfig {
         .map(|v| v as u64);
         // A vocabulary the file states must be the embedding's rows.
         let vocab = h.vocab_size.unwrap_or(rows);
-        let rules = ShapeRules::gguf(
-            &arch_name,
-            [layers, dim, n_head, n_head_kv, head_dim, ffn, vocab],
-        );
+        let rules = ShapeRules::gguf(arch, [layers, dim, n_head, n_head_kv, head_dim, ffn, vocab]);
         let tensors: Vec<(&str, &[u64])> = f
             .tensors()
             .iter()
@@ -302,6 +365,8 @@ pub struct Model {
     rope_freqs: Option<Vec<f32>>,
     /// Attached adapters' user scales by slot (None: detached).
     scales: Vec<Option<f64>>,
+    /// The file's tokenizer, built before any weight was read.
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -402,6 +467,16 @@ impl Model {
         backend: Backend,
     ) -> Result<Model, RuntimeError> {
         let config = ModelConfig::read(&file)?;
+        // Built before any weight is read: a file whose tokenizer we cannot
+        // build is refused in milliseconds, not after a load of gigabytes.
+        let tokenizer = match file.get(names::TOKENIZER_MODEL) {
+            Some(_) => {
+                Some(Arc::new(Tokenizer::from_gguf(&file).map_err(|e| {
+                    model_err(&file, format!("tokenizer: {}", e.problem))
+                })?))
+            }
+            None => None,
+        };
         let rope_freqs = match file.tensor("rope_freqs.weight") {
             Some(t) => Some(mapped::small_tensor(&file, t, &Device::Cpu)?.to_vec1::<f32>()?),
             None => None,
@@ -430,8 +505,18 @@ impl Model {
             config,
             device: device.clone(),
             scales: Vec::new(),
+            tokenizer,
             file,
         })
+    }
+
+    /// The file's tokenizer (built once, at load); an error when the file
+    /// has none.
+    pub fn tokenizer(&self) -> Result<Arc<Tokenizer>, TokenizerError> {
+        match &self.tokenizer {
+            Some(t) => Ok(t.clone()),
+            None => Tokenizer::from_gguf(&self.file).map(Arc::new),
+        }
     }
 
     /// The mapped file.

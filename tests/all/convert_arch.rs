@@ -150,7 +150,7 @@ fn unknown_model_type_is_refused() {
     .unwrap_err();
     assert!(
         e.to_string().contains(
-            "config.json: unsupported model_type 'gpt_neox' (supported: llama, mistral, qwen2)"
+            "config.json: unsupported model_type 'gpt_neox' (supported: llama, mistral, qwen2, gemma3_text)"
         ),
         "{e}"
     );

@@ -16,6 +16,7 @@ mod convert_arch;
 mod convert_cli;
 mod convert_smollm2;
 mod drift;
+mod gemma3;
 mod gguf_roundtrip;
 mod hf_tokenizer;
 mod hostile_calib;

@@ -227,7 +227,7 @@ fn bad_models_and_adapters_are_clear_errors() {
     w.start().unwrap().finish().unwrap();
     let e = Model::load(&gpt2, &Device::Cpu).unwrap_err().to_string();
     assert!(
-        e.contains("gpt2.gguf: unknown architecture 'gpt2' (llama and qwen2 are supported)"),
+        e.contains("gpt2.gguf: architecture 'gpt2' is not supported (llama, qwen2, gemma3 are)"),
         "{e}"
     );
 

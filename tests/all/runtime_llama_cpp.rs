@@ -89,26 +89,37 @@ fn top(v: &[f32]) -> usize {
 }
 
 /// Our logits and llama.cpp's for one prompt through `path`.
-struct Comparison {
+pub(crate) struct Comparison {
+    /// The ids run (ours, given to llama.cpp too).
+    pub(crate) ids: Vec<u32>,
     /// Ours, position by position.
-    ours: Vec<f32>,
+    pub(crate) ours: Vec<f32>,
+    /// llama.cpp's, position by position.
+    pub(crate) theirs: Vec<f32>,
     /// Positions.
-    n: usize,
+    pub(crate) n: usize,
     /// max |ours − llama.cpp|.
-    max: f32,
+    pub(crate) max: f32,
     /// KL(llama.cpp || ours) per position.
-    kl: Vec<f64>,
+    pub(crate) kl: Vec<f64>,
     /// Positions whose argmax differs.
-    argmax_differs: Vec<usize>,
+    pub(crate) argmax_differs: Vec<usize>,
 }
 
 const VOCAB: usize = 49152;
 
 fn compare_with_llama_cpp(path: &Path) -> Comparison {
+    compare_text_with_llama_cpp(path, "The largest ocean on Earth is the")
+}
+
+/// [`compare_with_llama_cpp`] on `text`, tokenized by us (with BOS where
+/// the model adds it).
+pub(crate) fn compare_text_with_llama_cpp(path: &Path, text: &str) -> Comparison {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::load(path, &Device::Cpu).unwrap();
+    let vocab = model.config.vocab;
     let tok = Tokenizer::from_gguf(model.file()).unwrap();
-    let ids = tok.encode("The largest ocean on Earth is the").unwrap();
+    let ids = tok.encode(text).unwrap();
     let ids_path = dir.path().join("ids.json");
     std::fs::write(&ids_path, serde_json::to_string(&ids).unwrap()).unwrap();
     let out = dir.path().join("logits.f32");
@@ -129,7 +140,7 @@ fn compare_with_llama_cpp(path: &Path) -> Comparison {
         let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
         v.iter().map(|&x| x as f64 - lse).collect::<Vec<f64>>()
     };
-    let at = |v: &[f32], p: usize| v[p * VOCAB..(p + 1) * VOCAB].to_vec();
+    let at = |v: &[f32], p: usize| v[p * vocab..(p + 1) * vocab].to_vec();
     let kl = (0..n)
         .map(|p| {
             let (a, b) = (log_softmax(&at(&theirs, p)), log_softmax(&at(&ours, p)));
@@ -140,7 +151,9 @@ fn compare_with_llama_cpp(path: &Path) -> Comparison {
         .filter(|&p| top(&at(&ours, p)) != top(&at(&theirs, p)))
         .collect();
     let c = Comparison {
+        ids,
         ours,
+        theirs,
         n,
         max,
         kl,

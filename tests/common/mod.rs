@@ -63,6 +63,27 @@ pub fn smollm2() -> &'static Path {
     P.get_or_init(|| script_output("fetch-smollm2.sh", &[]))
 }
 
+/// Gemma 3 270M Q4_K_M, fetched into the cache on first use.
+pub fn gemma3() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| script_output("fetch-gemma3.sh", &[]))
+}
+
+/// `gemma3-adapters/robot/reference.json`.
+pub fn robot_reference() -> serde_json::Value {
+    let p = shared_data().join("gemma3-adapters/robot/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect()
+}
+
 /// A Python with llama.cpp's `gguf` package, set up on first use.
 pub fn python() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();

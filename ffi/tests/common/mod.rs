@@ -45,3 +45,17 @@ pub fn smollm2() -> PathBuf {
     );
     p
 }
+
+/// Gemma 3 270M Q4_K_M in the lorafold cache (fetched by
+/// scripts/fetch-gemma3.sh on first use).
+pub fn gemma3() -> PathBuf {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-gemma3.sh");
+    let out = std::process::Command::new(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}

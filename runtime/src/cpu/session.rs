@@ -9,7 +9,7 @@ use lorafold_kernels::{gemm, ActBuf, ActType, Isa, Out};
 use super::ops::{self, RopeStyle};
 use super::pool::{share, WorkerPool};
 use super::weights::{CpuWeights, Matrix};
-use crate::arch::Architecture;
+use crate::arch::Activation;
 use crate::model::ModelConfig;
 
 /// The KV cache's element type.
@@ -170,8 +170,10 @@ pub struct CpuSession<'m> {
     pos: usize,
     max: usize,
     batch: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// cos and sin tables, `[max, head_dim / 2]`, one pair per RoPE base.
+    ropes: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Each layer's index into `ropes`.
+    layer_rope: Vec<usize>,
     style: RopeStyle,
     s: Scratch,
 }
@@ -200,7 +202,17 @@ impl<'m> CpuSession<'m> {
         let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
         let ffn = w.blocks.first().map_or(0, |b| b.gate.n);
         let kv_len = cfg.n_layers * cfg.n_head_kv * max * hd;
-        let (cos, sin) = ops::rope_tables(max, hd, cfg.rope_base, rope_factors);
+        let bases = cfg.rope_bases();
+        let ropes = bases
+            .iter()
+            .map(|&b| ops::rope_tables(max, hd, b, rope_factors))
+            .collect();
+        let layer_rope = (0..cfg.n_layers)
+            .map(|l| {
+                let b = cfg.layer_attention(l).rope_base;
+                bases.iter().position(|&x| x == b).unwrap_or(0)
+            })
+            .collect();
         let pool = WorkerPool::new(threads);
         // One rounded-input buffer per (format, width) in the model.
         let mut acts: Vec<ActBuf> = Vec::new();
@@ -250,12 +262,9 @@ impl<'m> CpuSession<'m> {
             pos: 0,
             max,
             batch,
-            cos,
-            sin,
-            style: match cfg.arch {
-                Architecture::Llama => RopeStyle::Adjacent,
-                Architecture::Qwen2 => RopeStyle::Halves,
-            },
+            ropes,
+            layer_rope,
+            style: cfg.spec().rope,
             s,
         }
     }
@@ -378,6 +387,11 @@ impl<'m> CpuSession<'m> {
                     attention::axpy(x, s * av, l.b.row(kk * dim, dim), self.isa);
                 }
             }
+            // After the adapter, so a merged embedding and an attached one
+            // are scaled alike.
+            if let Some(scale) = cfg.embedding_scale() {
+                x.iter_mut().for_each(|v| *v *= scale);
+            }
         }
 
         for (layer, b) in w.blocks.iter().enumerate() {
@@ -402,6 +416,15 @@ impl<'m> CpuSession<'m> {
                 dim,
                 scales,
             );
+            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+                let kv_out = cfg.n_head_kv * hd;
+                for h in self.s.q[..t * q_out].chunks_exact_mut(hd) {
+                    ops::rms_norm_in_place(h, qn, eps);
+                }
+                for h in self.s.k[..t * kv_out].chunks_exact_mut(hd) {
+                    ops::rms_norm_in_place(h, kn, eps);
+                }
+            }
             self.rope_and_cache(layer, t);
             self.attention(layer, t);
             let tmp = self.s.tmp.as_mut_ptr();
@@ -412,6 +435,11 @@ impl<'m> CpuSession<'m> {
                 q_out,
             );
             self.matmuls(&[(&b.o, tmp)], Input::Attn, t, q_out, scales);
+            if let Some(n) = &b.post_attn_norm {
+                for row in self.s.tmp[..t * dim].chunks_exact_mut(dim) {
+                    ops::rms_norm_in_place(row, n, eps);
+                }
+            }
             ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
             for i in 0..t {
                 ops::rms_norm(
@@ -425,9 +453,23 @@ impl<'m> CpuSession<'m> {
             let (g, u) = (self.s.gate.as_mut_ptr(), self.s.up.as_mut_ptr());
             self.matmuls(&[(&b.gate, g), (&b.up, u)], Input::H, t, dim, scales);
             let ffn = b.gate.n;
-            lorafold_kernels::swiglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn], self.isa);
+            match cfg.spec().activation {
+                Activation::Silu => lorafold_kernels::swiglu(
+                    &mut self.s.gate[..t * ffn],
+                    &self.s.up[..t * ffn],
+                    self.isa,
+                ),
+                Activation::GeluTanh => {
+                    ops::geglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn])
+                }
+            }
             observe(layer, LinearInput::FfnDown, &self.s.gate[..t * ffn], ffn);
             self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
+            if let Some(n) = &b.post_ffn_norm {
+                for row in self.s.tmp[..t * dim].chunks_exact_mut(dim) {
+                    ops::rms_norm_in_place(row, n, eps);
+                }
+            }
             ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
         }
 
@@ -594,11 +636,12 @@ impl<'m> CpuSession<'m> {
         let hd = cfg.head_dim;
         let half = hd / 2;
         let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        let (cos_all, sin_all) = &self.ropes[self.layer_rope[layer]];
         for i in 0..t {
             let p = self.pos + i;
             let (cos, sin) = (
-                &self.cos[p * half..(p + 1) * half],
-                &self.sin[p * half..(p + 1) * half],
+                &cos_all[p * half..(p + 1) * half],
+                &sin_all[p * half..(p + 1) * half],
             );
             for h in self.s.q[i * q_out..(i + 1) * q_out].chunks_exact_mut(hd) {
                 ops::rope(h, cos, sin, self.style);
@@ -651,6 +694,8 @@ impl<'m> CpuSession<'m> {
         let group = cfg.n_head / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let units = cfg.n_head;
+        // A local layer's query sees the last `window` positions, itself included.
+        let first = first_key(self.pos, cfg.layer_attention(layer).window);
         let (out, scratch) = self.attention_buffers(0);
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
@@ -664,17 +709,18 @@ impl<'m> CpuSession<'m> {
                 std::slice::from_raw_parts_mut(scratch.ptr.add(th * scratch.ld), scratch.ld)
             };
             let (scores, acc) = mine.split_at_mut(pos + 1);
+            let scores = &mut scores[first..];
             let acc = &mut acc[..hd];
             for h in (th..units).step_by(n) {
                 let kvh = h / group;
                 let qv = &q[h * hd..(h + 1) * hd];
-                for (j, sc) in scores.iter_mut().enumerate() {
+                for (j, sc) in (first..).zip(scores.iter_mut()) {
                     let kr = kv_k.row(this.kv_index(layer, kvh, j), hd);
                     *sc = attention::dot(qv, kr, isa) * scale;
                 }
                 attention::softmax(scores, isa);
                 acc.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
+                for (j, &p) in (first..).zip(scores.iter()) {
                     attention::axpy(acc, p, kv_v.row(this.kv_index(layer, kvh, j), hd), isa);
                 }
                 // SAFETY: heads are disjoint between threads.
@@ -698,6 +744,7 @@ impl<'m> CpuSession<'m> {
         let scale = 1.0 / (hd as f32).sqrt();
         let blocks = t.div_ceil(PREFILL_ROWS);
         let units = cfg.n_head_kv * blocks;
+        let window = cfg.layer_attention(layer).window;
         let (out, scratch) = self.attention_buffers(q_out);
         let (q, pos) = (&self.s.q, self.pos);
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
@@ -715,9 +762,12 @@ impl<'m> CpuSession<'m> {
                 let (b, kvh) = (blocks - 1 - u / cfg.n_head_kv, u % cfg.n_head_kv);
                 let i0 = b * PREFILL_ROWS;
                 let rows = PREFILL_ROWS.min(t - i0);
-                let len = pos + i0 + rows;
+                // Keys from the first one this block's first row sees (a
+                // sliding window hides the older ones from every row).
+                let k0 = first_key(pos + i0, window);
+                let len = pos + i0 + rows - k0;
                 let (scores, rest) = mine.split_at_mut(rows * len);
-                let first = this.kv_index(layer, kvh, 0);
+                let first = this.kv_index(layer, kvh, k0);
                 let (ks, vs) = rest.split_at_mut(rest.len() / 2);
                 let k = kv_k.f32_rows(first, len * hd, ks);
                 let v = kv_v.f32_rows(first, len * hd, vs);
@@ -749,8 +799,12 @@ impl<'m> CpuSession<'m> {
                         );
                     }
                     for (r, row) in scores.chunks_exact_mut(len).enumerate() {
-                        // Causal: position pos + i0 + r sees keys up to itself.
-                        let (seen, future) = row.split_at_mut(pos + i0 + r + 1);
+                        // Causal: position pos + i0 + r sees keys up to
+                        // itself, and within its window.
+                        let p = pos + i0 + r;
+                        let (seen, future) = row.split_at_mut(p + 1 - k0);
+                        let (hidden, seen) = seen.split_at_mut(first_key(p, window) - k0);
+                        hidden.fill(0.0);
                         attention::softmax(seen, isa);
                         future.fill(0.0);
                     }
@@ -784,6 +838,12 @@ impl<'m> CpuSession<'m> {
         };
         self.pool.run(&work);
     }
+}
+
+/// The first key position a query at `pos` sees: within `window` positions
+/// of itself (itself included), or the first.
+fn first_key(pos: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w))
 }
 
 /// Query positions per unit of prefill attention: enough rows for the

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use lorafold_kernels::attention::Row;
 use lorafold_kernels::{Layout, WType, Weights};
 
+use crate::arch::{Role, Width};
 use crate::gguf::{GgufFile, TensorInfo};
 
 /// Where a matrix's blocks are.
@@ -216,11 +217,20 @@ impl Matrix {
     }
 }
 
-/// One transformer block's weights.
+/// One transformer block's weights; the norms only some architectures
+/// have are `Option`s.
 #[derive(Debug)]
 pub struct BlockWeights {
     /// RMSNorm weight before attention.
     pub attn_norm: Vec<f32>,
+    /// RMSNorm weight over each query head.
+    pub q_norm: Option<Vec<f32>>,
+    /// RMSNorm weight over each key head.
+    pub k_norm: Option<Vec<f32>>,
+    /// RMSNorm weight on the attention output.
+    pub post_attn_norm: Option<Vec<f32>>,
+    /// RMSNorm weight on the feed-forward output.
+    pub post_ffn_norm: Option<Vec<f32>>,
     /// Query projection.
     pub q: Matrix,
     /// Key projection.
@@ -288,7 +298,7 @@ impl CpuWeights {
 }
 
 impl CpuWeights {
-    /// Read every weight of a llama-family model from `file` (its
+    /// Read every weight of the model in `file`, by its architecture's parts (its
     /// hyperparameters already checked into `cfg`).
     pub fn load(
         file: Arc<GgufFile>,
@@ -340,20 +350,50 @@ impl CpuWeights {
             Ok(m)
         };
         let (dim, hd) = (cfg.dim, cfg.head_dim);
-        let (q_out, kv_out) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        let width = |w: Width| match w {
+            Width::Hidden => dim,
+            Width::Queries => cfg.n_head * hd,
+            Width::KeyValues => cfg.n_head_kv * hd,
+            Width::HeadDim => hd,
+            Width::Ffn => ffn,
+        };
+        let spec = cfg.spec();
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
+            // The shape rules required every part of the architecture, so a
+            // role it lacks is one it does not have, not a missing tensor.
+            let name = |role: Role| spec.part_for(role).map(|p| format!("blk.{i}.{}", p.gguf));
+            let norm = |role: Role| -> Result<Option<Vec<f32>>, WeightProblem> {
+                name(role)
+                    .map(|n| vector(&format!("{n}.weight"), width(role.dims()[0])))
+                    .transpose()
+            };
+            let required = |role: Role, what: Option<String>| {
+                what.ok_or_else(|| WeightProblem {
+                    tensor: format!("blk.{i}"),
+                    problem: format!("the architecture has no {role:?} part"),
+                })
+            };
+            let proj = |role: Role| -> Result<Matrix, WeightProblem> {
+                let d = role.dims();
+                projection(&required(role, name(role))?, width(d[0]), width(d[1]))
+            };
             blocks.push(BlockWeights {
-                attn_norm: vector(&p("attn_norm.weight"), dim)?,
-                q: projection(&p("attn_q"), dim, q_out)?,
-                k: projection(&p("attn_k"), dim, kv_out)?,
-                v: projection(&p("attn_v"), dim, kv_out)?,
-                o: projection(&p("attn_output"), q_out, dim)?,
-                ffn_norm: vector(&p("ffn_norm.weight"), dim)?,
-                gate: projection(&p("ffn_gate"), dim, ffn)?,
-                up: projection(&p("ffn_up"), dim, ffn)?,
-                down: projection(&p("ffn_down"), ffn, dim)?,
+                attn_norm: required(Role::AttnNorm, name(Role::AttnNorm))
+                    .and_then(|n| vector(&format!("{n}.weight"), dim))?,
+                q_norm: norm(Role::QNorm)?,
+                k_norm: norm(Role::KNorm)?,
+                q: proj(Role::Q)?,
+                k: proj(Role::K)?,
+                v: proj(Role::V)?,
+                o: proj(Role::O)?,
+                post_attn_norm: norm(Role::PostAttnNorm)?,
+                ffn_norm: required(Role::FfnNorm, name(Role::FfnNorm))
+                    .and_then(|n| vector(&format!("{n}.weight"), dim))?,
+                gate: proj(Role::Gate)?,
+                up: proj(Role::Up)?,
+                down: proj(Role::Down)?,
+                post_ffn_norm: norm(Role::PostFfnNorm)?,
             });
         }
         let output = match f.tensor(names::OUTPUT) {

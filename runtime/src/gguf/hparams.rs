@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 
 use super::{names, GgufFile};
+use crate::arch::{ArchSpec, Architecture, Width};
 
 /// A hyperparameter; its GGUF key is `<arch>.` followed by [`HyperKey::suffix`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub enum HyperKey {
     RopeFreqBase,
     /// RMSNorm epsilon.
     RmsEpsilon,
+    /// Positions a local (sliding-window) layer attends to.
+    SlidingWindow,
     /// Vocabulary size.
     VocabSize,
 }
@@ -52,6 +55,7 @@ impl HyperKey {
             HyperKey::RopeDimensionCount => "rope.dimension_count",
             HyperKey::RopeFreqBase => "rope.freq_base",
             HyperKey::RmsEpsilon => "attention.layer_norm_rms_epsilon",
+            HyperKey::SlidingWindow => "attention.sliding_window",
             HyperKey::VocabSize => "vocab_size",
         }
     }
@@ -87,6 +91,8 @@ pub struct Hyperparameters {
     pub rms_norm_eps: Option<f64>,
     /// `<arch>.vocab_size`
     pub vocab_size: Option<u64>,
+    /// `<arch>.attention.sliding_window`
+    pub sliding_window: Option<u64>,
 }
 
 impl Hyperparameters {
@@ -106,6 +112,7 @@ impl Hyperparameters {
             rope_freq_base: real(HyperKey::RopeFreqBase),
             rms_norm_eps: real(HyperKey::RmsEpsilon),
             vocab_size: int(HyperKey::VocabSize),
+            sliding_window: int(HyperKey::SlidingWindow),
         }
     }
 
@@ -124,7 +131,7 @@ impl Hyperparameters {
 }
 
 /// A hyperparameter that tensor shapes follow from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShapeSetting {
     /// Blocks.
     Layers,
@@ -151,10 +158,12 @@ pub enum ShapeOrder {
     Ggml,
 }
 
-/// The hyperparameters of a llama-family model that fix its tensors'
-/// shapes, each with the name its file gives it (for errors).
+/// The hyperparameters of a model that fix its tensors' shapes, each with
+/// the name its file gives it (for errors), and the architecture whose
+/// block parts they shape.
 #[derive(Debug, Clone)]
 pub struct ShapeRules {
+    spec: &'static ArchSpec,
     values: [u64; 7],
     names: [String; 7],
 }
@@ -162,12 +171,17 @@ pub struct ShapeRules {
 impl ShapeRules {
     /// Values and names in [`ShapeSetting`] order: layers, hidden, heads,
     /// key/value heads, head width, feed-forward width, vocabulary.
-    pub fn new(values: [u64; 7], names: [String; 7]) -> ShapeRules {
-        ShapeRules { values, names }
+    pub fn new(arch: Architecture, values: [u64; 7], names: [String; 7]) -> ShapeRules {
+        ShapeRules {
+            spec: arch.spec(),
+            values,
+            names,
+        }
     }
 
     /// Rules named by GGUF keys (`llama.block_count`, ...), for a GGUF model.
-    pub fn gguf(arch: &str, values: [u64; 7]) -> ShapeRules {
+    pub fn gguf(arch: Architecture, values: [u64; 7]) -> ShapeRules {
+        let name = arch.gguf_name();
         let keys = [
             HyperKey::BlockCount,
             HyperKey::EmbeddingLength,
@@ -177,7 +191,7 @@ impl ShapeRules {
             HyperKey::FeedForwardLength,
             HyperKey::VocabSize,
         ];
-        ShapeRules::new(values, keys.map(|k| k.key(arch)))
+        ShapeRules::new(arch, values, keys.map(|k| k.key(name)))
     }
 
     fn get(&self, s: ShapeSetting) -> u64 {
@@ -193,14 +207,24 @@ impl ShapeRules {
             .join(" and ")
     }
 
+    /// A width's value and the settings that make it.
+    fn width(&self, w: Width) -> (u64, Vec<ShapeSetting>) {
+        use ShapeSetting::*;
+        let hd = self.get(HeadDim);
+        match w {
+            Width::Hidden => (self.get(Hidden), vec![Hidden]),
+            Width::Queries => (self.get(Heads).saturating_mul(hd), vec![Heads, HeadDim]),
+            Width::KeyValues => (self.get(KvHeads).saturating_mul(hd), vec![KvHeads, HeadDim]),
+            Width::HeadDim => (hd, vec![HeadDim]),
+            Width::Ffn => (self.get(Ffn), vec![Ffn]),
+        }
+    }
+
     /// The ggml dims (ne) of GGUF tensor `name` and the settings that give
     /// them, for the tensors whose shape the hyperparameters fix.
     fn expected(&self, name: &str) -> Option<(Vec<u64>, Vec<ShapeSetting>)> {
         use ShapeSetting::*;
         let h = self.get(Hidden);
-        let q = self.get(Heads).saturating_mul(self.get(HeadDim));
-        let kv = self.get(KvHeads).saturating_mul(self.get(HeadDim));
-        let f = self.get(Ffn);
         let (dims, settings) = match name {
             names::TOKEN_EMBD | names::OUTPUT => (vec![h, self.get(Vocab)], vec![Hidden, Vocab]),
             names::OUTPUT_NORM => (vec![h], vec![Hidden]),
@@ -208,19 +232,22 @@ impl ShapeRules {
             _ => {
                 let mut it = name.strip_prefix("blk.")?.splitn(3, '.');
                 let (_, part, suffix) = (it.next()?, it.next()?, it.next()?);
-                let (dims, settings) = match part {
-                    "attn_norm" | "ffn_norm" => (vec![h], vec![Hidden]),
-                    "attn_q" => (vec![h, q], vec![Hidden, Heads, HeadDim]),
-                    "attn_k" | "attn_v" => (vec![h, kv], vec![Hidden, KvHeads, HeadDim]),
-                    "attn_output" => (vec![q, h], vec![Heads, HeadDim, Hidden]),
-                    "ffn_gate" | "ffn_up" => (vec![h, f], vec![Hidden, Ffn]),
-                    "ffn_down" => (vec![f, h], vec![Ffn, Hidden]),
-                    _ => return None,
-                };
+                let role = self.spec.part(part)?.role;
+                let mut dims = Vec::new();
+                let mut settings = Vec::new();
+                for &w in role.dims() {
+                    let (v, s) = self.width(w);
+                    dims.push(v);
+                    for s in s {
+                        if !settings.contains(&s) {
+                            settings.push(s);
+                        }
+                    }
+                }
                 match suffix {
                     "weight" => (dims, settings),
                     // A bias has one value per output row.
-                    "bias" => (dims[dims.len() - 1..].to_vec(), settings),
+                    "bias" if !role.is_norm() => (dims[dims.len() - 1..].to_vec(), settings),
                     _ => return None,
                 }
             }
@@ -282,9 +309,10 @@ impl ShapeRules {
         // Stops at the first gap, so a huge layer count costs no more than the
         // tensors present.
         let per_layer = (0..layers).flat_map(|l| {
-            names::BLOCK_PARTS
+            self.spec
+                .parts
                 .iter()
-                .map(move |(part, _)| format!("blk.{l}.{part}.weight"))
+                .map(move |p| format!("blk.{l}.{}.weight", p.gguf))
         });
         for name in required.chain(per_layer) {
             if !present.contains(name.as_str()) {

@@ -1,5 +1,5 @@
 //! The GGUF vocabulary lorafold reads and writes, spelled once: the tensor
-//! names every llama-family model has, the metadata keys the loader, the
+//! names every model has (block parts are each architecture's: `crate::arch`), the metadata keys the loader, the
 //! converter and inspect share, and llama.cpp's LoRA adapter layout.
 
 /// The token embedding, `[dim, vocab]`.
@@ -10,20 +10,6 @@ pub const OUTPUT: &str = "output.weight";
 pub const OUTPUT_NORM: &str = "output_norm.weight";
 /// Per-dimension RoPE frequency factors (llama 3 scaling), `[head_dim / 2]`.
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
-
-/// The tensors of every block `blk.N.<part>.weight`: llama.cpp's part name
-/// and the Hugging Face module it comes from, in llama.cpp's order.
-pub const BLOCK_PARTS: [(&str, &str); 9] = [
-    ("attn_norm", "input_layernorm"),
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-];
 
 /// The architecture (`llama`, `qwen2`, ...); the prefix of hyperparameters.
 pub const ARCHITECTURE: &str = "general.architecture";
