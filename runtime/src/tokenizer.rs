@@ -177,6 +177,7 @@ impl Tokenizer {
             "<|eot_id|>",
             "<|endoftext|>",
             "<|end_of_text|>",
+            "<end_of_turn>",
         ] {
             if let Some(i) = tokens.iter().position(|x| x == t) {
                 stop_ids.push(i as u32);
