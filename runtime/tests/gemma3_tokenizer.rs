@@ -178,3 +178,29 @@ fn builds_in_reasonable_time() {
     let limit = if cfg!(debug_assertions) { 10.0 } else { 1.0 };
     assert!(took.as_secs_f64() < limit, "{took:?}");
 }
+
+/// Text the reference data does not cover (whitespace runs, CRLF, control
+/// and user-defined tokens in text, broken special-token text, scripts,
+/// emoji, unassigned code points, literal "▁", and random mixes of them),
+/// encoded as llama.cpp encodes it (`tests/data/gemma3_llama_cpp_ids.json`,
+/// made with llama_tokenize(add_special, parse_special) on the same GGUF);
+/// and every text but the one with a literal "▁" decodes back to itself.
+#[test]
+fn encodes_as_llama_cpp() {
+    let tok = tokenizer();
+    let fixture = json(PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/gemma3_llama_cpp_ids.json"
+    )));
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 41);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        let got = tok.encode(text).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        if !text.contains('\u{2581}') {
+            assert_eq!(tok.decode(&got[1..]).unwrap(), text);
+        }
+    }
+}
