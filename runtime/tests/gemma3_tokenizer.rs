@@ -30,7 +30,9 @@ fn gemma3() -> PathBuf {
 fn data() -> PathBuf {
     let root = std::env::var_os("LORAFOLD_SHARED_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data")));
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data"))
+        });
     let dir = root.join("gemma3-adapters");
     assert!(
         dir.join("robot/reference.json").is_file(),
@@ -89,7 +91,10 @@ fn eval_lines_encode_as_the_hf_tokenizer() {
         assert_eq!(tok.encode(line).unwrap(), want, "{line:?}");
         tokens += want.len() - 1;
     }
-    assert_eq!(tokens as u64, reference["eval_tokens_scored"].as_u64().unwrap());
+    assert_eq!(
+        tokens as u64,
+        reference["eval_tokens_scored"].as_u64().unwrap()
+    );
 }
 
 #[test]
@@ -102,7 +107,10 @@ fn prompts_encode_and_answers_decode_as_the_hf_tokenizer() {
         tok.encode(p["text"].as_str().unwrap()).unwrap(),
         ids(&p["input_ids"])
     );
-    assert_eq!(ids(&p["input_ids"]), [2, 236935, 236787, 8922, 16432, 236881, 562, 236787]);
+    assert_eq!(
+        ids(&p["input_ids"]),
+        [2, 236935, 236787, 8922, 16432, 236881, 562, 236787]
+    );
     let prompts = reference["greedy"]["prompts"].as_array().unwrap();
     assert_eq!(prompts.len(), 2);
     let mut answers = 0;
@@ -145,7 +153,8 @@ fn specials_newlines_and_byte_fallback() {
     let tok = tokenizer();
     // <start_of_turn> 105, "user" 2364, "\n" 107, "Hi" 10979, <end_of_turn> 106.
     assert_eq!(
-        tok.encode("<start_of_turn>user\nHi<end_of_turn>\n").unwrap(),
+        tok.encode("<start_of_turn>user\nHi<end_of_turn>\n")
+            .unwrap(),
         [2, 105, 2364, 107, 10979, 106, 107]
     );
     // No space prefix: "Hi" at the start, " Hi" after a space.
