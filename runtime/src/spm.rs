@@ -18,9 +18,10 @@ pub struct SpmVocab {
     specials: Vec<(String, u32)>,
     /// Prepend a space to text at the start or after a special token.
     pub add_space_prefix: bool,
-    /// No token has "▁" after another character, so none spans a space
-    /// that follows a non-space: text may be cut before such a space.
-    cuts_at_spaces: bool,
+    /// The characters some token has just before a "▁" (sorted; "▁" itself
+    /// for "▁▁"): text may be cut before a space that follows any other
+    /// character, since no token can span that space and what precedes it.
+    space_joiners: Vec<char>,
 }
 
 #[derive(Clone, Copy)]
@@ -78,12 +79,18 @@ impl SpmVocab {
             .map(|(i, _)| (tokens[i].clone(), i as u32))
             .collect();
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-        let cuts_at_spaces = !tokens.iter().any(|t| {
-            t.char_indices()
-                .any(|(i, c)| c != '\u{2581}' && t[i + c.len_utf8()..].starts_with('\u{2581}'))
-        });
+        let mut space_joiners: Vec<char> = tokens
+            .iter()
+            .flat_map(|t| {
+                t.char_indices()
+                    .filter(|&(i, c)| t[i + c.len_utf8()..].starts_with('\u{2581}'))
+                    .map(|(_, c)| c)
+            })
+            .collect();
+        space_joiners.sort_unstable();
+        space_joiners.dedup();
         SpmVocab {
-            cuts_at_spaces,
+            space_joiners,
             tokens,
             scores,
             index,
@@ -95,7 +102,7 @@ impl SpmVocab {
 
     /// The ids of `text` handed to `each` a piece at a time: text between
     /// special tokens is cut, after at least `piece_bytes`, before a space
-    /// that follows a non-space (when no token spans one), so the pieces
+    /// that follows a character no token has before a "▁", so the pieces
     /// tokenize as the whole does. `each` returns false to stop. A piece
     /// over [`crate::tokenizer::MAX_UNCUT_BYTES`] is refused.
     pub(crate) fn encode_in(
@@ -162,15 +169,18 @@ impl SpmVocab {
     fn cuts(&self, raw: &str, piece_bytes: usize) -> Vec<usize> {
         let mut cuts = Vec::new();
         let mut last = 0;
-        if self.cuts_at_spaces {
-            let mut prev = None;
-            for (at, c) in raw.char_indices() {
-                if c == ' ' && prev.is_some_and(|p| p != ' ') && at - last >= piece_bytes {
-                    cuts.push(at);
-                    last = at;
-                }
-                prev = Some(c);
+        let mut prev = None;
+        for (at, c) in raw.char_indices() {
+            // The text's spaces become "▁" before tokenizing.
+            let joins = |p: char| {
+                let p = if p == ' ' { '\u{2581}' } else { p };
+                self.space_joiners.binary_search(&p).is_ok()
+            };
+            if c == ' ' && at - last >= piece_bytes && prev.is_some_and(|p| !joins(p)) {
+                cuts.push(at);
+                last = at;
             }
+            prev = Some(c);
         }
         if last < raw.len() {
             cuts.push(raw.len());
@@ -386,8 +396,34 @@ mod tests {
         let (cut, many) = each(&v, 1);
         assert_eq!(cut, whole);
         assert!(many > few + 300, "{many} pieces, {few} whole");
+        // A token across "c " keeps that space from being a cut, and only
+        // that one.
         let spanning = vocab(&["c\u{2581}a"]);
-        assert!(!spanning.cuts_at_spaces);
-        assert_eq!(each(&spanning, 1), each(&spanning, usize::MAX));
+        assert_eq!(spanning.space_joiners, ['c', '\u{2581}']);
+        let (whole, few) = each(&spanning, usize::MAX);
+        let (cut, many) = each(&spanning, 1);
+        assert_eq!(cut, whole);
+        assert!(many > few + 250, "{many} pieces, {few} whole");
+        let ids = |v: &SpmVocab, text: &str, piece_bytes| {
+            let mut ids = Vec::new();
+            v.encode_in(text, piece_bytes, &mut |p| {
+                ids.extend_from_slice(p);
+                true
+            })
+            .unwrap();
+            ids
+        };
+        let c_a = spanning.len() as u32 - 257;
+        let text = "c a1 ab c ab1 a".repeat(20);
+        assert_eq!(ids(&spanning, &text, 1), ids(&spanning, &text, usize::MAX));
+        assert_eq!(
+            ids(&spanning, &text, 1).iter().filter(|&&i| i == c_a).count(),
+            20
+        );
+        // A literal "▁" in the text stands for a space, so "▁ " is no cut
+        // where "▁▁" is a token.
+        let marks = "a\u{2581} 1".repeat(20);
+        assert_eq!(ids(&v, &marks, 1), ids(&v, &marks, usize::MAX));
+        assert_eq!(ids(&v, &marks, 1).iter().filter(|&&i| i == 14).count(), 20);
     }
 }

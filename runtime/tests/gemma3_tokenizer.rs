@@ -202,7 +202,7 @@ fn encodes_as_llama_cpp() {
         "/tests/data/gemma3_llama_cpp_ids.json"
     )));
     let cases = fixture["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 41);
+    assert_eq!(cases.len(), 42);
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let want = ids(&case["ids"]);
@@ -212,4 +212,39 @@ fn encodes_as_llama_cpp() {
             assert_eq!(tok.decode(&got[1..]).unwrap(), text);
         }
     }
+    // The last text, 12 kB with no newline, was tokenized in pieces:
+    // Gemma's one token with a "▁" after another character (">▁</") does
+    // not keep every space from being a cut.
+    let long = cases[41]["text"].as_str().unwrap();
+    assert!(long.len() >= 12000 && !long.contains('\n'));
+    let mut pieces = 0;
+    tok.encode_pieces(long, &mut |_| {
+        pieces += 1;
+        true
+    })
+    .unwrap();
+    assert!(pieces >= 4, "{pieces} pieces");
+}
+
+/// A paragraph longer than a piece may be when uncut
+/// (`MAX_UNCUT_BYTES`) and with no newline is tokenized, not refused.
+#[test]
+fn long_paragraph_is_cut_not_refused() {
+    let tok = tokenizer();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(8000);
+    assert!(text.len() > lorafold_runtime::tokenizer::MAX_UNCUT_BYTES);
+    let start = Instant::now();
+    let ids = tok.encode(&text).unwrap();
+    eprintln!("encode {} bytes: {:?}", text.len(), start.elapsed());
+    // As llama.cpp has it: "The" (818) first, "▁The" (669) after, and
+    // the last space alone (236743).
+    let rest = [3823, 8864, 37423, 38167, 1024, 506, 31770, 4799, 236761];
+    let mut want = vec![2, 818];
+    want.extend(rest);
+    for _ in 1..8000 {
+        want.push(669);
+        want.extend(rest);
+    }
+    want.push(236743);
+    assert_eq!(ids, want);
 }
