@@ -5,6 +5,8 @@
 
 use std::collections::{BinaryHeap, HashMap};
 
+use aho_corasick::{AhoCorasick, MatchKind};
+
 use crate::tokenizer::{check_piece, TokenizeError};
 
 /// The vocabulary with scores.
@@ -14,8 +16,12 @@ pub struct SpmVocab {
     scores: Vec<f32>,
     index: HashMap<String, u32>,
     bytes: [Option<u32>; 256],
-    /// Control and user-defined tokens, matched whole in the input (longest first).
+    /// Control and user-defined tokens, matched whole in the input.
     specials: Vec<(String, u32)>,
+    /// Finds `specials` in text, leftmost then longest; its pattern ids
+    /// index `specials`. One pass over the text however many there are
+    /// (Gemma has 6,414).
+    matcher: AhoCorasick,
     /// Prepend a space to text at the start or after a special token.
     pub add_space_prefix: bool,
     /// The characters some token has just before a "▁" (sorted; "▁" itself
@@ -56,13 +62,15 @@ impl PartialOrd for Bigram {
 }
 
 impl SpmVocab {
-    /// Build from tokens, scores and token types (llama.cpp's: 3 control, 4 user-defined).
+    /// Build from tokens, scores and token types (llama.cpp's: 3 control,
+    /// 4 user-defined); the error says why the special tokens' matcher
+    /// could not be built.
     pub fn new(
         tokens: Vec<String>,
         scores: Vec<f32>,
         types: &[i64],
         add_space_prefix: bool,
-    ) -> SpmVocab {
+    ) -> Result<SpmVocab, String> {
         let index: HashMap<String, u32> = tokens
             .iter()
             .enumerate()
@@ -79,6 +87,10 @@ impl SpmVocab {
             .map(|(i, _)| (tokens[i].clone(), i as u32))
             .collect();
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(specials.iter().map(|s| s.0.as_bytes()))
+            .map_err(|e| e.to_string())?;
         let mut space_joiners: Vec<char> = tokens
             .iter()
             .flat_map(|t| {
@@ -89,15 +101,16 @@ impl SpmVocab {
             .collect();
         space_joiners.sort_unstable();
         space_joiners.dedup();
-        SpmVocab {
+        Ok(SpmVocab {
             space_joiners,
             tokens,
             scores,
             index,
             bytes,
             specials,
+            matcher,
             add_space_prefix,
-        }
+        })
     }
 
     /// The ids of `text` handed to `each` a piece at a time: text between
@@ -112,34 +125,21 @@ impl SpmVocab {
         each: &mut dyn FnMut(&[u32]) -> bool,
     ) -> Result<(), TokenizeError> {
         let mut out = Vec::new();
-        let mut prev_special = true;
         let mut offset = 0;
-        // Where each special token next occurs at or after `offset`: searched
-        // again only once passed, so the scan stays linear in the text.
-        let mut next: Vec<Option<usize>> = self
-            .specials
-            .iter()
-            .map(|(s, _)| text.find(s.as_str()))
-            .collect();
-        while offset < text.len() {
-            for (n, (s, _)) in next.iter_mut().zip(&self.specials) {
-                if n.is_some_and(|at| at < offset) {
-                    *n = text[offset..].find(s.as_str()).map(|at| offset + at);
-                }
-            }
-            // The next special token, earliest then longest.
-            let found = next
-                .iter()
-                .zip(&self.specials)
-                .filter_map(|(n, (s, id))| n.map(|at| (at, s.len(), *id)))
-                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            let raw_end = found.map_or(text.len(), |f| f.0);
+        // Raw text runs to the next special token (earliest, then longest,
+        // as llama.cpp's partition finds them), then the token; raw text
+        // always follows the start or a special token, so it is where a
+        // space is prefixed.
+        let mut found = self.matcher.find_iter(text);
+        loop {
+            let special = found.next();
+            let raw_end = special.as_ref().map_or(text.len(), |m| m.start());
             let raw = &text[offset..raw_end];
             let mut start = 0;
             for end in self.cuts(raw, piece_bytes) {
                 check_piece(offset + start, end - start)?;
                 let mut t = String::new();
-                if self.add_space_prefix && prev_special && start == 0 {
+                if self.add_space_prefix && start == 0 {
                     t.push(' ');
                 }
                 t.push_str(&raw[start..end]);
@@ -150,18 +150,16 @@ impl SpmVocab {
                 }
                 out.clear();
             }
-            match found {
-                Some((at, len, id)) => {
-                    if !each(&[id]) {
+            match special {
+                Some(m) => {
+                    if !each(&[self.specials[m.pattern().as_usize()].1]) {
                         return Ok(());
                     }
-                    prev_special = true;
-                    offset = at + len;
+                    offset = m.end();
                 }
-                None => break,
+                None => return Ok(()),
             }
         }
-        Ok(())
     }
 
     /// Where `raw` may be cut into pieces of at least `piece_bytes`, and its
@@ -371,7 +369,7 @@ mod tests {
         let types: Vec<i64> = (0..tokens.len())
             .map(|i| if i == 1 || i == 2 { 3 } else { 1 })
             .collect();
-        SpmVocab::new(tokens, scores, &types, true)
+        SpmVocab::new(tokens, scores, &types, true).unwrap()
     }
 
     /// Cut before every space that follows a non-space, text tokenizes as
@@ -417,7 +415,10 @@ mod tests {
         let text = "c a1 ab c ab1 a".repeat(20);
         assert_eq!(ids(&spanning, &text, 1), ids(&spanning, &text, usize::MAX));
         assert_eq!(
-            ids(&spanning, &text, 1).iter().filter(|&&i| i == c_a).count(),
+            ids(&spanning, &text, 1)
+                .iter()
+                .filter(|&&i| i == c_a)
+                .count(),
             20
         );
         // A literal "▁" in the text stands for a space, so "▁ " is no cut

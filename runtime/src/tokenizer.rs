@@ -171,12 +171,15 @@ impl Tokenizer {
                     .get(names::TOKENIZER_ADD_SPACE_PREFIX)
                     .and_then(|v| v.as_bool())
                     .unwrap_or(true);
-                Backend::Spm(Box::new(SpmVocab::new(
-                    tokens.iter().map(|t| t.to_string()).collect(),
-                    scores,
-                    &types,
-                    prefix,
-                )))
+                Backend::Spm(Box::new(
+                    SpmVocab::new(
+                        tokens.iter().map(|t| t.to_string()).collect(),
+                        scores,
+                        &types,
+                        prefix,
+                    )
+                    .map_err(err)?,
+                ))
             }
         };
         // Text a SentencePiece vocabulary without byte tokens cannot spell
