@@ -616,4 +616,57 @@ mod tests {
         assert_eq!(spm_space_prefix(&tok), Some(false));
         assert_eq!(spm_space_prefix(&json!({"normalizer": null})), None);
     }
+
+    /// Gemma 3's own vocabulary through tokenizer.json and back: the
+    /// folder `$LORAFOLD_GEMMA3_HF` (a tokenizer.json rebuilt from the GGUF
+    /// as HF's SpmConverter builds one, by
+    /// `runtime/tests/data/gemma3_tokenizer_json.py`) converts to the
+    /// GGUF's tokens and types, and tokenizes the llama.cpp fixture texts
+    /// as the GGUF `$LORAFOLD_GEMMA3` does. Ignored: it needs both files.
+    #[test]
+    #[ignore]
+    fn gemma3_tokenizer_json_tokenizes_as_its_gguf() {
+        let var = |k: &str| std::path::PathBuf::from(std::env::var_os(k).expect(k));
+        let gguf = GgufFile::open(var("LORAFOLD_GEMMA3")).unwrap();
+        let want = Tokenizer::from_gguf(&gguf).unwrap();
+        let n = 262144u64;
+        let md = gguf_metadata(&var("LORAFOLD_GEMMA3_HF"), n)
+            .unwrap()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let mut w = GgufWriter::new(&path);
+        for (k, v) in &md {
+            w.add_metadata(k, v).unwrap();
+        }
+        w.start().unwrap().finish().unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        let ours = TokenizerMetadata::read(|k| file.get(k), Some(n)).unwrap();
+        let theirs = TokenizerMetadata::read(|k| gguf.get(k), Some(n)).unwrap();
+        assert_eq!(ours.tokens, theirs.tokens);
+        assert_eq!(ours.types, theirs.types);
+        let got = Tokenizer::from_gguf(&file).unwrap();
+        assert_eq!(
+            (got.bos, got.eos, got.add_bos),
+            (want.bos, want.eos, want.add_bos)
+        );
+        let fixture: Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../runtime/tests/data/gemma3_llama_cpp_ids.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        for case in fixture["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ids: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(got.encode(text).unwrap(), ids, "{text:?}");
+        }
+    }
 }
