@@ -6,6 +6,9 @@
 use std::collections::{BinaryHeap, HashMap};
 
 use aho_corasick::{AhoCorasick, MatchKind};
+use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::DefaultHashBuilder;
+use std::hash::BuildHasher;
 
 use crate::tokenizer::{check_piece, TokenizeError};
 
@@ -14,7 +17,10 @@ use crate::tokenizer::{check_piece, TokenizeError};
 pub struct SpmVocab {
     tokens: Vec<String>,
     scores: Vec<f32>,
-    index: HashMap<String, u32>,
+    /// Token ids by their text, hashed by `hasher`: ids only, so that the
+    /// text is not held twice (262,144 strings for Gemma).
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     bytes: [Option<u32>; 256],
     /// Control and user-defined tokens, matched whole in the input.
     specials: Vec<(String, u32)>,
@@ -71,14 +77,30 @@ impl SpmVocab {
         types: &[i64],
         add_space_prefix: bool,
     ) -> Result<SpmVocab, String> {
-        let index: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let hasher = DefaultHashBuilder::default();
+        let mut index = HashTable::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            let hash = |id: &u32| hasher.hash_one(tokens[*id as usize].as_str());
+            // The last of two alike wins, as it did in a map.
+            match index.entry(
+                hasher.hash_one(t.as_str()),
+                |id| tokens[*id as usize] == *t,
+                hash,
+            ) {
+                Entry::Occupied(mut e) => *e.get_mut() = i as u32,
+                Entry::Vacant(e) => {
+                    e.insert(i as u32);
+                }
+            }
+        }
+        let find = |text: &str| {
+            index
+                .find(hasher.hash_one(text), |id| tokens[*id as usize] == text)
+                .copied()
+        };
         let mut bytes = [None; 256];
         for (b, slot) in bytes.iter_mut().enumerate() {
-            *slot = index.get(&format!("<0x{b:02X}>")).copied();
+            *slot = find(&format!("<0x{b:02X}>"));
         }
         let mut specials: Vec<(String, u32)> = types
             .iter()
@@ -106,6 +128,7 @@ impl SpmVocab {
             tokens,
             scores,
             index,
+            hasher,
             bytes,
             specials,
             matcher,
@@ -267,7 +290,7 @@ impl SpmVocab {
         }
         let (l, r) = (l as usize, r as usize);
         let piece = &text[symbols[l].start..symbols[l].start + symbols[l].n + symbols[r].n];
-        if let Some(&id) = self.index.get(piece) {
+        if let Some(id) = self.id(piece) {
             queue.push(Bigram {
                 left: l,
                 right: r,
@@ -288,7 +311,7 @@ impl SpmVocab {
     ) {
         let s = symbols[i];
         let piece = &text[s.start..s.start + s.n];
-        if let Some(&id) = self.index.get(piece) {
+        if let Some(id) = self.id(piece) {
             out.push(id);
             return;
         }
@@ -323,6 +346,15 @@ impl SpmVocab {
             (true, Some(rest)) => rest.to_string(),
             _ => s,
         }
+    }
+
+    /// The id of the token whose text is `text`.
+    fn id(&self, text: &str) -> Option<u32> {
+        self.index
+            .find(self.hasher.hash_one(text), |id| {
+                self.tokens[*id as usize] == text
+            })
+            .copied()
     }
 
     /// Whether every byte has its token (`<0xXX>`), so that no text is
