@@ -108,7 +108,9 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     /// Build from `tokenizer.ggml.*`: byte-level BPE ("gpt2") with the
-    /// pre-tokenizers of llama3, qwen2, smollm and gpt-2, or SentencePiece ("llama").
+    /// pre-tokenizers of llama3, qwen2, smollm and gpt-2 (under every name
+    /// llama.cpp gives them: `PRE_TOKENIZERS`), or SentencePiece ("llama":
+    /// Llama 2, Gemma).
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let err = |problem: String| TokenizerError {
             path: file.path().to_path_buf(),
@@ -457,7 +459,7 @@ impl<'a> TokenizerMetadata<'a> {
         };
         // Two ids for one text: encoding could give only one of them, and
         // llama.cpp asserts on it.
-        let mut seen = std::collections::HashMap::with_capacity(n);
+        let mut seen = hashbrown::HashMap::with_capacity(n);
         for (id, t) in tokens.iter().enumerate() {
             if let Some(first) = seen.insert(t.as_ref(), id) {
                 return Err(format!(
@@ -467,6 +469,8 @@ impl<'a> TokenizerMetadata<'a> {
                 ));
             }
         }
+        // It borrows the tokens, which are moved out below.
+        drop(seen);
         for kind in SPECIAL_KINDS {
             let key = names::special_token_id(kind);
             if let Some(v) = get(&key)
