@@ -5,6 +5,11 @@
 
 use std::collections::{BinaryHeap, HashMap};
 
+use aho_corasick::{AhoCorasick, MatchKind};
+use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::DefaultHashBuilder;
+use std::hash::BuildHasher;
+
 use crate::tokenizer::{check_piece, TokenizeError};
 
 /// The vocabulary with scores.
@@ -12,15 +17,23 @@ use crate::tokenizer::{check_piece, TokenizeError};
 pub struct SpmVocab {
     tokens: Vec<String>,
     scores: Vec<f32>,
-    index: HashMap<String, u32>,
+    /// Token ids by their text, hashed by `hasher`: ids only, so that the
+    /// text is not held twice (262,144 strings for Gemma).
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     bytes: [Option<u32>; 256],
-    /// Control and user-defined tokens, matched whole in the input (longest first).
+    /// Control and user-defined tokens, matched whole in the input.
     specials: Vec<(String, u32)>,
+    /// Finds `specials` in text, leftmost then longest; its pattern ids
+    /// index `specials`. One pass over the text however many there are
+    /// (Gemma has 6,414).
+    matcher: AhoCorasick,
     /// Prepend a space to text at the start or after a special token.
     pub add_space_prefix: bool,
-    /// No token has "▁" after another character, so none spans a space
-    /// that follows a non-space: text may be cut before such a space.
-    cuts_at_spaces: bool,
+    /// The characters some token has just before a "▁" (sorted; "▁" itself
+    /// for "▁▁"): text may be cut before a space that follows any other
+    /// character, since no token can span that space and what precedes it.
+    space_joiners: Vec<char>,
 }
 
 #[derive(Clone, Copy)]
@@ -55,21 +68,39 @@ impl PartialOrd for Bigram {
 }
 
 impl SpmVocab {
-    /// Build from tokens, scores and token types (llama.cpp's: 3 control, 4 user-defined).
+    /// Build from tokens, scores and token types (llama.cpp's: 3 control,
+    /// 4 user-defined); the error says why the special tokens' matcher
+    /// could not be built.
     pub fn new(
         tokens: Vec<String>,
         scores: Vec<f32>,
         types: &[i64],
         add_space_prefix: bool,
-    ) -> SpmVocab {
-        let index: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+    ) -> Result<SpmVocab, String> {
+        let hasher = DefaultHashBuilder::default();
+        let mut index = HashTable::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            let hash = |id: &u32| hasher.hash_one(tokens[*id as usize].as_str());
+            // The last of two alike wins, as it did in a map.
+            match index.entry(
+                hasher.hash_one(t.as_str()),
+                |id| tokens[*id as usize] == *t,
+                hash,
+            ) {
+                Entry::Occupied(mut e) => *e.get_mut() = i as u32,
+                Entry::Vacant(e) => {
+                    e.insert(i as u32);
+                }
+            }
+        }
+        let find = |text: &str| {
+            index
+                .find(hasher.hash_one(text), |id| tokens[*id as usize] == text)
+                .copied()
+        };
         let mut bytes = [None; 256];
         for (b, slot) in bytes.iter_mut().enumerate() {
-            *slot = index.get(&format!("<0x{b:02X}>")).copied();
+            *slot = find(&format!("<0x{b:02X}>"));
         }
         let mut specials: Vec<(String, u32)> = types
             .iter()
@@ -78,24 +109,36 @@ impl SpmVocab {
             .map(|(i, _)| (tokens[i].clone(), i as u32))
             .collect();
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-        let cuts_at_spaces = !tokens.iter().any(|t| {
-            t.char_indices()
-                .any(|(i, c)| c != '\u{2581}' && t[i + c.len_utf8()..].starts_with('\u{2581}'))
-        });
-        SpmVocab {
-            cuts_at_spaces,
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(specials.iter().map(|s| s.0.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        let mut space_joiners: Vec<char> = tokens
+            .iter()
+            .flat_map(|t| {
+                t.char_indices()
+                    .filter(|&(i, c)| t[i + c.len_utf8()..].starts_with('\u{2581}'))
+                    .map(|(_, c)| c)
+            })
+            .collect();
+        space_joiners.sort_unstable();
+        space_joiners.dedup();
+        Ok(SpmVocab {
+            space_joiners,
             tokens,
             scores,
             index,
+            hasher,
             bytes,
             specials,
+            matcher,
             add_space_prefix,
-        }
+        })
     }
 
     /// The ids of `text` handed to `each` a piece at a time: text between
     /// special tokens is cut, after at least `piece_bytes`, before a space
-    /// that follows a non-space (when no token spans one), so the pieces
+    /// that follows a character no token has before a "▁", so the pieces
     /// tokenize as the whole does. `each` returns false to stop. A piece
     /// over [`crate::tokenizer::MAX_UNCUT_BYTES`] is refused.
     pub(crate) fn encode_in(
@@ -105,34 +148,21 @@ impl SpmVocab {
         each: &mut dyn FnMut(&[u32]) -> bool,
     ) -> Result<(), TokenizeError> {
         let mut out = Vec::new();
-        let mut prev_special = true;
         let mut offset = 0;
-        // Where each special token next occurs at or after `offset`: searched
-        // again only once passed, so the scan stays linear in the text.
-        let mut next: Vec<Option<usize>> = self
-            .specials
-            .iter()
-            .map(|(s, _)| text.find(s.as_str()))
-            .collect();
-        while offset < text.len() {
-            for (n, (s, _)) in next.iter_mut().zip(&self.specials) {
-                if n.is_some_and(|at| at < offset) {
-                    *n = text[offset..].find(s.as_str()).map(|at| offset + at);
-                }
-            }
-            // The next special token, earliest then longest.
-            let found = next
-                .iter()
-                .zip(&self.specials)
-                .filter_map(|(n, (s, id))| n.map(|at| (at, s.len(), *id)))
-                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            let raw_end = found.map_or(text.len(), |f| f.0);
+        // Raw text runs to the next special token (earliest, then longest,
+        // as llama.cpp's partition finds them), then the token; raw text
+        // always follows the start or a special token, so it is where a
+        // space is prefixed.
+        let mut found = self.matcher.find_iter(text);
+        loop {
+            let special = found.next();
+            let raw_end = special.as_ref().map_or(text.len(), |m| m.start());
             let raw = &text[offset..raw_end];
             let mut start = 0;
             for end in self.cuts(raw, piece_bytes) {
                 check_piece(offset + start, end - start)?;
                 let mut t = String::new();
-                if self.add_space_prefix && prev_special && start == 0 {
+                if self.add_space_prefix && start == 0 {
                     t.push(' ');
                 }
                 t.push_str(&raw[start..end]);
@@ -143,18 +173,16 @@ impl SpmVocab {
                 }
                 out.clear();
             }
-            match found {
-                Some((at, len, id)) => {
-                    if !each(&[id]) {
+            match special {
+                Some(m) => {
+                    if !each(&[self.specials[m.pattern().as_usize()].1]) {
                         return Ok(());
                     }
-                    prev_special = true;
-                    offset = at + len;
+                    offset = m.end();
                 }
-                None => break,
+                None => return Ok(()),
             }
         }
-        Ok(())
     }
 
     /// Where `raw` may be cut into pieces of at least `piece_bytes`, and its
@@ -162,15 +190,18 @@ impl SpmVocab {
     fn cuts(&self, raw: &str, piece_bytes: usize) -> Vec<usize> {
         let mut cuts = Vec::new();
         let mut last = 0;
-        if self.cuts_at_spaces {
-            let mut prev = None;
-            for (at, c) in raw.char_indices() {
-                if c == ' ' && prev.is_some_and(|p| p != ' ') && at - last >= piece_bytes {
-                    cuts.push(at);
-                    last = at;
-                }
-                prev = Some(c);
+        let mut prev = None;
+        for (at, c) in raw.char_indices() {
+            // The text's spaces become "▁" before tokenizing.
+            let joins = |p: char| {
+                let p = if p == ' ' { '\u{2581}' } else { p };
+                self.space_joiners.binary_search(&p).is_ok()
+            };
+            if c == ' ' && at - last >= piece_bytes && prev.is_some_and(|p| !joins(p)) {
+                cuts.push(at);
+                last = at;
             }
+            prev = Some(c);
         }
         if last < raw.len() {
             cuts.push(raw.len());
@@ -259,7 +290,7 @@ impl SpmVocab {
         }
         let (l, r) = (l as usize, r as usize);
         let piece = &text[symbols[l].start..symbols[l].start + symbols[l].n + symbols[r].n];
-        if let Some(&id) = self.index.get(piece) {
+        if let Some(id) = self.id(piece) {
             queue.push(Bigram {
                 left: l,
                 right: r,
@@ -280,7 +311,7 @@ impl SpmVocab {
     ) {
         let s = symbols[i];
         let piece = &text[s.start..s.start + s.n];
-        if let Some(&id) = self.index.get(piece) {
+        if let Some(id) = self.id(piece) {
             out.push(id);
             return;
         }
@@ -315,6 +346,15 @@ impl SpmVocab {
             (true, Some(rest)) => rest.to_string(),
             _ => s,
         }
+    }
+
+    /// The id of the token whose text is `text`.
+    fn id(&self, text: &str) -> Option<u32> {
+        self.index
+            .find(self.hasher.hash_one(text), |id| {
+                self.tokens[*id as usize] == text
+            })
+            .copied()
     }
 
     /// Whether every byte has its token (`<0xXX>`), so that no text is
@@ -361,7 +401,7 @@ mod tests {
         let types: Vec<i64> = (0..tokens.len())
             .map(|i| if i == 1 || i == 2 { 3 } else { 1 })
             .collect();
-        SpmVocab::new(tokens, scores, &types, true)
+        SpmVocab::new(tokens, scores, &types, true).unwrap()
     }
 
     /// Cut before every space that follows a non-space, text tokenizes as
@@ -386,8 +426,37 @@ mod tests {
         let (cut, many) = each(&v, 1);
         assert_eq!(cut, whole);
         assert!(many > few + 300, "{many} pieces, {few} whole");
+        // A token across "c " keeps that space from being a cut, and only
+        // that one.
         let spanning = vocab(&["c\u{2581}a"]);
-        assert!(!spanning.cuts_at_spaces);
-        assert_eq!(each(&spanning, 1), each(&spanning, usize::MAX));
+        assert_eq!(spanning.space_joiners, ['c', '\u{2581}']);
+        let (whole, few) = each(&spanning, usize::MAX);
+        let (cut, many) = each(&spanning, 1);
+        assert_eq!(cut, whole);
+        assert!(many > few + 250, "{many} pieces, {few} whole");
+        let ids = |v: &SpmVocab, text: &str, piece_bytes| {
+            let mut ids = Vec::new();
+            v.encode_in(text, piece_bytes, &mut |p| {
+                ids.extend_from_slice(p);
+                true
+            })
+            .unwrap();
+            ids
+        };
+        let c_a = spanning.len() as u32 - 257;
+        let text = "c a1 ab c ab1 a".repeat(20);
+        assert_eq!(ids(&spanning, &text, 1), ids(&spanning, &text, usize::MAX));
+        assert_eq!(
+            ids(&spanning, &text, 1)
+                .iter()
+                .filter(|&&i| i == c_a)
+                .count(),
+            20
+        );
+        // A literal "▁" in the text stands for a space, so "▁ " is no cut
+        // where "▁▁" is a token.
+        let marks = "a\u{2581} 1".repeat(20);
+        assert_eq!(ids(&v, &marks, 1), ids(&v, &marks, usize::MAX));
+        assert_eq!(ids(&v, &marks, 1).iter().filter(|&&i| i == 14).count(), 20);
     }
 }

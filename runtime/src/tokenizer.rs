@@ -93,6 +93,9 @@ pub struct Tokenizer {
     /// Text matched whole as one token (control and user-defined), which a
     /// cut must not split.
     specials: Vec<String>,
+    /// The vocabulary has Gemma's `<start_of_turn>` and `<end_of_turn>`
+    /// control tokens.
+    gemma_turns: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -105,7 +108,9 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     /// Build from `tokenizer.ggml.*`: byte-level BPE ("gpt2") with the
-    /// pre-tokenizers of llama3, qwen2, smollm and gpt-2, or SentencePiece ("llama").
+    /// pre-tokenizers of llama3, qwen2, smollm and gpt-2 (under every name
+    /// llama.cpp gives them: `PRE_TOKENIZERS`), or SentencePiece ("llama":
+    /// Llama 2, Gemma).
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let err = |problem: String| TokenizerError {
             path: file.path().to_path_buf(),
@@ -126,6 +131,9 @@ impl Tokenizer {
             .filter(|(&t, s)| (t == 3 || t == 4) && !s.is_empty())
             .map(|(_, s)| s.to_string())
             .collect();
+        let gemma_turns = ["<start_of_turn>", "<end_of_turn>"]
+            .iter()
+            .all(|t| specials.iter().any(|s| s == t));
         // A byte-level BPE token's characters stand for a byte each, a
         // special token for its text, a SentencePiece token for at most its
         // text's bytes ("▁" stands for one); qwen2's NFC can shrink text
@@ -141,12 +149,23 @@ impl Tokenizer {
             .max()
             .unwrap_or(1)
             .max(1);
-        if model == "gpt2" && file.get_str(names::TOKENIZER_PRE).as_deref() == Some("qwen2") {
-            max_token_bytes *= 3;
-        }
+        let mut add_bos_default = model == "llama";
         let inner = match scores {
             None => {
-                let (t, digits) = bpe(file, &tokens, &types).map_err(err)?;
+                let name = file
+                    .get_str(names::TOKENIZER_PRE)
+                    .map(|s| s.into_owned())
+                    .unwrap_or_else(|| "default".into());
+                let pre = pre_tokenizer(&name).ok_or_else(|| {
+                    err(format!(
+                        "pre-tokenizer '{name}' is not supported (llama-bpe, qwen2, smollm, gpt-2 and the names llama.cpp gives their schemes are)"
+                    ))
+                })?;
+                if pre.nfc {
+                    max_token_bytes *= 3;
+                }
+                add_bos_default = pre.add_bos;
+                let (t, digits) = bpe(file, &tokens, &types, pre).map_err(err)?;
                 Backend::Bpe(Box::new(t), digits)
             }
             Some(scores) => {
@@ -154,12 +173,15 @@ impl Tokenizer {
                     .get(names::TOKENIZER_ADD_SPACE_PREFIX)
                     .and_then(|v| v.as_bool())
                     .unwrap_or(true);
-                Backend::Spm(Box::new(SpmVocab::new(
-                    tokens.iter().map(|t| t.to_string()).collect(),
-                    scores,
-                    &types,
-                    prefix,
-                )))
+                Backend::Spm(Box::new(
+                    SpmVocab::new(
+                        tokens.iter().map(|t| t.to_string()).collect(),
+                        scores,
+                        &types,
+                        prefix,
+                    )
+                    .map_err(err)?,
+                ))
             }
         };
         // Text a SentencePiece vocabulary without byte tokens cannot spell
@@ -177,6 +199,7 @@ impl Tokenizer {
             "<|eot_id|>",
             "<|endoftext|>",
             "<|end_of_text|>",
+            "<end_of_turn>",
         ] {
             if let Some(i) = tokens.iter().position(|x| x == t) {
                 stop_ids.push(i as u32);
@@ -185,8 +208,9 @@ impl Tokenizer {
         stop_ids.extend(eos);
         stop_ids.sort();
         stop_ids.dedup();
-        // llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones don't.
-        let add_bos_default = model == "llama";
+        // llama.cpp's default where the file does not say: SentencePiece
+        // vocabularies add BOS, BPE ones only for the pre-tokenizers it
+        // marks so (Llama 3's).
         Ok(Tokenizer {
             inner,
             bos: id("bos"),
@@ -199,6 +223,7 @@ impl Tokenizer {
             chat_template: file.get_str(names::CHAT_TEMPLATE).map(|s| s.into_owned()),
             max_token_bytes,
             specials,
+            gemma_turns,
         })
     }
 
@@ -289,33 +314,57 @@ impl Tokenizer {
     /// What closes the assistant's turn in the chat format, to feed to the
     /// model after generation stopped at the end-of-turn token.
     pub fn chat_turn_end(&self) -> Option<&'static str> {
-        let t = self.chat_template.as_deref()?;
-        if t.contains("<|im_start|>") {
-            Some("<|im_end|>\n")
-        } else if t.contains("<|start_header_id|>") {
-            Some("<|eot_id|>")
-        } else {
-            None
-        }
+        Some(match self.chat_format()? {
+            ChatFormat::ChatMl => "<|im_end|>\n",
+            ChatFormat::Llama3 => "<|eot_id|>",
+            ChatFormat::Gemma => "<end_of_turn>\n",
+        })
     }
 
-    /// `prompt` as a single user turn in the model's chat format (ChatML or
-    /// Llama 3 headers, recognised from the template), or None if the
-    /// template is absent or unknown.
+    /// `prompt` as a single user turn in the model's chat format (ChatML,
+    /// Llama 3 headers or Gemma turns, recognised from the template, or
+    /// Gemma's when there is no template but the vocabulary has its turn
+    /// tokens), or None if the template is absent or unknown.
     pub fn chat_prompt(&self, prompt: &str) -> Option<String> {
-        let t = self.chat_template.as_deref()?;
-        if t.contains("<|im_start|>") {
-            Some(format!(
-                "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-            ))
-        } else if t.contains("<|start_header_id|>") {
-            Some(format!(
+        Some(match self.chat_format()? {
+            ChatFormat::ChatMl => {
+                format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+            }
+            ChatFormat::Llama3 => format!(
                 "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-            ))
-        } else {
-            None
+            ),
+            ChatFormat::Gemma => {
+                format!("<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n")
+            }
+        })
+    }
+
+    /// The chat format: the template's (as llama.cpp's
+    /// llm_chat_detect_template tells them apart), else Gemma's where the
+    /// vocabulary has its turn tokens, since Gemma GGUFs converted from a
+    /// base model's folder often carry no template.
+    fn chat_format(&self) -> Option<ChatFormat> {
+        match self.chat_template.as_deref() {
+            Some(t) if t.contains("<|im_start|>") => Some(ChatFormat::ChatMl),
+            Some(t) if t.contains("<|start_header_id|>") => Some(ChatFormat::Llama3),
+            Some(t) if t.contains("<start_of_turn>") => Some(ChatFormat::Gemma),
+            Some(_) => None,
+            None if self.gemma_turns => Some(ChatFormat::Gemma),
+            None => None,
         }
     }
+}
+
+/// The chat formats [`Tokenizer::chat_prompt`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChatFormat {
+    /// `<|im_start|>role\n...<|im_end|>\n` (SmolLM, Qwen).
+    ChatMl,
+    /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>` (Llama 3).
+    Llama3,
+    /// `<start_of_turn>role\n...<end_of_turn>\n`, the assistant's role
+    /// named "model" (Gemma).
+    Gemma,
 }
 
 /// The special tokens the runtime uses, by `tokenizer.ggml.<kind>_token_id`.
@@ -410,7 +459,7 @@ impl<'a> TokenizerMetadata<'a> {
         };
         // Two ids for one text: encoding could give only one of them, and
         // llama.cpp asserts on it.
-        let mut seen = std::collections::HashMap::with_capacity(n);
+        let mut seen = hashbrown::HashMap::with_capacity(n);
         for (id, t) in tokens.iter().enumerate() {
             if let Some(first) = seen.insert(t.as_ref(), id) {
                 return Err(format!(
@@ -420,6 +469,8 @@ impl<'a> TokenizerMetadata<'a> {
                 ));
             }
         }
+        // It borrows the tokens, which are moved out below.
+        drop(seen);
         for kind in SPECIAL_KINDS {
             let key = names::special_token_id(kind);
             if let Some(v) = get(&key)
@@ -503,6 +554,7 @@ fn bpe(
     file: &GgufFile,
     tokens: &[Cow<'_, str>],
     types: &[i64],
+    pre: PreTokenizer,
 ) -> Result<(tokenizers::Tokenizer, DigitSplit), String> {
     let merges = file
         .get_strings(names::TOKENIZER_MERGES)
@@ -522,19 +574,124 @@ fn bpe(
         .collect::<Result<_, _>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre.ignore_merges)
         .build()
         .map_err(|e| e.to_string())?;
-    let pre = file
-        .get_str(names::TOKENIZER_PRE)
-        .map(|s| s.into_owned())
-        .unwrap_or_else(|| "default".into());
-    pipeline(bpe, &pre, tokens, types)
+    pipeline(bpe, pre, tokens, types)
+}
+
+/// How byte-level BPE text is split before it is merged: the regexes of
+/// llama.cpp's pre-tokenizer types that we implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreSplit {
+    /// LLAMA3 (also DBRX, SMAUG, CHATGLM4): digits in threes.
+    Llama3,
+    /// QWEN2 (also STABLELM2, HUNYUAN, SOLAR_OPEN, GROK_2): every digit alone.
+    Qwen2,
+    /// SMOLLM (also STARCODER, REFACT, COMMAND_R, CODESHELL, EXAONE,
+    /// MINERVA, MELLUM2): every digit alone, then GPT-2's regex.
+    SmolLm,
+    /// GPT2 (also MPT, OLMO, JAIS, TRILLION, GRANITE_DOCLING): GPT-2's regex.
+    Gpt2,
+}
+
+/// What a `tokenizer.ggml.pre` name means for a byte-level BPE vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PreTokenizer {
+    split: PreSplit,
+    /// NFC-normalize the text first, as Qwen's tokenizer.json does.
+    nfc: bool,
+    /// A pre-token that is itself a token is not merged (llama.cpp's
+    /// `ignore_merges`, HF's BPE `ignore_merges`).
+    ignore_merges: bool,
+    /// Add BOS where the file has no `tokenizer.ggml.add_bos_token`.
+    add_bos: bool,
+}
+
+const fn pre(split: PreSplit, nfc: bool, ignore_merges: bool, add_bos: bool) -> PreTokenizer {
+    PreTokenizer {
+        split,
+        nfc,
+        ignore_merges,
+        add_bos,
+    }
+}
+
+const LLAMA3_PRE: PreTokenizer = pre(PreSplit::Llama3, false, true, true);
+const QWEN2_PRE: PreTokenizer = pre(PreSplit::Qwen2, true, false, false);
+const SMOLLM_PRE: PreTokenizer = pre(PreSplit::SmolLm, false, false, false);
+const GPT2_PRE: PreTokenizer = pre(PreSplit::Gpt2, false, false, false);
+
+/// Every `tokenizer.ggml.pre` llama.cpp (llama-vocab.cpp, `llama_vocab::impl::load`)
+/// gives a scheme we implement, with its flags there. Names whose scheme
+/// differs in anything but decoding's space clean-up (other regexes,
+/// SEP appended, no byte encoding) are left out, so they are refused.
+const PRE_TOKENIZERS: &[(&str, PreTokenizer)] = &[
+    ("llama3", LLAMA3_PRE),
+    ("llama-v3", LLAMA3_PRE),
+    ("llama-bpe", LLAMA3_PRE),
+    ("falcon3", LLAMA3_PRE),
+    ("falcon-h1", LLAMA3_PRE),
+    ("pixtral", LLAMA3_PRE),
+    ("midm-2.0", LLAMA3_PRE),
+    ("lfm2", LLAMA3_PRE),
+    ("jina-v5-nano", LLAMA3_PRE),
+    ("dbrx", pre(PreSplit::Llama3, false, false, false)),
+    ("smaug-bpe", pre(PreSplit::Llama3, false, false, false)),
+    ("chatglm-bpe", pre(PreSplit::Llama3, false, false, false)),
+    ("glm4", pre(PreSplit::Llama3, false, true, false)),
+    ("glm5", pre(PreSplit::Llama3, false, true, false)),
+    // Qwen's own tokenizer.json normalizes to NFC; llama.cpp does not.
+    ("qwen2", QWEN2_PRE),
+    ("deepseek-r1-qwen", QWEN2_PRE),
+    ("kormo", QWEN2_PRE),
+    ("f2llmv2", QWEN2_PRE),
+    ("megrez", QWEN2_PRE),
+    ("stablelm2", pre(PreSplit::Qwen2, false, false, false)),
+    ("hunyuan", pre(PreSplit::Qwen2, false, false, false)),
+    ("solar-open", pre(PreSplit::Qwen2, false, false, false)),
+    ("grok-2", pre(PreSplit::Qwen2, false, false, false)),
+    ("smollm", SMOLLM_PRE),
+    ("starcoder", SMOLLM_PRE),
+    ("refact", SMOLLM_PRE),
+    ("command-r", SMOLLM_PRE),
+    ("codeshell", SMOLLM_PRE),
+    ("exaone", SMOLLM_PRE),
+    ("minerva-7b", SMOLLM_PRE),
+    ("mellum2", SMOLLM_PRE),
+    // llama.cpp's "default" is a regex of its own; ours has always been GPT-2's.
+    ("default", GPT2_PRE),
+    ("gpt2", GPT2_PRE),
+    ("gpt-2", GPT2_PRE),
+    ("phi-2", GPT2_PRE),
+    ("jina-es", GPT2_PRE),
+    ("jina-de", GPT2_PRE),
+    ("jina-v2-es", GPT2_PRE),
+    ("jina-v2-de", GPT2_PRE),
+    ("gigachat", GPT2_PRE),
+    ("a.x-4.0", GPT2_PRE),
+    ("mellum", GPT2_PRE),
+    ("modern-bert", GPT2_PRE),
+    ("exaone4", GPT2_PRE),
+    ("mpt", GPT2_PRE),
+    ("olmo", GPT2_PRE),
+    ("jais", GPT2_PRE),
+    ("trillion", GPT2_PRE),
+    ("granite-docling", GPT2_PRE),
+];
+
+/// The scheme `tokenizer.ggml.pre` = `name` stands for, if we implement it.
+fn pre_tokenizer(name: &str) -> Option<PreTokenizer> {
+    PRE_TOKENIZERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, p)| *p)
 }
 
 /// `bpe` behind the pre-tokenizer `pre` and with the special tokens.
 fn pipeline(
     bpe: BPE,
-    pre: &str,
+    pre: PreTokenizer,
     tokens: &[Cow<'_, str>],
     types: &[i64],
 ) -> Result<(tokenizers::Tokenizer, DigitSplit), String> {
@@ -548,16 +705,15 @@ fn pipeline(
         .map_err(|e| e.to_string())?;
         Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, false, false).into()]).into())
     };
-    let (pre_tokenizer, digits): (PreTokenizerWrapper, DigitSplit) = match pre {
-        "llama-bpe" | "llama3" | "smaug-bpe" => (split(LLAMA3)?, DigitSplit::Threes),
-        "qwen2" => {
-            inner
-                .with_normalizer(Some(NFC))
-                .map_err(|e| e.to_string())?;
-            (split(QWEN2)?, DigitSplit::Each)
-        }
-        // SmolLM: every digit alone, then GPT-2's regex.
-        "smollm" => (
+    if pre.nfc {
+        inner
+            .with_normalizer(Some(NFC))
+            .map_err(|e| e.to_string())?;
+    }
+    let (pre_tokenizer, digits): (PreTokenizerWrapper, DigitSplit) = match pre.split {
+        PreSplit::Llama3 => (split(LLAMA3)?, DigitSplit::Threes),
+        PreSplit::Qwen2 => (split(QWEN2)?, DigitSplit::Each),
+        PreSplit::SmolLm => (
             Sequence::new(vec![
                 Digits::new(true).into(),
                 ByteLevel::new(false, false, true).into(),
@@ -565,14 +721,7 @@ fn pipeline(
             .into(),
             DigitSplit::Each,
         ),
-        "default" | "gpt2" | "gpt-2" => {
-            (ByteLevel::new(false, false, true).into(), DigitSplit::Never)
-        }
-        other => {
-            return Err(format!(
-                "pre-tokenizer '{other}' is not supported (llama-bpe, qwen2, smollm, gpt-2 are)"
-            ))
-        }
+        PreSplit::Gpt2 => (ByteLevel::new(false, false, true).into(), DigitSplit::Never),
     };
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -727,7 +876,7 @@ mod tests {
                 .vocab_and_merges(vocab.clone(), merges.clone())
                 .build()
                 .unwrap();
-            let (t, digits) = pipeline(bpe, pre, &tokens, &types).unwrap();
+            let (t, digits) = pipeline(bpe, pre_tokenizer(pre).unwrap(), &tokens, &types).unwrap();
             for seed in 1..=8 {
                 let text = stress_text(seed, 6000);
                 let whole = t.encode(text.as_str(), false).unwrap().get_ids().to_vec();
@@ -744,5 +893,243 @@ mod tests {
                 assert_eq!(pieces, whole, "{pre}, seed {seed}");
             }
         }
+    }
+
+    /// A metadata value for [`gguf`].
+    enum Kv<'a> {
+        Str(&'a str),
+        Strs(&'a [&'a str]),
+        F32s(Vec<f32>),
+        I32s(Vec<i32>),
+        U32(u32),
+        Bool(bool),
+    }
+
+    /// A GGUF image with metadata `kvs` and no tensors.
+    fn gguf(kvs: &[(&str, Kv)]) -> GgufFile {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+        for (key, v) in kvs {
+            string(&mut b, key);
+            match v {
+                Kv::Str(s) => {
+                    b.extend_from_slice(&8u32.to_le_bytes());
+                    string(&mut b, s);
+                }
+                Kv::Strs(a) => {
+                    b.extend_from_slice(&9u32.to_le_bytes());
+                    b.extend_from_slice(&8u32.to_le_bytes());
+                    b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                    for s in *a {
+                        string(&mut b, s);
+                    }
+                }
+                Kv::F32s(a) => {
+                    b.extend_from_slice(&9u32.to_le_bytes());
+                    b.extend_from_slice(&6u32.to_le_bytes());
+                    b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                    a.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+                }
+                Kv::I32s(a) => {
+                    b.extend_from_slice(&9u32.to_le_bytes());
+                    b.extend_from_slice(&5u32.to_le_bytes());
+                    b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                    a.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+                }
+                Kv::U32(x) => {
+                    b.extend_from_slice(&4u32.to_le_bytes());
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+                Kv::Bool(x) => {
+                    b.extend_from_slice(&7u32.to_le_bytes());
+                    b.push(*x as u8);
+                }
+            }
+        }
+        GgufFile::from_bytes(b, "synthetic.gguf").unwrap()
+    }
+
+    /// A SentencePiece vocabulary shaped like Gemma's: control tokens
+    /// 0..=4 and the turn tokens, "\n" user-defined, no space prefix.
+    fn gemma_like(template: Option<&str>, turns: bool) -> Tokenizer {
+        let (start, end) = if turns {
+            ("<start_of_turn>", "<end_of_turn>")
+        } else {
+            ("<unused0>", "<unused1>")
+        };
+        let tokens = [
+            "<pad>", "<eos>", "<bos>", "<unk>", start, end, "\n", "user", "model", "\u{2581}", "h",
+            "i", "hi", "u", "s", "e", "r", "us", "er", "m", "o", "d", "l", "mo", "de", "del",
+        ];
+        let types: Vec<i32> = (0..tokens.len())
+            .map(|i| match i {
+                0..=5 => 3,
+                6 => 4,
+                _ => 1,
+            })
+            .collect();
+        let scores: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        let mut kvs = vec![
+            ("tokenizer.ggml.model", Kv::Str("llama")),
+            ("tokenizer.ggml.tokens", Kv::Strs(&tokens)),
+            ("tokenizer.ggml.scores", Kv::F32s(scores)),
+            ("tokenizer.ggml.token_type", Kv::I32s(types)),
+            ("tokenizer.ggml.bos_token_id", Kv::U32(2)),
+            ("tokenizer.ggml.eos_token_id", Kv::U32(1)),
+            ("tokenizer.ggml.add_space_prefix", Kv::Bool(false)),
+        ];
+        if let Some(t) = template {
+            kvs.push(("tokenizer.chat_template", Kv::Str(t)));
+        }
+        Tokenizer::from_gguf(&gguf(&kvs)).unwrap()
+    }
+
+    const GEMMA_TURN: &str = "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n";
+
+    /// Gemma's turns come from a template that uses them, or, with no
+    /// template, from the vocabulary's turn tokens; and they encode to
+    /// those tokens.
+    #[test]
+    fn gemma_chat_format_from_template_or_vocabulary() {
+        let bare = gemma_like(None, true);
+        assert_eq!(bare.chat_prompt("hi").as_deref(), Some(GEMMA_TURN));
+        assert_eq!(bare.chat_turn_end(), Some("<end_of_turn>\n"));
+        // <bos> <start_of_turn> user \n hi <end_of_turn> \n <start_of_turn> model \n
+        assert_eq!(
+            bare.encode(&bare.chat_prompt("hi").unwrap()).unwrap(),
+            [2, 4, 7, 6, 12, 5, 6, 4, 8, 6]
+        );
+        assert_eq!(
+            bare.decode(&[2, 4, 7, 6, 12, 5, 6, 4, 8, 6]).unwrap(),
+            format!("<bos>{GEMMA_TURN}")
+        );
+        assert_eq!(bare.stop_ids, [1, 5]);
+        // A template in Gemma's own words, even where the vocabulary
+        // lacks the turn tokens.
+        let template = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}";
+        let templated = gemma_like(Some(template), false);
+        assert_eq!(templated.chat_prompt("hi").as_deref(), Some(GEMMA_TURN));
+        assert_eq!(templated.chat_turn_end(), Some("<end_of_turn>\n"));
+        // A ChatML template wins over the vocabulary's turn tokens.
+        let chatml = gemma_like(
+            Some("{% for m in messages %}<|im_start|>{{ m.role }}"),
+            true,
+        );
+        assert_eq!(
+            chatml.chat_prompt("hi").as_deref(),
+            Some("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        );
+        assert_eq!(chatml.chat_turn_end(), Some("<|im_end|>\n"));
+        // Neither template nor turn tokens: no chat format; nor for a
+        // template we do not know.
+        assert_eq!(gemma_like(None, false).chat_prompt("hi"), None);
+        assert_eq!(gemma_like(None, false).chat_turn_end(), None);
+        assert_eq!(gemma_like(Some("[INST]"), true).chat_prompt("hi"), None);
+    }
+
+    /// A byte-level BPE GGUF with pre-tokenizer `pre` (None: no key): the
+    /// 256 byte characters, then "12" (256), "123" (257), "34" (258) and
+    /// "xyz" (259), merged "3 4" first, then "1 2" and "12 3"; "xyz" has
+    /// no merge.
+    fn bpe_with_pre(pre: Option<&str>) -> Result<Tokenizer, TokenizerError> {
+        // GPT-2's byte-to-character map: printable bytes stand for
+        // themselves, the rest for U+0100 on.
+        let mut next = 256u32;
+        let mut tokens: Vec<String> = (0..=255u8)
+            .map(|b| {
+                let printable =
+                    (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+                if printable {
+                    char::from(b).to_string()
+                } else {
+                    next += 1;
+                    char::from_u32(next - 1).unwrap().to_string()
+                }
+            })
+            .collect();
+        tokens.extend(["12", "123", "34", "xyz"].map(String::from));
+        let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let merges = ["3 4", "1 2", "12 3"];
+        let mut kvs = vec![
+            ("tokenizer.ggml.model", Kv::Str("gpt2")),
+            ("tokenizer.ggml.tokens", Kv::Strs(&tokens)),
+            ("tokenizer.ggml.merges", Kv::Strs(&merges)),
+            ("tokenizer.ggml.bos_token_id", Kv::U32(b'B' as u32)),
+        ];
+        if let Some(p) = pre {
+            kvs.push(("tokenizer.ggml.pre", Kv::Str(p)));
+        }
+        Tokenizer::from_gguf(&gguf(&kvs))
+    }
+
+    /// The names llama.cpp gives the schemes we implement tokenize as
+    /// those schemes do (digits in threes, alone, or in runs; a whole
+    /// token unmerged where llama.cpp ignores merges), take llama.cpp's
+    /// BOS default, and a name we do not implement is refused.
+    #[test]
+    fn pre_tokenizer_aliases_tokenize_as_their_scheme() {
+        let d = |c: u8| c as u32;
+        let (t12, t123, t34, xyz) = (256, 257, 258, 259);
+        let (x, y, z) = (d(b'x'), d(b'y'), d(b'z'));
+        // "123412xyz": llama3 cuts digits in threes (123|412), qwen2 and
+        // smollm keep each digit alone, GPT-2 keeps the run and so merges
+        // "3 4" first.
+        let threes = [t123, d(b'4'), t12];
+        let alone = [d(b'1'), d(b'2'), d(b'3'), d(b'4'), d(b'1'), d(b'2')];
+        let run = [t12, t34, t12];
+        let cases: &[(Option<&str>, &[u32], bool, bool)] = &[
+            (Some("llama-bpe"), &threes, true, true),
+            (Some("llama-v3"), &threes, true, true),
+            (Some("falcon3"), &threes, true, true),
+            (Some("glm4"), &threes, false, true),
+            (Some("smaug-bpe"), &threes, false, false),
+            (Some("dbrx"), &threes, false, false),
+            (Some("qwen2"), &alone, false, false),
+            (Some("deepseek-r1-qwen"), &alone, false, false),
+            (Some("megrez"), &alone, false, false),
+            (Some("stablelm2"), &alone, false, false),
+            (Some("smollm"), &alone, false, false),
+            (Some("starcoder"), &alone, false, false),
+            (Some("command-r"), &alone, false, false),
+            (None, &run, false, false),
+            (Some("gpt-2"), &run, false, false),
+            (Some("phi-2"), &run, false, false),
+            (Some("olmo"), &run, false, false),
+        ];
+        for (pre, digits, bos, whole) in cases {
+            let t = bpe_with_pre(*pre).unwrap();
+            assert_eq!(t.add_bos, *bos, "{pre:?}");
+            let mut want: Vec<u32> = if *bos { vec![d(b'B')] } else { vec![] };
+            want.extend_from_slice(digits);
+            want.extend(if *whole { vec![xyz] } else { vec![x, y, z] });
+            assert_eq!(t.encode("123412xyz").unwrap(), want, "{pre:?}");
+        }
+        for name in [
+            "deepseek-llm",
+            "tekken",
+            "roberta-bpe",
+            "gpt-4o",
+            "no-such-thing",
+        ] {
+            let e = bpe_with_pre(Some(name)).unwrap_err();
+            assert!(
+                e.problem
+                    .contains(&format!("pre-tokenizer '{name}' is not supported")),
+                "{e}"
+            );
+        }
+        // Every entry of the table is one name.
+        let mut names: Vec<&str> = PRE_TOKENIZERS.iter().map(|(n, _)| *n).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), PRE_TOKENIZERS.len());
+        assert_eq!(pre_tokenizer("deepseek-r1-qwen"), pre_tokenizer("qwen2"));
+        assert_eq!(pre_tokenizer("llama3"), pre_tokenizer("llama-bpe"));
     }
 }
