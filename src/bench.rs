@@ -1,7 +1,7 @@
 //! `lorafold bench`: load time, time to first token, prefill and decode
 //! speed and memory for each path, side by side.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use lorafold_runtime::bench::{bench_path, BenchRow};
 use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::device::DeviceSpec;

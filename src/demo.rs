@@ -9,7 +9,6 @@ use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::output::write_file_atomic;
 use lorafold_converter::quant::QuantPolicy;
 use lorafold_runtime::generate::complete;
-use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 use crate::drift::{measure, DriftRow};

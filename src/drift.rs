@@ -9,7 +9,6 @@ use lorafold_runtime::measure::{check_vocabulary, drift, windows, DriftReport};
 use lorafold_runtime::model::Model;
 use lorafold_runtime::path_spec::{PathSpec, PathSpecError};
 use lorafold_runtime::text::read_text;
-use lorafold_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 use crate::run::{device, set_threads};

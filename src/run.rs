@@ -13,7 +13,6 @@ use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::{use_threads, Model, SessionOptions};
 use lorafold_runtime::path_spec::{AdapterSpec, PathSpec};
 use lorafold_runtime::text::read_text_from;
-use lorafold_runtime::tokenizer::Tokenizer;
 
 /// Arguments of `lorafold run`.
 #[derive(clap::Args)]

@@ -270,6 +270,8 @@ pub(crate) struct Kernels {
     pub(crate) exp_shifted: unsafe fn(&mut [f32], f32) -> f64,
     /// `gate = silu(gate) * up`, slices as long.
     pub(crate) swiglu: unsafe fn(&mut [f32], &[f32]),
+    /// `gate = gelu_tanh(gate) * up`.
+    pub(crate) geglu: unsafe fn(&mut [f32], &[f32]),
 }
 
 /// The portable path: every other tier's reference, and where a tier has
@@ -289,6 +291,7 @@ const SCALAR: Kernels = Kernels {
     axpys: crate::attention::axpys_scalar,
     exp_shifted: crate::attention::exp_shifted_scalar,
     swiglu: crate::swiglu::swiglu_scalar,
+    geglu: crate::swiglu::geglu_scalar,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -314,6 +317,7 @@ mod x86 {
         axpys: attention::avx2::axpys,
         exp_shifted: attention::avx2::exp_shifted,
         swiglu: swiglu::avx2::swiglu,
+        geglu: swiglu::avx2::geglu,
     };
 
     /// AVX2 with AVX-512 VNNI in the prefill panels.
@@ -345,6 +349,7 @@ mod arm {
         axpys: attention::neon::axpys,
         exp_shifted: attention::neon::exp_shifted,
         swiglu: swiglu::neon::swiglu,
+        geglu: swiglu::neon::geglu,
         ..SCALAR
     };
 

@@ -52,7 +52,7 @@ use std::ops::Range;
 
 pub use act::{ActBuf, ActType};
 pub use isa::{Isa, Tier};
-pub use swiglu::swiglu;
+pub use swiglu::{geglu, swiglu};
 
 /// A weight type: the ggml types the converter writes. The discriminant is
 /// the type's row in [`TypeTraits`]' table and the `u8` code const-generic

@@ -76,7 +76,7 @@ pub fn prompt_ids(
             size,
         });
     }
-    let ids = if chat {
+    let mut ids = if chat {
         let text = tokenizer
             .chat_prompt(prompt)
             .ok_or(PromptError::NoChatTemplate)?;
@@ -84,6 +84,10 @@ pub fn prompt_ids(
     } else {
         tokenizer.encode(prompt)?
     };
+    // BOS starts the conversation, not every turn of it (Gemma, Llama 2).
+    if session.position() > 0 && tokenizer.add_bos && ids.first() == tokenizer.bos.as_ref() {
+        ids.remove(0);
+    }
     if ids.is_empty() {
         return Err(PromptError::Empty);
     }

@@ -23,18 +23,6 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// GeGLU: `gate = gelu_tanh(gate) * up`, GELU's tanh approximation computed
-/// exactly in f32 (ggml reads GELU from an f16 table, about 1e-2 off in
-/// Gemma 3's logits; transformers computes it as here).
-pub fn geglu(gate: &mut [f32], up: &[f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    for (g, &u) in gate.iter_mut().zip(up) {
-        let x = *g;
-        let t = (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh();
-        *g = 0.5 * x * (1.0 + t) * u;
-    }
-}
-
 /// `x += y`.
 pub fn add(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
@@ -107,11 +95,5 @@ mod tests {
         let mut y = x;
         rms_norm_in_place(&mut y, &w, 1e-5);
         assert_eq!(y, out);
-        // gelu_tanh(1) = 0.5 (1 + tanh(0.79788456 * 1.044715)) = 0.8411920,
-        // gelu_tanh(-2) = -0.0454023 (PyTorch's approximate='tanh').
-        let mut g = [1.0f32, -2.0];
-        geglu(&mut g, &[2.0, 1.0]);
-        assert!((g[0] - 2.0 * 0.841_192).abs() < 1e-6, "{}", g[0]);
-        assert!((g[1] + 0.045_402_3).abs() < 1e-6, "{}", g[1]);
     }
 }

@@ -459,9 +459,11 @@ impl<'m> CpuSession<'m> {
                     &self.s.up[..t * ffn],
                     self.isa,
                 ),
-                Activation::GeluTanh => {
-                    ops::geglu(&mut self.s.gate[..t * ffn], &self.s.up[..t * ffn])
-                }
+                Activation::GeluTanh => lorafold_kernels::geglu(
+                    &mut self.s.gate[..t * ffn],
+                    &self.s.up[..t * ffn],
+                    self.isa,
+                ),
             }
             observe(layer, LinearInput::FfnDown, &self.s.gate[..t * ffn], ffn);
             self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
