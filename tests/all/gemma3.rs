@@ -280,3 +280,92 @@ fn logits_track_llama_cpp() {
         }
     }
 }
+
+/// A Hugging Face folder (`Gemma3ForCausalLM`, transformers-5 config)
+/// holding the base as transformers does (norms as `w`, GGUF − 1, no q/k
+/// permutation), made from the f32 GGUF, converts back to that GGUF:
+/// every matrix bit for bit, every norm within 1 ulp of `1 + w` (llama.cpp's
+/// converter adds the 1 in f32 as we do), and the same logits.
+#[test]
+fn hf_folder_converts_as_llama_cpp_writes_it() {
+    use lorafold_runtime::arch::Architecture;
+    let spec = Architecture::Gemma3.spec();
+    let base_path = f32_files().join("base.gguf");
+    let base = GgufFile::open(&base_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("gemma3-hf");
+    std::fs::create_dir(&hf).unwrap();
+    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for t in base.tensors() {
+        let mut v = common::f32s(base.tensor_data(t));
+        if spec.is_norm(&t.name) {
+            v.iter_mut().for_each(|x| *x -= 1.0);
+        }
+        let shape = t.dims().iter().rev().map(|&d| d as usize).collect();
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        data.push((spec.gguf_to_hf(&t.name).unwrap(), bytes, shape));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.clone(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &hf.join("model.safetensors")).unwrap();
+    drop(data);
+    let layer_types: Vec<&str> = (0..18)
+        .map(|l| {
+            if (l + 1) % 6 == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect();
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "vocab_size": 262144, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "sliding_window": 512, "layer_types": layer_types,
+        "rope_parameters": {
+            "full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}
+        },
+        "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": null, "attn_logit_softcapping": null,
+        "tie_word_embeddings": true, "dtype": "float32"
+    });
+    std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
+    let out = dir.path().join("from-hf.gguf");
+    let opts = ConvertOptions::new(
+        hf,
+        None,
+        QuantPolicy::parse("f32", &[]).unwrap(),
+        out.clone(),
+    );
+    convert(&opts, &|_| {}).unwrap();
+    let ours = GgufFile::open(&out).unwrap();
+    assert_eq!(ours.get_u64("gemma3.attention.sliding_window"), Some(512));
+    assert_eq!(ours.get_u64("gemma3.attention.key_length"), Some(256));
+    assert_eq!(ours.tensors().len(), base.tensors().len());
+    for t in base.tensors() {
+        let o = ours
+            .tensor(&t.name)
+            .unwrap_or_else(|| panic!("{} missing", t.name));
+        assert_eq!(o.dims(), t.dims(), "{}", t.name);
+        let (a, b) = (
+            common::f32s(base.tensor_data(t)),
+            common::f32s(ours.tensor_data(o)),
+        );
+        let ulp = |x: f32, y: f32| (x.to_bits() as i64 - y.to_bits() as i64).unsigned_abs();
+        let worst = a.iter().zip(&b).map(|(&x, &y)| ulp(x, y)).max().unwrap();
+        let allowed = if spec.is_norm(&t.name) { 1 } else { 0 };
+        assert!(worst <= allowed, "{}: {worst} ulp", t.name);
+    }
+    let ids = common::ids(&common::robot_reference()["ref_prompt"]["input_ids"]);
+    let want = all_logits(&Model::load(&base_path, &Device::Cpu).unwrap(), &ids);
+    let got = all_logits(&Model::load(&out, &Device::Cpu).unwrap(), &ids);
+    assert!(common::max_abs_diff(&got, &want) < 1e-3);
+}
