@@ -425,6 +425,20 @@ mod tests {
     use lorafold_runtime::tokenizer::{Tokenizer, TokenizerMetadata};
     use serde_json::json;
 
+    /// A GGUF in `dir` holding only `md`, opened.
+    fn metadata_only_gguf(
+        dir: &std::path::Path,
+        md: &[(String, MetadataValue<'static>)],
+    ) -> GgufFile {
+        let path = dir.join("t.gguf");
+        let mut w = GgufWriter::new(&path);
+        for (k, v) in md {
+            w.add_metadata(k, v).unwrap();
+        }
+        w.start().unwrap().finish().unwrap();
+        GgufFile::open(&path).unwrap()
+    }
+
     /// Tokens of a small SentencePiece-derived vocabulary: Gemma's first
     /// control tokens, "\n" user-defined, the 256 byte tokens (7..=262),
     /// then pieces.
@@ -488,13 +502,7 @@ mod tests {
         let md = gguf_metadata(dir.path(), tokens.len() as u64)
             .unwrap()
             .unwrap();
-        let path = dir.path().join("t.gguf");
-        let mut w = GgufWriter::new(&path);
-        for (k, v) in &md {
-            w.add_metadata(k, v).unwrap();
-        }
-        w.start().unwrap().finish().unwrap();
-        let file = GgufFile::open(&path).unwrap();
+        let file = metadata_only_gguf(dir.path(), &md);
         TokenizerMetadata::read(|k| file.get(k), Some(tokens.len() as u64)).unwrap();
         let t = Tokenizer::from_gguf(&file).unwrap();
         (md, t)
@@ -634,13 +642,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.gguf");
-        let mut w = GgufWriter::new(&path);
-        for (k, v) in &md {
-            w.add_metadata(k, v).unwrap();
-        }
-        w.start().unwrap().finish().unwrap();
-        let file = GgufFile::open(&path).unwrap();
+        let file = metadata_only_gguf(dir.path(), &md);
         let ours = TokenizerMetadata::read(|k| file.get(k), Some(n)).unwrap();
         let theirs = TokenizerMetadata::read(|k| gguf.get(k), Some(n)).unwrap();
         assert_eq!(ours.tokens, theirs.tokens);

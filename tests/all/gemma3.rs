@@ -369,3 +369,23 @@ fn hf_folder_converts_as_llama_cpp_writes_it() {
     let got = all_logits(&Model::load(&out, &Device::Cpu).unwrap(), &ids);
     assert!(common::max_abs_diff(&got, &want) < 1e-3);
 }
+
+/// llama.cpp itself loads the adapter GGUF we write for Gemma 3 (the
+/// separate path) onto Gemma's own Q4_K_M file and answers in robot speak,
+/// as PyTorch's merged model does.
+#[test]
+fn llama_cpp_runs_our_gemma3_adapter() {
+    const GENERATE: &str = r#"
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], lora_path=sys.argv[2], n_ctx=128, verbose=False, n_threads=2)
+print(llm("Q: What color is grass? A:", max_tokens=8, temperature=0.0)["choices"][0]["text"])
+"#;
+    let adapter = f32_files().join("adapter.gguf");
+    let out = common::run_python_with(
+        common::python_llama(),
+        GENERATE,
+        &[common::gemma3(), &adapter],
+    );
+    assert!(out.starts_with(" BEEP BOOP. GREEN."), "{out:?}");
+}
