@@ -133,16 +133,10 @@ impl CandleWeights {
                 loras: Vec::new(),
             })
         };
-        let (dim, hd, vocab) = (cfg.dim, cfg.head_dim, cfg.vocab);
+        let (dim, vocab) = (cfg.dim, cfg.vocab);
         let emb_info = tensor(names::TOKEN_EMBD)?;
         check_dims(f, emb_info, &[dim as u64, vocab as u64])?;
-        let width = |w: Width| match w {
-            Width::Hidden => dim,
-            Width::Queries => cfg.n_head * hd,
-            Width::KeyValues => cfg.n_head_kv * hd,
-            Width::HeadDim => hd,
-            Width::Ffn => cfg.ffn,
-        };
+        let width = |w: Width| cfg.width(w);
         let spec = cfg.spec();
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -254,12 +248,7 @@ impl CandleSession {
                 Tensor::from_vec(sin, (max, half), device)?,
             ));
         }
-        let layer_rope = (0..cfg.n_layers)
-            .map(|l| {
-                let b = cfg.layer_attention(l).rope_base;
-                bases.iter().position(|&x| x == b).unwrap_or(0)
-            })
-            .collect();
+        let layer_rope = cfg.layer_ropes();
         Ok(CandleSession {
             k,
             v,

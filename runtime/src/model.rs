@@ -183,6 +183,29 @@ impl ModelConfig {
         }
     }
 
+    /// The value of a width tensor shapes are made of.
+    pub fn width(&self, w: crate::arch::Width) -> usize {
+        use crate::arch::Width;
+        match w {
+            Width::Hidden => self.dim,
+            Width::Queries => self.n_head * self.head_dim,
+            Width::KeyValues => self.n_head_kv * self.head_dim,
+            Width::HeadDim => self.head_dim,
+            Width::Ffn => self.ffn,
+        }
+    }
+
+    /// For each layer, the index of its RoPE base in [`ModelConfig::rope_bases`].
+    pub fn layer_ropes(&self) -> Vec<usize> {
+        let bases = self.rope_bases();
+        (0..self.n_layers)
+            .map(|l| {
+                let b = self.layer_attention(l).rope_base;
+                bases.iter().position(|&x| x == b).unwrap_or(0)
+            })
+            .collect()
+    }
+
     /// The RoPE bases the layers use, each once, in first-use order.
     pub fn rope_bases(&self) -> Vec<f32> {
         let mut bases: Vec<f32> = Vec::new();

@@ -131,7 +131,7 @@ pub struct LocalLayers {
 impl LocalLayers {
     /// Whether `layer` attends within the sliding window.
     pub fn is_local(&self, layer: usize) -> bool {
-        (layer + 1) % self.period != 0
+        !(layer + 1).is_multiple_of(self.period)
     }
 }
 

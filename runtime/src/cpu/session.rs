@@ -207,12 +207,7 @@ impl<'m> CpuSession<'m> {
             .iter()
             .map(|&b| ops::rope_tables(max, hd, b, rope_factors))
             .collect();
-        let layer_rope = (0..cfg.n_layers)
-            .map(|l| {
-                let b = cfg.layer_attention(l).rope_base;
-                bases.iter().position(|&x| x == b).unwrap_or(0)
-            })
-            .collect();
+        let layer_rope = cfg.layer_ropes();
         let pool = WorkerPool::new(threads);
         // One rounded-input buffer per (format, width) in the model.
         let mut acts: Vec<ActBuf> = Vec::new();

@@ -304,7 +304,6 @@ impl CpuWeights {
         file: Arc<GgufFile>,
         cfg: &crate::model::ModelConfig,
     ) -> Result<CpuWeights, WeightProblem> {
-        let ffn = cfg.ffn;
         let f = file.as_ref();
         let info = |name: &str| {
             f.tensor(name).ok_or_else(|| WeightProblem {
@@ -349,14 +348,8 @@ impl CpuWeights {
             }
             Ok(m)
         };
-        let (dim, hd) = (cfg.dim, cfg.head_dim);
-        let width = |w: Width| match w {
-            Width::Hidden => dim,
-            Width::Queries => cfg.n_head * hd,
-            Width::KeyValues => cfg.n_head_kv * hd,
-            Width::HeadDim => hd,
-            Width::Ffn => ffn,
-        };
+        let dim = cfg.dim;
+        let width = |w: Width| cfg.width(w);
         let spec = cfg.spec();
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
