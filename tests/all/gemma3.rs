@@ -389,3 +389,18 @@ print(llm("Q: What color is grass? A:", max_tokens=8, temperature=0.0)["choices"
     );
     assert!(out.starts_with(" BEEP BOOP. GREEN."), "{out:?}");
 }
+
+/// BOS starts a conversation, not each turn after it: Gemma adds BOS, and a
+/// second BOS mid-conversation (what every later turn got before) derails it.
+#[test]
+fn later_turns_do_not_repeat_bos() {
+    use lorafold_runtime::generate::prompt_ids;
+    let model = Model::load(common::gemma3(), &Device::Cpu).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let mut s = model.session(64).unwrap();
+    let first = prompt_ids(&s, &tok, "Q: What color is grass?", false).unwrap();
+    assert_eq!(first[0], 2);
+    s.logits(&first, false).unwrap();
+    let next = prompt_ids(&s, &tok, " A:", false).unwrap();
+    assert_eq!(next, tok.encode(" A:").unwrap()[1..]);
+}
