@@ -9,8 +9,8 @@ use std::process::Command;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lorafold_converter::convert::{convert, ConvertOptions};
 use lorafold_converter::merge::{apply, LoraEdit, TensorEdit};
-use lorafold_converter::peft::PeftAdapter;
-use lorafold_converter::quant::{quantize, QuantPolicy};
+use lorafold_converter::read::peft::PeftAdapter;
+use lorafold_converter::round::quant::{quantize, QuantPolicy};
 use lorafold_runtime::gguf::GgmlType;
 
 fn root() -> PathBuf {

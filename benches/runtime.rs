@@ -12,7 +12,7 @@ use candle_core::quantized::{k_quants, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::lora::LoraAdapter;
 use lorafold_runtime::model::Model;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use lorafold_converter::calib::CalibStats;
-use lorafold_converter::output::{check_distinct, check_file_destination};
+use lorafold_converter::write::output::{check_distinct, check_file_destination};
 use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::path_spec::PathSpec;
 use lorafold_runtime::text::read_text;

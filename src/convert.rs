@@ -7,18 +7,19 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lorafold_converter::budget::{convert_within, BudgetRound, DriftBudget, DriftTarget};
+use lorafold_converter::budget::{convert_within, DriftBudget, DriftTarget};
 use lorafold_converter::calib::CalibStats;
 use lorafold_converter::convert::input_files;
 use lorafold_converter::convert::{
     convert, Compensate, ConvertError, ConvertOptions, ProgressStep, Rounding,
 };
-use lorafold_converter::output::{
+use lorafold_converter::reference::TextCalibration;
+use lorafold_converter::report::BudgetRound;
+use lorafold_converter::report::{ConvertReport, TensorReport};
+use lorafold_converter::round::quant::QuantPolicy;
+use lorafold_converter::write::output::{
     check_distinct, check_file_destination, check_set_destination, write_file_atomic, StagedSet,
 };
-use lorafold_converter::quant::QuantPolicy;
-use lorafold_converter::reference::TextCalibration;
-use lorafold_converter::report::{ConvertReport, TensorReport};
 use lorafold_runtime::gguf::GgmlType;
 
 /// Arguments of `lorafold convert`.
@@ -141,7 +142,7 @@ fn calibrate_in_run(args: &ConvertArgs, text: &Path, with_base: bool) -> Result<
 
 fn parse_ggml_type(s: &str) -> Result<GgmlType, String> {
     GgmlType::from_name(s)
-        .filter(|t| lorafold_converter::quant::WRITABLE.contains(t))
+        .filter(|t| lorafold_converter::round::quant::WRITABLE.contains(t))
         .ok_or_else(|| format!("'{s}' is not a type lorafold writes"))
 }
 

@@ -6,8 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::output::write_file_atomic;
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
+use lorafold_converter::write::output::write_file_atomic;
 use lorafold_runtime::generate::complete;
 use serde::Serialize;
 

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use lorafold_converter::output::{check_distinct, check_file_destination, write_file_atomic};
+use lorafold_converter::write::output::{
+    check_distinct, check_file_destination, write_file_atomic,
+};
 use lorafold_runtime::device::DeviceSpec;
 use lorafold_runtime::measure::{check_vocabulary, drift, windows, DriftReport};
 use lorafold_runtime::model::Model;

@@ -4,8 +4,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lorafold_converter::peft::{PeftAdapter, PeftSummary};
-use lorafold_converter::safetensors_dir::SafetensorsSummary;
+use lorafold_converter::read::peft::{PeftAdapter, PeftSummary};
+use lorafold_converter::read::safetensors_dir::SafetensorsSummary;
 use lorafold_runtime::gguf::{GgufFile, GGUF_MAGIC};
 use lorafold_runtime::input::escape_controls;
 use lorafold_runtime::summary::GgufSummary;

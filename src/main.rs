@@ -88,7 +88,7 @@ fn remove_partials_on_signal() {
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
-            lorafold_converter::output::remove_live_partials();
+            lorafold_converter::write::output::remove_live_partials();
             std::process::exit(128 + sig);
         }
     });
@@ -97,11 +97,11 @@ fn remove_partials_on_signal() {
 /// What to type next, for the library errors whose remedy is a flag (the
 /// libraries name facts; the flags are the CLI's).
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
-    use lorafold_converter::adapter_gguf::AdapterError;
     use lorafold_converter::calib::CalibError;
     use lorafold_converter::convert::ConvertError;
-    use lorafold_converter::gguf_writer::WriteError;
-    use lorafold_converter::quant::QuantError;
+    use lorafold_converter::round::quant::QuantError;
+    use lorafold_converter::write::adapter_gguf::AdapterError;
+    use lorafold_converter::write::gguf_writer::WriteError;
     const RECALIBRATE: &str = "make statistics of this model with `lorafold calibrate MODEL.gguf --text TEXT -o STATS.gguf`, or calibrate in the run with --calib-text";
     use lorafold_runtime::generate::PromptError;
     use lorafold_runtime::model::RuntimeError;

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::model::Model;
 
 #[test]

@@ -19,13 +19,12 @@ use lorafold_runtime::gguf::GgmlType;
 use lorafold_runtime::measure::{drift, DriftReport};
 use lorafold_runtime::model::Model;
 use lorafold_runtime::number::compact;
-use serde::Serialize;
 
 use crate::convert::{
     convert, predict_ladder, Compensate, ConvertError, ConvertOptions, Progress, RoundedTensor,
     RoundedTensors, TensorLadder,
 };
-use crate::report::ConvertReport;
+use crate::report::{BudgetReport, BudgetRound, ConvertReport};
 
 /// What the budget bounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -94,40 +93,6 @@ pub struct DriftBudget {
     pub base_reference: Option<PathBuf>,
     /// Files written and measured at most.
     pub max_rounds: usize,
-}
-
-/// One written and measured mix.
-#[derive(Debug, Clone, Serialize)]
-pub struct BudgetRound {
-    /// Tensors above their policy type.
-    pub upgraded: usize,
-    /// Σ of the predicted relative squared output errors.
-    pub predicted_error: f64,
-    /// Tensor bytes of the file.
-    pub tensor_bytes: u64,
-    /// Measured mean KL from the reference.
-    pub kl_mean: f64,
-    /// Measured top-1 agreement.
-    pub top1_agreement: f64,
-    /// Measured gain retained, when the base was measured.
-    pub gain_retained: Option<f64>,
-    /// Whether the budget holds for this mix.
-    pub within: bool,
-}
-
-/// What the budget chose and what was measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct BudgetReport {
-    /// The bound, in words.
-    pub target: String,
-    /// Tokens measured.
-    pub tokens: usize,
-    /// Seconds spent predicting every tensor's error at every rung.
-    pub predict_seconds: f64,
-    /// Every round, the last one the file written (when within budget).
-    pub rounds: Vec<BudgetRound>,
-    /// Each upgraded tensor: (name, policy type, type written).
-    pub upgrades: Vec<(String, String, String)>,
 }
 
 /// Every rung's bytes from the prediction, in a file in the budget's
@@ -282,7 +247,7 @@ pub fn convert_within(
     // The published files are checked now, not the rounds' (in a work
     // folder): distinct, from each other and the inputs.
     crate::convert::check_outputs(opts)?;
-    let dir = crate::output::WorkFolder::new(&output)?;
+    let dir = crate::write::output::WorkFolder::new(&output)?;
     let cache = Arc::new(
         RungCache::new(&dir.path().join("rungs.bin")).map_err(|source| ConvertError::Io {
             path: dir.path().to_path_buf(),

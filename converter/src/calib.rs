@@ -20,8 +20,8 @@ use lorafold_runtime::gguf::{
 use lorafold_runtime::model::{Model, SessionOptions};
 use std::borrow::Cow;
 
-use crate::gguf_writer::{GgufWriter, WriteError};
-use crate::gptq::{GptqError, GptqFactor};
+use crate::round::gptq::{GptqError, GptqFactor};
+use crate::write::gguf_writer::{GgufWriter, WriteError};
 use lorafold_runtime::finite::check_finite;
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -223,14 +223,14 @@ impl InputStats {
         }
     }
 
-    /// [`crate::gptq::inverse_cholesky`] of these statistics, computed on
+    /// [`crate::round::gptq::inverse_cholesky`] of these statistics, computed on
     /// first use (`damp` must be the same at every call).
     pub fn gptq_factor(&self, damp: f64, act_order: bool) -> Result<Arc<GptqFactor>, GptqError> {
         // A poisoned lock only means another tensor's thread panicked.
         let mut slot = self.factor.lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert_with(|| {
             let h = self.xtx().map_err(|e| GptqError::Io(e.to_string()))?;
-            crate::gptq::inverse_cholesky(&h, self.k, damp, act_order).map(Arc::new)
+            crate::round::gptq::inverse_cholesky(&h, self.k, damp, act_order).map(Arc::new)
         })
         .clone()
     }
@@ -574,7 +574,7 @@ impl CalibStats {
         // The reader's errors name the file already.
         let file = Arc::new(GgufFile::open(path).map_err(|e| CalibError::Run(e.to_string()))?);
         let f = &*file;
-        let sha = crate::convert::sha256_file(path).map_err(|e| bad(e.to_string()))?;
+        let sha = crate::read::sha256_of(path).map_err(|e| bad(e.to_string()))?;
         match f.get(names::TYPE) {
             Some(MetadataValue::String(s)) if s == CALIBRATION_TYPE => {}
             Some(MetadataValue::String(s)) if s == IMATRIX_TYPE => {

@@ -1,28 +1,24 @@
 //! lorafold's release side: read bases and PEFT adapters, merge, quantize, and
 //! stream GGUF files out.
+//!
+//! The modules are layered by stage and import only downwards:
+//! `round` (codecs, GPTQ) ← `read` (bases, adapters) ← `merge` ← `write`
+//! (GGUF streams, adapter GGUFs) ← `calib` ← `report` ← `convert` ←
+//! `budget`, `reference`. `error`, `simd` are leaves every stage may use.
 #![warn(missing_docs)]
 
-pub mod adapter_gguf;
-pub mod base;
 pub mod budget;
 pub mod calib;
-pub mod compensate;
 pub mod convert;
 pub mod error;
-pub mod gguf_writer;
-pub mod gptq;
-pub mod hf_tokenizer;
-pub mod importance;
 pub mod merge;
-pub mod output;
-pub mod peft;
-pub mod quant;
-mod quant_avx2;
+pub mod read;
 pub mod reference;
 pub mod report;
-pub mod safetensors_dir;
+pub mod round;
 mod simd;
 #[cfg(test)]
 mod test_rng;
+pub mod write;
 
-pub use gguf_writer::{GgufStream, GgufWriter, WriteError};
+pub use write::gguf_writer::{GgufStream, GgufWriter, WriteError};

@@ -4,9 +4,9 @@
 use lorafold_runtime::gguf::names;
 use std::collections::BTreeMap;
 
-use crate::base::BaseModel;
 use crate::error::{check_finite, NonFinite};
-use crate::peft::{LoraModule, ModuleKind, PeftAdapter, PeftError};
+use crate::read::base::BaseModel;
+use crate::read::peft::{LoraModule, ModuleKind, PeftAdapter, PeftError};
 
 /// An error planning or computing the merge.
 #[derive(Debug, thiserror::Error)]

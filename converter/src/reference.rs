@@ -10,8 +10,8 @@ use lorafold_runtime::model::Model;
 
 use crate::calib::CalibStats;
 use crate::convert::{convert, sha256_file, ConvertError, ConvertOptions};
-use crate::output::WorkFolder;
-use crate::quant::QuantPolicy;
+use crate::round::quant::QuantPolicy;
+use crate::write::output::WorkFolder;
 
 /// Tokens per window when a text is not split by lines (`lorafold calibrate`'s default).
 pub const DEFAULT_CTX: usize = 128;

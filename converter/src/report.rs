@@ -171,7 +171,7 @@ pub struct ConvertReport {
     /// Size of the base file.
     pub base_file_size: Option<u64>,
     /// The adapter GGUF (separate path), if written.
-    pub adapter_gguf: Option<crate::adapter_gguf::AdapterReport>,
+    pub adapter_gguf: Option<crate::write::adapter_gguf::AdapterReport>,
     /// The base model.
     pub base: String,
     /// The adapter folder, if any.
@@ -186,7 +186,7 @@ pub struct ConvertReport {
     pub notes: Vec<String>,
     /// The drift budget's rounds and choices, when one was given.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub budget: Option<crate::budget::BudgetReport>,
+    pub budget: Option<BudgetReport>,
     /// The compensation adapter, when one was written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compensation: Option<CompensationReport>,
@@ -287,3 +287,37 @@ impl Totals {
 }
 
 pub use lorafold_runtime::bench::peak_rss_bytes;
+
+/// One written and measured mix.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetRound {
+    /// Tensors above their policy type.
+    pub upgraded: usize,
+    /// Σ of the predicted relative squared output errors.
+    pub predicted_error: f64,
+    /// Tensor bytes of the file.
+    pub tensor_bytes: u64,
+    /// Measured mean KL from the reference.
+    pub kl_mean: f64,
+    /// Measured top-1 agreement.
+    pub top1_agreement: f64,
+    /// Measured gain retained, when the base was measured.
+    pub gain_retained: Option<f64>,
+    /// Whether the budget holds for this mix.
+    pub within: bool,
+}
+
+/// What the budget chose and what was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetReport {
+    /// The bound, in words.
+    pub target: String,
+    /// Tokens measured.
+    pub tokens: usize,
+    /// Seconds spent predicting every tensor's error at every rung.
+    pub predict_seconds: f64,
+    /// Every round, the last one the file written (when within budget).
+    pub rounds: Vec<BudgetRound>,
+    /// Each upgraded tensor: (name, policy type, type written).
+    pub upgrades: Vec<(String, String, String)>,
+}

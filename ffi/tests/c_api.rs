@@ -24,7 +24,7 @@ fn repo() -> PathBuf {
 /// The pirate adapter as a llama.cpp LoRA GGUF, written by the converter.
 fn pirate_gguf(dir: &Path) -> PathBuf {
     use lorafold_converter::convert::{convert, ConvertOptions};
-    use lorafold_converter::quant::QuantPolicy;
+    use lorafold_converter::round::quant::QuantPolicy;
     let out = dir.join("pirate.gguf");
     let opts = ConvertOptions {
         output: None,
@@ -44,7 +44,7 @@ fn pirate_gguf(dir: &Path) -> PathBuf {
 fn foreign_adapter(dir: &Path) -> PathBuf {
     use lorafold_runtime::gguf::GgmlType;
     let p = dir.join("foreign.gguf");
-    let mut w = lorafold_converter::adapter_gguf::lora_writer(&p, "llama", 8.0).unwrap();
+    let mut w = lorafold_converter::write::adapter_gguf::lora_writer(&p, "llama", 8.0).unwrap();
     w.add_tensor("blk.0.attn_q.weight.lora_a", GgmlType::F32, &[100, 8])
         .unwrap();
     w.add_tensor("blk.0.attn_q.weight.lora_b", GgmlType::F32, &[8, 100])

@@ -15,7 +15,7 @@ use common::{c, expect, gemma3};
 
 fn robot_gguf(dir: &Path) -> PathBuf {
     use lorafold_converter::convert::{convert, ConvertOptions};
-    use lorafold_converter::quant::QuantPolicy;
+    use lorafold_converter::round::quant::QuantPolicy;
     let adapter = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/data/gemma3-adapters/robot/adapter");
     let adapter = std::env::var_os("LORAFOLD_SHARED_DATA")

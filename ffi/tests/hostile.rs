@@ -38,7 +38,8 @@ fn tiny(dir: &Path) -> (CString, CString) {
     let model = dir.join("tiny.gguf");
     synthetic::write_f32(&model, TINY, 7);
     let adapter = dir.join("tiny-lora.gguf");
-    let mut w = lorafold_converter::adapter_gguf::lora_writer(&adapter, "llama", 4.0).unwrap();
+    let mut w =
+        lorafold_converter::write::adapter_gguf::lora_writer(&adapter, "llama", 4.0).unwrap();
     w.add_tensor("blk.0.attn_q.weight.lora_a", GgmlType::F32, &[64, 4])
         .unwrap();
     w.add_tensor("blk.0.attn_q.weight.lora_b", GgmlType::F32, &[4, 64])

@@ -6,9 +6,9 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use lorafold_converter::base::widen;
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::read::base::widen;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::arch::qk_permutation;
 use lorafold_runtime::gguf::{GgmlType, GgufFile, MetadataValue};
 use safetensors::SafeTensors;
@@ -86,7 +86,8 @@ fn check(adapter_name: &str, ty: GgmlType) {
             widen(v.dtype(), v.data()).unwrap()
         };
         let (a, mut b) = (get("lora_A.weight"), get("lora_B.weight"));
-        let name = lorafold_converter::base::hf_to_gguf_name(&format!("{module}.weight")).unwrap();
+        let name =
+            lorafold_converter::read::base::hf_to_gguf_name(&format!("{module}.weight")).unwrap();
         let heads = if name.contains("attn_q") {
             Some(6)
         } else if name.contains("attn_k") {

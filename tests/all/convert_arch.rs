@@ -6,7 +6,7 @@ use crate::common;
 use std::path::Path;
 
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::arch::qk_permutation;
 use lorafold_runtime::gguf::GgufFile;
 use safetensors::tensor::TensorView;

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
 use lorafold_converter::report::ConvertReport;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::gguf::{GgmlType, GgufFile};
 
 fn run(adapter: &str, quant: &str, out: &Path) -> ConvertReport {
@@ -29,7 +29,7 @@ fn run(adapter: &str, quant: &str, out: &Path) -> ConvertReport {
 
 /// HF module path -> GGUF tensor name.
 fn gguf_name(module: &str) -> String {
-    lorafold_converter::base::hf_to_gguf_name(&format!("{module}.weight")).unwrap()
+    lorafold_converter::read::base::hf_to_gguf_name(&format!("{module}.weight")).unwrap()
 }
 
 /// `tol` bounds each module's retention against the reference. PEFT merged

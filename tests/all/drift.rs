@@ -6,7 +6,7 @@ use crate::common;
 
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::measure::DriftAccumulator;
 use lorafold_runtime::model::{Model, SessionOptions};

@@ -5,7 +5,7 @@
 use crate::common;
 
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::gguf::{GgufFile, MetadataValue};
 use serde_json::{json, Map};
 

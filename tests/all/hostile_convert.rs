@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::{f32s, lorafold, Rng};
 use lorafold_converter::convert::{convert, ConvertError, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::arch::qk_permutation;
 use lorafold_runtime::gguf::GgufFile;
 use safetensors::tensor::TensorView;
@@ -835,7 +835,7 @@ fn gguf_tensors() -> Vec<(String, Vec<u64>, Vec<f32>)> {
     hf_tensors(false)
         .into_iter()
         .map(|(k, s, v)| {
-            let name = lorafold_converter::base::hf_to_gguf_name(&k).unwrap();
+            let name = lorafold_converter::read::base::hf_to_gguf_name(&k).unwrap();
             (name, s.iter().rev().map(|&d| d as u64).collect(), v)
         })
         .collect()

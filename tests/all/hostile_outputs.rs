@@ -528,7 +528,7 @@ fn messages_name_what_is_there_and_print_numbers_as_given() {
     );
     refused(&out, &["temperature -1e-300 is out of range"]);
     use lorafold_converter::convert::{convert, ConvertOptions};
-    use lorafold_converter::quant::QuantPolicy;
+    use lorafold_converter::round::quant::QuantPolicy;
     let opts = ConvertOptions {
         damp: -1e300,
         ..ConvertOptions::new(

@@ -7,7 +7,7 @@ use crate::common;
 use std::path::Path;
 
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::gguf::GgmlType;
 use safetensors::SafeTensors;
 

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use candle_core::Device;
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::cpu::KvType;
 use lorafold_runtime::generate::{generate, Sampler, SamplerConfig};
 use lorafold_runtime::gguf::GgmlType;

@@ -214,7 +214,7 @@ w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); 
 fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
     use lorafold_converter::calib::CalibStats;
     use lorafold_converter::convert::{convert, ConvertOptions, Rounding};
-    use lorafold_converter::quant::{dequantize, QuantPolicy};
+    use lorafold_converter::round::quant::{dequantize, QuantPolicy};
     use lorafold_runtime::gguf::GgufFile;
     use std::sync::Arc;
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::gguf_writer::GgufWriter;
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::round::quant::QuantPolicy;
+use lorafold_converter::write::gguf_writer::GgufWriter;
 use lorafold_runtime::gguf::value::{MetadataArray, ValueType};
 use lorafold_runtime::gguf::{GgmlType, MetadataValue};
 

@@ -3,9 +3,9 @@
 
 use crate::common;
 
-use lorafold_converter::base::{hf_to_gguf_name, widen};
 use lorafold_converter::convert::{convert, ConvertOptions};
-use lorafold_converter::quant::QuantPolicy;
+use lorafold_converter::read::base::{hf_to_gguf_name, widen};
+use lorafold_converter::round::quant::QuantPolicy;
 use lorafold_runtime::arch::qk_permutation;
 use lorafold_runtime::gguf::{GgmlType, GgufFile};
 use safetensors::SafeTensors;

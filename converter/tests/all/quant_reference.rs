@@ -4,7 +4,7 @@
 use crate::common;
 
 use common::Rng;
-use lorafold_converter::quant::{dequantize, quantize};
+use lorafold_converter::round::quant::{dequantize, quantize};
 use lorafold_runtime::gguf::GgmlType;
 
 const QUANTIZE: &str = r#"

@@ -77,7 +77,7 @@ pub enum WriteError {
     },
     /// The destination cannot take a file.
     #[error(transparent)]
-    Destination(#[from] crate::output::OutputError),
+    Destination(#[from] crate::write::output::OutputError),
     /// `finish` was called before every declared tensor was written.
     #[error("{path}: {missing} declared tensors were never written, starting with '{first}'")]
     Incomplete {
@@ -225,9 +225,9 @@ impl GgufWriter {
             path: self.dest.clone(),
             source,
         };
-        crate::output::check_file_destination(&self.dest)?;
-        crate::output::sweep_stale_partials(&self.dest);
-        let (tmp, live) = crate::output::partial_file(&self.dest).map_err(io)?;
+        crate::write::output::check_file_destination(&self.dest)?;
+        crate::write::output::sweep_stale_partials(&self.dest);
+        let (tmp, live) = crate::write::output::partial_file(&self.dest).map_err(io)?;
         let out = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io)?);
 
         let mut head = Vec::with_capacity(24 + self.kv.len() + self.tensors.len() * 64);
@@ -281,7 +281,7 @@ pub struct GgufStream {
     head: Vec<u8>,
     /// Whether data is checked to be finite before it is written.
     finite_only: bool,
-    _live: crate::output::LivePartial,
+    _live: crate::write::output::LivePartial,
 }
 
 impl GgufStream {
@@ -325,7 +325,7 @@ impl GgufStream {
         // value can still overflow the type it is written in.
         if let Some(problem) = self
             .finite_only
-            .then(|| crate::quant::first_non_finite(t.ggml_type, data))
+            .then(|| crate::round::quant::first_non_finite(t.ggml_type, data))
             .flatten()
         {
             return Err(WriteError::NotFinite {

@@ -3,7 +3,7 @@
 //! imp_e is the mean square of input e over a calibration text (the
 //! diagonal of XᵀX), so the weights that meet large inputs are kept
 //! closest. The output-space error ‖(Q(W) − W)X‖² is this sum when inputs
-//! are uncorrelated; GPTQ ([`crate::gptq`]) uses the whole matrix.
+//! are uncorrelated; GPTQ (the `gptq` module) uses the whole matrix.
 //!
 //! The search: candidate grids come from ggml's own quantizer run on the
 //! block with each sub-block (the scale's unit: the block for 32-weight
@@ -20,7 +20,7 @@ use lorafold_kernels::WType;
 use lorafold_runtime::gguf::GgmlType;
 use rayon::prelude::*;
 
-use crate::quant::{self, QuantError};
+use crate::round::quant::{self, QuantError};
 
 /// Stretch factors tried per sub-block (1.0 is ggml's own choice).
 const FACTORS: [f32; 16] = [
@@ -216,7 +216,7 @@ fn refit(kt: WType, blk: &[u8], x: &[f32], imp: &[f32]) -> Option<(Vec<u8>, f64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{dequantize, quantize};
+    use crate::round::quant::{dequantize, quantize};
 
     use crate::test_rng::Rng;
 
@@ -239,7 +239,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|_| rng.f() * 0.1).collect();
         let imp: Vec<f32> = (0..k).map(|_| 10f32.powf(3.0 * rng.f().abs())).collect();
         let flat = vec![1f32; k];
-        for t in crate::quant::BLOCK_TYPES {
+        for t in crate::round::quant::BLOCK_TYPES {
             let near = dequantize(t, &quantize(t, &w, "w").unwrap(), n * k, "w").unwrap();
             let ours = importance_round(t, &w, n, &imp, "w").unwrap();
             let ours = dequantize(t, &ours, n * k, "w").unwrap();

@@ -95,7 +95,8 @@ mod tests {
             .iter_mut()
             .enumerate()
             .for_each(|(i, x)| *x = i as f32 * 1e-40);
-        let want = crate::quant::quantize_candle(lorafold_runtime::gguf::GgmlType::Q4_0, &xs);
+        let want =
+            crate::round::quant::quantize_candle(lorafold_runtime::gguf::GgmlType::Q4_0, &xs);
         let mut got = vec![0u8; want.len()];
         let ran = quantize_q4_0(&xs, &mut got);
         #[cfg(target_arch = "x86_64")]

@@ -592,7 +592,7 @@ impl PeftAdapter {
         };
         let st = self.tensors();
         let v = st.tensor(key).map_err(|e| bad(e.to_string()))?;
-        let values = crate::base::widen(v.dtype(), v.data())
+        let values = crate::read::base::widen(v.dtype(), v.data())
             .ok_or_else(|| bad(format!("dtype {:?} is not f32, f16 or bf16", v.dtype())))?;
         check_finite(&values).map_err(|found| PeftError::NonFinite {
             path: self.tensors_path.clone(),

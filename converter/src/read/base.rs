@@ -14,9 +14,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use crate::error::check_finite;
-use crate::hf_tokenizer;
-use crate::quant::{self, QuantError};
-use crate::safetensors_dir::{map_safetensors, model_files};
+use crate::read::hf_tokenizer;
+use crate::read::safetensors_dir::{map_safetensors, model_files};
+use crate::round::quant::{self, QuantError};
 
 /// An error reading a base model.
 pub type BaseError = crate::error::ModelFileError;

@@ -352,7 +352,7 @@ pub fn quantize(t: GgmlType, xs: &[f32], tensor: &str) -> Result<Vec<u8>, QuantE
     let bytes = match t {
         GgmlType::Q4_0 => {
             let mut out = vec![0u8; xs.len() / 32 * 18];
-            if crate::quant_avx2::quantize_q4_0(xs, &mut out) {
+            if crate::round::quant_avx2::quantize_q4_0(xs, &mut out) {
                 out
             } else {
                 quantize_candle(t, xs)

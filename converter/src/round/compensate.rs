@@ -46,8 +46,8 @@ impl LowRank {
         alpha: f32,
         tensor: &str,
     ) -> Result<StoredPair, CompensateError> {
-        use crate::quant::{dequantize, quantize};
-        let codec = |e: crate::quant::QuantError| CompensateError::Shape(e.to_string());
+        use crate::round::quant::{dequantize, quantize};
+        let codec = |e: crate::round::quant::QuantError| CompensateError::Shape(e.to_string());
         let fold = self.rank as f32 / alpha;
         let folded: Vec<f32> = self.b.iter().map(|&x| x * fold).collect();
         let a = quantize(ty, &self.a, tensor).map_err(codec)?;
@@ -548,7 +548,7 @@ mod tests {
         let stored = lr.store(GgmlType::F32, 4.0, "t").unwrap();
         // Folded by rank / alpha in the file, unfolded in what is applied.
         assert_eq!(
-            crate::quant::dequantize(GgmlType::F32, &stored.b, 4, "t").unwrap(),
+            crate::round::quant::dequantize(GgmlType::F32, &stored.b, 4, "t").unwrap(),
             [0.25, 0.125, 0.5, 1.0]
         );
         assert_eq!(stored.applied.b, lr.b);

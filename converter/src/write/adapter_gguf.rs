@@ -7,12 +7,12 @@ use std::path::Path;
 use lorafold_runtime::gguf::{GgmlType, MetadataValue};
 use serde::Serialize;
 
-use crate::base::{permute_rows, BaseModel};
 use crate::error::check_finite;
-use crate::gguf_writer::{GgufStream, GgufWriter, WriteError};
 use crate::merge::{MergePlan, TensorEdit};
-use crate::peft::{ModuleKind, PeftAdapter, PeftError};
-use crate::quant::{self, QuantError};
+use crate::read::base::{permute_rows, BaseModel};
+use crate::read::peft::{ModuleKind, PeftAdapter, PeftError};
+use crate::round::quant::{self, QuantError};
+use crate::write::gguf_writer::{GgufStream, GgufWriter, WriteError};
 
 /// An error writing an adapter GGUF; nothing is left behind.
 #[derive(Debug, thiserror::Error)]

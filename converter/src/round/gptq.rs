@@ -11,7 +11,7 @@
 //! diagonal; U is the upper Cholesky factor of H⁻¹. Block scales (and
 //! minimum, and a K-quant's sub-block scales) come from ggml's own
 //! quantizer or, given each input's importance (H's diagonal), from the
-//! search of [`crate::importance`]: in natural column order, when each
+//! search of [`crate::round::importance`]: in natural column order, when each
 //! block starts, from the error-updated weights; in act order (columns by
 //! decreasing H_ii), for every block before coding starts. Each weight
 //! then takes the nearest value of its block's grid
@@ -289,7 +289,7 @@ impl Coder<'_> {
     /// `dst`, by the importance search or ggml's quantizer; its grid.
     fn set_block(&self, x: &[f32], c0: usize, dst: &mut [u8]) -> Result<Grid, GptqError> {
         match self.imp {
-            Some(imp) => crate::importance::round_block(
+            Some(imp) => crate::round::importance::round_block(
                 self.wtype,
                 self.kt,
                 x,
@@ -297,9 +297,8 @@ impl Coder<'_> {
                 dst,
                 self.tensor,
             ),
-            None => {
-                crate::quant::quantize(self.wtype, x, self.tensor).map(|b| dst.copy_from_slice(&b))
-            }
+            None => crate::round::quant::quantize(self.wtype, x, self.tensor)
+                .map(|b| dst.copy_from_slice(&b)),
         }
         .map_err(|e| GptqError::Quantizer(e.to_string()))?;
         Ok(Grid::read(self.kt, dst))
@@ -472,12 +471,12 @@ crate::simd::avx2_or_portable! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{dequantize, quantize};
+    use crate::round::quant::{dequantize, quantize};
     use candle_core::{Device, Tensor};
 
     use crate::test_rng::Rng;
 
-    use crate::quant::BLOCK_TYPES as TYPES;
+    use crate::round::quant::BLOCK_TYPES as TYPES;
 
     /// ‖(Q − W) Xᵀ‖² over the calibration rows.
     fn output_error(q: &[f32], w: &[f32], x: &Tensor, n: usize, k: usize) -> f64 {
@@ -574,7 +573,7 @@ mod tests {
             pool.install(|| {
                 let f = inverse_cholesky(&h, k, 0.05, act).unwrap();
                 let g = gptq(t, &w, n, &f, Some(&imp), "w").unwrap();
-                let i = crate::importance::importance_round(t, &w, n, &imp, "w").unwrap();
+                let i = crate::round::importance::importance_round(t, &w, n, &imp, "w").unwrap();
                 (g, i)
             })
         };
