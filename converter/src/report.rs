@@ -15,6 +15,9 @@ pub struct TensorReport {
     pub n_elements: u64,
     /// Bytes written.
     pub n_bytes: u64,
+    /// Whether the base's stored bytes were copied (its type was the type
+    /// asked for and the adapter leaves it alone): exact, not re-rounded.
+    pub copied: bool,
     /// ||Q(W) - W|| / ||W|| against the exact merge.
     pub rel_error: f64,
     /// <Q(W0 + dW) - Q(W0), dW> / ||dW||^2, for tensors the adapter changed.
@@ -116,6 +119,26 @@ impl ErrorSums {
     pub fn add(&mut self, w: &[f32], qw: &[f32], changed: Option<(&[f32], &[f32], &[f32])>) {
         add_sums(self, w, qw, changed);
     }
+
+    /// The sums of `self`'s runs and `other`'s, as if added one after the
+    /// other (runs of one tensor summed on different threads).
+    pub fn merge(&mut self, other: &ErrorSums) {
+        self.err2 += other.err2;
+        self.norm2 += other.norm2;
+        self.dot += other.dot;
+        self.d2 += other.d2;
+        self.b2 += other.b2;
+        self.n += other.n;
+        self.changed |= other.changed;
+    }
+
+    /// The sums of `n` values written exactly as they were (a copied tensor).
+    pub fn exact(n: u64) -> ErrorSums {
+        ErrorSums {
+            n,
+            ..ErrorSums::default()
+        }
+    }
 }
 
 impl TensorReport {
@@ -150,6 +173,7 @@ impl TensorReport {
             fallback,
             n_elements: s.n,
             n_bytes,
+            copied: false,
             rel_error,
             retention,
             delta_rel_norm,
@@ -234,6 +258,8 @@ pub struct Totals {
     pub changed_tensors: usize,
     /// Tensors whose type fell back.
     pub fallbacks: usize,
+    /// Tensors copied as stored in the base, not re-rounded.
+    pub copied_tensors: usize,
     /// Wall time of the conversion in seconds.
     pub wall_seconds: f64,
     /// Peak resident memory of the process, bytes (Linux).
@@ -251,6 +277,7 @@ impl Totals {
             (0f64, 0f64, 0f64, 0usize, 0f64);
         for r in tensors {
             t.n_elements += r.n_elements;
+            t.copied_tensors += usize::from(r.copied);
             t.tensor_bytes += r.n_bytes;
             weighted_err += r.rel_error * r.n_elements as f64;
             if r.rel_error > t.max_rel_error || t.max_rel_error_tensor.is_empty() {

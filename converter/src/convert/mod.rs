@@ -26,12 +26,14 @@ mod ladder;
 mod outputs;
 mod process;
 mod provenance;
+mod stream;
 mod tensors;
 
 pub use ladder::{predict_ladder, Rung, TensorLadder};
 use outputs::{start_compensation, start_model};
 use process::{merged_values, output_norms2, process, relative2, round, stats_of, Processed};
 use provenance::provenance;
+use stream::{stream_tensor, Making, Sinks};
 pub use provenance::sha256_file;
 use tensors::{out_tensors, row_len, OutTensor};
 
@@ -290,6 +292,84 @@ pub type Progress<'a> = &'a (dyn Fn(&ProgressStep) + Sync);
 /// outputs appear together at the end, or not at all.
 pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertReport, ConvertError> {
     let start = Instant::now();
+    check_request(opts)?;
+    check_outputs(opts)?;
+    let (base, adapter, plan) = open_inputs(opts)?;
+    // Only the merged output carries the adapter's edits; a base-only pass
+    // measures the base's own quantization.
+    let out = out_tensors(&base, &plan, opts.output.is_some());
+    check_overrides(opts, &out)?;
+    let (provenance, hashes) = provenance(opts, &base, adapter.as_ref())?;
+    let mut adapter_file = match (&opts.adapter_output, &adapter) {
+        (Some(path), Some(a)) => Some(write_adapter_gguf(
+            &base,
+            a,
+            &plan,
+            path,
+            opts.adapter_type,
+            &provenance,
+        )?),
+        (Some(_), None) => return Err(ConvertError::NoAdapter),
+        (None, _) => None,
+    };
+    if let Some(c) = &opts.calib {
+        c.expect_readers(out.iter().map(|t| t.name.as_str()));
+    }
+    let choices: Vec<_> = out
+        .iter()
+        .map(|t| opts.policy.choose(&t.name, t.role, t.dims[0]))
+        .collect();
+    let mut sinks = start_sinks(opts, &base, &provenance, &out, &choices)?;
+    let inputs = Inputs {
+        base: &base,
+        adapter: adapter.as_ref(),
+        opts,
+    };
+    let (reports, pairs) = write_tensors(&inputs, &out, &choices, &mut sinks, progress)?;
+
+    let mut report = report_of(opts, &base, &plan, reports, &adapter_file);
+    let broken = broken_bounds(opts, &report);
+    let mut compensation = match &opts.compensate {
+        Some(c) => Some(start_compensation(c, &base, opts, &provenance, &pairs)?),
+        None => None,
+    };
+    report.totals.peak_rss_bytes = peak_rss_bytes();
+    if !broken.is_empty() {
+        report.totals.wall_seconds = start.elapsed().as_secs_f64();
+        return Err(ConvertError::Budget(broken.join("; "), Box::new(report)));
+    }
+    {
+        let mut streams: Vec<&mut GgufStream> = Vec::new();
+        streams.extend(sinks.merged.as_mut());
+        streams.extend(sinks.base.as_mut());
+        streams.extend(adapter_file.as_mut().map(|(s, _)| s));
+        streams.extend(compensation.as_mut());
+        hashes.finish(&mut streams)?;
+    }
+    // Every output is complete; rename them into place.
+    if let Some(s) = sinks.merged {
+        report.totals.file_size = s.finish()?;
+    }
+    if let Some(s) = sinks.base {
+        report.base_file_size = Some(s.finish()?);
+    }
+    if let (Some((s, _)), Some(r)) = (adapter_file, report.adapter_gguf.as_mut()) {
+        r.file_size = s.finish()?;
+    }
+    if let (Some(s), Some(c)) = (compensation, &opts.compensate) {
+        report.compensation = Some(CompensationReport {
+            path: c.output.display().to_string(),
+            rank: c.rank,
+            modules: pairs.len(),
+            file_size: s.finish()?,
+        });
+    }
+    report.totals.wall_seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Refuse options that contradict each other, before anything is opened.
+fn check_request(opts: &ConvertOptions) -> Result<(), ConvertError> {
     if opts.output.is_none() && opts.base_output.is_none() && opts.adapter_output.is_none() {
         return Err(ConvertError::Usage(
             "nothing to write: give a merged output, a base output or an adapter output".into(),
@@ -321,53 +401,34 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             ));
         }
     }
-    check_outputs(opts)?;
-    let (base, adapter, plan) = open_inputs(opts)?;
-    // Only the merged output carries the adapter's edits; a base-only pass
-    // measures the base's own quantization.
-    let merging = opts.output.is_some();
-    let out = out_tensors(&base, &plan, merging);
-    check_overrides(opts, &out)?;
-    let (provenance, hashes) = provenance(opts, &base, adapter.as_ref())?;
+    Ok(())
+}
 
-    let mut adapter_file = match (&opts.adapter_output, &adapter) {
-        (Some(path), Some(a)) => Some(write_adapter_gguf(
-            &base,
-            a,
-            &plan,
-            path,
-            opts.adapter_type,
-            &provenance,
-        )?),
-        (Some(_), None) => return Err(ConvertError::NoAdapter),
-        (None, _) => None,
-    };
-
-    if let Some(c) = &opts.calib {
-        c.expect_readers(out.iter().map(|t| t.name.as_str()));
-    }
-    let choices: Vec<_> = out
-        .iter()
-        .map(|t| opts.policy.choose(&t.name, t.role, t.dims[0]))
-        .collect();
-    let base_tensors = out.iter().zip(&choices).filter(|(t, _)| t.base.is_some());
-    let mut merged_stream = match &opts.output {
+/// Declare the model outputs asked for and start their streams.
+fn start_sinks(
+    opts: &ConvertOptions,
+    base: &BaseModel,
+    provenance: &[(String, MetadataValue<'static>)],
+    out: &[OutTensor],
+    choices: &[quant::TypeChoice],
+) -> Result<Sinks, ConvertError> {
+    let merged = match &opts.output {
         Some(path) => Some(start_model(
             path,
-            &base,
+            base,
             opts,
-            &provenance,
-            out.iter().zip(&choices),
+            provenance,
+            out.iter().zip(choices),
         )?),
         None => None,
     };
-    let mut base_stream = match &opts.base_output {
-        // The base is shared by every adapter, so it records nothing of this one.
+    let base_stream = match &opts.base_output {
+        // The base is shared by every adapter, so it records nothing of this
+        // one, nor the rounding: the base output is rounded to nearest.
         Some(path) => {
             let base_provenance: Vec<_> = provenance
                 .iter()
                 .filter(|(k, _)| {
-                    // Nor the rounding: the base output is rounded to nearest.
                     !k.starts_with("lorafold.adapter.")
                         && !k.starts_with("lorafold.merge.")
                         && !k.starts_with("lorafold.calibration.")
@@ -375,74 +436,110 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
                 })
                 .cloned()
                 .collect();
-            Some(start_model(
-                path,
-                &base,
-                opts,
-                &base_provenance,
-                base_tensors,
-            )?)
+            let tensors = out.iter().zip(choices).filter(|(t, _)| t.base.is_some());
+            Some(start_model(path, base, opts, &base_provenance, tensors)?)
         }
         None => None,
     };
+    Ok(Sinks {
+        merged,
+        base: base_stream,
+    })
+}
 
-    // Batches as wide as the thread pool keep every core busy while bounding
-    // memory to a few tensors in flight; results are written in order, so the
-    // output does not depend on scheduling.
+/// Each compensated tensor's name and its rank-R pair, in file order.
+type CompensationPairs = Vec<(String, StoredPair)>;
+
+/// What every tensor is made from.
+struct Inputs<'a> {
+    base: &'a BaseModel,
+    adapter: Option<&'a PeftAdapter>,
+    opts: &'a ConvertOptions,
+}
+
+/// Make and write every tensor in file order; the reports and the
+/// compensation pairs. Tensors the adapter leaves alone stream by rows on
+/// every core; the rest run as parallel batches as wide as the thread pool,
+/// which bounds memory to a few whole tensors in flight. Results are written
+/// in order, so the output does not depend on scheduling.
+fn write_tensors(
+    inputs: &Inputs,
+    out: &[OutTensor],
+    choices: &[quant::TypeChoice],
+    sinks: &mut Sinks,
+    progress: Progress,
+) -> Result<(Vec<TensorReport>, CompensationPairs), ConvertError> {
     let mut reports = Vec::with_capacity(out.len());
     let mut pairs = Vec::new();
+    if sinks.merged.is_none() && sinks.base.is_none() {
+        return Ok((reports, pairs));
+    }
+    let Inputs { base, adapter, opts } = *inputs;
     let written_to = opts.output.as_deref().or(opts.base_output.as_deref());
-    if merged_stream.is_some() || base_stream.is_some() {
-        let batch = rayon::current_num_threads().max(1) * 2;
-        let total = out.len();
-        for (chunk_i, chunk) in out.chunks(batch).enumerate() {
-            let results: Vec<Result<Processed, ConvertError>> = chunk
-                .par_iter()
-                .enumerate()
-                .map(|(j, t)| {
-                    let choice = &choices[chunk_i * batch + j];
-                    process(
-                        t,
-                        choice.ggml_type,
-                        choice.fallback.clone(),
-                        &base,
-                        adapter.as_ref(),
-                        opts,
-                    )
-                })
-                .collect();
-            for (t, r) in chunk.iter().zip(results) {
-                // A value the type cannot hold is refused naming the file
-                // it was to be written to, as the writer names it.
-                let p = r.map_err(|e| match (e, written_to) {
-                    (ConvertError::Quant(source @ QuantError::Overflow { .. }), Some(path)) => {
-                        ConvertError::Written {
-                            path: path.to_path_buf(),
-                            source,
-                        }
-                    }
-                    (e, _) => e,
-                })?;
-                if let Some(s) = merged_stream.as_mut() {
-                    s.write_tensor(&t.name, &p.bytes)?;
-                }
-                if let (Some(s), true) = (base_stream.as_mut(), t.base.is_some()) {
-                    s.write_tensor(&t.name, p.base_bytes.as_ref().unwrap_or(&p.bytes))?;
-                }
-                reports.push(p.report);
-                if let Some(c) = p.compensation {
-                    pairs.push((t.name.clone(), c));
-                }
-                progress(&ProgressStep {
-                    done: reports.len(),
-                    total,
-                    tensor: &t.name,
-                    bytes: p.bytes.len() as u64,
-                });
+    // A value the type cannot hold is refused naming the file it was to be
+    // written to, as the writer names it.
+    let named = |e: ConvertError| match (e, written_to) {
+        (ConvertError::Quant(source @ QuantError::Overflow { .. }), Some(path)) => {
+            ConvertError::Written {
+                path: path.to_path_buf(),
+                source,
             }
         }
+        (e, _) => e,
+    };
+    let making: Vec<Making> = out
+        .iter()
+        .zip(choices)
+        .map(|(t, c)| Making::of(t, c.ggml_type, base, opts))
+        .collect();
+    let batch = rayon::current_num_threads().max(1) * 2;
+    let mut i = 0;
+    while i < out.len() {
+        let mut done = Vec::new();
+        if making[i] == Making::Whole {
+            let mut j = i;
+            while j < out.len() && j - i < batch && making[j] == Making::Whole {
+                j += 1;
+            }
+            let results: Vec<Result<Processed, ConvertError>> = (i..j)
+                .into_par_iter()
+                .map(|k| process(&out[k], &choices[k], base, adapter, opts))
+                .collect();
+            for (k, r) in (i..j).zip(results) {
+                let p = r.map_err(named)?;
+                sinks.write(&out[k], &p)?;
+                if let Some(c) = p.compensation {
+                    pairs.push((out[k].name.clone(), c));
+                }
+                done.push((k, p.report));
+            }
+            i = j;
+        } else {
+            let r = stream_tensor(&out[i], &choices[i], making[i], base, opts, sinks);
+            done.push((i, r.map_err(named)?));
+            i += 1;
+        }
+        for (k, r) in done {
+            progress(&ProgressStep {
+                done: reports.len() + 1,
+                total: out.len(),
+                tensor: &out[k].name,
+                bytes: r.n_bytes,
+            });
+            reports.push(r);
+        }
     }
+    Ok((reports, pairs))
+}
 
+/// The report of a conversion whose tensors were all written.
+fn report_of(
+    opts: &ConvertOptions,
+    base: &BaseModel,
+    plan: &MergePlan,
+    reports: Vec<TensorReport>,
+    adapter_file: &Option<(GgufStream, crate::write::adapter_gguf::AdapterReport)>,
+) -> ConvertReport {
     let mut notes = base.notes.clone();
     notes.extend(plan.notes.iter().cloned());
     notes.extend(
@@ -450,7 +547,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             .iter()
             .filter_map(|r| r.fallback.as_ref().map(|f| format!("{}: {f}", r.name))),
     );
-    let mut report = ConvertReport {
+    ConvertReport {
         output: opts.output.as_ref().map(|p| p.display().to_string()),
         base_output: opts.base_output.as_ref().map(|p| p.display().to_string()),
         base: opts.base.display().to_string(),
@@ -463,7 +560,11 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         notes,
         budget: None,
         compensation: None,
-    };
+    }
+}
+
+/// The --max-rel-error and --min-retention bounds the report breaks, in words.
+fn broken_bounds(opts: &ConvertOptions, report: &ConvertReport) -> Vec<String> {
     let mut broken = Vec::new();
     if let Some(max) = opts.max_rel_error {
         if report.totals.max_rel_error > max {
@@ -481,43 +582,7 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
             ));
         }
     }
-    let mut compensation = match &opts.compensate {
-        Some(c) => Some(start_compensation(c, &base, opts, &provenance, &pairs)?),
-        None => None,
-    };
-    report.totals.peak_rss_bytes = peak_rss_bytes();
-    if !broken.is_empty() {
-        report.totals.wall_seconds = start.elapsed().as_secs_f64();
-        return Err(ConvertError::Budget(broken.join("; "), Box::new(report)));
-    }
-    {
-        let mut streams: Vec<&mut GgufStream> = Vec::new();
-        streams.extend(merged_stream.as_mut());
-        streams.extend(base_stream.as_mut());
-        streams.extend(adapter_file.as_mut().map(|(s, _)| s));
-        streams.extend(compensation.as_mut());
-        hashes.finish(&mut streams)?;
-    }
-    // Every output is complete; rename them into place.
-    if let Some(s) = merged_stream {
-        report.totals.file_size = s.finish()?;
-    }
-    if let Some(s) = base_stream {
-        report.base_file_size = Some(s.finish()?);
-    }
-    if let (Some((s, _)), Some(r)) = (adapter_file, report.adapter_gguf.as_mut()) {
-        r.file_size = s.finish()?;
-    }
-    if let (Some(s), Some(c)) = (compensation, &opts.compensate) {
-        report.compensation = Some(CompensationReport {
-            path: c.output.display().to_string(),
-            rank: c.rank,
-            modules: pairs.len(),
-            file_size: s.finish()?,
-        });
-    }
-    report.totals.wall_seconds = start.elapsed().as_secs_f64();
-    Ok(report)
+    broken
 }
 
 /// Everything about `opts` that can be refused before any work: the output

@@ -141,16 +141,15 @@ pub(super) fn round(
 /// Merge, quantize and measure one tensor.
 pub(super) fn process(
     t: &OutTensor,
-    ggml_type: GgmlType,
-    fallback: Option<String>,
+    choice: &quant::TypeChoice,
     base: &BaseModel,
     adapter: Option<&PeftAdapter>,
     opts: &ConvertOptions,
 ) -> Result<Processed, ConvertError> {
+    let ggml_type = choice.ggml_type;
     let n: usize = t.dims.iter().product::<u64>() as usize;
     let merged = merged_values(t, base, adapter)?;
     let stats = stats_of(t, opts)?;
-    let chosen = stats.is_some() && is_chosen(ggml_type, opts);
     let (bytes, known_norms2) = match opts
         .rounded
         .as_ref()
@@ -177,9 +176,50 @@ pub(super) fn process(
                 .is_some_and(|l| l.module.kind == ModuleKind::Linear)
         });
     let compensating = opts.compensate.is_some() && linear;
-    // Measured a run of rows at a time: a whole dequantized copy (the token
-    // embedding's: 113 MB in f32 for SmolLM2) is kept only for what needs it.
-    let mut whole = (stats.is_some() || compensating).then(|| Vec::with_capacity(n));
+    let keep_whole = stats.is_some() || compensating;
+    let (sums, qw) = measure(t, ggml_type, &merged, &bytes, base_bytes.as_deref(), keep_whole)?;
+    let mut report = TensorReport::from_sums(
+        &t.name,
+        ggml_type.name().to_string(),
+        choice.fallback.clone(),
+        bytes.len() as u64,
+        &sums,
+    );
+    let compensation = match &opts.compensate {
+        Some(c) if compensating => Some(compensate(t, c, &merged.values, &qw, stats, opts)?),
+        _ => None,
+    };
+    if let Some(s) = stats {
+        let rounded = Rounded {
+            w: &merged.values,
+            qw: &qw,
+            known_norms2,
+            chosen: is_chosen(ggml_type, opts),
+        };
+        output_errors(t, ggml_type, s, &rounded, compensation.as_ref(), &mut report)?;
+    }
+    Ok(Processed {
+        bytes,
+        base_bytes,
+        report,
+        compensation,
+    })
+}
+
+/// The error sums of `bytes` against the merge, a run of rows at a time,
+/// and (with `keep_whole`) the whole dequantized tensor: a whole copy (the
+/// token embedding's: 113 MB in f32 for SmolLM2) is kept only for what
+/// needs it.
+fn measure(
+    t: &OutTensor,
+    ggml_type: GgmlType,
+    merged: &merge::Merged,
+    bytes: &[u8],
+    base_bytes: Option<&[u8]>,
+    keep_whole: bool,
+) -> Result<(ErrorSums, Vec<f32>), ConvertError> {
+    let n = merged.values.len();
+    let mut whole = Vec::with_capacity(if keep_whole { n } else { 0 });
     let mut sums = ErrorSums::default();
     let k = row_len(t);
     let rows = n / k;
@@ -189,7 +229,7 @@ pub(super) fn process(
         let r1 = (r0 + run).min(rows);
         let (vals, bs) = (r0 * k..r1 * k, r0 * row_bytes..r1 * row_bytes);
         let qw = quant::dequantize(ggml_type, &bytes[bs.clone()], vals.len(), &t.name)?;
-        let q_w0 = match (&merged.delta, &base_bytes) {
+        let q_w0 = match (&merged.delta, base_bytes) {
             (Some(_), Some(b)) => Some(quant::dequantize(ggml_type, &b[bs], vals.len(), &t.name)?),
             _ => None,
         };
@@ -199,105 +239,124 @@ pub(super) fn process(
             .zip(q_w0.as_ref())
             .map(|(dw, q)| (&merged.base[vals.clone()], q.as_slice(), &dw[vals.clone()]));
         sums.add(&merged.values[vals.clone()], &qw, changed);
-        if let Some(w) = whole.as_mut() {
-            w.extend_from_slice(&qw);
+        if keep_whole {
+            whole.extend_from_slice(&qw);
         }
     }
-    let mut report = TensorReport::from_sums(
-        &t.name,
-        ggml_type.name().to_string(),
-        fallback,
-        bytes.len() as u64,
-        &sums,
-    );
-    let qw = whole.unwrap_or_default();
-    let w = &merged.values;
-    let compensation = match &opts.compensate {
-        Some(c) if compensating => {
-            let residual: Vec<f32> = w.iter().zip(&qw).map(|(a, q)| a - q).collect();
-            let failed = |e: &dyn std::fmt::Display| quant::QuantError::Codec {
-                tensor: t.name.clone(),
-                problem: format!("compensation: {e}{}", calibration_source(opts)),
-            };
-            let h = match stats.filter(|s| s.has_matrix()) {
-                Some(s) => Some(s.xtx().map_err(|e| failed(&e))?),
-                None => None,
-            };
-            let (rows, k) = (n / row_len(t), row_len(t));
-            let lr = crate::round::compensate::low_rank(
-                &residual,
-                rows,
-                k,
-                c.rank,
-                h.as_deref(),
-                opts.damp,
-            )
-            .map_err(|e| failed(&e))?;
-            // Measured below as stored: the report claims what the file gives.
-            Some(
-                lr.store(opts.adapter_type, c.rank as f32, &t.name)
-                    .map_err(|e| failed(&e))?,
-            )
-        }
-        _ => None,
+    Ok((sums, whole))
+}
+
+/// The rank-R pair approximating `w - qw`, as stored in the compensation
+/// adapter (measured as stored: the report claims what the file gives).
+fn compensate(
+    t: &OutTensor,
+    c: &Compensate,
+    w: &[f32],
+    qw: &[f32],
+    stats: Option<&crate::calib::InputStats>,
+    opts: &ConvertOptions,
+) -> Result<StoredPair, ConvertError> {
+    let residual: Vec<f32> = w.iter().zip(qw).map(|(a, q)| a - q).collect();
+    let failed = |e: &dyn std::fmt::Display| quant::QuantError::Codec {
+        tensor: t.name.clone(),
+        problem: format!("compensation: {e}{}", calibration_source(opts)),
     };
-    if let Some(s) = stats {
-        // Every error this tensor reports, from one read of its input's XᵀX.
-        let diff = |q: &[f32]| -> Vec<f32> { q.iter().zip(w).map(|(a, b)| a - b).collect() };
-        let mut deltas = vec![diff(&qw)];
-        let nearest_at = if chosen {
-            let near = quant::quantize(ggml_type, w, &t.name)?;
-            deltas.push(diff(&quant::dequantize(ggml_type, &near, n, &t.name)?));
-            Some(deltas.len())
-        } else {
-            None
-        };
-        let compensated_at = match compensation.as_ref().map(|p| &p.applied) {
-            Some(lr) => {
-                // Q(W) + B·A − W: what is left once the pair is added back.
-                let k = row_len(t);
-                let mut left = vec![0f32; n];
-                for (r, row) in left.chunks_exact_mut(k).enumerate() {
-                    for (c, a) in lr.a.chunks_exact(k).enumerate() {
-                        let b = lr.b[r * lr.rank + c];
-                        row.iter_mut().zip(a).for_each(|(x, &a)| *x += b * a);
-                    }
-                    let i = r * k;
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = qw[i + j] + *x - w[i + j];
-                    }
-                }
-                deltas.push(left);
-                Some(deltas.len())
+    let h = match stats.filter(|s| s.has_matrix()) {
+        Some(s) => Some(s.xtx().map_err(|e| failed(&e))?),
+        None => None,
+    };
+    let k = row_len(t);
+    let lr = crate::round::compensate::low_rank(
+        &residual,
+        w.len() / k,
+        k,
+        c.rank,
+        h.as_deref(),
+        opts.damp,
+    )
+    .map_err(|e| failed(&e))?;
+    Ok(lr
+        .store(opts.adapter_type, c.rank as f32, &t.name)
+        .map_err(|e| failed(&e))?)
+}
+
+/// A tensor and its rounding, for its output errors.
+struct Rounded<'a> {
+    /// The merged values.
+    w: &'a [f32],
+    /// Their rounding, dequantized.
+    qw: &'a [f32],
+    /// ‖WX‖² and ‖(Q(W) − W)X‖², when a budget's prediction measured them.
+    known_norms2: Option<[f64; 2]>,
+    /// Whether a rounding other than ggml's nearest made `qw`.
+    chosen: bool,
+}
+
+/// Fill in the report's output errors (as rounded, nearest, compensated),
+/// every one from one read of the input's XᵀX.
+fn output_errors(
+    t: &OutTensor,
+    ggml_type: GgmlType,
+    s: &crate::calib::InputStats,
+    r: &Rounded,
+    compensation: Option<&StoredPair>,
+    report: &mut TensorReport,
+) -> Result<(), ConvertError> {
+    let (w, n) = (r.w, r.w.len());
+    let diff = |q: &[f32]| -> Vec<f32> { q.iter().zip(w).map(|(a, b)| a - b).collect() };
+    let mut deltas = vec![diff(r.qw)];
+    let nearest_at = if r.chosen {
+        let near = quant::quantize(ggml_type, w, &t.name)?;
+        deltas.push(diff(&quant::dequantize(ggml_type, &near, n, &t.name)?));
+        Some(deltas.len())
+    } else {
+        None
+    };
+    let compensated_at = compensation.map(|p| {
+        deltas.push(compensated_error(row_len(t), &p.applied, r.qw, w));
+        deltas.len()
+    });
+    // A budget round's tensors were measured by the prediction: only
+    // the comparisons (nearest, compensated) are multiplied out here.
+    let norms = match r.known_norms2 {
+        Some(known) => {
+            let rest: Vec<&[f32]> = deltas[1..].iter().map(Vec::as_slice).collect();
+            let mut norms = known.to_vec();
+            if !rest.is_empty() {
+                norms.extend(output_norms2(s, &t.name, &rest)?);
             }
-            None => None,
-        };
-        // A budget round's tensors were measured by the prediction: only
-        // the comparisons (nearest, compensated) are multiplied out here.
-        let norms = match known_norms2 {
-            Some(known) => {
-                let rest: Vec<&[f32]> = deltas[1..].iter().map(Vec::as_slice).collect();
-                let mut norms = known.to_vec();
-                if !rest.is_empty() {
-                    norms.extend(output_norms2(s, &t.name, &rest)?);
-                }
-                norms
-            }
-            None => {
-                let mut each: Vec<&[f32]> = vec![w];
-                each.extend(deltas.iter().map(Vec::as_slice));
-                output_norms2(s, &t.name, &each)?
-            }
-        };
-        let rel = |i: usize| relative2(norms[i], norms[0]).sqrt();
-        report.output_error = Some(rel(1));
-        report.output_error_nearest = nearest_at.map(rel);
-        report.output_error_compensated = compensated_at.map(rel);
+            norms
+        }
+        None => {
+            let mut each: Vec<&[f32]> = vec![w];
+            each.extend(deltas.iter().map(Vec::as_slice));
+            output_norms2(s, &t.name, &each)?
+        }
+    };
+    let rel = |i: usize| relative2(norms[i], norms[0]).sqrt();
+    report.output_error = Some(rel(1));
+    report.output_error_nearest = nearest_at.map(rel);
+    report.output_error_compensated = compensated_at.map(rel);
+    Ok(())
+}
+
+/// Q(W) + B·A − W: what is left once the compensation pair is added back.
+fn compensated_error(
+    k: usize,
+    lr: &crate::round::compensate::LowRank,
+    qw: &[f32],
+    w: &[f32],
+) -> Vec<f32> {
+    let mut left = vec![0f32; w.len()];
+    for (r, row) in left.chunks_exact_mut(k).enumerate() {
+        for (c, a) in lr.a.chunks_exact(k).enumerate() {
+            let b = lr.b[r * lr.rank + c];
+            row.iter_mut().zip(a).for_each(|(x, &a)| *x += b * a);
+        }
+        let i = r * k;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = qw[i + j] + *x - w[i + j];
+        }
     }
-    Ok(Processed {
-        bytes,
-        base_bytes,
-        report,
-        compensation,
-    })
+    left
 }

@@ -5,7 +5,7 @@ use lorafold_runtime::gguf::names;
 use std::path::{Path, PathBuf};
 
 use lorafold_runtime::arch::{qk_permutation, ArchSpec, Architecture, LocalLayers};
-use lorafold_runtime::gguf::{GgufFile, HyperKey, MetadataValue, ShapeOrder, ShapeRules};
+use lorafold_runtime::gguf::{GgmlType, GgufFile, HyperKey, MetadataValue, ShapeOrder, ShapeRules};
 use lorafold_runtime::input::read_regular;
 use lorafold_runtime::model::{ModelConfig, RuntimeError};
 use lorafold_runtime::tokenizer::TokenizerMetadata;
@@ -146,6 +146,61 @@ impl BaseModel {
         Ok(values)
     }
 
+    /// The tensor's bytes as stored in a GGUF base and their type; `None`
+    /// for an HF base or a computed tensor. What a conversion copies when
+    /// the type asked for is the type stored.
+    pub fn stored(&self, t: &BaseTensor) -> Option<(GgmlType, &[u8])> {
+        match (&t.source, &self.storage) {
+            (Source::Gguf { index }, Storage::Gguf(f)) => {
+                let info = &f.tensors()[*index];
+                Some((info.ggml_type, f.tensor_data(info)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes of one row of a GGUF base's tensor, when its rows are whole
+    /// blocks and its data fits its shape: what [`BaseModel::row_values`]
+    /// and a copy by rows need.
+    pub fn row_bytes(&self, t: &BaseTensor) -> Option<usize> {
+        let (ty, data) = self.stored(t)?;
+        let k = *t.dims.first()? as usize;
+        let (bs, ts) = (ty.block_size() as usize, ty.type_size() as usize);
+        let fits = bs != 0 && k.is_multiple_of(bs) && data.len() == t.n_elements() / bs * ts;
+        fits.then_some(k / bs * ts)
+    }
+
+    /// Rows `rows` of a GGUF base's tensor as f32 (rows are `dims[0]`
+    /// wide), checked finite; `None` where rows cannot be read apart (an HF
+    /// base, whose q/k rows are permuted, or a computed tensor). The mapped
+    /// bytes read are released, so a tensor streamed by rows is never
+    /// resident whole.
+    pub fn row_values(
+        &self,
+        t: &BaseTensor,
+        rows: std::ops::Range<usize>,
+    ) -> Option<Result<Vec<f32>, BaseError>> {
+        let (ty, data) = self.stored(t)?;
+        let row_bytes = self.row_bytes(t)?;
+        let k = t.dims[0] as usize;
+        let bytes = &data[rows.start * row_bytes..rows.end * row_bytes];
+        let values = quant::dequantize(ty, bytes, rows.len() * k, &t.name).map_err(|e| {
+            BaseError::Invalid {
+                path: self.path.clone(),
+                problem: e.to_string(),
+            }
+        });
+        release_mapped(bytes);
+        Some(values.and_then(|v| {
+            check_finite(&v).map_err(|found| BaseError::NonFinite {
+                path: self.path.clone(),
+                tensor: t.name.clone(),
+                found,
+            })?;
+            Ok(v)
+        }))
+    }
+
     /// The file a tensor comes from and its name there.
     fn origin(&self, t: &BaseTensor) -> (PathBuf, String) {
         match (&t.source, &self.storage) {
@@ -237,7 +292,7 @@ const READ_RUN: usize = 1 << 18;
 /// need not stay in this process's resident set (they stay in the page
 /// cache). Without this a conversion's peak RSS grows by the whole base
 /// (SmolLM2 f32: 540 MB) however few tensors are in flight.
-fn release_mapped(bytes: &[u8]) {
+pub fn release_mapped(bytes: &[u8]) {
     #[cfg(unix)]
     {
         // SAFETY: sysconf has no preconditions.

@@ -254,6 +254,7 @@ impl GgufWriter {
             out,
             tensors: self.tensors,
             next: 0,
+            part: 0,
             alignment: self.alignment,
             written: 0,
             head: Vec::new(),
@@ -275,6 +276,8 @@ pub struct GgufStream {
     out: BufWriter<File>,
     tensors: Vec<DeclaredTensor>,
     next: usize,
+    /// Bytes of the next tensor written so far, when written in parts.
+    part: u64,
     alignment: u64,
     written: u64,
     /// The header as written, for [`GgufStream::patch`].
@@ -294,38 +297,44 @@ impl GgufStream {
 
     /// Write the data of the next declared tensor, which must be `name`.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), WriteError> {
-        let Some(t) = self.tensors.get(self.next) else {
-            return Err(WriteError::BadTensor {
-                path: self.dest.clone(),
-                name: name.into(),
-                problem: "was never declared (all declared tensors are written)".into(),
-            });
-        };
-        if t.name != name {
-            return Err(WriteError::OutOfOrder {
-                path: self.dest.clone(),
-                expected: t.name.clone(),
-                got: name.into(),
-            });
+        if self.part != 0 {
+            return Err(self.bad_tensor(name, "is being written in parts".into()));
         }
-        if data.len() as u64 != t.n_bytes {
-            return Err(WriteError::BadTensor {
-                path: self.dest.clone(),
-                name: name.into(),
-                problem: format!(
-                    "{} bytes of data given, {} {:?} needs {}",
-                    data.len(),
-                    t.ggml_type,
-                    t.dims,
-                    t.n_bytes
-                ),
-            });
+        let expected = self.declared(name)?.n_bytes;
+        if data.len() as u64 != expected {
+            let t = &self.tensors[self.next];
+            let problem = format!(
+                "{} bytes of data given, {} {:?} needs {}",
+                data.len(),
+                t.ggml_type,
+                t.dims,
+                t.n_bytes
+            );
+            return Err(self.bad_tensor(name, problem));
+        }
+        self.write_part(name, data)
+    }
+
+    /// Write the next part of the next declared tensor, which must be
+    /// `name`; the tensor is complete once its parts add up to its size.
+    /// Parts hold whole blocks. A tensor too large to hold in memory (a 7B
+    /// model's token embedding: 2.2 GB in f32) streams through this.
+    pub fn write_part(&mut self, name: &str, data: &[u8]) -> Result<(), WriteError> {
+        let t = self.declared(name)?;
+        let (n_bytes, ggml_type) = (t.n_bytes, t.ggml_type);
+        if self.part + data.len() as u64 > n_bytes {
+            let problem = format!(
+                "{} bytes of data given after {}, its {ggml_type:?} data is {n_bytes}",
+                data.len(),
+                self.part
+            );
+            return Err(self.bad_tensor(name, problem));
         }
         // What is written is checked, not only what was read: a finite
         // value can still overflow the type it is written in.
         if let Some(problem) = self
             .finite_only
-            .then(|| crate::round::quant::first_non_finite(t.ggml_type, data))
+            .then(|| crate::round::quant::first_non_finite(ggml_type, data))
             .flatten()
         {
             return Err(WriteError::NotFinite {
@@ -334,10 +343,41 @@ impl GgufStream {
                 problem,
             });
         }
-        let pad = align(t.n_bytes, self.alignment) - t.n_bytes;
-        self.next += 1;
         self.put(data)?;
-        self.put(&vec![0u8; pad as usize])
+        self.part += data.len() as u64;
+        if self.part == n_bytes {
+            let pad = align(n_bytes, self.alignment) - n_bytes;
+            self.next += 1;
+            self.part = 0;
+            self.put(&vec![0u8; pad as usize])?;
+        }
+        Ok(())
+    }
+
+    /// The next declared tensor, checked to be `name`.
+    fn declared(&self, name: &str) -> Result<&DeclaredTensor, WriteError> {
+        let Some(t) = self.tensors.get(self.next) else {
+            return Err(self.bad_tensor(
+                name,
+                "was never declared (all declared tensors are written)".into(),
+            ));
+        };
+        if t.name != name {
+            return Err(WriteError::OutOfOrder {
+                path: self.dest.clone(),
+                expected: t.name.clone(),
+                got: name.into(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn bad_tensor(&self, name: &str, problem: String) -> WriteError {
+        WriteError::BadTensor {
+            path: self.dest.clone(),
+            name: name.into(),
+            problem,
+        }
     }
 
     /// Overwrite the one occurrence of `placeholder` in the header with
