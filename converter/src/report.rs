@@ -61,23 +61,9 @@ crate::simd::avx2_or_portable! {
         changed: Option<(&[f32], &[f32], &[f32])>,
     ) {
         let sum = |v: [f64; 4]| (v[0] + v[1]) + (v[2] + v[3]);
-        let (mut e, mut m) = ([0f64; 4], [0f64; 4]);
-        let (wc, qc) = (w.chunks_exact(4), qw.chunks_exact(4));
-        let tail = wc.remainder().iter().zip(qc.remainder());
-        for (a4, q4) in wc.zip(qc) {
-            for i in 0..4 {
-                let (a, q) = (a4[i] as f64, q4[i] as f64);
-                e[i] += (q - a) * (q - a);
-                m[i] += a * a;
-            }
-        }
-        for (&a, &q) in tail {
-            let (a, q) = (a as f64, q as f64);
-            e[0] += (q - a) * (q - a);
-            m[0] += a * a;
-        }
-        sums.err2 += sum(e);
-        sums.norm2 += sum(m);
+        let (err2, norm2) = err_norm2(w, qw);
+        sums.err2 += err2;
+        sums.norm2 += norm2;
         sums.n += w.len() as u64;
         let Some((w0, q_w0, dw)) = changed else {
             return;
@@ -111,6 +97,65 @@ crate::simd::avx2_or_portable! {
         sums.d2 += sum(d2);
         sums.b2 += sum(b2);
     }
+}
+
+/// Σ(q − w)² and Σw², in f32 within 64 values (8 lanes of 8 terms, relative
+/// error below 1e-6) and in f64 across them. f64 throughout was 17% of a 7B
+/// stand-in's conversion to q4_0; LLVM does not vectorise the portable
+/// loop's lanes, so AVX2 is written out.
+fn err_norm2(w: &[f32], q: &[f32]) -> (f64, f64) {
+    let n = w.len().min(q.len());
+    #[cfg(target_arch = "x86_64")]
+    if lorafold_kernels::Isa::detect().avx2() {
+        // SAFETY: AVX2 and FMA are present (the tier says so); both slices
+        // hold at least `n` values.
+        return unsafe { err_norm2_avx2(&w[..n], &q[..n]) };
+    }
+    let (mut e, mut m) = (0f64, 0f64);
+    for (a, b) in w[..n].iter().zip(&q[..n]) {
+        let (a, b) = (*a as f64, *b as f64);
+        e += (b - a) * (b - a);
+        m += a * a;
+    }
+    (e, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn err_norm2_avx2(w: &[f32], q: &[f32]) -> (f64, f64) {
+    use std::arch::x86_64::*;
+    let widen = |v: __m256| {
+        _mm256_add_pd(
+            _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
+        )
+    };
+    let (mut e, mut m) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let blocks = w.len() / 64;
+    for b in 0..blocks {
+        let (mut e8, mut m8) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for j in 0..8 {
+            let at = b * 64 + j * 8;
+            let a = _mm256_loadu_ps(w.as_ptr().add(at));
+            let d = _mm256_sub_ps(_mm256_loadu_ps(q.as_ptr().add(at)), a);
+            e8 = _mm256_fmadd_ps(d, d, e8);
+            m8 = _mm256_fmadd_ps(a, a, m8);
+        }
+        e = _mm256_add_pd(e, widen(e8));
+        m = _mm256_add_pd(m, widen(m8));
+    }
+    let lanes = |v: __m256d| {
+        let mut x = [0f64; 4];
+        _mm256_storeu_pd(x.as_mut_ptr(), v);
+        (x[0] + x[1]) + (x[2] + x[3])
+    };
+    let (mut e, mut m) = (lanes(e), lanes(m));
+    for (a, b) in w[blocks * 64..].iter().zip(&q[blocks * 64..]) {
+        let (a, b) = (*a as f64, *b as f64);
+        e += (b - a) * (b - a);
+        m += a * a;
+    }
+    (e, m)
 }
 
 impl ErrorSums {

@@ -3,6 +3,7 @@
 //! (`importance`, `gptq`) or repair what rounding lost (`compensate`).
 
 pub mod compensate;
+mod fast_codec;
 pub mod gptq;
 pub mod importance;
 pub mod quant;

@@ -358,6 +358,11 @@ pub fn quantize(t: GgmlType, xs: &[f32], tensor: &str) -> Result<Vec<u8>, QuantE
                 quantize_candle(t, xs)
             }
         }
+        GgmlType::Q8_0 => {
+            let mut out = vec![0u8; xs.len() / 32 * 34];
+            crate::round::fast_codec::quantize_q8_0(xs, &mut out);
+            out
+        }
         _ => quantize_candle(t, xs),
     };
     if let Some(problem) = lost_block(t, xs, &bytes) {
@@ -380,7 +385,7 @@ fn lost_block(t: GgmlType, xs: &[f32], bytes: &[u8]) -> Option<String> {
     const F16_MAX: f32 = 65504.0;
     let wt = lorafold_kernels::WType::from_ggml_id(t.id())?;
     let (n, size) = (t.block_size() as usize, t.type_size() as usize);
-    if n == 1 || xs.iter().fold(0f32, |m, x| m.max(x.abs())) <= F16_MAX {
+    if n == 1 || crate::round::fast_codec::max_abs(xs) <= F16_MAX {
         return None;
     }
     xs.chunks_exact(n)
@@ -433,6 +438,16 @@ pub fn dequantize(
             "{} bytes do not hold {n} {t} values",
             bytes.len()
         )));
+    }
+    let fast = match t {
+        GgmlType::Q4_0 => Some(crate::round::fast_codec::dequantize_q4_0 as fn(&[u8], &mut [f32])),
+        GgmlType::Q8_0 => Some(crate::round::fast_codec::dequantize_q8_0 as fn(&[u8], &mut [f32])),
+        _ => None,
+    };
+    if let Some(f) = fast {
+        let mut out = vec![0f32; n];
+        f(bytes, &mut out);
+        return Ok(out);
     }
     // candle reinterprets the bytes as blocks, which needs their alignment;
     // a GGUF map gives it, an arbitrary slice may not.
