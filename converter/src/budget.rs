@@ -287,8 +287,7 @@ pub fn convert_within(
     unreachable!("the last round returns")
 }
 
-/// The merged output's path, once the request is checked to be one that a
-/// budget can be kept on.
+/// The merged output's path, once the request is one a budget can be kept on.
 fn check_request(opts: &ConvertOptions, budget: &DriftBudget) -> Result<PathBuf, ConvertError> {
     let usage = |m: &str| Err(ConvertError::Usage(m.into()));
     let Some(output) = opts.output.clone() else {
@@ -323,8 +322,7 @@ fn load_model(p: &Path) -> Result<Model, ConvertError> {
     })
 }
 
-/// What every round of a budget shares: the request, the predicted ladders
-/// with their cached bytes, and the models drift is measured against.
+/// What every round shares: the request, the predicted ladders, the models measured against.
 struct Rounds<'a> {
     opts: &'a ConvertOptions,
     budget: &'a DriftBudget,
@@ -338,8 +336,7 @@ struct Rounds<'a> {
 }
 
 impl Rounds<'_> {
-    /// Round `round`'s file, its tensors at rungs `at`, written in the work
-    /// folder, and its drift.
+    /// Round `round`'s file, tensors at rungs `at`, written in the work folder and measured.
     fn write_and_measure(&self, round: usize, at: &[usize]) -> Result<Candidate, ConvertError> {
         let types: Vec<(String, GgmlType)> = self
             .ladders
@@ -454,8 +451,7 @@ impl Candidate {
         Ok(self.report)
     }
 
-    /// The error when this, the last round, is over the budget: `stuck` if
-    /// no wider type would lower it, else the rounds ran out.
+    /// The error for a last round over the budget (`stuck`: no wider type lowers it).
     fn refused(
         mut self,
         budget: &DriftBudget,

@@ -84,8 +84,7 @@ impl MergePlan {
         Ok(plan)
     }
 
-    /// Module `m`'s delta on the base tensor it wraps (and its bias's),
-    /// checked to fit that tensor.
+    /// Module `m`'s delta on the base tensor it wraps (and its bias), checked to fit it.
     fn add_module(
         &mut self,
         base: &BaseModel,
@@ -149,8 +148,7 @@ impl MergePlan {
         Ok(())
     }
 
-    /// Saved tensor `s` in place of the base's (or as the output head a
-    /// tied base lacks), checked to have its shape.
+    /// Saved tensor `s` in place of the base's (or as an untied output head), checked to fit.
     fn add_saved(
         &mut self,
         base: &BaseModel,

@@ -94,8 +94,7 @@ pub fn gguf_metadata(
     Ok(Some(md))
 }
 
-/// The text of `dir`'s file `name`, or None if absent: the files are
-/// optional, but one that is present must be a regular file.
+/// `dir`'s file `name`, None if absent; one that is present must be a regular file.
 fn read_optional(dir: &Path, name: &str) -> Result<Option<String>, TokenizerError> {
     let path = dir.join(name);
     match read_regular(&path, "a JSON file") {
@@ -105,16 +104,14 @@ fn read_optional(dir: &Path, name: &str) -> Result<Option<String>, TokenizerErro
     }
 }
 
-/// `dir`'s JSON file `name`, or null if it is absent or not JSON (the
-/// special tokens it may name are only a help).
+/// `dir`'s JSON file `name`, or null if absent or not JSON (its special tokens only help).
 fn optional_json(dir: &Path, name: &str) -> Result<Value, TokenizerError> {
     Ok(read_optional(dir, name)?
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null))
 }
 
-/// Whether the BPE model is SentencePiece-derived, and if so whether it
-/// adds a space prefix; any other model is not converted.
+/// None for byte-level BPE, Some(adds a space prefix) for SentencePiece-derived; others refused.
 fn spm_flavour(tok: &Value, model: &Value) -> Result<Option<bool>, TokenizerError> {
     if model.get("type").and_then(Value::as_str) != Some("BPE") {
         return Err(TokenizerError::Unsupported(
@@ -134,8 +131,7 @@ fn spm_flavour(tok: &Value, model: &Value) -> Result<Option<bool>, TokenizerErro
     })?))
 }
 
-/// Every token by id, with its llama.cpp type: the vocabulary, then the
-/// added tokens over it.
+/// Every token by id with its llama.cpp type: the vocabulary, then the added tokens over it.
 fn tokens_by_id(tok: &Value, model: &Value) -> Result<HashMap<u64, (String, i32)>, TokenizerError> {
     let vocab = model
         .get("vocab")
@@ -174,8 +170,7 @@ fn tokens_by_id(tok: &Value, model: &Value) -> Result<HashMap<u64, (String, i32)
     Ok(by_id)
 }
 
-/// The tokens and their types for ids 0..`vocab_size`, gaps padded; with
-/// SentencePiece, byte and unknown tokens get their own types.
+/// Tokens and types for ids 0..`vocab_size`, gaps padded, SentencePiece bytes and unknown typed.
 fn token_list(
     mut by_id: HashMap<u64, (String, i32)>,
     model: &Value,
@@ -259,8 +254,7 @@ fn model_metadata(tok: &Value, spm: Option<bool>) -> Vec<(String, MetadataValue<
     }
 }
 
-/// The ids of BOS, EOS, unknown and padding: tokenizer_config.json's
-/// token, found in `tokens`, else config.json's id, which must be a token.
+/// BOS, EOS, unknown and padding ids: tokenizer_config.json's token, else config.json's id.
 fn special_token_ids(
     tc: &Value,
     config: &Value,
@@ -296,8 +290,7 @@ fn special_token_ids(
     Ok(md)
 }
 
-/// The token list, its types, and the merges (byte-level BPE) or the
-/// scores (SentencePiece), as llama.cpp's arrays.
+/// Tokens, types, and merges (byte-level BPE) or scores (SentencePiece) as llama.cpp's arrays.
 fn token_metadata(
     tokens: Vec<String>,
     types: &[i32],

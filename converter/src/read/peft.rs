@@ -658,8 +658,7 @@ fn tensor_error(path: &Path, tensor: &str, problem: String) -> PeftError {
     }
 }
 
-/// The adapter's keys split into LoRA module paths (keys less their
-/// suffix) and full tensors to save.
+/// The adapter's keys split into LoRA module paths and full tensors to save.
 fn sort_keys(
     st: &SafeTensors<'_>,
     path: &Path,
@@ -694,8 +693,7 @@ fn sort_keys(
     Ok((module_paths, saved))
 }
 
-/// Module `m`'s A and B, checked to be matrices of the same rank, the
-/// rank its config gives it, with a magnitude (DoRA) as wide as B.
+/// Module `m`, checked: A and B of one rank, the configured one, a magnitude as wide as B.
 fn lora_module(
     st: &SafeTensors<'_>,
     config: &PeftConfig,
@@ -766,8 +764,7 @@ struct LoraPair<'data> {
     key_b: String,
 }
 
-/// Module `m`'s A and B (Linear, else Embedding), both present, each a
-/// matrix of a dtype we widen.
+/// Module `m`'s A and B (Linear, else Embedding), each a matrix of a dtype we widen.
 fn lora_pair<'data>(
     st: &SafeTensors<'data>,
     path: &Path,

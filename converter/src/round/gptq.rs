@@ -141,8 +141,7 @@ crate::simd::avx2_or_portable! {
 /// Rows finished (Cholesky) or inverted (triangular inverse) a panel at a time.
 const NB: usize = 32;
 
-/// a = P H P in f64, upper triangle only, damped by `damp` times the mean
-/// diagonal (dead inputs count 1).
+/// a = P H P in f64 (upper triangle), damped by `damp` times the mean diagonal (dead: 1).
 #[inline(always)]
 fn reversed_damped(h: &[f32], k: usize, dead: &[bool], damp: f64) -> Vec<f64> {
     let diag = |i: usize| if dead[i] { 1.0 } else { h[i * k + i] as f64 };
@@ -158,8 +157,7 @@ fn reversed_damped(h: &[f32], k: usize, dead: &[bool], damp: f64) -> Vec<f64> {
     a
 }
 
-/// `a` = RᵀR, R written over the upper triangle; a pivot that is not
-/// positive names its column of H (before the reversal).
+/// `a` = RᵀR with R over the upper triangle; a bad pivot names its column of H.
 #[inline(always)]
 fn cholesky_upper(a: &mut [f64], k: usize) -> Result<(), GptqError> {
     // Row j is finished at step j and subtracted from the rows below; rows

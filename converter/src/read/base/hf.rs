@@ -49,8 +49,7 @@ fn config_positive(value: Option<&Value>, key: &str, default: f64) -> Result<f64
     }
 }
 
-/// Open an HF model folder: config.json, then the safetensors, then the
-/// tokenizer.
+/// Open an HF model folder: config.json, then the safetensors, then the tokenizer.
 pub(super) fn open_hf(dir: &Path) -> Result<BaseModel, BaseError> {
     let config_path = dir.join("config.json");
     let bad = |problem: String| BaseError::Invalid {
@@ -122,8 +121,7 @@ fn read_config(dir: &Path, config_path: &Path) -> Result<Value, BaseError> {
     })
 }
 
-/// What config.json says, checked: the architecture and the hyperparameters
-/// the metadata, the tensors and the shape checks need.
+/// config.json, checked: the architecture and the hyperparameters the conversion needs.
 struct HfConfig<'a> {
     model_type: &'a str,
     arch: Architecture,
@@ -147,8 +145,7 @@ struct HfConfig<'a> {
 }
 
 impl<'a> HfConfig<'a> {
-    /// The fields of `cfg`, checked in the order their errors have always
-    /// come in (the first problem is the one reported).
+    /// The fields of `cfg`, checked in the order their errors have always come in.
     fn parse(cfg: &'a Value) -> Result<HfConfig<'a>, String> {
         let (model_type, arch) = architecture(cfg)?;
         let count = |k: &str, default: Option<u64>| config_count(cfg, k, default);
@@ -230,8 +227,7 @@ impl<'a> HfConfig<'a> {
         metadata
     }
 
-    /// RoPE scaling: "linear" is metadata llama.cpp reads, "llama3" a
-    /// rope_freqs tensor it multiplies by (returned, to add to the tensors).
+    /// RoPE scaling: "linear" as metadata, "llama3" as a rope_freqs tensor (returned).
     fn rope_scaling(&self, metadata: &mut Metadata) -> Result<Vec<(String, Vec<f32>)>, String> {
         let a = self.arch.gguf_name();
         let mut computed = Vec::new();
@@ -299,8 +295,7 @@ impl<'a> HfConfig<'a> {
         Ok(out)
     }
 
-    /// Tensor `key` of file `fi` under its GGUF name, checked to be one the
-    /// reader can widen and, for q/k, permute.
+    /// Tensor `key` of file `fi` under its GGUF name, checked to widen and (q/k) permute.
     fn tensor(
         &self,
         fi: usize,
@@ -358,8 +353,7 @@ impl<'a> HfConfig<'a> {
         })
     }
 
-    /// The heads llama.cpp permutes tensor `name`'s rows by (q and k of the
-    /// architectures it permutes), if any.
+    /// The heads llama.cpp permutes tensor `name`'s rows by, if it permutes them.
     fn permute_heads(&self, name: &str) -> Option<usize> {
         if !self.arch.permutes_qk() {
             None
@@ -372,8 +366,7 @@ impl<'a> HfConfig<'a> {
         }
     }
 
-    /// Every tensor's shape against the hyperparameters, as the runtime
-    /// checks a GGUF at load, named by config.json's keys and HF names.
+    /// Every tensor's shape against the hyperparameters, as the runtime checks a GGUF's.
     fn check_shapes(&self, tensors: &[BaseTensor]) -> Result<(), String> {
         let hyper = ShapeRules::new(
             self.arch,
@@ -445,8 +438,7 @@ fn architecture(cfg: &Value) -> Result<(&str, Architecture), String> {
     Ok((model_type, arch))
 }
 
-/// The head width ('head_dim', else the hidden width over the heads), once
-/// the heads are known to divide as attention needs.
+/// The head width ('head_dim', else hidden / heads), once the heads are known to divide.
 fn head_dim(cfg: &Value, hidden: u64, n_head: u64, n_head_kv: u64) -> Result<u64, String> {
     if !n_head.is_multiple_of(n_head_kv) {
         return Err(format!(
@@ -497,8 +489,7 @@ fn tied_embeddings(cfg: &Value, arch: Architecture) -> Result<bool, String> {
     }
 }
 
-/// The folder's tokenizer, checked as the runtime checks it when it builds
-/// one, added to `metadata`; the notes say why none was added.
+/// The folder's tokenizer added to `metadata`, checked as the runtime does; else notes why not.
 fn add_tokenizer(
     dir: &Path,
     vocab: u64,
