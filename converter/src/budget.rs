@@ -222,6 +222,73 @@ pub fn convert_within(
     on_round: &dyn Fn(&BudgetRound),
 ) -> Result<ConvertReport, ConvertError> {
     let start = std::time::Instant::now();
+    let output = check_request(opts, budget)?;
+    let limit = budget.target.limit();
+    // The published files are checked now, not the rounds' (in a work
+    // folder): distinct, from each other and the inputs.
+    crate::convert::check_outputs(opts)?;
+    let dir = crate::write::output::WorkFolder::new(&output)?;
+    let cache = Arc::new(
+        RungCache::new(&dir.path().join("rungs.bin")).map_err(|source| ConvertError::Io {
+            path: dir.path().to_path_buf(),
+            source,
+        })?,
+    );
+    let ladders = predict_ladder(opts, &budget.ladder, &|name, ty, bytes, norms2| {
+        cache.keep(name, ty, bytes, norms2)
+    })?;
+    let predict_seconds = start.elapsed().as_secs_f64();
+    let run = Rounds {
+        opts,
+        budget,
+        progress,
+        dir: dir.path(),
+        ladders,
+        reference: load_model(&budget.reference)?,
+        base: budget
+            .base_reference
+            .as_deref()
+            .map(load_model)
+            .transpose()?,
+        rounded: RoundedTensors(Arc::new(move |name: &str, ty: GgmlType| {
+            cache.get(name, ty)
+        })),
+    };
+    let mut rounds: Vec<BudgetRound> = Vec::new();
+    let mut points = Vec::new();
+    let mut at = vec![0usize; run.ladders.len()];
+    for round in 0..budget.max_rounds.max(1) {
+        let mut c = run.write_and_measure(round, &at)?;
+        let value = budget.target.value(&c.measured);
+        let s = predicted(&run.ladders, &at);
+        rounds.push(BudgetRound {
+            upgraded: c.upgraded,
+            predicted_error: s,
+            tensor_bytes: c.report.totals.tensor_bytes,
+            kl_mean: c.measured.kl_mean,
+            top1_agreement: c.measured.top1_agreement,
+            gain_retained: c.measured.gain_retained,
+            within: value <= limit,
+        });
+        on_round(&rounds[rounds.len() - 1]);
+        c.report.budget = Some(run.summary(predict_seconds, &c.measured, &rounds, &at));
+        c.report.totals.wall_seconds = start.elapsed().as_secs_f64();
+        if value <= limit {
+            return c.publish(opts, &output);
+        }
+        let _ = std::fs::remove_file(&c.path);
+        points.push((s, value));
+        let next = plan_upgrades(&run.ladders, aim(&points, limit));
+        if next == at || round + 1 == budget.max_rounds.max(1) {
+            return Err(c.refused(budget, value, rounds.len(), next == at));
+        }
+        at = next;
+    }
+    unreachable!("the last round returns")
+}
+
+/// The merged output's path, once the request is one a budget can be kept on.
+fn check_request(opts: &ConvertOptions, budget: &DriftBudget) -> Result<PathBuf, ConvertError> {
     let usage = |m: &str| Err(ConvertError::Usage(m.into()));
     let Some(output) = opts.output.clone() else {
         return usage("a drift budget needs a merged output");
@@ -244,89 +311,96 @@ pub fn convert_within(
             budget.target.describe()
         ));
     }
-    // The published files are checked now, not the rounds' (in a work
-    // folder): distinct, from each other and the inputs.
-    crate::convert::check_outputs(opts)?;
-    let dir = crate::write::output::WorkFolder::new(&output)?;
-    let cache = Arc::new(
-        RungCache::new(&dir.path().join("rungs.bin")).map_err(|source| ConvertError::Io {
-            path: dir.path().to_path_buf(),
-            source,
-        })?,
-    );
-    let ladders = predict_ladder(opts, &budget.ladder, &|name, ty, bytes, norms2| {
-        cache.keep(name, ty, bytes, norms2)
-    })?;
-    let predict_seconds = start.elapsed().as_secs_f64();
-    let load = |p: &Path| {
-        Model::load(p, &Device::Cpu).map_err(|e| ConvertError::Measure {
-            path: p.to_path_buf(),
-            problem: e.to_string(),
-        })
-    };
-    let reference = load(&budget.reference)?;
-    let base = budget.base_reference.as_deref().map(load).transpose()?;
-    let rounded = {
-        let cache = cache.clone();
-        RoundedTensors(Arc::new(move |name: &str, ty: GgmlType| {
-            cache.get(name, ty)
-        }))
-    };
-    let mut rounds: Vec<BudgetRound> = Vec::new();
-    let mut points = Vec::new();
-    let mut at = vec![0usize; ladders.len()];
-    for round in 0..budget.max_rounds.max(1) {
-        let types: Vec<(String, GgmlType)> = ladders
+    Ok(output)
+}
+
+/// A model file loaded to measure drift with.
+fn load_model(p: &Path) -> Result<Model, ConvertError> {
+    Model::load(p, &Device::Cpu).map_err(|e| ConvertError::Measure {
+        path: p.to_path_buf(),
+        problem: e.to_string(),
+    })
+}
+
+/// What every round shares: the request, the predicted ladders, the models measured against.
+struct Rounds<'a> {
+    opts: &'a ConvertOptions,
+    budget: &'a DriftBudget,
+    progress: Progress<'a>,
+    /// The work folder the rounds write in.
+    dir: &'a Path,
+    ladders: Vec<TensorLadder>,
+    reference: Model,
+    base: Option<Model>,
+    rounded: RoundedTensors,
+}
+
+impl Rounds<'_> {
+    /// Round `round`'s file, tensors at rungs `at`, written in the work folder and measured.
+    fn write_and_measure(&self, round: usize, at: &[usize]) -> Result<Candidate, ConvertError> {
+        let types: Vec<(String, GgmlType)> = self
+            .ladders
             .iter()
-            .zip(&at)
+            .zip(at)
             .filter(|(_, &i)| i > 0)
             .map(|(l, &i)| (l.tensor.clone(), l.rungs[i].ggml_type))
             .collect();
-        let candidate = dir.path().join(format!("round-{round}.gguf"));
+        let path = self.dir.join(format!("round-{round}.gguf"));
         // A compensation adapter is the last round's, moved with its file.
-        let compensation = opts.compensate.as_ref().map(|c| Compensate {
+        let compensation = self.opts.compensate.as_ref().map(|c| Compensate {
             rank: c.rank,
-            output: dir.path().join(format!("round-{round}.compensation.gguf")),
+            output: self.dir.join(format!("round-{round}.compensation.gguf")),
         });
-        let mut report = convert(
+        let report = convert(
             &ConvertOptions {
-                output: Some(candidate.clone()),
+                output: Some(path.clone()),
                 compensate: compensation.clone(),
-                rounded: Some(rounded.clone()),
-                policy: opts.policy.with_tensor_types(&types),
-                budget: Some(budget.target.describe()),
-                ..opts.clone()
+                rounded: Some(self.rounded.clone()),
+                policy: self.opts.policy.with_tensor_types(&types),
+                budget: Some(self.budget.target.describe()),
+                ..self.opts.clone()
             },
-            progress,
+            self.progress,
         )?;
-        let model = load(&candidate)?;
-        let measured = drift(&reference, &[&model], base.as_ref(), &budget.windows)
-            .map_err(|e| ConvertError::Measure {
-                path: candidate.clone(),
-                problem: format!("measuring drift: {e}"),
-            })?
-            .remove(0);
+        let model = load_model(&path)?;
+        let measured = drift(
+            &self.reference,
+            &[&model],
+            self.base.as_ref(),
+            &self.budget.windows,
+        )
+        .map_err(|e| ConvertError::Measure {
+            path: path.clone(),
+            problem: format!("measuring drift: {e}"),
+        })?
+        .remove(0);
         drop(model);
-        let value = budget.target.value(&measured);
-        let s = predicted(&ladders, &at);
-        rounds.push(BudgetRound {
+        Ok(Candidate {
+            path,
+            compensation,
             upgraded: types.len(),
-            predicted_error: s,
-            tensor_bytes: report.totals.tensor_bytes,
-            kl_mean: measured.kl_mean,
-            top1_agreement: measured.top1_agreement,
-            gain_retained: measured.gain_retained,
-            within: value <= limit,
-        });
-        on_round(&rounds[rounds.len() - 1]);
-        let summary = BudgetReport {
-            target: budget.target.describe(),
+            report,
+            measured,
+        })
+    }
+
+    /// The budget's part of the report after `rounds`, tensors at rungs `at`.
+    fn summary(
+        &self,
+        predict_seconds: f64,
+        measured: &DriftReport,
+        rounds: &[BudgetRound],
+        at: &[usize],
+    ) -> BudgetReport {
+        BudgetReport {
+            target: self.budget.target.describe(),
             predict_seconds,
             tokens: measured.tokens,
-            rounds: rounds.clone(),
-            upgrades: ladders
+            rounds: rounds.to_vec(),
+            upgrades: self
+                .ladders
                 .iter()
-                .zip(&at)
+                .zip(at)
                 .filter(|(_, &i)| i > 0)
                 .map(|(l, &i)| {
                     (
@@ -336,54 +410,74 @@ pub fn convert_within(
                     )
                 })
                 .collect(),
-        };
-        report.budget = Some(summary);
-        report.totals.wall_seconds = start.elapsed().as_secs_f64();
-        if value <= limit {
-            let publish = |from: &Path, to: &Path| {
-                std::fs::rename(from, to).map_err(|source| ConvertError::Io {
-                    path: to.to_path_buf(),
-                    source,
-                })
-            };
-            if let (Some(from), Some(to), Some(r)) = (
-                &compensation,
-                &opts.compensate,
-                report.compensation.as_mut(),
-            ) {
-                publish(&from.output, &to.output)?;
-                r.path = to.output.display().to_string();
-            }
-            publish(&candidate, &output)?;
-            report.output = Some(output.display().to_string());
-            return Ok(report);
         }
-        let _ = std::fs::remove_file(&candidate);
-        points.push((s, value));
-        let next = plan_upgrades(&ladders, aim(&points, limit));
-        if next == at || round + 1 == budget.max_rounds.max(1) {
-            let why = if next == at {
-                "no wider type on the ladder lowers it further"
-            } else {
-                "the rounds ran out"
-            };
-            report.output = None;
-            return Err(ConvertError::Budget(
-                format!(
-                    "{}: measured {:.4} after {} round(s) ({why})",
-                    budget.target.describe(),
-                    match budget.target {
-                        DriftTarget::KlMean(_) => measured.kl_mean,
-                        DriftTarget::MinGain(_) => 1.0 - value,
-                    },
-                    rounds.len()
-                ),
-                Box::new(report),
-            ));
-        }
-        at = next;
     }
-    unreachable!("the last round returns")
+}
+
+/// One round's file in the work folder, with its report and drift.
+struct Candidate {
+    path: PathBuf,
+    /// Its compensation adapter, written next to it.
+    compensation: Option<Compensate>,
+    /// Tensors moved up from the policy's types.
+    upgraded: usize,
+    report: ConvertReport,
+    measured: DriftReport,
+}
+
+impl Candidate {
+    /// The file (and its compensation adapter) moved to where `opts` asks.
+    fn publish(
+        mut self,
+        opts: &ConvertOptions,
+        output: &Path,
+    ) -> Result<ConvertReport, ConvertError> {
+        let publish = |from: &Path, to: &Path| {
+            std::fs::rename(from, to).map_err(|source| ConvertError::Io {
+                path: to.to_path_buf(),
+                source,
+            })
+        };
+        if let (Some(from), Some(to), Some(r)) = (
+            &self.compensation,
+            &opts.compensate,
+            self.report.compensation.as_mut(),
+        ) {
+            publish(&from.output, &to.output)?;
+            r.path = to.output.display().to_string();
+        }
+        publish(&self.path, output)?;
+        self.report.output = Some(output.display().to_string());
+        Ok(self.report)
+    }
+
+    /// The error for a last round over the budget (`stuck`: no wider type lowers it).
+    fn refused(
+        mut self,
+        budget: &DriftBudget,
+        value: f64,
+        rounds: usize,
+        stuck: bool,
+    ) -> ConvertError {
+        let why = if stuck {
+            "no wider type on the ladder lowers it further"
+        } else {
+            "the rounds ran out"
+        };
+        self.report.output = None;
+        ConvertError::Budget(
+            format!(
+                "{}: measured {:.4} after {} round(s) ({why})",
+                budget.target.describe(),
+                match budget.target {
+                    DriftTarget::KlMean(_) => self.measured.kl_mean,
+                    DriftTarget::MinGain(_) => 1.0 - value,
+                },
+                rounds
+            ),
+            Box::new(self.report),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{check_finite, NonFinite};
 use crate::read::base::BaseModel;
-use crate::read::peft::{LoraModule, ModuleKind, PeftAdapter, PeftError};
+use crate::read::peft::{LoraModule, ModuleKind, PeftAdapter, PeftError, SavedTensor};
 
 /// An error planning or computing the merge.
 #[derive(Debug, thiserror::Error)]
@@ -71,109 +71,126 @@ impl MergePlan {
     /// Match every adapter module and saved tensor to a base tensor.
     pub fn new(base: &BaseModel, adapter: &PeftAdapter) -> Result<MergePlan, MergeError> {
         let file = adapter.tensors_path.display().to_string();
-        let mismatch = |tensor: &str, problem: String| MergeError::Mismatch {
-            adapter: file.clone(),
-            tensor: tensor.into(),
-            problem,
-        };
         let mut plan = MergePlan::default();
         if adapter.config.fan_in_fan_out {
             plan.notes.push("fan_in_fan_out is set, but llama-family projections are nn.Linear, for which PEFT ignores it; so do we".into());
         }
         for m in &adapter.modules {
-            let name = match (m.kind, m.path.as_str()) {
-                (ModuleKind::Embedding, "model.embed_tokens") => {
-                    Some(names::TOKEN_EMBD.to_string())
-                }
-                (ModuleKind::Linear, p) => base.arch.spec().hf_to_gguf(&format!("{p}.weight")),
-                _ => None,
-            }
-            .ok_or_else(|| {
-                mismatch(
-                    &m.key_a,
-                    format!(
-                        "module '{}' has no counterpart in a {} model",
-                        m.path, base.arch
-                    ),
-                )
-            })?;
-            if name == names::OUTPUT && base.tied_embeddings {
-                return Err(mismatch(&m.key_a, "LoRA on lm_head, but the base ties its output head to the token embedding; merging would change both".into()));
-            }
-            let t = base.tensor(&name).ok_or_else(|| {
-                mismatch(&m.key_a, format!("the base has no tensor '{name}' (an adapter for another base? it has {} layers)", base.shape.n_layers))
-            })?;
-            // GGUF dims are [in, out] for Linear and [dim, vocab] for the embedding.
-            let (want_in, want_out) = match m.kind {
-                ModuleKind::Linear => (t.dims[0], t.dims.get(1).copied().unwrap_or(1)),
-                ModuleKind::Embedding => (t.dims.get(1).copied().unwrap_or(1), t.dims[0]),
-            };
-            if (m.in_features, m.out_features) != (want_in, want_out) {
-                return Err(mismatch(
-                    &m.key_a,
-                    format!(
-                        "adapter maps {} -> {} features but base tensor '{name}' has {want_in} -> {want_out} (an adapter for another base?)",
-                        m.in_features, m.out_features
-                    ),
-                ));
-            }
-            let permute_heads = match (
-                base.arch.permutes_qk(),
-                name.contains(".attn_q."),
-                name.contains(".attn_k."),
-            ) {
-                (true, true, _) => Some(base.shape.n_head),
-                (true, _, true) => Some(base.shape.n_head_kv),
-                _ => None,
-            };
-            let edit = LoraEdit {
-                module: m.clone(),
-                permute_heads,
-            };
-            if m.bias {
-                let bias_name = name.replace(".weight", ".bias");
-                let e = plan.edits.entry(bias_name.clone()).or_default();
-                e.bias = Some(edit.clone());
-                if base.tensor(&bias_name).is_none() {
-                    e.new_dims = Some(vec![m.out_features]);
-                }
-            }
-            plan.edits.entry(name).or_default().lora = Some(edit);
+            plan.add_module(base, m, &file)?;
         }
         for s in &adapter.saved {
-            let hf = s.name.replace(".base_layer.", ".");
-            let name = base.arch.spec().hf_to_gguf(&hf).ok_or_else(|| {
-                mismatch(
-                    &s.key,
-                    format!(
-                        "saved module '{}' has no counterpart in a {} model",
-                        s.name, base.arch
-                    ),
-                )
-            })?;
-            let dims: Vec<u64> = s.shape.iter().rev().map(|&d| d as u64).collect();
-            let e = plan.edits.entry(name.clone()).or_default();
-            match base.tensor(&name) {
-                Some(t) if t.dims != dims => {
-                    return Err(mismatch(
-                        &s.key,
-                        format!(
-                            "shape {:?} does not match base tensor '{name}' {:?}",
-                            s.shape,
-                            t.shape_torch()
-                        ),
-                    ))
-                }
-                Some(_) => {}
-                None if name == names::OUTPUT && base.tied_embeddings => {
-                    plan.notes.push("the adapter saves its own lm_head, so the output head is untied from the token embedding".into());
-                    e.new_dims = Some(dims);
-                }
-                None => return Err(mismatch(&s.key, format!("the base has no tensor '{name}'"))),
-            }
-            e.replace = Some(s.key.clone());
+            plan.add_saved(base, s, &file)?;
         }
         Ok(plan)
+    }
+
+    /// Module `m`'s delta on the base tensor it wraps (and its bias), checked to fit it.
+    fn add_module(
+        &mut self,
+        base: &BaseModel,
+        m: &LoraModule,
+        file: &str,
+    ) -> Result<(), MergeError> {
+        let mismatch = mismatch(file, &m.key_a);
+        let name = match (m.kind, m.path.as_str()) {
+            (ModuleKind::Embedding, "model.embed_tokens") => Some(names::TOKEN_EMBD.to_string()),
+            (ModuleKind::Linear, p) => base.arch.spec().hf_to_gguf(&format!("{p}.weight")),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            mismatch(format!(
+                "module '{}' has no counterpart in a {} model",
+                m.path, base.arch
+            ))
+        })?;
+        if name == names::OUTPUT && base.tied_embeddings {
+            return Err(mismatch("LoRA on lm_head, but the base ties its output head to the token embedding; merging would change both".into()));
+        }
+        let t = base.tensor(&name).ok_or_else(|| {
+            mismatch(format!(
+                "the base has no tensor '{name}' (an adapter for another base? it has {} layers)",
+                base.shape.n_layers
+            ))
+        })?;
+        // GGUF dims are [in, out] for Linear and [dim, vocab] for the embedding.
+        let (want_in, want_out) = match m.kind {
+            ModuleKind::Linear => (t.dims[0], t.dims.get(1).copied().unwrap_or(1)),
+            ModuleKind::Embedding => (t.dims.get(1).copied().unwrap_or(1), t.dims[0]),
+        };
+        if (m.in_features, m.out_features) != (want_in, want_out) {
+            return Err(mismatch(format!(
+                "adapter maps {} -> {} features but base tensor '{name}' has {want_in} -> {want_out} (an adapter for another base?)",
+                m.in_features, m.out_features
+            )));
+        }
+        let permute_heads = match (
+            base.arch.permutes_qk(),
+            name.contains(".attn_q."),
+            name.contains(".attn_k."),
+        ) {
+            (true, true, _) => Some(base.shape.n_head),
+            (true, _, true) => Some(base.shape.n_head_kv),
+            _ => None,
+        };
+        let edit = LoraEdit {
+            module: m.clone(),
+            permute_heads,
+        };
+        if m.bias {
+            let bias_name = name.replace(".weight", ".bias");
+            let e = self.edits.entry(bias_name.clone()).or_default();
+            e.bias = Some(edit.clone());
+            if base.tensor(&bias_name).is_none() {
+                e.new_dims = Some(vec![m.out_features]);
+            }
+        }
+        self.edits.entry(name).or_default().lora = Some(edit);
+        Ok(())
+    }
+
+    /// Saved tensor `s` in place of the base's (or as an untied output head), checked to fit.
+    fn add_saved(
+        &mut self,
+        base: &BaseModel,
+        s: &SavedTensor,
+        file: &str,
+    ) -> Result<(), MergeError> {
+        let mismatch = mismatch(file, &s.key);
+        let hf = s.name.replace(".base_layer.", ".");
+        let name = base.arch.spec().hf_to_gguf(&hf).ok_or_else(|| {
+            mismatch(format!(
+                "saved module '{}' has no counterpart in a {} model",
+                s.name, base.arch
+            ))
+        })?;
+        let dims: Vec<u64> = s.shape.iter().rev().map(|&d| d as u64).collect();
+        let e = self.edits.entry(name.clone()).or_default();
+        match base.tensor(&name) {
+            Some(t) if t.dims != dims => {
+                return Err(mismatch(format!(
+                    "shape {:?} does not match base tensor '{name}' {:?}",
+                    s.shape,
+                    t.shape_torch()
+                )))
+            }
+            Some(_) => {}
+            None if name == names::OUTPUT && base.tied_embeddings => {
+                self.notes.push("the adapter saves its own lm_head, so the output head is untied from the token embedding".into());
+                e.new_dims = Some(dims);
+            }
+            None => return Err(mismatch(format!("the base has no tensor '{name}'"))),
+        }
+        e.replace = Some(s.key.clone());
+        Ok(())
+    }
+}
+
+/// The error for an adapter tensor of `file` that does not fit the base.
+fn mismatch<'a>(file: &'a str, tensor: &'a str) -> impl Fn(String) -> MergeError + 'a {
+    move |problem| MergeError::Mismatch {
+        adapter: file.to_string(),
+        tensor: tensor.to_string(),
+        problem,
     }
 }
 

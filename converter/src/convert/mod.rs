@@ -33,8 +33,8 @@ pub use ladder::{predict_ladder, Rung, TensorLadder};
 use outputs::{start_compensation, start_model};
 use process::{merged_values, output_norms2, process, relative2, round, stats_of, Processed};
 use provenance::provenance;
-use stream::{stream_tensor, Making, Sinks};
 pub use provenance::sha256_file;
+use stream::{stream_tensor, Making, Sinks};
 use tensors::{out_tensors, row_len, OutTensor};
 
 /// The tool version recorded in outputs.
@@ -474,7 +474,11 @@ fn write_tensors(
     if sinks.merged.is_none() && sinks.base.is_none() {
         return Ok((reports, pairs));
     }
-    let Inputs { base, adapter, opts } = *inputs;
+    let Inputs {
+        base,
+        adapter,
+        opts,
+    } = *inputs;
     let written_to = opts.output.as_deref().or(opts.base_output.as_deref());
     // A value the type cannot hold is refused naming the file it was to be
     // written to, as the writer names it.

@@ -177,7 +177,14 @@ pub(super) fn process(
         });
     let compensating = opts.compensate.is_some() && linear;
     let keep_whole = stats.is_some() || compensating;
-    let (sums, qw) = measure(t, ggml_type, &merged, &bytes, base_bytes.as_deref(), keep_whole)?;
+    let (sums, qw) = measure(
+        t,
+        ggml_type,
+        &merged,
+        &bytes,
+        base_bytes.as_deref(),
+        keep_whole,
+    )?;
     let mut report = TensorReport::from_sums(
         &t.name,
         ggml_type.name().to_string(),
@@ -196,7 +203,14 @@ pub(super) fn process(
             known_norms2,
             chosen: is_chosen(ggml_type, opts),
         };
-        output_errors(t, ggml_type, s, &rounded, compensation.as_ref(), &mut report)?;
+        output_errors(
+            t,
+            ggml_type,
+            s,
+            &rounded,
+            compensation.as_ref(),
+            &mut report,
+        )?;
     }
     Ok(Processed {
         bytes,

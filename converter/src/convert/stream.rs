@@ -119,7 +119,11 @@ pub(super) fn stream_tensor(
 
 /// Copy `t`'s stored bytes in parts of whole rows, releasing each from the
 /// mapping once written.
-fn copy_rows(t: &OutTensor, base: &BaseModel, sinks: &mut Sinks) -> Result<ErrorSums, ConvertError> {
+fn copy_rows(
+    t: &OutTensor,
+    base: &BaseModel,
+    sinks: &mut Sinks,
+) -> Result<ErrorSums, ConvertError> {
     let b = t.base.expect("streamed tensors are the base's");
     let (_, data) = base.stored(b).expect("a GGUF tensor");
     let row = base.row_bytes(b).expect("rows checked").max(1);

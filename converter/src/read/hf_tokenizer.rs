@@ -63,45 +63,76 @@ pub fn gguf_metadata(
     dir: &Path,
     vocab_size: u64,
 ) -> Result<Option<Vec<(String, MetadataValue<'static>)>>, TokenizerError> {
-    use TokenizerError::{Invalid, Unsupported};
-    // Absent files are optional; present ones must be regular files.
-    let read = |name: &str| {
-        let path = dir.join(name);
-        match read_regular(&path, "a JSON file") {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(TokenizerError::Io { path, source }),
-            Ok(text) => Ok(Some(text)),
-        }
-    };
-    let Some(text) = read("tokenizer.json")? else {
+    let Some(text) = read_optional(dir, "tokenizer.json")? else {
         return Ok(None);
     };
-    let tok: Value =
-        serde_json::from_str(&text).map_err(|e| Invalid(format!("not valid JSON: {e}")))?;
-    let optional_json = |name: &str| -> Result<Value, TokenizerError> {
-        Ok(read(name)?
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null))
-    };
-    let tc = optional_json("tokenizer_config.json")?;
-    let config = optional_json("config.json")?;
+    let tok: Value = serde_json::from_str(&text)
+        .map_err(|e| TokenizerError::Invalid(format!("not valid JSON: {e}")))?;
+    let tc = optional_json(dir, "tokenizer_config.json")?;
+    let config = optional_json(dir, "config.json")?;
 
     let model = tok.get("model").ok_or("no 'model' section")?;
+    let spm = spm_flavour(&tok, model)?;
+    let by_id = tokens_by_id(&tok, model)?;
+    let (tokens, types) = token_list(by_id, model, spm.is_some(), vocab_size)?;
+    let merge_list = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| TokenizerError::Invalid("no model.merges".into()))?;
+    let merges = merge_strings(merge_list)?;
+    let scores = spm.map(|_| spm_scores(&tokens, &types, merge_list));
+
+    let mut md = model_metadata(&tok, spm);
+    md.extend(special_token_ids(&tc, &config, &tokens, vocab_size)?);
+    if let Some(b) = tc.get("add_bos_token").and_then(Value::as_bool) {
+        md.push((names::TOKENIZER_ADD_BOS.into(), MetadataValue::Bool(b)));
+    }
+    md.extend(token_metadata(tokens, &types, merges, scores));
+    if let Some(t) = chat_template(&tc) {
+        md.push((names::CHAT_TEMPLATE.into(), MetadataValue::string(t)));
+    }
+    Ok(Some(md))
+}
+
+/// `dir`'s file `name`, None if absent; one that is present must be a regular file.
+fn read_optional(dir: &Path, name: &str) -> Result<Option<String>, TokenizerError> {
+    let path = dir.join(name);
+    match read_regular(&path, "a JSON file") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TokenizerError::Io { path, source }),
+        Ok(text) => Ok(Some(text)),
+    }
+}
+
+/// `dir`'s JSON file `name`, or null if absent or not JSON (its special tokens only help).
+fn optional_json(dir: &Path, name: &str) -> Result<Value, TokenizerError> {
+    Ok(read_optional(dir, name)?
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null))
+}
+
+/// None for byte-level BPE, Some(adds a space prefix) for SentencePiece-derived; others refused.
+fn spm_flavour(tok: &Value, model: &Value) -> Result<Option<bool>, TokenizerError> {
     if model.get("type").and_then(Value::as_str) != Some("BPE") {
-        return Err(Unsupported("only BPE tokenizers are converted".into()));
+        return Err(TokenizerError::Unsupported(
+            "only BPE tokenizers are converted".into(),
+        ));
     }
     // SentencePiece-derived BPE falls back to byte tokens and spells
     // spaces "▁"; byte-level BPE has neither.
-    let spm = if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
-        Some(spm_space_prefix(&tok).ok_or_else(|| {
-            Unsupported(
-                "a byte-fallback BPE tokenizer that does not spell spaces as '▁' (no Replace or Metaspace) is not converted"
-                    .into(),
-            )
-        })?)
-    } else {
-        None
-    };
+    if model.get("byte_fallback").and_then(Value::as_bool) != Some(true) {
+        return Ok(None);
+    }
+    Ok(Some(spm_space_prefix(tok).ok_or_else(|| {
+        TokenizerError::Unsupported(
+            "a byte-fallback BPE tokenizer that does not spell spaces as '▁' (no Replace or Metaspace) is not converted"
+                .into(),
+        )
+    })?))
+}
+
+/// Every token by id with its llama.cpp type: the vocabulary, then the added tokens over it.
+fn tokens_by_id(tok: &Value, model: &Value) -> Result<HashMap<u64, (String, i32)>, TokenizerError> {
     let vocab = model
         .get("vocab")
         .and_then(Value::as_object)
@@ -123,7 +154,9 @@ pub fn gguf_metadata(
             a.get("id").and_then(Value::as_u64),
             a.get("content").and_then(Value::as_str),
         ) else {
-            return Err(Invalid("added_tokens entry without id or content".into()));
+            return Err(TokenizerError::Invalid(
+                "added_tokens entry without id or content".into(),
+            ));
         };
         let special = a.get("special").and_then(Value::as_bool).unwrap_or(false);
         by_id.insert(
@@ -134,13 +167,23 @@ pub fn gguf_metadata(
             ),
         );
     }
+    Ok(by_id)
+}
+
+/// Tokens and types for ids 0..`vocab_size`, gaps padded, SentencePiece bytes and unknown typed.
+fn token_list(
+    mut by_id: HashMap<u64, (String, i32)>,
+    model: &Value,
+    spm: bool,
+    vocab_size: u64,
+) -> Result<(Vec<String>, Vec<i32>), TokenizerError> {
     // Checked before the token list is allocated, so an id of 10^9 costs nothing.
     if let Some((&id, (token, _))) = by_id
         .iter()
         .filter(|(&id, _)| id >= vocab_size)
         .min_by_key(|(&id, _)| id)
     {
-        return Err(Invalid(format!(
+        return Err(TokenizerError::Invalid(format!(
             "token {token:?} has id {id}, but the model has {vocab_size} token embeddings (vocab_size)"
         )));
     }
@@ -153,7 +196,7 @@ pub fn gguf_metadata(
         let (t, mut ty) = by_id
             .remove(&id)
             .unwrap_or_else(|| (format!("[PAD{id}]"), UNUSED));
-        if spm.is_some() && ty == NORMAL {
+        if spm && ty == NORMAL {
             if byte_token(&t) {
                 ty = BYTE;
             } else if Some(t.as_str()) == unk {
@@ -163,11 +206,12 @@ pub fn gguf_metadata(
         tokens.push(t);
         types.push(ty);
     }
-    let merge_list = model
-        .get("merges")
-        .and_then(Value::as_array)
-        .ok_or_else(|| Invalid("no model.merges".into()))?;
-    let merges: Vec<String> = merge_list
+    Ok((tokens, types))
+}
+
+/// model.merges as llama.cpp's "a b" strings (newer files write pairs).
+fn merge_strings(merge_list: &[Value]) -> Result<Vec<String>, TokenizerError> {
+    merge_list
         .iter()
         .map(|m| match m {
             Value::String(s) => Ok(s.clone()),
@@ -176,25 +220,21 @@ pub fn gguf_metadata(
                 p[0].as_str().unwrap_or(""),
                 p[1].as_str().unwrap_or("")
             )),
-            other => Err(Invalid(format!(
+            other => Err(TokenizerError::Invalid(format!(
                 "merge {other} is neither \"a b\" nor [a, b]"
             ))),
         })
-        .collect::<Result<_, _>>()?;
-    let scores = spm.map(|_| spm_scores(&tokens, &types, merge_list));
+        .collect()
+}
 
-    let id_of = |v: &Value| -> Option<u64> {
-        let s = v
-            .as_str()
-            .or_else(|| v.get("content").and_then(Value::as_str))?;
-        tokens.iter().position(|t| t == s).map(|i| i as u64)
-    };
-    let mut md: Vec<(String, MetadataValue<'static>)> = match spm {
+/// The tokenizer model and pre-tokenizer llama.cpp should run.
+fn model_metadata(tok: &Value, spm: Option<bool>) -> Vec<(String, MetadataValue<'static>)> {
+    match spm {
         None => vec![
             (names::TOKENIZER_MODEL.into(), MetadataValue::string("gpt2")),
             (
                 names::TOKENIZER_PRE.into(),
-                MetadataValue::string(pre_tokenizer_name(&tok)),
+                MetadataValue::string(pre_tokenizer_name(tok)),
             ),
         ],
         Some(prefix) => vec![
@@ -211,7 +251,23 @@ pub fn gguf_metadata(
                 MetadataValue::Bool(prefix),
             ),
         ],
+    }
+}
+
+/// BOS, EOS, unknown and padding ids: tokenizer_config.json's token, else config.json's id.
+fn special_token_ids(
+    tc: &Value,
+    config: &Value,
+    tokens: &[String],
+    vocab_size: u64,
+) -> Result<Vec<(String, MetadataValue<'static>)>, TokenizerError> {
+    let id_of = |v: &Value| -> Option<u64> {
+        let s = v
+            .as_str()
+            .or_else(|| v.get("content").and_then(Value::as_str))?;
+        tokens.iter().position(|t| t == s).map(|i| i as u64)
     };
+    let mut md = Vec::new();
     for (key, tc_key, cfg_key) in [
         ("bos", "bos_token", "bos_token_id"),
         ("eos", "eos_token", "eos_token_id"),
@@ -224,41 +280,55 @@ pub fn gguf_metadata(
             .or_else(|| config.get(cfg_key).and_then(Value::as_u64));
         if let Some(id) = id {
             if id >= vocab_size {
-                return Err(Invalid(format!(
+                return Err(TokenizerError::Invalid(format!(
                     "config.json's {cfg_key} is {id}, but the model has {vocab_size} token embeddings (vocab_size)"
                 )));
             }
             md.push((names::special_token_id(key), MetadataValue::U32(id as u32)));
         }
     }
-    if let Some(b) = tc.get("add_bos_token").and_then(Value::as_bool) {
-        md.push((names::TOKENIZER_ADD_BOS.into(), MetadataValue::Bool(b)));
-    }
-    md.push((
-        names::TOKENIZER_TOKENS.into(),
-        MetadataValue::string_array(tokens),
-    ));
-    md.push((
-        names::TOKENIZER_TOKEN_TYPE.into(),
-        MetadataValue::Array(MetadataArray::Owned {
-            elem: ValueType::I32,
-            items: types.iter().map(|&t| MetadataValue::I32(t)).collect(),
-        }),
-    ));
-    match scores {
-        None => md.push((
+    Ok(md)
+}
+
+/// Tokens, types, and merges (byte-level BPE) or scores (SentencePiece) as llama.cpp's arrays.
+fn token_metadata(
+    tokens: Vec<String>,
+    types: &[i32],
+    merges: Vec<String>,
+    scores: Option<Vec<f32>>,
+) -> Vec<(String, MetadataValue<'static>)> {
+    let last = match scores {
+        None => (
             names::TOKENIZER_MERGES.into(),
             MetadataValue::string_array(merges),
-        )),
-        Some(scores) => md.push((
+        ),
+        Some(scores) => (
             names::TOKENIZER_SCORES.into(),
             MetadataValue::Array(MetadataArray::Owned {
                 elem: ValueType::F32,
                 items: scores.into_iter().map(MetadataValue::F32).collect(),
             }),
-        )),
-    }
-    let template = match tc.get("chat_template") {
+        ),
+    };
+    vec![
+        (
+            names::TOKENIZER_TOKENS.into(),
+            MetadataValue::string_array(tokens),
+        ),
+        (
+            names::TOKENIZER_TOKEN_TYPE.into(),
+            MetadataValue::Array(MetadataArray::Owned {
+                elem: ValueType::I32,
+                items: types.iter().map(|&t| MetadataValue::I32(t)).collect(),
+            }),
+        ),
+        last,
+    ]
+}
+
+/// tokenizer_config.json's chat template (the one named "default" of a list).
+fn chat_template(tc: &Value) -> Option<String> {
+    match tc.get("chat_template") {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Array(list)) => list
             .iter()
@@ -266,11 +336,7 @@ pub fn gguf_metadata(
             .and_then(|t| t.get("template").and_then(Value::as_str))
             .map(str::to_string),
         _ => None,
-    };
-    if let Some(t) = template {
-        md.push((names::CHAT_TEMPLATE.into(), MetadataValue::string(t)));
     }
-    Ok(Some(md))
 }
 
 /// `<0x00>`..`<0xFF>`, the tokens SentencePiece spells a byte with.

@@ -4,9 +4,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::{check_finite, NonFinite};
 use lorafold_runtime::input::{self, open_regular, read_regular};
@@ -147,132 +148,47 @@ impl PeftConfig {
         let obj = v
             .as_object()
             .ok_or_else(|| bad("expected a JSON object".into()))?;
+        PeftConfig::from_fields(obj).map_err(bad)
+    }
+
+    /// The config from its JSON object; the first problem found is the error.
+    fn from_fields(obj: &Map<String, Value>) -> Result<PeftConfig, String> {
         let peft_type = obj
             .get("peft_type")
             .and_then(Value::as_str)
             .unwrap_or("LORA")
             .to_string();
         if peft_type != "LORA" {
-            return Err(bad(format!(
+            return Err(format!(
                 "peft_type is {peft_type}; only LORA adapters are supported"
-            )));
+            ));
         }
         let r = obj
             .get("r")
             .and_then(Value::as_u64)
             .filter(|&r| r > 0)
-            .ok_or_else(|| bad("missing or invalid 'r'".into()))?;
+            .ok_or_else(|| "missing or invalid 'r'".to_string())?;
         let lora_alpha = match obj.get("lora_alpha") {
             None | Some(Value::Null) => 8.0, // PEFT's default
-            Some(a) => alpha_value(a).map_err(|why| bad(format!("'lora_alpha' {why}")))?,
+            Some(a) => alpha_value(a).map_err(|why| format!("'lora_alpha' {why}"))?,
         };
-        let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
-        let strings = |k: &str| -> Vec<String> {
-            match obj.get(k) {
-                Some(Value::String(s)) => vec![s.clone()],
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect(),
-                _ => Vec::new(),
-            }
-        };
-        let pattern = |k: &str| -> Result<Vec<(String, &Value)>, PeftError> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(Vec::new()),
-                Some(Value::Object(m)) => Ok(m.iter().map(|(p, v)| (p.clone(), v)).collect()),
-                Some(other) => Err(bad(format!("'{k}' should be an object, got {other}"))),
-            }
-        };
-        let rank_pattern: Vec<(String, u64)> = pattern("rank_pattern")?
-            .into_iter()
-            .map(|(p, r)| match r.as_u64() {
-                Some(r) if r >= 1 => Ok((p, r)),
-                _ => Err(bad(format!(
-                    "rank_pattern entry '{p}' is {r}, not a positive integer"
-                ))),
-            })
-            .collect::<Result<_, _>>()?;
-        let alpha_pattern: Vec<(String, f64)> = pattern("alpha_pattern")?
-            .into_iter()
-            .map(|(p, a)| {
-                alpha_value(a)
-                    .map(|a| (p.clone(), a))
-                    .map_err(|why| bad(format!("alpha_pattern entry '{p}' {why}")))
-            })
-            .collect::<Result<_, _>>()?;
-        for p in rank_pattern
-            .iter()
-            .map(|(p, _)| p)
-            .chain(alpha_pattern.iter().map(|(p, _)| p))
-        {
-            module_regex(p).map_err(|e| {
-                bad(format!(
-                    "pattern '{p}' is not a regex we can use: {}",
-                    one_line(&e)
-                ))
-            })?;
-        }
-        let target_modules = match obj.get("target_modules") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| {
-                    bad(format!(
-                        "'target_modules' '{s}' is not a regex we can use: {}",
-                        one_line(&e)
-                    ))
-                })?;
-                Some(TargetModules::Regex(s.clone()))
-            }
-            Some(Value::Array(a)) => Some(TargetModules::Names(
-                a.iter()
-                    .map(|x| {
-                        x.as_str().map(str::to_string).ok_or_else(|| {
-                            bad(format!("'target_modules' entry {x} is not a string"))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?,
-            )),
-            Some(other) => {
-                return Err(bad(format!(
-                    "'target_modules' should be a list of names or a regex, got {other}"
-                )))
-            }
-        };
-        let layers_to_transform = match obj.get("layers_to_transform") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(a)) if a.is_empty() => None,
-            Some(Value::Array(a)) => Some(
-                a.iter()
-                    .map(|x| {
-                        x.as_u64().ok_or_else(|| {
-                            bad(format!(
-                                "'layers_to_transform' entry {x} is not a layer index"
-                            ))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            Some(x) => Some(vec![x.as_u64().ok_or_else(|| {
-                bad(format!(
-                    "'layers_to_transform' is {x}, not a layer index or a list of them"
-                ))
-            })?]),
-        };
+        let (rank_pattern, alpha_pattern) = rank_and_alpha_patterns(obj)?;
+        let target_modules = target_modules(obj)?;
+        let layers_to_transform = layers_to_transform(obj)?;
         if layers_to_transform.is_some() && matches!(target_modules, Some(TargetModules::Regex(_)))
         {
             // PEFT's LoraConfig refuses this combination too.
-            return Err(bad(
+            return Err(
                 "'layers_to_transform' cannot be used when 'target_modules' is a regex".into(),
-            ));
+            );
         }
-        let layers_pattern = strings("layers_pattern");
+        let layers_pattern = strings(obj, "layers_pattern");
         for p in &layers_pattern {
             layer_regex(Some(p)).map_err(|e| {
-                bad(format!(
+                format!(
                     "'layers_pattern' '{p}' is not a regex we can use: {}",
                     one_line(&e)
-                ))
+                )
             })?;
         }
         let init_lora_weights = match obj.get("init_lora_weights") {
@@ -280,6 +196,7 @@ impl PeftConfig {
             Some(Value::Bool(b)) => b.to_string(),
             _ => "true".to_string(),
         };
+        let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
         Ok(PeftConfig {
             peft_type,
             r,
@@ -292,7 +209,7 @@ impl PeftConfig {
             target_modules,
             layers_to_transform,
             layers_pattern,
-            modules_to_save: strings("modules_to_save"),
+            modules_to_save: strings(obj, "modules_to_save"),
             lora_bias: flag("lora_bias"),
             init_lora_weights,
             use_qalora: flag("use_qalora"),
@@ -337,6 +254,112 @@ impl PeftConfig {
             None
         }
     }
+}
+
+/// Field `k` as a list of strings: one string, or the strings of a list.
+fn strings(obj: &Map<String, Value>, k: &str) -> Vec<String> {
+    match obj.get(k) {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The (regex, value) entries of pattern field `k`, in file order.
+fn pattern<'a>(obj: &'a Map<String, Value>, k: &str) -> Result<Vec<(String, &'a Value)>, String> {
+    match obj.get(k) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Object(m)) => Ok(m.iter().map(|(p, v)| (p.clone(), v)).collect()),
+        Some(other) => Err(format!("'{k}' should be an object, got {other}")),
+    }
+}
+
+/// (regex, value) pairs, in file order.
+type Patterns<T> = Vec<(String, T)>;
+
+/// `rank_pattern` and `alpha_pattern`, their values and regexes checked.
+fn rank_and_alpha_patterns(
+    obj: &Map<String, Value>,
+) -> Result<(Patterns<u64>, Patterns<f64>), String> {
+    let rank_pattern: Vec<(String, u64)> = pattern(obj, "rank_pattern")?
+        .into_iter()
+        .map(|(p, r)| match r.as_u64() {
+            Some(r) if r >= 1 => Ok((p, r)),
+            _ => Err(format!(
+                "rank_pattern entry '{p}' is {r}, not a positive integer"
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    let alpha_pattern: Vec<(String, f64)> = pattern(obj, "alpha_pattern")?
+        .into_iter()
+        .map(|(p, a)| {
+            alpha_value(a)
+                .map(|a| (p.clone(), a))
+                .map_err(|why| format!("alpha_pattern entry '{p}' {why}"))
+        })
+        .collect::<Result<_, _>>()?;
+    for p in rank_pattern
+        .iter()
+        .map(|(p, _)| p)
+        .chain(alpha_pattern.iter().map(|(p, _)| p))
+    {
+        module_regex(p)
+            .map_err(|e| format!("pattern '{p}' is not a regex we can use: {}", one_line(&e)))?;
+    }
+    Ok((rank_pattern, alpha_pattern))
+}
+
+/// `target_modules`: a list of names, or a regex checked to compile.
+fn target_modules(obj: &Map<String, Value>) -> Result<Option<TargetModules>, String> {
+    Ok(match obj.get("target_modules") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| {
+                format!(
+                    "'target_modules' '{s}' is not a regex we can use: {}",
+                    one_line(&e)
+                )
+            })?;
+            Some(TargetModules::Regex(s.clone()))
+        }
+        Some(Value::Array(a)) => Some(TargetModules::Names(
+            a.iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("'target_modules' entry {x} is not a string"))
+                })
+                .collect::<Result<_, _>>()?,
+        )),
+        Some(other) => {
+            return Err(format!(
+                "'target_modules' should be a list of names or a regex, got {other}"
+            ))
+        }
+    })
+}
+
+/// `layers_to_transform`: one layer index or a list (an empty list is all).
+fn layers_to_transform(obj: &Map<String, Value>) -> Result<Option<Vec<u64>>, String> {
+    Ok(match obj.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if a.is_empty() => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| {
+                    x.as_u64().ok_or_else(|| {
+                        format!("'layers_to_transform' entry {x} is not a layer index")
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(x) => Some(vec![x.as_u64().ok_or_else(|| {
+            format!("'layers_to_transform' is {x}, not a layer index or a list of them")
+        })?]),
+    })
 }
 
 /// The largest |alpha| accepted: real adapters use 1..512, and the adapter
@@ -612,23 +635,42 @@ impl PeftAdapter {
     }
 }
 
+/// The adapter's LoRA modules, each checked, and the full tensors it saves.
 fn collect_modules(
     st: &SafeTensors<'_>,
     config: &PeftConfig,
     path: &Path,
 ) -> Result<(Vec<LoraModule>, Vec<SavedTensor>), PeftError> {
-    let bad = |tensor: &str, problem: String| PeftError::Tensor {
+    let (module_paths, saved) = sort_keys(st, path)?;
+    let modules = module_paths
+        .into_iter()
+        .map(|m| lora_module(st, config, path, m))
+        .collect::<Result<_, _>>()?;
+    Ok((modules, saved))
+}
+
+/// A problem with tensor `tensor` of the adapter file `path`.
+fn tensor_error(path: &Path, tensor: &str, problem: String) -> PeftError {
+    PeftError::Tensor {
         path: path.to_path_buf(),
         tensor: tensor.into(),
         problem,
-    };
+    }
+}
+
+/// The adapter's keys split into LoRA module paths and full tensors to save.
+fn sort_keys(
+    st: &SafeTensors<'_>,
+    path: &Path,
+) -> Result<(BTreeSet<String>, Vec<SavedTensor>), PeftError> {
     let mut module_paths = BTreeSet::new();
     let mut saved = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     for key in &names {
         let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
-            return Err(bad(
+            return Err(tensor_error(
+                path,
                 key,
                 format!("key does not start with '{KEY_PREFIX}', so this is not a PEFT adapter"),
             ));
@@ -648,12 +690,90 @@ fn collect_modules(
             }
         }
     }
-    let mut modules = Vec::new();
-    for m in module_paths {
-        let get = |suffix: &str| st.tensor(&format!("{KEY_PREFIX}{m}{suffix}")).ok();
-        let (kind, a, b, key_a, key_b) = if let (Some(a), Some(b)) =
-            (get(".lora_A.weight"), get(".lora_B.weight"))
-        {
+    Ok((module_paths, saved))
+}
+
+/// Module `m`, checked: A and B of one rank, the configured one, a magnitude as wide as B.
+fn lora_module(
+    st: &SafeTensors<'_>,
+    config: &PeftConfig,
+    path: &Path,
+    m: String,
+) -> Result<LoraModule, PeftError> {
+    let bad = |tensor: &str, problem: String| tensor_error(path, tensor, problem);
+    let get = |suffix: &str| st.tensor(&format!("{KEY_PREFIX}{m}{suffix}")).ok();
+    let LoraPair {
+        kind,
+        a,
+        b,
+        key_a,
+        key_b,
+    } = lora_pair(st, path, &m)?;
+    let (rank, in_features) = (a.shape()[0] as u64, a.shape()[1] as u64);
+    let (out_features, b_rank) = (b.shape()[0] as u64, b.shape()[1] as u64);
+    if b_rank != rank {
+        return Err(bad(
+            &key_b,
+            format!(
+                "has rank {b_rank} but lora_A {:?} has rank {rank}",
+                a.shape()
+            ),
+        ));
+    }
+    let configured = config.rank_for(&m);
+    if configured != rank {
+        return Err(bad(
+            &key_a,
+            format!("has rank {rank} but adapter_config.json gives this module r = {configured}"),
+        ));
+    }
+    let dora = get(".lora_magnitude_vector").or_else(|| get(".lora_magnitude_vector.weight"));
+    if let Some(mv) = &dora {
+        if mv.shape().iter().product::<usize>() as u64 != out_features {
+            return Err(bad(
+                &format!("{KEY_PREFIX}{m}.lora_magnitude_vector"),
+                format!(
+                    "magnitude has shape {:?}, expected [{out_features}]",
+                    mv.shape()
+                ),
+            ));
+        }
+    }
+    Ok(LoraModule {
+        kind,
+        rank,
+        alpha: config.alpha_for(&m),
+        scale: config.scale_for(&m, rank),
+        in_features,
+        out_features,
+        dora: dora.is_some(),
+        bias: get(".lora_B.bias").is_some(),
+        dtype: format!("{:?}", a.dtype()),
+        key_a,
+        key_b,
+        path: m,
+    })
+}
+
+/// A module's A and B tensors with their keys.
+struct LoraPair<'data> {
+    kind: ModuleKind,
+    a: TensorView<'data>,
+    b: TensorView<'data>,
+    key_a: String,
+    key_b: String,
+}
+
+/// Module `m`'s A and B (Linear, else Embedding), each a matrix of a dtype we widen.
+fn lora_pair<'data>(
+    st: &SafeTensors<'data>,
+    path: &Path,
+    m: &str,
+) -> Result<LoraPair<'data>, PeftError> {
+    let bad = |tensor: &str, problem: String| tensor_error(path, tensor, problem);
+    let get = |suffix: &str| st.tensor(&format!("{KEY_PREFIX}{m}{suffix}")).ok();
+    let (kind, a, b, key_a, key_b) =
+        if let (Some(a), Some(b)) = (get(".lora_A.weight"), get(".lora_B.weight")) {
             (ModuleKind::Linear, a, b, ".lora_A.weight", ".lora_B.weight")
         } else if let (Some(a), Some(b)) = (get(".lora_embedding_A"), get(".lora_embedding_B")) {
             (
@@ -674,76 +794,35 @@ fn collect_modules(
                 format!("module has no lora_{which} tensor"),
             ));
         };
-        let key_a = format!("{KEY_PREFIX}{m}{key_a}");
-        let key_b = format!("{KEY_PREFIX}{m}{key_b}");
-        for (k, v) in [(&key_a, &a), (&key_b, &b)] {
-            if v.shape().len() != 2 {
-                return Err(bad(
-                    k,
-                    format!("expected 2 dimensions, got shape {:?}", v.shape()),
-                ));
-            }
-            if !matches!(
-                v.dtype(),
-                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
-            ) {
-                return Err(bad(
-                    k,
-                    format!(
-                        "dtype {:?} is not supported (f32, f16, bf16 are)",
-                        v.dtype()
-                    ),
-                ));
-            }
-        }
-        let (rank, in_features) = (a.shape()[0] as u64, a.shape()[1] as u64);
-        let (out_features, b_rank) = (b.shape()[0] as u64, b.shape()[1] as u64);
-        if b_rank != rank {
+    let key_a = format!("{KEY_PREFIX}{m}{key_a}");
+    let key_b = format!("{KEY_PREFIX}{m}{key_b}");
+    for (k, v) in [(&key_a, &a), (&key_b, &b)] {
+        if v.shape().len() != 2 {
             return Err(bad(
-                &key_b,
+                k,
+                format!("expected 2 dimensions, got shape {:?}", v.shape()),
+            ));
+        }
+        if !matches!(
+            v.dtype(),
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+        ) {
+            return Err(bad(
+                k,
                 format!(
-                    "has rank {b_rank} but lora_A {:?} has rank {rank}",
-                    a.shape()
+                    "dtype {:?} is not supported (f32, f16, bf16 are)",
+                    v.dtype()
                 ),
             ));
         }
-        let configured = config.rank_for(&m);
-        if configured != rank {
-            return Err(bad(
-                &key_a,
-                format!(
-                    "has rank {rank} but adapter_config.json gives this module r = {configured}"
-                ),
-            ));
-        }
-        let dora = get(".lora_magnitude_vector").or_else(|| get(".lora_magnitude_vector.weight"));
-        if let Some(mv) = &dora {
-            if mv.shape().iter().product::<usize>() as u64 != out_features {
-                return Err(bad(
-                    &format!("{KEY_PREFIX}{m}.lora_magnitude_vector"),
-                    format!(
-                        "magnitude has shape {:?}, expected [{out_features}]",
-                        mv.shape()
-                    ),
-                ));
-            }
-        }
-        modules.push(LoraModule {
-            kind,
-            rank,
-            alpha: config.alpha_for(&m),
-            scale: config.scale_for(&m, rank),
-            in_features,
-            out_features,
-            dora: dora.is_some(),
-            bias: get(".lora_B.bias").is_some(),
-            dtype: format!("{:?}", a.dtype()),
-            key_a,
-            key_b,
-            path: m,
-        });
     }
-    Ok((modules, saved))
+    Ok(LoraPair {
+        kind,
+        a,
+        b,
+        key_a,
+        key_b,
+    })
 }
 
 /// adapter_config.json and the tensors agree: PEFT would have created every

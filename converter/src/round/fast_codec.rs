@@ -119,7 +119,17 @@ mod tests {
 
     #[test]
     fn rounding_matches_roundf_at_ties_and_edges() {
-        for x in [0.5f32, 1.5, 2.5, -2.5, 0.499_999_97, 1.499_999_9, 126.5, -126.5, 3.5] {
+        for x in [
+            0.5f32,
+            1.5,
+            2.5,
+            -2.5,
+            0.499_999_97,
+            1.499_999_9,
+            126.5,
+            -126.5,
+            3.5,
+        ] {
             assert_eq!(round_half_away(x), x.round(), "{x}");
         }
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -141,7 +151,10 @@ mod tests {
                 _ => dequantize_q8_0(&bytes, &mut ours),
             }
             let theirs = dequantize(t, &bytes, xs.len(), "t").unwrap();
-            let same = ours.iter().zip(&theirs).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = ours
+                .iter()
+                .zip(&theirs)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{t}");
         }
     }

@@ -115,91 +115,11 @@ crate::simd::avx2_or_portable! {
         }
         // Exactly zero: a NaN or negative diagonal is a broken file, and fails below.
         let dead: Vec<bool> = (0..k).map(|i| h[i * k + i] == 0.0).collect();
-        let diag = |i: usize| if dead[i] { 1.0 } else { h[i * k + i] as f64 };
-        let mean = (0..k).map(diag).sum::<f64>() / k as f64;
-        // a = P H P, damped.
-        let rev = |i: usize| k - 1 - i;
-        let mut a = vec![0f64; k * k];
-        for i in 0..k {
-            for j in i..k {
-                a[i * k + j] = h[rev(i) * k + rev(j)] as f64;
-            }
-            a[i * k + i] = diag(rev(i)) + damp * mean;
-        }
-        // a = RᵀR: R in the upper triangle. Row j is finished at step j and
-        // subtracted from the rows below; rows are finished in panels of NB,
-        // and each panel is subtracted from a trailing row while that row sits
-        // in cache (every element still takes its updates in order of j).
-        const NB: usize = 32;
-        for j0 in (0..k).step_by(NB) {
-            let j1 = (j0 + NB).min(k);
-            for j in j0..j1 {
-                let d = a[j * k + j];
-                if d.is_nan() || d <= 0.0 {
-                    return Err(GptqError::NotPositiveDefinite { column: rev(j) });
-                }
-                let r = d.sqrt();
-                a[j * k + j] = r;
-                for v in &mut a[j * k + j + 1..(j + 1) * k] {
-                    *v /= r;
-                }
-                let (done, rest) = a.split_at_mut((j + 1) * k);
-                for i in j + 1..j1 {
-                    let f = done[j * k + i];
-                    let row = &mut rest[(i - j - 1) * k + i..(i - j) * k];
-                    for (x, &y) in row.iter_mut().zip(&done[j * k + i..(j + 1) * k]) {
-                        *x -= f * y;
-                    }
-                }
-            }
-            let (done, rest) = a.split_at_mut(j1 * k);
-            for i in j1..k {
-                let row = &mut rest[(i - j1) * k + i..(i - j1 + 1) * k];
-                for j in j0..j1 {
-                    let f = done[j * k + i];
-                    for (x, &y) in row.iter_mut().zip(&done[j * k + i..(j + 1) * k]) {
-                        *x -= f * y;
-                    }
-                }
-            }
-        }
-        // T = R⁻¹ (upper), from the bottom: R T = I gives
-        // T_i = (e_i − Σ_{m>i} R_im T_m) / R_ii. In panels of NB rows: the
-        // rows below a panel are added into all of its rows while each is in
-        // cache, then the panel's own rows, bottom up.
-        let mut t = vec![0f64; k * k];
-        let mut i1 = k;
-        while i1 > 0 {
-            let i0 = i1.saturating_sub(NB);
-            let (head, below) = t.split_at_mut(i1 * k);
-            for i in i0..i1 {
-                head[i * k + i] = 1.0 / a[i * k + i];
-            }
-            // Each row below is read once for the whole panel.
-            for m in i1..k {
-                let tm = &below[(m - i1) * k + m..(m - i1 + 1) * k];
-                for i in i0..i1 {
-                    let f = -a[i * k + m] / a[i * k + i];
-                    for (x, &y) in head[i * k + m..(i + 1) * k].iter_mut().zip(tm) {
-                        *x += f * y;
-                    }
-                }
-            }
-            for i in (i0..i1).rev() {
-                let rii = a[i * k + i];
-                let (upper, lower) = head.split_at_mut((i + 1) * k);
-                let ti = &mut upper[i * k..];
-                for m in i + 1..i1 {
-                    let f = -a[i * k + m] / rii;
-                    let tm = &lower[(m - i - 1) * k + m..(m - i) * k];
-                    for (x, &y) in ti[m..].iter_mut().zip(tm) {
-                        *x += f * y;
-                    }
-                }
-            }
-            i1 = i0;
-        }
+        let mut a = reversed_damped(h, k, &dead, damp);
+        cholesky_upper(&mut a, k)?;
+        let t = invert_upper(&a, k);
         // U_ij = T_{rev j, rev i}.
+        let rev = |i: usize| k - 1 - i;
         let mut u = vec![0f32; k * k];
         for i in 0..k {
             for j in i..k {
@@ -213,6 +133,111 @@ crate::simd::avx2_or_portable! {
             order: None,
         })
     }
+}
+
+// The steps below are inlined into `inverse_cholesky_any`, so that they are
+// compiled inside its AVX2 copy too; a call would run them portable.
+
+/// Rows finished (Cholesky) or inverted (triangular inverse) a panel at a time.
+const NB: usize = 32;
+
+/// a = P H P in f64 (upper triangle), damped by `damp` times the mean diagonal (dead: 1).
+#[inline(always)]
+fn reversed_damped(h: &[f32], k: usize, dead: &[bool], damp: f64) -> Vec<f64> {
+    let diag = |i: usize| if dead[i] { 1.0 } else { h[i * k + i] as f64 };
+    let mean = (0..k).map(diag).sum::<f64>() / k as f64;
+    let rev = |i: usize| k - 1 - i;
+    let mut a = vec![0f64; k * k];
+    for i in 0..k {
+        for j in i..k {
+            a[i * k + j] = h[rev(i) * k + rev(j)] as f64;
+        }
+        a[i * k + i] = diag(rev(i)) + damp * mean;
+    }
+    a
+}
+
+/// `a` = RᵀR with R over the upper triangle; a bad pivot names its column of H.
+#[inline(always)]
+fn cholesky_upper(a: &mut [f64], k: usize) -> Result<(), GptqError> {
+    // Row j is finished at step j and subtracted from the rows below; rows
+    // are finished in panels of NB, and each panel is subtracted from a
+    // trailing row while that row sits in cache (every element still takes
+    // its updates in order of j).
+    for j0 in (0..k).step_by(NB) {
+        let j1 = (j0 + NB).min(k);
+        for j in j0..j1 {
+            let d = a[j * k + j];
+            if d.is_nan() || d <= 0.0 {
+                return Err(GptqError::NotPositiveDefinite { column: k - 1 - j });
+            }
+            let r = d.sqrt();
+            a[j * k + j] = r;
+            for v in &mut a[j * k + j + 1..(j + 1) * k] {
+                *v /= r;
+            }
+            let (done, rest) = a.split_at_mut((j + 1) * k);
+            for i in j + 1..j1 {
+                let f = done[j * k + i];
+                let row = &mut rest[(i - j - 1) * k + i..(i - j) * k];
+                for (x, &y) in row.iter_mut().zip(&done[j * k + i..(j + 1) * k]) {
+                    *x -= f * y;
+                }
+            }
+        }
+        let (done, rest) = a.split_at_mut(j1 * k);
+        for i in j1..k {
+            let row = &mut rest[(i - j1) * k + i..(i - j1 + 1) * k];
+            for j in j0..j1 {
+                let f = done[j * k + i];
+                for (x, &y) in row.iter_mut().zip(&done[j * k + i..(j + 1) * k]) {
+                    *x -= f * y;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// T = R⁻¹ (upper) for the upper triangle R of `a`.
+#[inline(always)]
+fn invert_upper(a: &[f64], k: usize) -> Vec<f64> {
+    // From the bottom: R T = I gives T_i = (e_i − Σ_{m>i} R_im T_m) / R_ii.
+    // In panels of NB rows: the rows below a panel are added into all of its
+    // rows while each is in cache, then the panel's own rows, bottom up.
+    let mut t = vec![0f64; k * k];
+    let mut i1 = k;
+    while i1 > 0 {
+        let i0 = i1.saturating_sub(NB);
+        let (head, below) = t.split_at_mut(i1 * k);
+        for i in i0..i1 {
+            head[i * k + i] = 1.0 / a[i * k + i];
+        }
+        // Each row below is read once for the whole panel.
+        for m in i1..k {
+            let tm = &below[(m - i1) * k + m..(m - i1 + 1) * k];
+            for i in i0..i1 {
+                let f = -a[i * k + m] / a[i * k + i];
+                for (x, &y) in head[i * k + m..(i + 1) * k].iter_mut().zip(tm) {
+                    *x += f * y;
+                }
+            }
+        }
+        for i in (i0..i1).rev() {
+            let rii = a[i * k + i];
+            let (upper, lower) = head.split_at_mut((i + 1) * k);
+            let ti = &mut upper[i * k..];
+            for m in i + 1..i1 {
+                let f = -a[i * k + m] / rii;
+                let tm = &lower[(m - i - 1) * k + m..(m - i) * k];
+                for (x, &y) in ti[m..].iter_mut().zip(tm) {
+                    *x += f * y;
+                }
+            }
+        }
+        i1 = i0;
+    }
+    t
 }
 
 /// `w` (`n` rows of `k`, row-major) rounded to `wtype`'s blocks by GPTQ
