@@ -31,4 +31,5 @@ mod output_safety;
 mod run_cli;
 mod runtime;
 mod runtime_llama_cpp;
+mod scale;
 mod spm_tokenizer;

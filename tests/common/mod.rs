@@ -28,6 +28,14 @@ fn script_output(script: &str, args: &[&str]) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// The 7B stand-in's small variant (`scripts/make-standin.sh --small`): the
+/// real DeepSeek-R1-Distill-Qwen-7B header and tokenizer, 2 layers of width
+/// 256, seeded weights in its Q4_K/Q6_K mix; made into the cache on first use.
+pub fn standin_small() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| script_output("make-standin.sh", &["--small"]))
+}
+
 /// The reference data made with PyTorch and PEFT (`../shared/data`, or
 /// `LORAFOLD_SHARED_DATA`).
 pub fn shared_data() -> PathBuf {

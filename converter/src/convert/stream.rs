@@ -125,9 +125,13 @@ fn copy_rows(
     sinks: &mut Sinks,
 ) -> Result<ErrorSums, ConvertError> {
     let b = t.base.expect("streamed tensors are the base's");
-    let (_, data) = base.stored(b).expect("a GGUF tensor");
     let row = base.row_bytes(b).expect("rows checked").max(1);
-    for part in data.chunks((COPY_PART / row).max(1) * row) {
+    let rows = b.n_elements() / row_len(t);
+    let per = (COPY_PART / row).max(1);
+    for r0 in (0..rows).step_by(per) {
+        let part = base
+            .stored_rows(b, r0..(r0 + per).min(rows))
+            .expect("rows checked")?;
         sinks.write_part(t, part)?;
         crate::read::base::release_mapped(part);
     }

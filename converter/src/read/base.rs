@@ -168,6 +168,31 @@ impl BaseModel {
         fits.then_some(k / bs * ts)
     }
 
+    /// Rows `rows` of a GGUF base's tensor as stored, checked as
+    /// [`BaseModel::values`] checks values (finite, the same error); `None`
+    /// where rows cannot be read apart. What a copy writes.
+    pub fn stored_rows(
+        &self,
+        t: &BaseTensor,
+        rows: std::ops::Range<usize>,
+    ) -> Option<Result<&[u8], BaseError>> {
+        let (ty, data) = self.stored(t)?;
+        let row_bytes = self.row_bytes(t)?;
+        let bytes = &data[rows.start * row_bytes..rows.end * row_bytes];
+        // A finite scale gives finite values in every block type, so the
+        // bytes are scanned, and decoded only to name a bad value.
+        if quant::first_non_finite(ty, bytes).is_none() {
+            return Some(Ok(bytes));
+        }
+        Some(match self.row_values(t, rows)? {
+            Err(e @ BaseError::NonFinite { .. }) => Err(e),
+            _ => Err(BaseError::Invalid {
+                path: self.path.clone(),
+                problem: format!("tensor '{}': a block's scale is not finite", t.name),
+            }),
+        })
+    }
+
     /// Rows `rows` of a GGUF base's tensor as f32 (rows are `dims[0]`
     /// wide), checked finite; `None` where rows cannot be read apart (an HF
     /// base, whose q/k rows are permuted, or a computed tensor). The mapped
@@ -189,10 +214,14 @@ impl BaseModel {
             });
         release_mapped(bytes);
         Some(values.and_then(|v| {
-            check_finite(&v).map_err(|found| BaseError::NonFinite {
-                path: self.path.clone(),
-                tensor: t.name.clone(),
-                found,
+            // Named by its index in the whole tensor, as a whole read names it.
+            check_finite(&v).map_err(|mut found| {
+                found.index += rows.start * k;
+                BaseError::NonFinite {
+                    path: self.path.clone(),
+                    tensor: t.name.clone(),
+                    found,
+                }
             })?;
             Ok(v)
         }))

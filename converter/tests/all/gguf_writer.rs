@@ -158,3 +158,45 @@ fn alignment_from_metadata_applies_to_data() {
     assert_eq!(f.tensor("y").unwrap().offset, 128);
     assert_eq!(f.file_size(), f.data_offset() + 256);
 }
+
+#[test]
+fn a_tensor_written_in_parts_is_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, parts) = (dir.path().join("whole.gguf"), dir.path().join("parts.gguf"));
+    let data: Vec<u8> = (0..68u8).collect();
+    let mut s = two_tensor_writer(&whole).start().unwrap();
+    s.write_tensor("x", &[5u8; 12]).unwrap();
+    s.write_tensor("y", &data).unwrap();
+    s.finish().unwrap();
+    let mut s = two_tensor_writer(&parts).start().unwrap();
+    s.write_part("x", &[5u8; 12]).unwrap();
+    s.write_part("y", &data[..34]).unwrap();
+    // Half a tensor written: the next one is still this one.
+    assert_eq!(s.next_tensor().map(|t| t.0), Some("y"));
+    s.write_part("y", &data[34..]).unwrap();
+    s.finish().unwrap();
+    assert_eq!(
+        std::fs::read(&whole).unwrap(),
+        std::fs::read(&parts).unwrap()
+    );
+}
+
+#[test]
+fn parts_past_a_tensor_or_short_of_it_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.gguf");
+    let mut s = two_tensor_writer(&dest).start().unwrap();
+    s.write_part("x", &[0u8; 8]).unwrap();
+    // The rest of x is 4 bytes; 8 more would run into y.
+    let e = s.write_part("x", &[0u8; 8]).unwrap_err().to_string();
+    assert!(e.contains("tensor 'x'"), "{e}");
+    assert!(e.contains("8 bytes of data given after 8"), "{e}");
+    // Nor may a whole write start in the middle of a tensor.
+    let e = s.write_tensor("x", &[0u8; 12]).unwrap_err().to_string();
+    assert!(e.contains("being written in parts"), "{e}");
+    s.write_part("x", &[0u8; 4]).unwrap();
+    s.write_part("y", &[0u8; 34]).unwrap();
+    // y half written: finishing now is refused and leaves nothing behind.
+    assert!(matches!(s.finish(), Err(WriteError::Incomplete { .. })));
+    assert!(entries(dir.path()).is_empty());
+}
