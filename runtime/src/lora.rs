@@ -168,12 +168,25 @@ impl LoraAdapter {
 
     /// Check that every pair fits a projection of `model`.
     pub fn check_fits(&self, model: &Model) -> Result<(), RuntimeError> {
+        self.check_fits_shapes(&model.config, |t| model.projection_shape(t))
+    }
+
+    /// [`LoraAdapter::check_fits`] against a model not loaded yet.
+    pub fn check_fits_opened(&self, model: &crate::model::OpenedModel) -> Result<(), RuntimeError> {
+        self.check_fits_shapes(&model.config, |t| model.projection_shape(t))
+    }
+
+    fn check_fits_shapes(
+        &self,
+        config: &crate::model::ModelConfig,
+        projection_shape: impl Fn(&str) -> Option<(usize, usize)>,
+    ) -> Result<(), RuntimeError> {
         let bad = |tensor: &str, problem: String| RuntimeError::Adapter {
             path: self.path.clone(),
             tensor: tensor.into(),
             problem,
         };
-        let model_arch = model.config.arch.gguf_name();
+        let model_arch = config.arch.gguf_name();
         if self.arch != model_arch {
             return Err(bad(
                 names::ARCHITECTURE,
@@ -185,7 +198,7 @@ impl LoraAdapter {
         }
         for (target, p) in &self.pairs {
             let name = names::lora_a(target);
-            let (n_in, n_out) = model.projection_shape(target).ok_or_else(|| {
+            let (n_in, n_out) = projection_shape(target).ok_or_else(|| {
                 bad(
                     &name,
                     format!(

@@ -401,6 +401,122 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// A model file opened and checked, its tokenizer built, no weight read:
+/// what a caller checks a request against (an adapter, a context, a prompt)
+/// before paying for the load, which at 7B is seconds and gigabytes.
+pub struct OpenedModel {
+    file: Arc<GgufFile>,
+    /// Hyperparameters.
+    pub config: ModelConfig,
+    tokenizer: Option<Arc<Tokenizer>>,
+}
+
+impl std::fmt::Debug for OpenedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedModel")
+            .field("path", &self.file.path())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl OpenedModel {
+    /// Map a GGUF file and check its header and tokenizer.
+    pub fn open(path: impl AsRef<Path>) -> Result<OpenedModel, RuntimeError> {
+        OpenedModel::from_file(Arc::new(GgufFile::open(path)?))
+    }
+
+    /// Check an opened GGUF's header and build its tokenizer.
+    pub fn from_file(file: Arc<GgufFile>) -> Result<OpenedModel, RuntimeError> {
+        let config = ModelConfig::read(&file)?;
+        // Built before any weight is read: a file whose tokenizer we cannot
+        // build is refused in milliseconds, not after a load of gigabytes.
+        let tokenizer = match file.get(names::TOKENIZER_MODEL) {
+            Some(_) => {
+                Some(Arc::new(Tokenizer::from_gguf(&file).map_err(|e| {
+                    model_err(&file, format!("tokenizer: {}", e.problem))
+                })?))
+            }
+            None => None,
+        };
+        Ok(OpenedModel {
+            file,
+            config,
+            tokenizer,
+        })
+    }
+
+    /// The file's tokenizer; an error when the file has none.
+    pub fn tokenizer(&self) -> Result<Arc<Tokenizer>, TokenizerError> {
+        match &self.tokenizer {
+            Some(t) => Ok(t.clone()),
+            None => Tokenizer::from_gguf(&self.file).map(Arc::new),
+        }
+    }
+
+    /// Refuse a session of `max` positions that the model cannot hold (as
+    /// [`Model::session_with`] would), before the load.
+    pub fn check_context(
+        &self,
+        max: usize,
+        threads: usize,
+        kv: KvType,
+    ) -> Result<(), RuntimeError> {
+        check_session(&self.file, &self.config, Backend::Engine, max, threads, kv)
+    }
+
+    /// (input width, output width) of the projection `name`, if the model
+    /// has it.
+    pub fn projection_shape(&self, name: &str) -> Option<(usize, usize)> {
+        projection_shape(&self.file, &self.config, name)
+    }
+
+    /// Read the weights for `device` with its default backend.
+    pub fn load(self, device: &Device) -> Result<Model, RuntimeError> {
+        self.load_with(device, Backend::default_for(device))
+    }
+
+    /// Read the weights for `device` with a chosen backend.
+    pub fn load_with(self, device: &Device, backend: Backend) -> Result<Model, RuntimeError> {
+        let OpenedModel {
+            file,
+            config,
+            tokenizer,
+        } = self;
+        let rope_freqs = match file.tensor("rope_freqs.weight") {
+            Some(t) => Some(mapped::small_tensor(&file, t, &Device::Cpu)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let weights = match backend {
+            Backend::Engine if device.is_cpu() => {
+                ModelWeights::Engine(CpuWeights::load(file.clone(), &config).map_err(|p| {
+                    RuntimeError::Model {
+                        path: file.path().to_path_buf(),
+                        problem: format!("tensor '{}': {}", p.tensor, p.problem),
+                    }
+                })?)
+            }
+            Backend::Engine => {
+                return Err(model_err(
+                    &file,
+                    "the CPU engine runs on the CPU only; use the candle backend on GPUs".into(),
+                ))
+            }
+            Backend::Candle => ModelWeights::Candle(CandleWeights::load(&file, &config, device)?),
+        };
+        check_small_tensors(&file, &config, rope_freqs.as_deref())?;
+        Ok(Model {
+            weights,
+            rope_freqs,
+            config,
+            device: device.clone(),
+            scales: Vec::new(),
+            tokenizer,
+            file,
+        })
+    }
+}
+
 /// Which forward pass a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -489,50 +605,8 @@ impl Model {
         device: &Device,
         backend: Backend,
     ) -> Result<Model, RuntimeError> {
-        let config = ModelConfig::read(&file)?;
-        // Built before any weight is read: a file whose tokenizer we cannot
-        // build is refused in milliseconds, not after a load of gigabytes.
-        let tokenizer = match file.get(names::TOKENIZER_MODEL) {
-            Some(_) => {
-                Some(Arc::new(Tokenizer::from_gguf(&file).map_err(|e| {
-                    model_err(&file, format!("tokenizer: {}", e.problem))
-                })?))
-            }
-            None => None,
-        };
-        let rope_freqs = match file.tensor("rope_freqs.weight") {
-            Some(t) => Some(mapped::small_tensor(&file, t, &Device::Cpu)?.to_vec1::<f32>()?),
-            None => None,
-        };
-        let weights = match backend {
-            Backend::Engine if device.is_cpu() => {
-                ModelWeights::Engine(CpuWeights::load(file.clone(), &config).map_err(|p| {
-                    RuntimeError::Model {
-                        path: file.path().to_path_buf(),
-                        problem: format!("tensor '{}': {}", p.tensor, p.problem),
-                    }
-                })?)
-            }
-            Backend::Engine => {
-                return Err(model_err(
-                    &file,
-                    "the CPU engine runs on the CPU only; use the candle backend on GPUs".into(),
-                ))
-            }
-            Backend::Candle => ModelWeights::Candle(CandleWeights::load(&file, &config, device)?),
-        };
-        check_small_tensors(&file, &config, rope_freqs.as_deref())?;
-        Ok(Model {
-            weights,
-            rope_freqs,
-            config,
-            device: device.clone(),
-            scales: Vec::new(),
-            tokenizer,
-            file,
-        })
+        OpenedModel::from_file(file)?.load_with(device, backend)
     }
-
     /// The file's tokenizer (built once, at load); an error when the file
     /// has none.
     pub fn tokenizer(&self) -> Result<Arc<Tokenizer>, TokenizerError> {
@@ -638,27 +712,7 @@ impl Model {
     /// Shape (in, out) of the projection named `name` ("blk.0.attn_q.weight"),
     /// or of the token embedding ([dim, vocab]).
     pub fn projection_shape(&self, name: &str) -> Option<(usize, usize)> {
-        let c = &self.config;
-        let (q_out, kv_out) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-        if name == names::TOKEN_EMBD {
-            return Some((c.dim, c.vocab));
-        }
-        if name == names::OUTPUT {
-            return self.file.tensor(name).map(|_| (c.dim, c.vocab));
-        }
-        let rest = name.strip_prefix("blk.")?;
-        let (layer, part) = rest.split_once('.')?;
-        if layer.parse::<usize>().ok()? >= c.n_layers {
-            return None;
-        }
-        Some(match part {
-            "attn_q.weight" => (c.dim, q_out),
-            "attn_k.weight" | "attn_v.weight" => (c.dim, kv_out),
-            "attn_output.weight" => (q_out, c.dim),
-            "ffn_gate.weight" | "ffn_up.weight" => (c.dim, c.ffn),
-            "ffn_down.weight" => (c.ffn, c.dim),
-            _ => return None,
-        })
+        projection_shape(&self.file, &self.config, name)
     }
 
     /// A fresh session for up to `max_tokens` positions, with default options.
@@ -670,7 +724,14 @@ impl Model {
     pub fn session_with(&self, opts: SessionOptions) -> Result<Session<'_>, RuntimeError> {
         let max = opts.max_tokens;
         let threads = opts.threads.unwrap_or_else(default_threads);
-        self.check_session(max, threads, opts.kv)?;
+        check_session(
+            &self.file,
+            &self.config,
+            self.backend(),
+            max,
+            threads,
+            opts.kv,
+        )?;
         let inner = match &self.weights {
             ModelWeights::Engine(w) => SessionKind::Engine(CpuSession::new(
                 w,
@@ -696,43 +757,71 @@ impl Model {
     }
 }
 
-impl Model {
-    /// Refuse sessions that cannot work: no context, more memory than the
-    /// machine has (checked before allocating), or threads far past the cores.
-    fn check_session(&self, max: usize, threads: usize, kv: KvType) -> Result<(), RuntimeError> {
-        let err = |problem: String| Err(model_err(&self.file, problem));
-        if max == 0 {
-            return err("a context of 0 tokens holds nothing; give at least 1".into());
-        }
-        let c = &self.config;
-        // Past the training context RoPE positions are out of distribution
-        // and the output degrades; a hostile --ctx is refused here too.
-        if max > c.context_length {
-            return err(format!(
-                "a context of {max} tokens is more than {}.context_length {}",
-                c.arch.gguf_name(),
-                c.context_length
-            ));
-        }
-        check_threads(threads)?;
-        let elem = match (self.backend(), kv) {
-            (Backend::Engine, KvType::F16) => 2,
-            _ => 4,
-        };
-        // Keys and values, plus RoPE tables and per-thread scores.
-        let bytes = [c.n_layers, c.n_head_kv, c.head_dim, 2 * elem]
-            .into_iter()
-            .try_fold(max, usize::checked_mul)
-            .and_then(|kv| kv.checked_add(max.checked_mul(4 * (c.head_dim + threads))?));
-        match (bytes, physical_memory()) {
-            (None, _) => err(format!("a context of {max} tokens does not fit in memory")),
-            (Some(b), Some(total)) if b as u64 > total => err(format!(
-                "a context of {max} tokens needs {:.1} GiB of KV cache; this machine has {:.1} GiB",
-                b as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64
-            )),
-            _ => Ok(()),
-        }
+/// (input width, output width) of the projection `name`, from the header.
+fn projection_shape(file: &GgufFile, c: &ModelConfig, name: &str) -> Option<(usize, usize)> {
+    let (q_out, kv_out) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+    if name == names::TOKEN_EMBD {
+        return Some((c.dim, c.vocab));
+    }
+    if name == names::OUTPUT {
+        return file.tensor(name).map(|_| (c.dim, c.vocab));
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    if layer.parse::<usize>().ok()? >= c.n_layers {
+        return None;
+    }
+    Some(match part {
+        "attn_q.weight" => (c.dim, q_out),
+        "attn_k.weight" | "attn_v.weight" => (c.dim, kv_out),
+        "attn_output.weight" => (q_out, c.dim),
+        "ffn_gate.weight" | "ffn_up.weight" => (c.dim, c.ffn),
+        "ffn_down.weight" => (c.ffn, c.dim),
+        _ => return None,
+    })
+}
+
+/// Refuse sessions that cannot work: no context, more memory than the
+/// machine has (checked before allocating), or threads far past the cores.
+fn check_session(
+    file: &GgufFile,
+    c: &ModelConfig,
+    backend: Backend,
+    max: usize,
+    threads: usize,
+    kv: KvType,
+) -> Result<(), RuntimeError> {
+    let err = |problem: String| Err(model_err(file, problem));
+    if max == 0 {
+        return err("a context of 0 tokens holds nothing; give at least 1".into());
+    }
+    // Past the training context RoPE positions are out of distribution
+    // and the output degrades; a hostile --ctx is refused here too.
+    if max > c.context_length {
+        return err(format!(
+            "a context of {max} tokens is more than {}.context_length {}",
+            c.arch.gguf_name(),
+            c.context_length
+        ));
+    }
+    check_threads(threads)?;
+    let elem = match (backend, kv) {
+        (Backend::Engine, KvType::F16) => 2,
+        _ => 4,
+    };
+    // Keys and values, plus RoPE tables and per-thread scores.
+    let bytes = [c.n_layers, c.n_head_kv, c.head_dim, 2 * elem]
+        .into_iter()
+        .try_fold(max, usize::checked_mul)
+        .and_then(|kv| kv.checked_add(max.checked_mul(4 * (c.head_dim + threads))?));
+    match (bytes, physical_memory()) {
+        (None, _) => err(format!("a context of {max} tokens does not fit in memory")),
+        (Some(b), Some(total)) if b as u64 > total => err(format!(
+            "a context of {max} tokens needs {:.1} GiB of KV cache; this machine has {:.1} GiB",
+            b as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -770,3 +770,62 @@ fn bench_prints_long_non_ascii_paths() {
     let (code, err) = lorafold(&["bench", s(&m), "-p", "4", "-n", "2", "-r", "1"]);
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// `run` refuses what it can (flags, the prompt, adapters against the
+/// model's shapes, the context) before reading any weight: a model whose
+/// `blk.1.ffn_down.weight` is I8, which no CPU kernel reads, shows which
+/// came first without timing anything.
+#[test]
+fn run_refuses_requests_before_reading_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::model();
+    let m = dir.path().join("m.gguf");
+    let mut w = GgufWriter::new(&m);
+    for (k, v) in &spec.md {
+        w.add_metadata(k, v).unwrap();
+    }
+    let unreadable = "blk.1.ffn_down.weight";
+    let ty = |name: &str| {
+        if name == unreadable {
+            GgmlType::I8
+        } else {
+            GgmlType::F32
+        }
+    };
+    for (name, dims, _) in &spec.tensors {
+        w.add_tensor(name, ty(name), dims).unwrap();
+    }
+    let mut out = w.start().unwrap();
+    for (name, _, v) in &spec.tensors {
+        let bytes: Vec<u8> = match ty(name) {
+            GgmlType::I8 => vec![1u8; v.len()],
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        out.write_tensor(name, &bytes).unwrap();
+    }
+    out.finish().unwrap();
+    // The weights are reached when nothing else is wrong.
+    fails(&["run", s(&m), "-p", "a b"], &[unreadable, "no CPU kernel"]);
+    // An adapter for other shapes: its first pair made 16 wide, not 32.
+    let mut other = Spec::adapter();
+    other.tensors[0].1 = vec![16, RANK];
+    other.tensors[0].2.truncate(16 * RANK as usize);
+    let a = other.write(&dir.path().join("other.gguf"));
+    let lora = format!("{}:1", s(&a));
+    for (args, expect) in [
+        (
+            vec!["--ctx", "100000"],
+            vec!["--ctx 100000", "more than llama.context_length 64"],
+        ),
+        (
+            vec!["--lora", &lora],
+            vec!["do not fit 'blk.0.attn_q.weight'"],
+        ),
+        (vec!["--temp=-1"], vec!["temperature"]),
+    ] {
+        let mut all = vec!["run", s(&m), "-p", "a b"];
+        all.extend(args);
+        fails(&all, &expect);
+    }
+    fails(&["run", s(&m)], &["give a prompt with -p"]);
+}

@@ -151,6 +151,11 @@ impl Matrix {
             let src = Weights::new(wtype, data, k, n).map_err(|e| bad(e.to_string()))?;
             let mut out = memmap2::MmapMut::map_anon(data.len())
                 .map_err(|e| bad(format!("cannot allocate {} bytes: {e}", data.len())))?;
+            // 2 MB pages where the kernel allows: a 7B model's 4.6 GB in
+            // 4 KB pages took 1.2 M page faults, whose zeroing was half of a
+            // 22 s load.
+            #[cfg(target_os = "linux")]
+            let _ = out.advise(memmap2::Advice::HugePage);
             src.repack_rows8_into(&mut out);
             file.release_pages(data);
             (Blocks::Repacked(out), Layout::Rows8)
