@@ -39,6 +39,14 @@ pub enum CalibError {
     /// The text gives nothing to run.
     #[error("{0}")]
     Text(String),
+    /// The statistics of this model cannot fit in this machine's memory.
+    #[error("{}: {problem}", path.display())]
+    TooLarge {
+        /// the model
+        path: PathBuf,
+        /// what they need and what there is
+        problem: String,
+    },
     /// A statistics file cannot be used.
     #[error("{}: {problem}", path.display())]
     File {
@@ -47,6 +55,34 @@ pub enum CalibError {
         /// what is wrong
         problem: String,
     },
+}
+
+/// Bytes that collecting statistics holds for linear inputs of these
+/// widths: each input's XᵀX as f64 sums and, once flushed, as f32.
+pub fn collection_bytes(widths: impl IntoIterator<Item = usize>) -> u64 {
+    widths.into_iter().map(|k| (k as u64).pow(2) * 12).sum()
+}
+
+/// Refuse to collect statistics for `model` when their sums cannot fit in
+/// this machine's memory: at 7B (28 blocks, an FFN 18944 wide) they are
+/// 134 GB, and the run would be killed after writing a 30 GB f32 model.
+pub fn check_collection_fits(
+    model: &Path,
+    widths: impl IntoIterator<Item = usize>,
+) -> Result<(), CalibError> {
+    let need = collection_bytes(widths);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match lorafold_runtime::model::physical_memory() {
+        Some(have) if need > have => Err(CalibError::TooLarge {
+            path: model.to_path_buf(),
+            problem: format!(
+                "its calibration statistics (XᵀX of every block's 4 linear inputs) need {:.1} GiB while collected and this machine has {:.1} GiB; collect them on a larger machine, or round with an imatrix from llama-imatrix (diagonals only: --calib FILE --rounding imatrix)",
+                gib(need),
+                gib(have)
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// `general.type` of a calibration file.
@@ -401,6 +437,9 @@ impl CalibStats {
     /// from an empty cache, and accumulate every block's linear inputs.
     /// An f32 KV cache: the statistics are the weights', not the cache's.
     pub fn collect(model: &Model, windows: &[Vec<u32>]) -> Result<CalibStats, CalibError> {
+        let c = &model.config;
+        let widths = [c.dim, c.n_head * c.head_dim, c.dim, c.ffn];
+        check_collection_fits(model.file().path(), (0..c.n_layers).flat_map(|_| widths))?;
         let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
         let mut session = model
             .session_with(SessionOptions {
@@ -839,4 +878,33 @@ fn le_f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DeepSeek-R1-Distill-Qwen-7B's inputs: 28 blocks of 3584, 3584, 3584
+    /// and 18944 wide.
+    fn qwen2_7b() -> impl Iterator<Item = usize> {
+        (0..28).flat_map(|_| [3584, 3584, 3584, 18944])
+    }
+
+    #[test]
+    fn statistics_that_cannot_fit_are_refused_up_front() {
+        let need = collection_bytes(qwen2_7b());
+        assert_eq!(need, 28 * 12 * (3 * 3584u64.pow(2) + 18944u64.pow(2)));
+        let got = check_collection_fits(Path::new("7b.gguf"), qwen2_7b());
+        match lorafold_runtime::model::physical_memory() {
+            Some(have) if have < need => {
+                let e = got.unwrap_err().to_string();
+                assert!(e.starts_with("7b.gguf: its calibration statistics"), "{e}");
+                assert!(e.contains("need 124.4 GiB"), "{e}");
+            }
+            _ => assert!(got.is_ok()),
+        }
+        // SmolLM2-135M's fit anywhere.
+        let small = (0..30).flat_map(|_| [576, 576, 576, 1536]);
+        assert!(check_collection_fits(Path::new("s.gguf"), small).is_ok());
+    }
 }

@@ -85,6 +85,20 @@ impl TextCalibration {
         with_base: bool,
     ) -> Result<TextCalibration, ConvertError> {
         let words = lorafold_runtime::text::read_text(text)?;
+        // Refused before the f32 model is written: at 7B that is 30 GB.
+        let opened = crate::read::base::BaseModel::open(base)?;
+        let inputs = opened.tensors.iter().filter(|t| {
+            [
+                ".attn_q.weight",
+                ".attn_output.weight",
+                ".ffn_up.weight",
+                ".ffn_down.weight",
+            ]
+            .iter()
+            .any(|s| t.name.ends_with(s))
+        });
+        crate::calib::check_collection_fits(base, inputs.map(|t| t.dims[0] as usize))?;
+        drop(opened);
         let reference = F32Reference::write(base, adapter, output, with_base)?;
         let measure = |path: &Path, problem: String| ConvertError::Measure {
             path: path.to_path_buf(),

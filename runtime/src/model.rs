@@ -856,7 +856,7 @@ fn check_small_tensors(
 }
 
 /// Physical memory in bytes, where the OS says (Linux's /proc/meminfo).
-fn physical_memory() -> Option<u64> {
+pub fn physical_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
