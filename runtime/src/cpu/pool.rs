@@ -16,15 +16,21 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// How long an idle worker spins before parking: enough to bridge the gap
-/// between two matmuls of one step, short enough not to burn a core between
-/// tokens.
-const SPIN_ITERATIONS: u32 = 1 << 16;
+/// How long an idle worker spins (~100 µs) before it starts yielding: enough
+/// to bridge the gap between two jobs of one step.
+const SPIN_ITERATIONS: u32 = 1 << 12;
+
+/// How many times an idle worker then yields before parking: on an idle
+/// core a yield returns at once, so this still bridges short gaps, but on a
+/// busy one it hands the core to a thread with work (the caller, say)
+/// instead of burning the time slice.
+const YIELD_ITERATIONS: u32 = 1 << 8;
 
 /// How long the caller spins for the chunks still running elsewhere before
-/// it yields its core: those are the last few microseconds of a job, unless
-/// their thread was descheduled, and then it needs our core more than we do.
-const WAIT_SPINS: u32 = 1 << 10;
+/// it yields its core: those are the last microseconds of a job, unless
+/// their thread was descheduled, and then it may need our core more than we
+/// do (a yield with nothing else to run costs a system call, no more).
+const WAIT_SPINS: u32 = 1 << 8;
 
 /// Chunks per thread: enough that a thread that falls behind leaves little
 /// for the others to wait on, few enough that claiming stays a small cost.
@@ -237,16 +243,20 @@ fn wait(ready: impl Fn() -> bool) {
 fn worker(shared: &Shared, index: usize) {
     let mut seen = 0usize;
     loop {
-        // Wait for a new generation: spin, then park.
+        // Wait for a new generation: spin, yield, then park.
         let mut spins = 0u32;
         let generation = loop {
             let g = shared.generation.load(Ordering::Acquire);
             if g != seen || shared.stop.load(Ordering::Acquire) {
                 break g;
             }
-            if spins < SPIN_ITERATIONS {
+            if spins < SPIN_ITERATIONS + YIELD_ITERATIONS {
                 spins += 1;
-                std::hint::spin_loop();
+                if spins <= SPIN_ITERATIONS {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let mut lock = shared.lock.lock().unwrap_or_else(|p| p.into_inner());
