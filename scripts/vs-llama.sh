@@ -24,7 +24,8 @@ py=$(scripts/python-env.sh)
 # one, say); LORAFOLD_ISA caps ours the same way.
 bench="${LLAMA_BENCH:-$(scripts/llama-tools.sh)/llama-bench}"
 cargo build --release --quiet
-ours=target/release/lorafold
+# Where cargo put it: a CARGO_TARGET_DIR outside the repository is honoured.
+ours="${CARGO_TARGET_DIR:-target}/release/lorafold"
 
 "$py" - "$ours" "$bench" "$p" "$n" "$r" "$rounds" "$threads" "$@" <<'PY'
 import json, os, statistics, subprocess, sys

@@ -1064,7 +1064,19 @@ mod tests {
             assert!(m.contains("boom") && m.contains("lib.rs:"), "{m}");
             let status = entry(|| {
                 let pool = lorafold_runtime::cpu::pool::WorkerPool::new(2);
-                pool.run(&|i, _| assert!(i == 0, "worker {i} fails"));
+                // The caller holds its chunk until a worker has taken the
+                // other, so the panic is a worker's.
+                let worker_ran = std::sync::atomic::AtomicBool::new(false);
+                pool.run_chunks(2, 1, &|_, i| {
+                    if i == 0 {
+                        while !worker_ran.load(std::sync::atomic::Ordering::Acquire) {
+                            std::thread::yield_now();
+                        }
+                    } else {
+                        worker_ran.store(true, std::sync::atomic::Ordering::Release);
+                        panic!("worker {i} fails");
+                    }
+                });
                 Ok(())
             });
             assert_eq!(status, LORAFOLD_ERR_PANIC);

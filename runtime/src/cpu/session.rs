@@ -7,7 +7,7 @@ use lorafold_kernels::attention::{self, Row};
 use lorafold_kernels::{gemm, ActBuf, ActType, Isa, Out};
 
 use super::ops::{self, RopeStyle};
-use super::pool::{share, WorkerPool};
+use super::pool::WorkerPool;
 use super::weights::{CpuWeights, Matrix};
 use crate::arch::Activation;
 use crate::model::ModelConfig;
@@ -533,8 +533,9 @@ impl<'m> CpuSession<'m> {
         }
         let jobs = &jobs;
         // Adapter products A·x first: rank values per input row, one dot
-        // product each, dealt to the threads (a prefill of 128 rows through
-        // a rank-16 adapter is 2M of them), then a barrier before the B side.
+        // product each, in chunks for the threads (a prefill of 128 rows
+        // through a rank-16 adapter is 2M of them), then a barrier before
+        // the B side.
         if ax_used > 0 {
             if s.ax.len() < ax_used {
                 s.ax.resize(ax_used, 0.0);
@@ -558,29 +559,34 @@ impl<'m> CpuSession<'m> {
                 ptr: s.ax.as_mut_ptr(),
                 ld: 0,
             };
-            let products = |th: usize, n: usize| {
+            // Prefill: `mine` is a range of the rows of every active A, one
+            // adapter after another; decode: a range of `ax` itself.
+            let products = |mine: std::ops::Range<usize>, _thread: usize| {
                 // A whole copy: capturing only `.ptr` would not be Sync.
                 let dst = ax_out;
                 if let Some(fa) = f32_act {
-                    // Each thread takes its share of every A's rows.
+                    let mut base = 0;
                     for job in jobs.iter().flatten() {
                         let mut off = job.ax;
                         for (l, _) in job.m.active_loras(scales) {
-                            let rows = share(l.rank, 1, th, n);
-                            let o = Out {
-                                // SAFETY: inside `ax`, which holds ax_used values.
-                                ptr: unsafe { dst.ptr.add(off) },
-                                ld: l.rank,
-                            };
-                            // SAFETY: this thread alone writes columns `rows`
-                            // of this adapter's t rows of rank.
-                            unsafe { gemm(&l.a.weights(k, l.rank), rows, &acts[fa], o, isa) };
+                            let rows = mine.start.max(base)..mine.end.min(base + l.rank);
+                            if !rows.is_empty() {
+                                let rows = rows.start - base..rows.end - base;
+                                let o = Out {
+                                    // SAFETY: inside `ax`, which holds ax_used values.
+                                    ptr: unsafe { dst.ptr.add(off) },
+                                    ld: l.rank,
+                                };
+                                // SAFETY: this chunk alone writes columns
+                                // `rows` of this adapter's t rows of rank.
+                                unsafe { gemm(&l.a.weights(k, l.rank), rows, &acts[fa], o, isa) };
+                            }
+                            base += l.rank;
                             off += t * l.rank;
                         }
                     }
                     return;
                 }
-                let mine = share(ax_used, 1, th, n);
                 for job in jobs.iter().flatten() {
                     let mut off = job.ax;
                     for (l, _) in job.m.active_loras(scales) {
@@ -590,7 +596,7 @@ impl<'m> CpuSession<'m> {
                             let (i, r) = ((u - off) / l.rank, (u - off) % l.rank);
                             let x = &job.input[i * k..(i + 1) * k];
                             let a = l.a.row(r * k, k);
-                            // SAFETY: unit u is this thread's alone.
+                            // SAFETY: unit u is this chunk's alone.
                             unsafe { *dst.ptr.add(u) = attention::dot(x, a, isa) };
                         }
                         off = span.end;
@@ -599,16 +605,23 @@ impl<'m> CpuSession<'m> {
             };
             if t == 1 {
                 // A decode step's few thousand products are not worth a hand-off.
-                products(0, 1);
+                products(0..ax_used, 0);
             } else {
-                self.pool.run(&products);
+                let ranks = jobs
+                    .iter()
+                    .flatten()
+                    .flat_map(|j| j.m.active_loras(scales))
+                    .map(|(l, _)| l.rank)
+                    .sum();
+                self.pool.run_chunks(ranks, 1, &products);
             }
         }
         let total: usize = jobs.iter().flatten().map(|j| j.m.n).sum();
         let acts = &s.acts;
         let ax = &s.ax;
-        let work = |i: usize, n: usize| {
-            let mine = share(total, ROW_ALIGN, i, n);
+        // Output rows of the matrices one after another, in chunks of whole
+        // tiles.
+        let work = |mine: std::ops::Range<usize>, _thread: usize| {
             let mut base = 0;
             for job in jobs.iter().flatten() {
                 let rows = mine.start.max(base)..mine.end.min(base + job.m.n);
@@ -618,13 +631,13 @@ impl<'m> CpuSession<'m> {
                 }
                 let rows = rows.start - (base - job.m.n)..rows.end - (base - job.m.n);
                 let wts = job.m.weights(file);
-                // SAFETY: each thread writes only its own rows' columns of
+                // SAFETY: each chunk writes only its own rows' columns of
                 // each output, which holds t rows of n.
                 unsafe { gemm(&wts, rows.clone(), &acts[job.act], job.out, isa) };
                 add_bias_and_adapters(job, rows, t, ax, scales, isa);
             }
         };
-        self.pool.run(&work);
+        self.pool.run_chunks(total, ROW_ALIGN, &work);
     }
 
     /// Rotate q and k, and store k and v in the cache at their positions.
@@ -698,17 +711,18 @@ impl<'m> CpuSession<'m> {
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
         let this = &*self;
         let isa = self.isa;
-        let work = |th: usize, n: usize| {
+        let work = |heads: std::ops::Range<usize>, th: usize| {
             // Whole copies: a closure capturing only `.ptr` would not be Sync.
             let (scratch, out) = (scratch, out);
-            // SAFETY: each thread uses its own slice of the per-thread scratch.
+            // SAFETY: each thread uses its own slice of the per-thread
+            // scratch, and runs one chunk at a time.
             let mine = unsafe {
                 std::slice::from_raw_parts_mut(scratch.ptr.add(th * scratch.ld), scratch.ld)
             };
             let (scores, acc) = mine.split_at_mut(pos + 1);
             let scores = &mut scores[first..];
             let acc = &mut acc[..hd];
-            for h in (th..units).step_by(n) {
+            for h in heads {
                 let kvh = h / group;
                 let qv = &q[h * hd..(h + 1) * hd];
                 for (j, sc) in (first..).zip(scores.iter_mut()) {
@@ -720,11 +734,11 @@ impl<'m> CpuSession<'m> {
                 for (j, &p) in (first..).zip(scores.iter()) {
                     attention::axpy(acc, p, kv_v.row(this.kv_index(layer, kvh, j), hd), isa);
                 }
-                // SAFETY: heads are disjoint between threads.
+                // SAFETY: heads are disjoint between chunks.
                 unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.ptr.add(h * hd), hd) };
             }
         };
-        self.pool.run(&work);
+        self.pool.run_chunks(units, 1, &work);
     }
 
     /// `t` positions: per KV head and block of [`PREFILL_ROWS`] query
@@ -747,15 +761,16 @@ impl<'m> CpuSession<'m> {
         let (kv_k, kv_v) = (&self.kv_k, &self.kv_v);
         let this = &*self;
         let isa = self.isa;
-        let work = |th: usize, n: usize| {
+        let work = |chunk: std::ops::Range<usize>, th: usize| {
             let (scratch, out) = (scratch, out);
-            // SAFETY: each thread uses its own slice of the per-thread scratch.
+            // SAFETY: each thread uses its own slice of the per-thread
+            // scratch, and runs one chunk at a time.
             let mine = unsafe {
                 std::slice::from_raw_parts_mut(scratch.ptr.add(th * scratch.ld), scratch.ld)
             };
-            // Last blocks first: they are the longest, and dealing them out
-            // first evens the threads' shares.
-            for u in (th..units).step_by(n) {
+            // Last blocks first: they are the longest, and claiming them
+            // first leaves the short ones to even out the threads' ends.
+            for u in chunk {
                 let (b, kvh) = (blocks - 1 - u / cfg.n_head_kv, u % cfg.n_head_kv);
                 let i0 = b * PREFILL_ROWS;
                 let rows = PREFILL_ROWS.min(t - i0);
@@ -833,7 +848,7 @@ impl<'m> CpuSession<'m> {
                 }
             }
         };
-        self.pool.run(&work);
+        self.pool.run_chunks(units, 1, &work);
     }
 }
 
