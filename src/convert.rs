@@ -497,6 +497,12 @@ fn print_report(r: &ConvertReport, quiet: bool) {
         "relative error: mean {:.3e}, max {:.3e} ({})",
         t.mean_rel_error, t.max_rel_error, t.max_rel_error_tensor
     );
+    if t.copied_tensors > 0 {
+        println!(
+            "{} tensors copied as stored (the type asked for is the base's; not rounded again)",
+            t.copied_tensors
+        );
+    }
     let covered: Vec<&TensorReport> = r
         .tensors
         .iter()
