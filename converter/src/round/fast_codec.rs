@@ -22,9 +22,17 @@ fn round_half_away(x: f32) -> f32 {
     (x + 0.499_999_97f32.copysign(x)).trunc()
 }
 
+/// `xs` (a whole number of 32-value blocks) quantized to Q8_0 into `out`:
+/// AVX2 where present, else the portable loop.
+pub(crate) fn quantize_q8_0(xs: &[f32], out: &mut [u8]) {
+    if !crate::round::quant_avx2::quantize_q8_0(xs, out) {
+        quantize_q8_0_portable(xs, out);
+    }
+}
+
 crate::simd::avx2_or_portable! {
-    /// `xs` (a whole number of 32-value blocks) quantized to Q8_0 into `out`.
-    pub(crate) fn quantize_q8_0(xs: &[f32], out: &mut [u8]) {
+    /// The portable Q8_0 quantizer (scalar roundings that LLVM does not vectorise).
+    fn quantize_q8_0_portable(xs: &[f32], out: &mut [u8]) {
         for (x, y) in xs.chunks_exact(32).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -97,11 +105,14 @@ mod tests {
         let mut v = Vec::with_capacity(blocks * 32);
         for b in 0..blocks {
             for j in 0..32 {
-                v.push(match b % 5 {
+                v.push(match b % 6 {
                     0 => rng.f() * 0.05,
                     1 => (j as f32 - 16.0) * 0.5 * (127.0 / 16.0) / 127.0,
                     2 => 0.0,
                     3 => -0.0,
+                    // amax 127 makes Q8_0's scale 1: every other value a tie.
+                    4 if j == 0 => 127.0,
+                    4 => (j as f32 - 16.0) + 0.5,
                     _ => (j as f32 + 0.5) * if j % 2 == 0 { 1.0 } else { -1e3 },
                 });
             }
@@ -115,6 +126,9 @@ mod tests {
         let mut ours = vec![0u8; xs.len() / 32 * Q8_0_BYTES];
         quantize_q8_0(&xs, &mut ours);
         assert_eq!(ours, quantize_candle(GgmlType::Q8_0, &xs));
+        let mut portable = vec![0u8; ours.len()];
+        quantize_q8_0_portable(&xs, &mut portable);
+        assert_eq!(portable, ours);
     }
 
     #[test]
