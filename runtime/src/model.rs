@@ -448,10 +448,7 @@ impl OpenedModel {
 
     /// The file's tokenizer; an error when the file has none.
     pub fn tokenizer(&self) -> Result<Arc<Tokenizer>, TokenizerError> {
-        match &self.tokenizer {
-            Some(t) => Ok(t.clone()),
-            None => Tokenizer::from_gguf(&self.file).map(Arc::new),
-        }
+        built_or_read(&self.tokenizer, &self.file)
     }
 
     /// Refuse a session of `max` positions that the model cannot hold (as
@@ -610,10 +607,7 @@ impl Model {
     /// The file's tokenizer (built once, at load); an error when the file
     /// has none.
     pub fn tokenizer(&self) -> Result<Arc<Tokenizer>, TokenizerError> {
-        match &self.tokenizer {
-            Some(t) => Ok(t.clone()),
-            None => Tokenizer::from_gguf(&self.file).map(Arc::new),
-        }
+        built_or_read(&self.tokenizer, &self.file)
     }
 
     /// The mapped file.
@@ -754,6 +748,18 @@ impl Model {
             inner,
             logits: Vec::new(),
         })
+    }
+}
+
+/// The tokenizer built at open, or the file's error again when it has none
+/// (its message says what is missing).
+fn built_or_read(
+    built: &Option<Arc<Tokenizer>>,
+    file: &GgufFile,
+) -> Result<Arc<Tokenizer>, TokenizerError> {
+    match built {
+        Some(t) => Ok(t.clone()),
+        None => Tokenizer::from_gguf(file).map(Arc::new),
     }
 }
 

@@ -17,14 +17,30 @@ const BLOCK_BYTES: usize = 18;
 /// false (and `out` untouched) if not.
 pub(crate) fn quantize_q4_0(xs: &[f32], out: &mut [u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if lorafold_kernels::Isa::detect().avx2() {
-        assert!(xs.len().is_multiple_of(32) && out.len() == xs.len() / 32 * BLOCK_BYTES);
-        // SAFETY: AVX2 is present; the lengths are checked above.
-        unsafe { quantize_q4_0_avx2(xs, out) };
-        return true;
+    return with_avx2(xs, out, BLOCK_BYTES, quantize_q4_0_avx2);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (xs, out);
+        false
     }
-    let _ = (xs, out);
-    false
+}
+
+/// Run an AVX2 quantizer of 32-value blocks into `block_bytes`-byte blocks
+/// when the detected tier has AVX2, the lengths checked first.
+#[cfg(target_arch = "x86_64")]
+fn with_avx2(
+    xs: &[f32],
+    out: &mut [u8],
+    block_bytes: usize,
+    kernel: unsafe fn(&[f32], &mut [u8]),
+) -> bool {
+    if !lorafold_kernels::Isa::detect().avx2() {
+        return false;
+    }
+    assert!(xs.len().is_multiple_of(32) && out.len() == xs.len() / 32 * block_bytes);
+    // SAFETY: AVX2 is present, all the kernels need; the lengths are checked above.
+    unsafe { kernel(xs, out) };
+    true
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -82,14 +98,12 @@ const Q8_0_BYTES: usize = 34;
 /// of a 7B stand-in's conversion to q8_0.
 pub(crate) fn quantize_q8_0(xs: &[f32], out: &mut [u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if lorafold_kernels::Isa::detect().avx2() {
-        assert!(xs.len().is_multiple_of(32) && out.len() == xs.len() / 32 * Q8_0_BYTES);
-        // SAFETY: AVX2 is present; the lengths are checked above.
-        unsafe { quantize_q8_0_avx2(xs, out) };
-        return true;
+    return with_avx2(xs, out, Q8_0_BYTES, quantize_q8_0_avx2);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (xs, out);
+        false
     }
-    let _ = (xs, out);
-    false
 }
 
 #[cfg(target_arch = "x86_64")]
