@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lorafold_converter::budget::{convert_within, DriftBudget, DriftTarget};
-use lorafold_converter::calib::CalibStats;
+use lorafold_converter::calib::{CalibStats, LayerStep};
 use lorafold_converter::convert::input_files;
 use lorafold_converter::convert::{
     convert, Compensate, ConvertError, ConvertOptions, ProgressStep, Rounding,
@@ -121,23 +121,67 @@ pub struct ConvertArgs {
 
 /// Statistics of the f32 merged model over `text`, one window per line,
 /// with the f32 reference written beside the output (in the temporary
-/// folder without one).
-fn calibrate_in_run(args: &ConvertArgs, text: &Path, with_base: bool) -> Result<TextCalibration> {
+/// folder without one); made a layer at a time as the conversion reaches
+/// each, a line per layer said through `bar` (or stderr; not with --quiet).
+fn calibrate_in_run(
+    args: &ConvertArgs,
+    text: &Path,
+    with_base: bool,
+    bar: Option<ProgressBar>,
+) -> Result<TextCalibration> {
     let near = args
         .output
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("lorafold-calibration"));
-    let start = std::time::Instant::now();
-    let c =
-        TextCalibration::over_text(&args.base, args.adapter.as_deref(), text, &near, with_base)?;
-    eprintln!(
-        "calibrated on {}: {} tokens in {} lines ({:.1} s)",
-        text.display(),
-        c.stats.tokens,
-        c.windows.len(),
-        start.elapsed().as_secs_f64()
-    );
+    let quiet = args.quiet;
+    let progress = Box::new(move |s: &LayerStep| {
+        let line = format!(
+            "calibration: layer {}/{} in {:.1} s{}; {} so far, about {} left",
+            s.layer + 1,
+            s.layers,
+            s.layer_seconds,
+            if s.restarted {
+                " (from the embeddings again)"
+            } else {
+                ""
+            },
+            minutes(s.elapsed_seconds),
+            minutes(s.eta_seconds())
+        );
+        // A hidden bar (before its first tensor) would swallow the line.
+        match &bar {
+            Some(b) if !b.is_hidden() => b.println(line),
+            _ if !quiet => eprintln!("{line}"),
+            _ => {}
+        }
+    });
+    let c = TextCalibration::over_text(
+        &args.base,
+        args.adapter.as_deref(),
+        text,
+        &near,
+        with_base,
+        progress,
+    )?;
+    if !quiet {
+        eprintln!(
+            "calibrating on {}: {} tokens in {} lines, a layer at a time as the conversion reaches it",
+            text.display(),
+            c.stats.tokens,
+            c.windows.len(),
+        );
+    }
     Ok(c)
+}
+
+/// Seconds as "1m05s" (or "42s").
+fn minutes(s: f64) -> String {
+    let s = s.round() as u64;
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 fn parse_ggml_type(s: &str) -> Result<GgmlType, String> {
@@ -318,23 +362,6 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     // What the inputs' headers can refuse (an override that matches no
     // tensor), before statistics are read or a text is calibrated on.
     lorafold_converter::convert::check(&opts)?;
-    let mut text_calibration = None;
-    opts.calib = match (&args.calib, &args.calib_text) {
-        (Some(p), _) => Some(std::sync::Arc::new(CalibStats::read(p)?)),
-        (None, Some(text)) => {
-            let c = calibrate_in_run(args, text, target.is_some_and(DriftTarget::needs_base))?;
-            let stats = std::sync::Arc::new(c.stats);
-            text_calibration = Some((c.reference, c.windows));
-            Some(stats)
-        }
-        (None, None) => None,
-    };
-    opts.rounding = match args.rounding {
-        Some(RoundingArg::Nearest) => Rounding::Nearest,
-        Some(RoundingArg::Imatrix) => Rounding::Imatrix,
-        Some(RoundingArg::Gptq) => Rounding::Gptq,
-        None => Rounding::best_for(opts.calib.as_deref()),
-    };
     // A bar over tensors on a terminal (a 7B conversion takes minutes);
     // nothing when stderr is a file or a pipe, or with --quiet.
     let bar = (std::io::stderr().is_terminal() && !args.quiet).then(|| {
@@ -348,6 +375,28 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         );
         b
     });
+    let mut text_calibration = None;
+    opts.calib = match (&args.calib, &args.calib_text) {
+        (Some(p), _) => Some(std::sync::Arc::new(CalibStats::read(p)?)),
+        (None, Some(text)) => {
+            let c = calibrate_in_run(
+                args,
+                text,
+                target.is_some_and(DriftTarget::needs_base),
+                bar.clone(),
+            )?;
+            let stats = std::sync::Arc::new(c.stats);
+            text_calibration = Some((c.reference, c.windows));
+            Some(stats)
+        }
+        (None, None) => None,
+    };
+    opts.rounding = match args.rounding {
+        Some(RoundingArg::Nearest) => Rounding::Nearest,
+        Some(RoundingArg::Imatrix) => Rounding::Imatrix,
+        Some(RoundingArg::Gptq) => Rounding::Gptq,
+        None => Rounding::best_for(opts.calib.as_deref()),
+    };
     let written = AtomicU64::new(0);
     let progress = |s: &ProgressStep| {
         let Some(b) = &bar else { return };

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use lorafold_runtime::model::Model;
 
-use crate::calib::CalibStats;
+use crate::calib::{CalibStats, LayerProgress};
 use crate::convert::{convert, sha256_file, ConvertError, ConvertOptions};
 use crate::round::quant::QuantPolicy;
 use crate::write::output::WorkFolder;
@@ -75,29 +75,31 @@ pub struct TextCalibration {
 
 impl TextCalibration {
     /// Write the f32 reference of `base` + `adapter` beside `output` (with
-    /// the f32 base when `with_base`) and collect its statistics over the
-    /// text in `text`, a window per line.
+    /// the f32 base when `with_base`) and start its statistics over the text
+    /// in `text`, a window per line: made a layer at a time as the conversion
+    /// reaches each layer ([`CalibStats::streamed`]), `progress` told as each
+    /// is ready.
     pub fn over_text(
         base: &Path,
         adapter: Option<&Path>,
         text: &Path,
         output: &Path,
         with_base: bool,
+        progress: LayerProgress,
     ) -> Result<TextCalibration, ConvertError> {
         let words = lorafold_runtime::text::read_text(text)?;
         // Refused before the f32 model is written: at 7B that is 30 GB.
         let opened = crate::read::base::BaseModel::open(base)?;
         let inputs = opened.tensors.iter().filter(|t| {
             [
-                ".attn_q.weight",
-                ".attn_output.weight",
-                ".ffn_up.weight",
-                ".ffn_down.weight",
+                "blk.0.attn_q.weight",
+                "blk.0.attn_output.weight",
+                "blk.0.ffn_up.weight",
+                "blk.0.ffn_down.weight",
             ]
-            .iter()
-            .any(|s| t.name.ends_with(s))
+            .contains(&t.name.as_str())
         });
-        crate::calib::check_collection_fits(base, inputs.map(|t| t.dims[0] as usize))?;
+        crate::calib::check_layer_fits(base, inputs.map(|t| t.dims[0] as usize), 0)?;
         drop(opened);
         let reference = F32Reference::write(base, adapter, output, with_base)?;
         let measure = |path: &Path, problem: String| ConvertError::Measure {
@@ -106,7 +108,12 @@ impl TextCalibration {
         };
         let model = Model::load(&reference.merged, &Device::Cpu)
             .map_err(|e| measure(&reference.merged, e.to_string()))?;
-        let (mut stats, windows) = CalibStats::over_text(&model, &words, true, DEFAULT_CTX)
+        let tok = model
+            .tokenizer()
+            .map_err(|e| measure(&reference.merged, e.to_string()))?;
+        let windows = lorafold_runtime::measure::windows(&tok, &words, true, DEFAULT_CTX)
+            .map_err(|e| measure(text, e.to_string()))?;
+        let mut stats = CalibStats::streamed(model, windows.clone(), progress)
             .map_err(|e| measure(text, e.to_string()))?;
         stats.source_sha256 = Some(sha256_file(text)?);
         stats.source = Some(text.to_path_buf());

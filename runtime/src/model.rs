@@ -604,6 +604,25 @@ impl Model {
     ) -> Result<Model, RuntimeError> {
         OpenedModel::from_file(file)?.load_with(device, backend)
     }
+    /// An error about this model.
+    fn problem(&self, problem: String) -> RuntimeError {
+        RuntimeError::Model {
+            path: self.file.path().to_path_buf(),
+            problem,
+        }
+    }
+
+    /// Give block `layer`'s mapped weight pages back to the file once a
+    /// layer-at-a-time run is done with them ([`Session::block_rows`]), so
+    /// that only the layer in use stays resident.
+    pub fn release_layer(&self, layer: usize) {
+        if let ModelWeights::Engine(w) = &self.weights {
+            if layer < w.blocks.len() {
+                w.release_block(layer);
+            }
+        }
+    }
+
     /// The file's tokenizer (built once, at load); an error when the file
     /// has none.
     pub fn tokenizer(&self) -> Result<Arc<Tokenizer>, TokenizerError> {
@@ -883,7 +902,7 @@ pub struct Session<'m> {
     logits: Vec<f32>,
 }
 
-impl Session<'_> {
+impl<'m> Session<'m> {
     /// Tokens processed so far.
     pub fn position(&self) -> usize {
         match &self.inner {
@@ -968,6 +987,56 @@ impl Session<'_> {
                 "observing layer inputs needs the CPU engine, not candle's path".into(),
             )),
         }
+    }
+
+    /// The engine's session, or an error naming the model for candle's path.
+    fn engine(&mut self, what: &str) -> Result<&mut CpuSession<'m>, RuntimeError> {
+        let path = self.model.file.path();
+        match &mut self.inner {
+            SessionKind::Engine(s) => Ok(s),
+            SessionKind::Candle(_) => Err(RuntimeError::Model {
+                path: path.to_path_buf(),
+                problem: format!("{what} needs the CPU engine, not candle's path"),
+            }),
+        }
+    }
+
+    /// A window's hidden rows entering the first block (`[tokens, dim]`
+    /// into `out`), for running the model a layer at a time over many
+    /// windows ([`Session::block_rows`]). The CPU engine only.
+    pub fn embed_rows(&mut self, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), RuntimeError> {
+        let m = self.model;
+        self.engine("running a layer at a time")?
+            .embed_rows(tokens, &m.scales, out)
+            .map_err(|e| m.problem(e.to_string()))
+    }
+
+    /// Block `layer` over a window's hidden rows `x` in place (from an
+    /// empty cache), showing `observer` the rows its linear layers read;
+    /// the rows that leave it must be finite.
+    pub fn block_rows(
+        &mut self,
+        layer: usize,
+        x: &mut [f32],
+        observer: Option<&mut crate::cpu::LinearObserver<'_>>,
+    ) -> Result<(), RuntimeError> {
+        let m = self.model;
+        if layer >= m.config.n_layers || !x.len().is_multiple_of(m.config.dim) {
+            return Err(m.problem(format!(
+                "block {layer} over {} values: the model has {} blocks of width {}",
+                x.len(),
+                m.config.n_layers,
+                m.config.dim
+            )));
+        }
+        self.engine("running a layer at a time")?
+            .block_rows(layer, x, &m.scales, observer)
+            .map_err(|e| m.problem(e.to_string()))?;
+        check_finite(x).map_err(|p| {
+            m.problem(format!(
+                "the hidden states leaving block {layer} are not finite ({p})"
+            ))
+        })
     }
 
     /// [`Session::logits`] as a `[n, vocab]` tensor on the CPU.

@@ -253,6 +253,66 @@ fn bad_models_and_adapters_are_clear_errors() {
     assert!(e.contains("tiny.gguf: tensor 'blk.0.attn_k.weight.lora_a': lora_a [96, 8] / lora_b [8, 32] do not fit 'blk.0.attn_k.weight' (576 -> 192; an adapter for another model?)"), "{e}");
 }
 
+/// Statistics made a layer at a time (every window through block 0, then
+/// block 1, ...; what a 7B conversion's calibration does) equal those
+/// collected a window at a time to the bit, for windows longer than a
+/// prefill chunk too, and layers asked for out of order are made again from
+/// the embeddings once dropped.
+#[test]
+fn statistics_made_a_layer_at_a_time_equal_those_collected_whole() {
+    use lorafold_converter::calib::{CalibStats, LayerStep};
+    use lorafold_runtime::cpu::LinearInput;
+    use std::sync::{Arc, Mutex};
+    // A small synthetic llama: the arithmetic is the engine's either way.
+    let shape = common::synthetic::Shape {
+        dim: 64,
+        ffn: 160,
+        layers: 6,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 300,
+        untied: true,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    common::synthetic::write_f32(&path, shape, 22);
+    let merged = Model::load(&path, &Device::Cpu).unwrap();
+    let mut rng = common::Rng::new(7);
+    // The last is past one prefill chunk (512 rows): its blocks run in two.
+    let windows: Vec<Vec<u32>> = [17, 40, 3, 530]
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.below(300) as u32).collect())
+        .collect();
+    let whole = CalibStats::collect(&merged, &windows).unwrap();
+    let steps: Arc<Mutex<Vec<(usize, bool)>>> = Arc::default();
+    let log = Arc::clone(&steps);
+    let layered = CalibStats::streamed_with(
+        merged,
+        windows.clone(),
+        false,
+        Box::new(move |s: &LayerStep| log.lock().unwrap().push((s.layer, s.restarted))),
+    );
+    assert_eq!(layered.tokens, whole.tokens);
+    let last = layered.inputs.keys().map(|k| k.0).max().unwrap();
+    for layer in [3, 2, 0, last] {
+        for input in LinearInput::ALL {
+            let (a, b) = (
+                &layered.inputs[&(layer, input)],
+                &whole.inputs[&(layer, input)],
+            );
+            assert_eq!(a.k, b.k);
+            assert!(a.xtx().unwrap() == b.xtx().unwrap(), "{layer} {input:?}");
+            assert_eq!(a.importance().unwrap(), b.importance().unwrap());
+        }
+    }
+    // 3 makes 0..=3 and keeps 2 and 3; 2 is at hand; 0 was dropped, so it
+    // is made again from the embeddings; then the rest in one pass.
+    let mut want: Vec<(usize, bool)> = (0..=3).map(|l| (l, false)).collect();
+    want.push((0, true));
+    want.extend((1..=last).map(|l| (l, false)));
+    assert_eq!(*steps.lock().unwrap(), want);
+}
+
 /// Calibration sees what the linear layers read: the statistics of the f32
 /// base with the pirate adapter attached equal those of the f32 merged file
 /// (1e-5 relative), layer 0's q/k/v input equals RMSNorm of the embedding

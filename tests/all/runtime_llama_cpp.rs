@@ -393,7 +393,7 @@ fn calibrated_files_are_read_by_gguf_py_and_llama_cpp() {
     let f32s = GgufFile::open(p("f32.gguf")).unwrap();
     let im = CalibStats::read(&p("imatrix.gguf")).unwrap();
     for (name, &k) in &widths {
-        let imp = im.for_tensor(name).unwrap().importance();
+        let imp = im.for_tensor(name).unwrap().importance().unwrap();
         assert_eq!(imp.len(), k);
         let w = common::f32s(f32s.tensor_data(f32s.tensor(name).unwrap()));
         let err = |f: &GgufFile| {

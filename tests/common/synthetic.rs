@@ -137,7 +137,7 @@ pub fn write_f32(path: &Path, shape: Shape, seed: u64) {
         "llama.block_count",
         MetadataValue::U32(layers as u32),
     );
-    md(&mut w, "llama.context_length", MetadataValue::U32(512));
+    md(&mut w, "llama.context_length", MetadataValue::U32(1024));
     md(
         &mut w,
         "llama.embedding_length",

@@ -113,19 +113,25 @@ pub(super) fn round(
         problem: format!("{e}{}", calibration_source(opts)),
     };
     let rows = values.len() / row_len(t);
+    let importance = |s: &crate::calib::InputStats| {
+        s.importance().map_err(|e| quant::QuantError::Codec {
+            tensor: t.name.clone(),
+            problem: format!("{e}{}", calibration_source(opts)),
+        })
+    };
     // Tensors whose input no statistics cover (embeddings, the output
     // head) and float or nearest tensors take ggml's quantizer.
     Ok(match stats.filter(|_| is_chosen(ggml_type, opts)) {
         None => quant::quantize(ggml_type, values, &t.name)?,
         Some(s) if opts.rounding == Rounding::Imatrix => {
-            crate::round::importance::importance_round(ggml_type, values, rows, &s.importance(), &t.name)?
+            crate::round::importance::importance_round(ggml_type, values, rows, &importance(s)?, &t.name)?
         }
         Some(s) if s.has_matrix() => {
             let f = s.gptq_factor(opts.damp, opts.act_order).map_err(bad)?;
             // Block scales searched with the diagonal's weights, as imatrix
             // rounding does (SmolLM2 + pirate at q4_0, natural order, when
             // introduced: KL 0.114 -> 0.090 against ggml's nearest scales).
-            let imp = s.importance();
+            let imp = importance(s)?;
             crate::round::gptq::gptq(ggml_type, values, rows, &f, Some(&imp), &t.name).map_err(bad)?
         }
         Some(_) => {

@@ -345,6 +345,75 @@ impl<'m> CpuSession<'m> {
         Ok(&self.s.logits[..rows_out * vocab])
     }
 
+    /// The hidden rows entering the first block for a window of `ids`
+    /// (`[ids.len(), dim]`, into `out`). With [`CpuSession::block_rows`] a
+    /// model runs a layer at a time over many windows: calibration's order,
+    /// which reads each layer's weights once and holds one layer's statistics.
+    pub fn embed_rows(
+        &mut self,
+        ids: &[u32],
+        scales: &[Option<f64>],
+        out: &mut Vec<f32>,
+    ) -> Result<(), StepError> {
+        self.check_window(ids.len())?;
+        let vocab = self.cfg.vocab;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(StepError::TokenOutOfRange { id, vocab });
+        }
+        let dim = self.cfg.dim;
+        out.clear();
+        for chunk in ids.chunks(self.batch) {
+            self.embed(chunk, scales);
+            out.extend_from_slice(&self.s.x[..chunk.len() * dim]);
+        }
+        Ok(())
+    }
+
+    /// Block `layer` over one window's hidden rows `x` (`[t, dim]`, in place,
+    /// at positions `0..t`), showing `observer` its linear inputs: the same
+    /// arithmetic, chunk for chunk, as [`CpuSession::forward`] from an empty
+    /// cache, so statistics taken either way are equal to the bit.
+    pub fn block_rows(
+        &mut self,
+        layer: usize,
+        x: &mut [f32],
+        scales: &[Option<f64>],
+        mut observer: Option<&mut LinearObserver<'_>>,
+    ) -> Result<(), StepError> {
+        let dim = self.cfg.dim;
+        let t = x.len() / dim;
+        self.check_window(t)?;
+        assert!(
+            layer < self.w.blocks.len() && x.len() == t * dim,
+            "a block and rows of the model"
+        );
+        self.pos = 0;
+        for chunk in x.chunks_mut(self.batch * dim) {
+            let n = chunk.len() / dim;
+            self.s.x[..chunk.len()].copy_from_slice(chunk);
+            self.block(layer, n, scales, observer.as_deref_mut());
+            chunk.copy_from_slice(&self.s.x[..chunk.len()]);
+            self.pos += n;
+        }
+        self.pos = 0;
+        Ok(())
+    }
+
+    /// A window of `t` tokens fits an empty cache.
+    fn check_window(&self, t: usize) -> Result<(), StepError> {
+        if t == 0 {
+            return Err(StepError::Empty);
+        }
+        if t > self.max {
+            return Err(StepError::ContextFull {
+                tokens: t,
+                position: 0,
+                max: self.max,
+            });
+        }
+        Ok(())
+    }
+
     /// One chunk of at most `batch` tokens at `self.pos`. `head_at`: where in
     /// the logits this chunk's rows go (every row when `all`, else the last
     /// row at 0), or None when no logits are wanted from it.
@@ -356,19 +425,33 @@ impl<'m> CpuSession<'m> {
         scales: &[Option<f64>],
         mut observer: Option<&mut LinearObserver<'_>>,
     ) {
-        let mut observe = |layer: usize, input: LinearInput, rows: &[f32], k: usize| {
-            if let Some(o) = observer.as_deref_mut() {
-                o(layer, input, rows, k);
-            }
-        };
+        self.embed(ids, scales);
+        for layer in 0..self.w.blocks.len() {
+            self.block(layer, ids.len(), scales, observer.as_deref_mut());
+        }
+        let Some(at) = head_at else { return };
         let (w, cfg) = (self.w, self.cfg);
-        let file = w.file.as_ref();
-        let t = ids.len();
-        let (dim, hd) = (cfg.dim, cfg.head_dim);
-        let q_out = cfg.n_head * hd;
-        let eps = cfg.rms_eps as f32;
+        let (t, dim) = (ids.len(), cfg.dim);
+        let first = if all { 0 } else { t - 1 };
+        let rows = t - first;
+        for (j, i) in (first..t).enumerate() {
+            ops::rms_norm(
+                &self.s.x[i * dim..(i + 1) * dim],
+                &w.output_norm,
+                cfg.rms_eps as f32,
+                &mut self.s.h[j * dim..(j + 1) * dim],
+            );
+        }
+        let vocab = cfg.vocab;
+        let out = self.s.logits[at * vocab..(at + rows) * vocab].as_mut_ptr();
+        self.matmuls(&[(w.head(), out)], Input::H, rows, dim, scales);
+    }
 
-        let emb = w.embedding.weights(file);
+    /// The hidden rows of `ids` (at most `batch`) entering the first block, into `s.x`.
+    fn embed(&mut self, ids: &[u32], scales: &[Option<f64>]) {
+        let (w, cfg) = (self.w, self.cfg);
+        let dim = cfg.dim;
+        let emb = w.embedding.weights(w.file.as_ref());
         for (i, &id) in ids.iter().enumerate() {
             let x = &mut self.s.x[i * dim..(i + 1) * dim];
             lorafold_kernels::dequantize_row(&emb, id as usize, x);
@@ -388,102 +471,102 @@ impl<'m> CpuSession<'m> {
                 x.iter_mut().for_each(|v| *v *= scale);
             }
         }
+    }
 
-        for (layer, b) in w.blocks.iter().enumerate() {
-            for i in 0..t {
-                ops::rms_norm(
-                    &self.s.x[i * dim..(i + 1) * dim],
-                    &b.attn_norm,
-                    eps,
-                    &mut self.s.h[i * dim..(i + 1) * dim],
-                );
+    /// Block `layer` over the `t` hidden rows in `s.x` (in place), at `self.pos`.
+    fn block(
+        &mut self,
+        layer: usize,
+        t: usize,
+        scales: &[Option<f64>],
+        mut observer: Option<&mut LinearObserver<'_>>,
+    ) {
+        let mut observe = |layer: usize, input: LinearInput, rows: &[f32], k: usize| {
+            if let Some(o) = observer.as_deref_mut() {
+                o(layer, input, rows, k);
             }
-            observe(layer, LinearInput::AttnIn, &self.s.h[..t * dim], dim);
-            let (hq, hk, hv) = (
-                self.s.q.as_mut_ptr(),
-                self.s.k.as_mut_ptr(),
-                self.s.v.as_mut_ptr(),
-            );
-            self.matmuls(
-                &[(&b.q, hq), (&b.k, hk), (&b.v, hv)],
-                Input::H,
-                t,
-                dim,
-                scales,
-            );
-            if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
-                let kv_out = cfg.n_head_kv * hd;
-                for h in self.s.q[..t * q_out].chunks_exact_mut(hd) {
-                    ops::rms_norm_in_place(h, qn, eps);
-                }
-                for h in self.s.k[..t * kv_out].chunks_exact_mut(hd) {
-                    ops::rms_norm_in_place(h, kn, eps);
-                }
+        };
+        let cfg = self.cfg;
+        let b = &self.w.blocks[layer];
+        let (dim, hd) = (cfg.dim, cfg.head_dim);
+        let q_out = cfg.n_head * hd;
+        let eps = cfg.rms_eps as f32;
+        self.norm_rows(t, &b.attn_norm);
+        observe(layer, LinearInput::AttnIn, &self.s.h[..t * dim], dim);
+        let (hq, hk, hv) = (
+            self.s.q.as_mut_ptr(),
+            self.s.k.as_mut_ptr(),
+            self.s.v.as_mut_ptr(),
+        );
+        self.matmuls(
+            &[(&b.q, hq), (&b.k, hk), (&b.v, hv)],
+            Input::H,
+            t,
+            dim,
+            scales,
+        );
+        if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+            let kv_out = cfg.n_head_kv * hd;
+            for h in self.s.q[..t * q_out].chunks_exact_mut(hd) {
+                ops::rms_norm_in_place(h, qn, eps);
             }
-            self.rope_and_cache(layer, t);
-            self.attention(layer, t);
-            let tmp = self.s.tmp.as_mut_ptr();
-            observe(
-                layer,
-                LinearInput::AttnOut,
-                &self.s.attn[..t * q_out],
-                q_out,
-            );
-            self.matmuls(&[(&b.o, tmp)], Input::Attn, t, q_out, scales);
-            if let Some(n) = &b.post_attn_norm {
-                for row in self.s.tmp[..t * dim].chunks_exact_mut(dim) {
-                    ops::rms_norm_in_place(row, n, eps);
-                }
+            for h in self.s.k[..t * kv_out].chunks_exact_mut(hd) {
+                ops::rms_norm_in_place(h, kn, eps);
             }
-            ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
-            for i in 0..t {
-                ops::rms_norm(
-                    &self.s.x[i * dim..(i + 1) * dim],
-                    &b.ffn_norm,
-                    eps,
-                    &mut self.s.h[i * dim..(i + 1) * dim],
-                );
-            }
-            observe(layer, LinearInput::FfnIn, &self.s.h[..t * dim], dim);
-            let (g, u) = (self.s.gate.as_mut_ptr(), self.s.up.as_mut_ptr());
-            self.matmuls(&[(&b.gate, g), (&b.up, u)], Input::H, t, dim, scales);
-            let ffn = b.gate.n;
-            match cfg.spec().activation {
-                Activation::Silu => lorafold_kernels::swiglu(
-                    &mut self.s.gate[..t * ffn],
-                    &self.s.up[..t * ffn],
-                    self.isa,
-                ),
-                Activation::GeluTanh => lorafold_kernels::geglu(
-                    &mut self.s.gate[..t * ffn],
-                    &self.s.up[..t * ffn],
-                    self.isa,
-                ),
-            }
-            observe(layer, LinearInput::FfnDown, &self.s.gate[..t * ffn], ffn);
-            self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
-            if let Some(n) = &b.post_ffn_norm {
-                for row in self.s.tmp[..t * dim].chunks_exact_mut(dim) {
-                    ops::rms_norm_in_place(row, n, eps);
-                }
-            }
-            ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
         }
+        self.rope_and_cache(layer, t);
+        self.attention(layer, t);
+        let tmp = self.s.tmp.as_mut_ptr();
+        observe(
+            layer,
+            LinearInput::AttnOut,
+            &self.s.attn[..t * q_out],
+            q_out,
+        );
+        self.matmuls(&[(&b.o, tmp)], Input::Attn, t, q_out, scales);
+        if let Some(n) = &b.post_attn_norm {
+            for row in self.s.tmp[..t * dim].chunks_exact_mut(dim) {
+                ops::rms_norm_in_place(row, n, eps);
+            }
+        }
+        ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
+        self.norm_rows(t, &b.ffn_norm);
+        observe(layer, LinearInput::FfnIn, &self.s.h[..t * dim], dim);
+        let (g, u) = (self.s.gate.as_mut_ptr(), self.s.up.as_mut_ptr());
+        self.matmuls(&[(&b.gate, g), (&b.up, u)], Input::H, t, dim, scales);
+        let ffn = b.gate.n;
+        match cfg.spec().activation {
+            Activation::Silu => lorafold_kernels::swiglu(
+                &mut self.s.gate[..t * ffn],
+                &self.s.up[..t * ffn],
+                self.isa,
+            ),
+            Activation::GeluTanh => lorafold_kernels::geglu(
+                &mut self.s.gate[..t * ffn],
+                &self.s.up[..t * ffn],
+                self.isa,
+            ),
+        }
+        observe(layer, LinearInput::FfnDown, &self.s.gate[..t * ffn], ffn);
+        self.matmuls(&[(&b.down, tmp)], Input::Gate, t, ffn, scales);
+        if let Some(n) = &b.post_ffn_norm {
+            for row in self.s.tmp[..t * dim].chunks_exact_mut(dim) {
+                ops::rms_norm_in_place(row, n, eps);
+            }
+        }
+        ops::add(&mut self.s.x[..t * dim], &self.s.tmp[..t * dim]);
+    }
 
-        let Some(at) = head_at else { return };
-        let first = if all { 0 } else { t - 1 };
-        let rows = t - first;
-        for (j, i) in (first..t).enumerate() {
-            ops::rms_norm(
-                &self.s.x[i * dim..(i + 1) * dim],
-                &w.output_norm,
-                eps,
-                &mut self.s.h[j * dim..(j + 1) * dim],
-            );
+    /// RMSNorm of the hidden rows `0..t` (`s.x`) by `weight`, into `s.h`.
+    fn norm_rows(&mut self, t: usize, weight: &[f32]) {
+        let dim = self.cfg.dim;
+        let eps = self.cfg.rms_eps as f32;
+        for (x, h) in self.s.x[..t * dim]
+            .chunks_exact(dim)
+            .zip(self.s.h.chunks_exact_mut(dim))
+        {
+            ops::rms_norm(x, weight, eps, h);
         }
-        let vocab = cfg.vocab;
-        let out = self.s.logits[at * vocab..(at + rows) * vocab].as_mut_ptr();
-        self.matmuls(&[(w.head(), out)], Input::H, rows, dim, scales);
     }
 
     /// Project input rows `0..t` (each `k` wide) through each matrix into its

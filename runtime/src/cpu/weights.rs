@@ -303,6 +303,22 @@ impl CpuWeights {
 }
 
 impl CpuWeights {
+    /// Give back to the file the mapped pages of block `layer`'s
+    /// projections: a model run a layer at a time
+    /// ([`super::CpuSession::block_rows`]) then holds one layer resident, not
+    /// the whole file (an f32 7B model is 30 GB).
+    pub fn release_block(&self, layer: usize) {
+        let b = &self.blocks[layer];
+        for m in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+            if let Blocks::Mapped { start, len } = m.blocks {
+                self.file
+                    .release_pages(&self.file.raw_bytes()[start..start + len]);
+            }
+        }
+    }
+}
+
+impl CpuWeights {
     /// Read every weight of the model in `file`, by its architecture's parts (its
     /// hyperparameters already checked into `cfg`).
     pub fn load(

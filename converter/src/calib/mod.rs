@@ -8,6 +8,10 @@
 //! (candle's matmul) and added into f64 accumulators, so a long text loses
 //! nothing to the running sum. Stored as f32 in a GGUF of its own.
 
+mod layers;
+
+pub use layers::{LayerFeed, LayerInput, LayerProgress, LayerStep};
+
 use lorafold_runtime::gguf::names;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +22,6 @@ use lorafold_runtime::gguf::{
     GgmlType, GgufFile, MetadataArray, MetadataValue, TensorInfo, ValueType,
 };
 use lorafold_runtime::model::{Model, SessionOptions};
-use std::borrow::Cow;
 
 use crate::round::gptq::{GptqError, GptqFactor};
 use crate::write::gguf_writer::{GgufWriter, WriteError};
@@ -70,19 +73,57 @@ pub fn check_collection_fits(
     model: &Path,
     widths: impl IntoIterator<Item = usize>,
 ) -> Result<(), CalibError> {
-    let need = collection_bytes(widths);
+    check_fits_memory(
+        model,
+        collection_bytes(widths),
+        "its calibration statistics (XᵀX of every block's 4 linear inputs) need",
+        "collect them on a larger machine, let `convert --calib-text` make them a layer at a time, or round with an imatrix from llama-imatrix (diagonals only: --calib FILE --rounding imatrix)",
+    )
+}
+
+/// Refuse to make `model`'s statistics a layer at a time ([`CalibStats::streamed`])
+/// when two layers' sums (the widths of one layer's inputs) and the text's
+/// hidden states (`hidden` bytes) cannot fit in this machine's memory: a
+/// batch of tensors in flight may span two layers.
+pub fn check_layer_fits(
+    model: &Path,
+    widths: impl IntoIterator<Item = usize>,
+    hidden: u64,
+) -> Result<(), CalibError> {
+    check_fits_memory(
+        model,
+        2 * collection_bytes(widths) + hidden,
+        "two layers' calibration statistics and the text's hidden states need",
+        "calibrate on a shorter text or on a larger machine",
+    )
+}
+
+/// Refuse work on `model` that needs `need` bytes (`what` says of what)
+/// where this machine has less memory; `instead` says what to do.
+fn check_fits_memory(model: &Path, need: u64, what: &str, instead: &str) -> Result<(), CalibError> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match lorafold_runtime::model::physical_memory() {
         Some(have) if need > have => Err(CalibError::TooLarge {
             path: model.to_path_buf(),
             problem: format!(
-                "its calibration statistics (XᵀX of every block's 4 linear inputs) need {:.1} GiB while collected and this machine has {:.1} GiB; collect them on a larger machine, or round with an imatrix from llama-imatrix (diagonals only: --calib FILE --rounding imatrix)",
+                "{what} {:.1} GiB and this machine has {:.1} GiB; {instead}",
                 gib(need),
                 gib(have)
             ),
         }),
         _ => Ok(()),
     }
+}
+
+/// The widths of a block's four linear inputs in `model`, in
+/// [`LinearInput::ALL`]'s order.
+fn input_widths(model: &Model) -> [usize; 4] {
+    let c = &model.config;
+    LinearInput::ALL.map(|i| match i {
+        LinearInput::AttnIn | LinearInput::FfnIn => c.dim,
+        LinearInput::AttnOut => c.n_head * c.head_dim,
+        LinearInput::FfnDown => c.ffn,
+    })
 }
 
 /// `general.type` of a calibration file.
@@ -241,6 +282,37 @@ enum Matrix {
     /// are far larger than any one (a 7B model's: 33 GB), and reads
     /// through the page cache do not count against the process.
     InFile(Arc<GgufFile>, TensorInfo),
+    /// Made a layer at a time as a conversion asks ([`LayerFeed`]): the
+    /// layer and which of its inputs.
+    Streamed(Arc<LayerFeed>, usize, LinearInput),
+}
+
+/// An input's XᵀX, `[k, k]` row-major, wherever it is held.
+#[derive(Debug)]
+pub enum Xtx<'a> {
+    /// Held by the statistics.
+    Borrowed(&'a [f32]),
+    /// Read from a statistics file.
+    Owned(Vec<f32>),
+    /// Shared with a [`LayerFeed`] while its layer is in use.
+    Shared(Arc<LayerInput>),
+}
+
+impl std::ops::Deref for Xtx<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Xtx::Borrowed(v) => v,
+            Xtx::Owned(v) => v,
+            Xtx::Shared(s) => &s.xtx,
+        }
+    }
+}
+
+impl PartialEq for Xtx<'_> {
+    fn eq(&self, other: &Xtx<'_>) -> bool {
+        **self == **other
+    }
 }
 
 /// Rows gathered before one product is added into the f64 sums.
@@ -292,17 +364,30 @@ impl InputStats {
     /// Σ x xᵀ, `[k, k]` row-major (f32, as stored); empty when only the
     /// diagonal is known. Read from the statistics file at each call when
     /// the statistics came from one.
-    pub fn xtx(&self) -> std::io::Result<Cow<'_, [f32]>> {
+    pub fn xtx(&self) -> std::io::Result<Xtx<'_>> {
         Ok(match &self.matrix {
-            Matrix::Missing => Cow::Borrowed(&[]),
-            Matrix::Owned(v) => Cow::Borrowed(v),
-            Matrix::InFile(f, t) => Cow::Owned(le_f32s(&f.tensor_data_copy(t)?).collect()),
+            Matrix::Missing => Xtx::Borrowed(&[]),
+            Matrix::Owned(v) => Xtx::Borrowed(v),
+            Matrix::InFile(f, t) => Xtx::Owned(le_f32s(&f.tensor_data_copy(t)?).collect()),
+            Matrix::Streamed(feed, layer, input) => Xtx::Shared(
+                feed.get(*layer, *input)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            ),
         })
     }
 
     /// Each input's weight for importance rounding: its Σ x².
-    pub fn importance(&self) -> Vec<f32> {
-        self.sum2.iter().map(|&v| v as f32).collect()
+    pub fn importance(&self) -> std::io::Result<Vec<f32>> {
+        let sum2 = match &self.matrix {
+            Matrix::Streamed(feed, layer, input) => {
+                let s = feed
+                    .get(*layer, *input)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                return Ok(s.sum2.iter().map(|&v| v as f32).collect());
+            }
+            _ => &self.sum2,
+        };
+        Ok(sum2.iter().map(|&v| v as f32).collect())
     }
 
     /// For each matrix in `each` (row-major, rows of `k`), Σ over its rows
@@ -437,9 +522,9 @@ impl CalibStats {
     /// from an empty cache, and accumulate every block's linear inputs.
     /// An f32 KV cache: the statistics are the weights', not the cache's.
     pub fn collect(model: &Model, windows: &[Vec<u32>]) -> Result<CalibStats, CalibError> {
-        let c = &model.config;
-        let widths = [c.dim, c.n_head * c.head_dim, c.dim, c.ffn];
-        check_collection_fits(model.file().path(), (0..c.n_layers).flat_map(|_| widths))?;
+        let widths = input_widths(model);
+        let layers = model.config.n_layers;
+        check_collection_fits(model.file().path(), (0..layers).flat_map(|_| widths))?;
         let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
         let mut session = model
             .session_with(SessionOptions {
@@ -479,6 +564,68 @@ impl CalibStats {
             }
         }
         Ok(stats)
+    }
+
+    /// The statistics of `model` over `windows` (each from an empty cache),
+    /// made a layer at a time as a conversion asks for them ([`LayerFeed`]):
+    /// one layer's must fit in memory, not the model's. Layers are kept once
+    /// made where all of them fit in a quarter of memory, else dropped as
+    /// the conversion passes them.
+    pub fn streamed(
+        model: Model,
+        windows: Vec<Vec<u32>>,
+        progress: LayerProgress,
+    ) -> Result<CalibStats, CalibError> {
+        let widths = input_widths(&model);
+        let layers = model.config.n_layers;
+        let tokens: u64 = windows.iter().map(|w| w.len() as u64).sum();
+        if tokens == 0 {
+            return Err(CalibError::Text(
+                "the text gives no tokens to calibrate on".into(),
+            ));
+        }
+        let hidden = tokens * model.config.dim as u64 * 4;
+        check_layer_fits(model.file().path(), widths, hidden)?;
+        let all = collection_bytes((0..layers).flat_map(|_| widths));
+        let memory = lorafold_runtime::model::physical_memory().unwrap_or(16 << 30);
+        Ok(CalibStats::streamed_with(
+            model,
+            windows,
+            all <= memory / 4,
+            progress,
+        ))
+    }
+
+    /// [`CalibStats::streamed`], keeping every layer made or not as told
+    /// (and not checking that a layer fits in memory).
+    pub fn streamed_with(
+        model: Model,
+        windows: Vec<Vec<u32>>,
+        keep_all: bool,
+        progress: LayerProgress,
+    ) -> CalibStats {
+        let widths = input_widths(&model);
+        let layers = model.config.n_layers;
+        let tokens: u64 = windows.iter().map(|w| w.len() as u64).sum();
+        let feed = Arc::new(LayerFeed::start(model, windows, keep_all, progress));
+        let inputs = (0..layers)
+            .flat_map(|l| {
+                LinearInput::ALL
+                    .into_iter()
+                    .zip(widths)
+                    .map(move |(i, k)| (l, i, k))
+            })
+            .map(|(l, i, k)| {
+                let m = Matrix::Streamed(Arc::clone(&feed), l, i);
+                ((l, i), InputStats::new(k, m, Vec::new()))
+            })
+            .collect();
+        CalibStats {
+            inputs,
+            tokens,
+            source_sha256: None,
+            source: None,
+        }
     }
 
     /// Statistics of `model` over `text`: a window per non-empty line with
