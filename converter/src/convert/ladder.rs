@@ -53,50 +53,59 @@ pub fn predict_ladder(
         .collect();
     // Each input's GPTQ factor is dropped after its last tensor here too.
     calib.expect_readers(todo.iter().map(|(t, _)| t.name.as_str()));
-    todo.par_iter()
-        .map(|&(t, policy_type)| {
-            let n: u64 = t.dims.iter().product();
-            let merged = merged_values(t, &base, adapter.as_ref())?;
-            let stats = stats_of(t, opts)?.expect("filtered to covered tensors");
-            let size = |ty: GgmlType| ty.bytes_for(n).unwrap_or(u64::MAX);
-            let mut types = vec![policy_type];
-            types.extend(
-                ladder.iter().copied().filter(|&ty| {
-                    size(ty) > size(policy_type) && (t.dims[0] % ty.block_size()) == 0
-                }),
-            );
-            types.sort_by_key(|&ty| size(ty));
-            types.dedup();
-            let w = &merged.values;
-            let mut rungs = Vec::with_capacity(types.len());
-            let mut norm2 = None;
-            for ty in types {
-                let bytes = round(t, ty, w, Some(stats), opts)?;
-                let q = quant::dequantize(ty, &bytes, n as usize, &t.name)?;
-                let d: Vec<f32> = q.iter().zip(w).map(|(a, b)| a - b).collect();
-                // ‖WX‖² once per tensor; each rung's error streams alone.
-                let norms = match norm2 {
-                    None => output_norms2(stats, &t.name, &[w, &d])?,
-                    Some(wn) => vec![wn, output_norms2(stats, &t.name, &[&d])?[0]],
-                };
-                norm2 = Some(norms[0]);
-                keep(&t.name, ty, &bytes, [norms[0], norms[1]]).map_err(|source| {
-                    ConvertError::Io {
-                        path: PathBuf::from(&t.name),
-                        source,
+    // In file order, a few at a time as a conversion goes: statistics made
+    // a layer at a time ([`crate::calib::LayerFeed`]) hold one or two
+    // layers, and a tensor far ahead would make them start again.
+    let batch = rayon::current_num_threads().max(1) * 2;
+    let mut ladders = Vec::with_capacity(todo.len());
+    for chunk in todo.chunks(batch) {
+        ladders.extend(
+            chunk
+                .par_iter()
+                .map(|&(t, policy_type)| {
+                    let n: u64 = t.dims.iter().product();
+                    let merged = merged_values(t, &base, adapter.as_ref())?;
+                    let stats = stats_of(t, opts)?.expect("filtered to covered tensors");
+                    let size = |ty: GgmlType| ty.bytes_for(n).unwrap_or(u64::MAX);
+                    let mut types = vec![policy_type];
+                    types.extend(ladder.iter().copied().filter(|&ty| {
+                        size(ty) > size(policy_type) && (t.dims[0] % ty.block_size()) == 0
+                    }));
+                    types.sort_by_key(|&ty| size(ty));
+                    types.dedup();
+                    let w = &merged.values;
+                    let mut rungs = Vec::with_capacity(types.len());
+                    let mut norm2 = None;
+                    for ty in types {
+                        let bytes = round(t, ty, w, Some(stats), opts)?;
+                        let q = quant::dequantize(ty, &bytes, n as usize, &t.name)?;
+                        let d: Vec<f32> = q.iter().zip(w).map(|(a, b)| a - b).collect();
+                        // ‖WX‖² once per tensor; each rung's error streams alone.
+                        let norms = match norm2 {
+                            None => output_norms2(stats, &t.name, &[w, &d])?,
+                            Some(wn) => vec![wn, output_norms2(stats, &t.name, &[&d])?[0]],
+                        };
+                        norm2 = Some(norms[0]);
+                        keep(&t.name, ty, &bytes, [norms[0], norms[1]]).map_err(|source| {
+                            ConvertError::Io {
+                                path: PathBuf::from(&t.name),
+                                source,
+                            }
+                        })?;
+                        rungs.push(Rung {
+                            ggml_type: ty,
+                            bytes: bytes.len() as u64,
+                            error2: relative2(norms[1], norms[0]),
+                        });
                     }
-                })?;
-                rungs.push(Rung {
-                    ggml_type: ty,
-                    bytes: bytes.len() as u64,
-                    error2: relative2(norms[1], norms[0]),
-                });
-            }
-            stats.reader_done();
-            Ok(TensorLadder {
-                tensor: t.name.clone(),
-                rungs,
-            })
-        })
-        .collect()
+                    stats.reader_done();
+                    Ok(TensorLadder {
+                        tensor: t.name.clone(),
+                        rungs,
+                    })
+                })
+                .collect::<Result<Vec<_>, ConvertError>>()?,
+        );
+    }
+    Ok(ladders)
 }

@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -35,6 +35,18 @@ const WAIT_SPINS: u32 = 1 << 8;
 /// Chunks per thread: enough that a thread that falls behind leaves little
 /// for the others to wait on, few enough that claiming stays a small cost.
 const CHUNKS_PER_THREAD: usize = 8;
+
+/// Jobs over which the pool counts those its workers came late to.
+const LATE_WINDOW: u32 = 64;
+
+/// Late jobs in a window that make the caller run the next jobs alone: the
+/// workers then cost more (waking, waiting for a descheduled one) than they
+/// bring, as on a 2-core machine shared with a busy process.
+const LATE_LIMIT: u32 = LATE_WINDOW / 2;
+
+/// Jobs the caller then runs alone before it tries the workers again (a few
+/// decode steps of a small model).
+const SOLO_JOBS: u32 = 512;
 
 /// A job: called with a chunk of the range and the index of the thread
 /// running it (0 is the caller), which picks the thread's own scratch.
@@ -125,6 +137,52 @@ struct Shared {
 pub struct WorkerPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    pace: Pace,
+}
+
+/// How the workers have kept up lately, seen by the caller only (atomics
+/// keep the pool `Sync`; relaxed, since one thread reads and writes them).
+#[derive(Default)]
+struct Pace {
+    /// Jobs run with the workers in the current window.
+    jobs: AtomicU32,
+    /// Of those, jobs the workers came late to: the caller waited for them
+    /// longer than it worked, or ran every chunk itself.
+    late: AtomicU32,
+    /// Jobs left for the caller to run alone.
+    solo_left: AtomicU32,
+    /// Jobs run alone so far.
+    solo_total: AtomicU64,
+}
+
+impl Pace {
+    /// Take a job alone instead of with the workers?
+    fn solo(&self) -> bool {
+        let left = self.solo_left.load(Ordering::Relaxed);
+        if left == 0 {
+            return false;
+        }
+        self.solo_left.store(left - 1, Ordering::Relaxed);
+        self.solo_total.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Count a job run with the workers; a window with too many late ones
+    /// sends the next [`SOLO_JOBS`] to the caller alone.
+    fn record(&self, late: bool) {
+        let jobs = self.jobs.load(Ordering::Relaxed) + 1;
+        let lates = self.late.load(Ordering::Relaxed) + late as u32;
+        if jobs < LATE_WINDOW {
+            self.jobs.store(jobs, Ordering::Relaxed);
+            self.late.store(lates, Ordering::Relaxed);
+            return;
+        }
+        self.jobs.store(0, Ordering::Relaxed);
+        self.late.store(0, Ordering::Relaxed);
+        if lates >= LATE_LIMIT {
+            self.solo_left.store(SOLO_JOBS, Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -162,7 +220,16 @@ impl WorkerPool {
                     .expect("spawning a worker thread")
             })
             .collect();
-        WorkerPool { shared, workers }
+        WorkerPool {
+            shared,
+            workers,
+            pace: Pace::default(),
+        }
+    }
+
+    /// Jobs the caller ran alone because the workers kept coming late.
+    pub fn solo_jobs(&self) -> u64 {
+        self.pace.solo_total.load(Ordering::Relaxed)
     }
 
     /// Threads that run each job, the caller included.
@@ -181,7 +248,7 @@ impl WorkerPool {
         // than the caller can bear.
         let per = units.div_ceil(n * CHUNKS_PER_THREAD).max(1);
         let chunks = units.div_ceil(per);
-        if chunks <= 1 || n == 1 {
+        if chunks <= 1 || n == 1 || self.pace.solo() {
             if len > 0 {
                 job(0..len, 0);
             }
@@ -210,9 +277,13 @@ impl WorkerPool {
             let _lock = shared.lock.lock().unwrap_or_else(|p| p.into_inner());
             shared.wake.notify_all();
         }
+        let start = std::time::Instant::now();
         let (mine, panic) = task.claim(&shared.next, 0);
+        let worked = start.elapsed();
         // Every chunk is claimed; wait for those still running elsewhere.
         wait(|| shared.done.load(Ordering::Acquire) + mine == chunks);
+        self.pace
+            .record(mine == chunks || start.elapsed() > worked * 2);
         // SeqCst on both sides: either a worker's registration is seen here,
         // or that worker sees the null.
         shared.task.store(std::ptr::null_mut(), Ordering::SeqCst);
@@ -477,6 +548,34 @@ mod tests {
         });
     }
 
+    /// A worker that never comes sends the jobs to the caller alone, a
+    /// window of late jobs at a time, and the workers are tried again after
+    /// each run of solo jobs.
+    #[test]
+    fn the_caller_runs_alone_while_its_workers_come_late() {
+        watchdog(|| {
+            let pool = WorkerPool::new(2);
+            pool.shared.gate.hold(1);
+            let jobs = 1000u32;
+            for j in 0..jobs {
+                pool.run_chunks(1000, 16, &|_, thread| assert_eq!(thread, 0));
+                if j == 0 {
+                    pool.shared.gate.arrived();
+                }
+            }
+            // Windows of LATE_WINDOW late jobs, each followed by SOLO_JOBS alone.
+            let (mut solo, mut at) = (0, 0);
+            while at < jobs {
+                at += LATE_WINDOW;
+                let run = SOLO_JOBS.min(jobs.saturating_sub(at));
+                solo += run;
+                at += run;
+            }
+            assert_eq!(pool.solo_jobs(), solo as u64);
+            pool.shared.gate.open();
+        });
+    }
+
     /// One worker never gets to run during many jobs (a descheduled thread
     /// on a busy machine): the others finish every job without it, and
     /// when it comes back it does not touch the jobs that are gone. A pool
@@ -508,6 +607,9 @@ mod tests {
                 assert_eq!(held[1], 0, "the held worker ran chunks: {held:?}");
                 // Let it go; it must find no job (or a live one) and rejoin.
                 pool.shared.gate.open();
+                // The caller went solo meanwhile (it ran every chunk): this
+                // job needs the workers.
+                pool.pace.solo_left.store(0, Ordering::Relaxed);
                 // The other threads each hold one chunk until worker 1 has
                 // run one, so it gets this job whoever is faster.
                 let after = AtomicBool::new(false);
