@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
 use lorafold_runtime::gguf::GgmlType;
-use lorafold_runtime::measure::{drift, DriftReport};
+use lorafold_runtime::measure::{
+    check_vocabulary, drift_from_logits, layered_logits, mean_nll, DriftReport,
+};
 use lorafold_runtime::model::Model;
 use lorafold_runtime::number::compact;
 
@@ -244,12 +246,7 @@ pub fn convert_within(
         progress,
         dir: dir.path(),
         ladders,
-        reference: load_model(&budget.reference)?,
-        base: budget
-            .base_reference
-            .as_deref()
-            .map(load_model)
-            .transpose()?,
+        reference: References::measure(budget)?,
         rounded: RoundedTensors(Arc::new(move |name: &str, ty: GgmlType| {
             cache.get(name, ty)
         })),
@@ -322,6 +319,49 @@ fn load_model(p: &Path) -> Result<Model, ConvertError> {
     })
 }
 
+/// What the rounds are measured against, run once: the f32 reference's
+/// logits over the text and the f32 base's mean NLL, each model run a layer
+/// at a time ([`layered_logits`]), so that a reference larger than memory
+/// (7B in f32: 30 GB) is read once, not once per window and round.
+struct References {
+    /// The f32 merged model (its vocabulary is checked against each round's).
+    model: Model,
+    /// Its logits, `[t, vocab]` per window.
+    logits: Vec<Vec<f32>>,
+    /// The f32 base's mean NLL over the text, for the gain retained.
+    base_nll: Option<f64>,
+}
+
+impl References {
+    fn measure(budget: &DriftBudget) -> Result<References, ConvertError> {
+        let logits_of = |m: &Model, path: &Path| {
+            layered_logits(m, &budget.windows).map_err(|e| ConvertError::Measure {
+                path: path.to_path_buf(),
+                problem: e.to_string(),
+            })
+        };
+        let model = load_model(&budget.reference)?;
+        let logits = logits_of(&model, &budget.reference)?;
+        let base_nll = match budget.base_reference.as_deref() {
+            Some(p) => {
+                let base = load_model(p)?;
+                check_vocabulary(&model, &base).map_err(|e| ConvertError::Measure {
+                    path: p.to_path_buf(),
+                    problem: e.to_string(),
+                })?;
+                let l = logits_of(&base, p)?;
+                Some(mean_nll(&l, &budget.windows, base.config.vocab))
+            }
+            None => None,
+        };
+        Ok(References {
+            model,
+            logits,
+            base_nll,
+        })
+    }
+}
+
 /// What every round shares: the request, the predicted ladders, the models measured against.
 struct Rounds<'a> {
     opts: &'a ConvertOptions,
@@ -330,8 +370,7 @@ struct Rounds<'a> {
     /// The work folder the rounds write in.
     dir: &'a Path,
     ladders: Vec<TensorLadder>,
-    reference: Model,
-    base: Option<Model>,
+    reference: References,
     rounded: RoundedTensors,
 }
 
@@ -363,16 +402,18 @@ impl Rounds<'_> {
             self.progress,
         )?;
         let model = load_model(&path)?;
-        let measured = drift(
-            &self.reference,
+        let measure = |problem: String| ConvertError::Measure {
+            path: path.clone(),
+            problem: format!("measuring drift: {problem}"),
+        };
+        check_vocabulary(&self.reference.model, &model).map_err(|e| measure(e.to_string()))?;
+        let measured = drift_from_logits(
+            &self.reference.logits,
             &[&model],
-            self.base.as_ref(),
+            self.reference.base_nll,
             &self.budget.windows,
         )
-        .map_err(|e| ConvertError::Measure {
-            path: path.clone(),
-            problem: format!("measuring drift: {e}"),
-        })?
+        .map_err(|e| measure(e.to_string()))?
         .remove(0);
         drop(model);
         Ok(Candidate {

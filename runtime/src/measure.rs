@@ -118,45 +118,131 @@ pub fn drift(
     for m in candidates.iter().copied().chain(base) {
         check_vocabulary(reference, m)?;
     }
+    let base_nll = base.map(|b| base_nll(b, windows)).transpose()?;
+    drift_by(
+        &mut |w: &[u32], _| window_logits(reference, w, windows),
+        candidates,
+        base_nll,
+        windows,
+    )
+}
+
+/// [`drift`] from the reference's logits of each window (`[t, vocab]`,
+/// from [`layered_logits`]) and the base's mean NLL over them.
+pub fn drift_from_logits(
+    reference: &[Vec<f32>],
+    candidates: &[&Model],
+    base_nll: Option<f64>,
+    windows: &[Vec<u32>],
+) -> Result<Vec<DriftReport>, DriftError> {
+    drift_by(
+        &mut |_, i| Ok(reference[i].clone()),
+        candidates,
+        base_nll,
+        windows,
+    )
+}
+
+/// Every candidate's drift from the reference logits `reference(window, i)`.
+fn drift_by(
+    reference: &mut dyn FnMut(&[u32], usize) -> Result<Vec<f32>, RuntimeError>,
+    candidates: &[&Model],
+    base_nll: Option<f64>,
+    windows: &[Vec<u32>],
+) -> Result<Vec<DriftReport>, DriftError> {
     let mut accs = vec![DriftAccumulator::default(); candidates.len()];
-    let (mut base_nll, mut base_n) = (0f64, 0usize);
-    let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
-    for w in windows {
-        let all = |m: &Model| -> Result<Vec<Vec<f32>>, RuntimeError> {
-            let mut s = m.session_with(SessionOptions {
-                kv: KvType::F32,
-                ..SessionOptions::new(ctx)
-            })?;
-            let l = s.logits(w, true)?;
-            Ok(l.chunks_exact(m.config.vocab)
-                .map(<[f32]>::to_vec)
-                .collect())
-        };
-        let r = all(reference)?;
+    for (wi, w) in windows.iter().enumerate() {
+        let r = reference(w, wi)?;
         for (m, acc) in candidates.iter().zip(accs.iter_mut()) {
-            let c = all(m)?;
+            let c = window_logits(m, w, windows)?;
+            let vocab = m.config.vocab;
             for i in 0..w.len() {
-                acc.add(&r[i], &c[i], w.get(i + 1).copied());
-            }
-        }
-        if let Some(b) = base {
-            for (i, row) in all(b)?.iter().enumerate().take(w.len() - 1) {
-                base_nll -= log_softmax(row)[w[i + 1] as usize];
-                base_n += 1;
+                let row = |l: &[f32]| l[i * vocab..(i + 1) * vocab].to_vec();
+                acc.add(&row(&r), &row(&c), w.get(i + 1).copied());
             }
         }
     }
     Ok(accs
         .iter()
-        .map(|acc| {
-            let d = acc.report();
-            if base_n > 0 {
-                d.with_base(base_nll / base_n as f64)
-            } else {
-                d
-            }
+        .map(|acc| match base_nll {
+            Some(nll) => acc.report().with_base(nll),
+            None => acc.report(),
         })
         .collect())
+}
+
+/// `m`'s logits of every position of window `w` (`[t, vocab]`), from an
+/// empty f32 cache as long as the longest of `windows`.
+fn window_logits(m: &Model, w: &[u32], windows: &[Vec<u32>]) -> Result<Vec<f32>, RuntimeError> {
+    let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
+    let mut s = m.session_with(SessionOptions {
+        kv: KvType::F32,
+        ..SessionOptions::new(ctx)
+    })?;
+    Ok(s.logits(w, true)?.to_vec())
+}
+
+/// The mean NLL of each window's next tokens under `base`.
+pub fn base_nll(base: &Model, windows: &[Vec<u32>]) -> Result<f64, RuntimeError> {
+    let (mut nll, mut n) = (0f64, 0usize);
+    for w in windows {
+        let (s, c) = window_nll(&window_logits(base, w, windows)?, w, base.config.vocab);
+        (nll, n) = (nll + s, n + c);
+    }
+    Ok(nll / n.max(1) as f64)
+}
+
+/// The mean NLL of each window's next tokens under its logits (`[t, vocab]` per window).
+pub fn mean_nll(logits: &[Vec<f32>], windows: &[Vec<u32>], vocab: usize) -> f64 {
+    let (mut nll, mut n) = (0f64, 0usize);
+    for (l, w) in logits.iter().zip(windows) {
+        let (s, c) = window_nll(l, w, vocab);
+        (nll, n) = (nll + s, n + c);
+    }
+    nll / n.max(1) as f64
+}
+
+/// The summed NLL of window `w`'s next tokens under its logits, and how many.
+fn window_nll(logits: &[f32], w: &[u32], vocab: usize) -> (f64, usize) {
+    let rows = logits.chunks_exact(vocab).take(w.len().saturating_sub(1));
+    let nll: f64 = rows
+        .enumerate()
+        .map(|(i, row)| -log_softmax(row)[w[i + 1] as usize])
+        .sum();
+    (nll, w.len().saturating_sub(1))
+}
+
+/// Every window's logits (`[t, vocab]` each) from `model` run a layer at a
+/// time: all windows through block 0, then block 1, ..., each layer's
+/// weights read once and given back ([`Model::release_layer`]). For a model
+/// larger than memory (a 7B f32 reference is 30 GB), where a window at a
+/// time would read the whole file again for every window.
+pub fn layered_logits(model: &Model, windows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    let ctx = windows.iter().map(Vec::len).max().unwrap_or(1);
+    let mut s = model.session_with(SessionOptions {
+        kv: KvType::F32,
+        ..SessionOptions::new(ctx)
+    })?;
+    let mut hidden = windows
+        .iter()
+        .map(|w| {
+            let mut x = Vec::new();
+            s.embed_rows(w, &mut x).map(|()| x)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for layer in 0..model.config.n_layers {
+        for x in hidden.iter_mut() {
+            s.block_rows(layer, x, None)?;
+        }
+        model.release_layer(layer);
+    }
+    hidden
+        .iter()
+        .map(|x| {
+            let mut l = Vec::new();
+            s.head_rows(x, &mut l).map(|()| l)
+        })
+        .collect()
 }
 
 /// Log-softmax of one row of logits, in f64.

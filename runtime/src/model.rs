@@ -1039,6 +1039,16 @@ impl<'m> Session<'m> {
         })
     }
 
+    /// The logits (`[t, vocab]` into `out`) of a window's hidden rows `x`
+    /// leaving the last block ([`Session::block_rows`]); they must be finite.
+    pub fn head_rows(&mut self, x: &[f32], out: &mut Vec<f32>) -> Result<(), RuntimeError> {
+        let m = self.model;
+        self.engine("running a layer at a time")?
+            .head_rows(x, &m.scales, out)
+            .map_err(|e| m.problem(e.to_string()))?;
+        check_finite(out).map_err(|p| m.problem(format!("the logits are not finite ({p})")))
+    }
+
     /// [`Session::logits`] as a `[n, vocab]` tensor on the CPU.
     pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Tensor, RuntimeError> {
         let vocab = self.model.config.vocab;

@@ -253,17 +253,10 @@ fn bad_models_and_adapters_are_clear_errors() {
     assert!(e.contains("tiny.gguf: tensor 'blk.0.attn_k.weight.lora_a': lora_a [96, 8] / lora_b [8, 32] do not fit 'blk.0.attn_k.weight' (576 -> 192; an adapter for another model?)"), "{e}");
 }
 
-/// Statistics made a layer at a time (every window through block 0, then
-/// block 1, ...; what a 7B conversion's calibration does) equal those
-/// collected a window at a time to the bit, for windows longer than a
-/// prefill chunk too, and layers asked for out of order are made again from
-/// the embeddings once dropped.
-#[test]
-fn statistics_made_a_layer_at_a_time_equal_those_collected_whole() {
-    use lorafold_converter::calib::{CalibStats, LayerStep};
-    use lorafold_runtime::cpu::LinearInput;
-    use std::sync::{Arc, Mutex};
-    // A small synthetic llama: the arithmetic is the engine's either way.
+/// A small synthetic llama (the arithmetic is the engine's at any size) and
+/// windows of token ids, the last past one prefill chunk (512 rows), so its
+/// blocks run in two.
+fn tiny_model_and_windows() -> (tempfile::TempDir, Model, Vec<Vec<u32>>) {
     let shape = common::synthetic::Shape {
         dim: 64,
         ffn: 160,
@@ -276,13 +269,51 @@ fn statistics_made_a_layer_at_a_time_equal_those_collected_whole() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     common::synthetic::write_f32(&path, shape, 22);
-    let merged = Model::load(&path, &Device::Cpu).unwrap();
+    let model = Model::load(&path, &Device::Cpu).unwrap();
     let mut rng = common::Rng::new(7);
-    // The last is past one prefill chunk (512 rows): its blocks run in two.
-    let windows: Vec<Vec<u32>> = [17, 40, 3, 530]
+    let windows = [17, 40, 3, 530]
         .iter()
         .map(|&n| (0..n).map(|_| rng.below(300) as u32).collect())
         .collect();
+    (dir, model, windows)
+}
+
+/// A model run a layer at a time over all windows (what a drift budget
+/// does with a 30 GB f32 reference) gives every window's logits to the bit
+/// of a window at a time.
+#[test]
+fn logits_made_a_layer_at_a_time_equal_a_window_at_a_time() {
+    let (_dir, model, windows) = tiny_model_and_windows();
+    let layered = lorafold_runtime::measure::layered_logits(&model, &windows).unwrap();
+    // A session as long as the longest window, as the layered run's: the
+    // context sets the prefill chunk.
+    let ctx = windows.iter().map(Vec::len).max().unwrap();
+    for (w, l) in windows.iter().zip(&layered) {
+        let mut s = model
+            .session_with(SessionOptions {
+                kv: KvType::F32,
+                ..SessionOptions::new(ctx)
+            })
+            .unwrap();
+        assert!(
+            s.logits(w, true).unwrap() == l.as_slice(),
+            "a window of {}",
+            w.len()
+        );
+    }
+}
+
+/// Statistics made a layer at a time (every window through block 0, then
+/// block 1, ...; what a 7B conversion's calibration does) equal those
+/// collected a window at a time to the bit, for windows longer than a
+/// prefill chunk too, and layers asked for out of order are made again from
+/// the embeddings once dropped.
+#[test]
+fn statistics_made_a_layer_at_a_time_equal_those_collected_whole() {
+    use lorafold_converter::calib::{CalibStats, LayerStep};
+    use lorafold_runtime::cpu::LinearInput;
+    use std::sync::{Arc, Mutex};
+    let (_dir, merged, windows) = tiny_model_and_windows();
     let whole = CalibStats::collect(&merged, &windows).unwrap();
     let steps: Arc<Mutex<Vec<(usize, bool)>>> = Arc::default();
     let log = Arc::clone(&steps);

@@ -430,9 +430,14 @@ impl<'m> CpuSession<'m> {
             self.block(layer, ids.len(), scales, observer.as_deref_mut());
         }
         let Some(at) = head_at else { return };
+        let t = ids.len();
+        self.head(if all { 0 } else { t - 1 }, t, at, scales);
+    }
+
+    /// The logits of hidden rows `first..t` of `s.x`, into `s.logits` from row `at`.
+    fn head(&mut self, first: usize, t: usize, at: usize, scales: &[Option<f64>]) {
         let (w, cfg) = (self.w, self.cfg);
-        let (t, dim) = (ids.len(), cfg.dim);
-        let first = if all { 0 } else { t - 1 };
+        let dim = cfg.dim;
         let rows = t - first;
         for (j, i) in (first..t).enumerate() {
             ops::rms_norm(
@@ -445,6 +450,30 @@ impl<'m> CpuSession<'m> {
         let vocab = cfg.vocab;
         let out = self.s.logits[at * vocab..(at + rows) * vocab].as_mut_ptr();
         self.matmuls(&[(w.head(), out)], Input::H, rows, dim, scales);
+    }
+
+    /// The logits (`[t, vocab]`, into `out`) of a window's hidden rows `x`
+    /// (`[t, dim]`) leaving the last block: the end of a run a layer at a
+    /// time ([`CpuSession::block_rows`]).
+    pub fn head_rows(
+        &mut self,
+        x: &[f32],
+        scales: &[Option<f64>],
+        out: &mut Vec<f32>,
+    ) -> Result<(), StepError> {
+        let (dim, vocab) = (self.cfg.dim, self.cfg.vocab);
+        self.check_window(x.len() / dim)?;
+        if self.s.logits.len() < self.batch * vocab {
+            self.s.logits.resize(self.batch * vocab, 0.0);
+        }
+        out.clear();
+        for chunk in x.chunks(self.batch * dim) {
+            let n = chunk.len() / dim;
+            self.s.x[..chunk.len()].copy_from_slice(chunk);
+            self.head(0, n, 0, scales);
+            out.extend_from_slice(&self.s.logits[..n * vocab]);
+        }
+        Ok(())
     }
 
     /// The hidden rows of `ids` (at most `batch`) entering the first block, into `s.x`.
