@@ -99,8 +99,8 @@ class ConvertReport:
     tensors: List[TensorRow]
     totals: Totals
     notes: List[str]
-    budget: Optional[Dict[str, Any]]
-    compensation: Optional[Dict[str, Any]]
+    budget: Optional[Dict[str, Any]] = field(default=None, metadata={"skip_none": True})
+    compensation: Optional[Dict[str, Any]] = field(default=None, metadata={"skip_none": True})
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
