@@ -115,26 +115,25 @@ def convert(
         step = progress
     native = None if step is None else (lambda d, t, n, b: step(ProgressStep(d, t, n, b)))
     fs = lambda p: None if p is None else os.fspath(p)  # noqa: E731
-    text = _lorafold.convert(
-        os.fspath(base),
-        fs(adapter),
-        quant,
-        os.fspath(out),
-        emits,
-        fs(calib_text),
-        rounding,
-        budget_kl,
-        min_gain,
-        compensate,
-        list(tensor_type),
-        adapter_type,
-        max_rel_error,
-        min_retention,
-        force,
-        threads,
-        fs(report),
-        native,
+    request = dict(
+        base=os.fspath(base),
+        adapter=fs(adapter),
+        quant=quant,
+        out=os.fspath(out),
+        emit=emits,
+        calib_text=fs(calib_text),
+        rounding=rounding,
+        budget_kl=budget_kl,
+        min_gain=min_gain,
+        compensate=compensate,
+        tensor_type=list(tensor_type),
+        adapter_type=adapter_type,
+        max_rel_error=max_rel_error,
+        min_retention=min_retention,
+        force=force,
+        report=fs(report),
     )
+    text = _lorafold.convert(request, threads, native)
     return ConvertReport.from_dict(json.loads(text))
 
 

@@ -3,7 +3,7 @@
 import os
 import pathlib
 from types import TracebackType
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -106,23 +106,8 @@ class Model:
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
 def convert(
-    base: str,
-    adapter: Optional[str],
-    quant: str,
-    out: str,
-    emit: List[str],
-    calib_text: Optional[str],
-    rounding: Optional[str],
-    budget_kl: Optional[float],
-    min_gain: Optional[float],
-    compensate: Optional[int],
-    tensor_type: List[str],
-    adapter_type: str,
-    max_rel_error: Optional[float],
-    min_retention: Optional[float],
-    force: bool,
+    request: Dict[str, Any],
     threads: Optional[int],
-    report: Optional[str],
     progress: Optional[Callable[[int, int, str, int], object]],
 ) -> str: ...
 def drift(

@@ -26,7 +26,10 @@ use pyo3::prelude::*;
 
 use crate::errors::{guarded, Failure, Fallible, Kind, Raise};
 
-/// What `lorafold.convert` was asked, as the Python wrapper passes it.
+/// What `lorafold.convert` was asked: the Python wrapper's arguments, as a
+/// dict keyed by their names.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
 struct Request {
     base: PathBuf,
     adapter: Option<PathBuf>,
@@ -331,51 +334,16 @@ fn cancellable<T: Send>(
 }
 
 /// The native half of `lorafold.convert` (the Python wrapper documents the
-/// arguments): the report as the CLI's JSON.
+/// arguments, given here as a dict): the report as the CLI's JSON.
 #[pyfunction]
-#[pyo3(signature = (base, adapter, quant, out, emit, calib_text, rounding, budget_kl, min_gain,
-    compensate, tensor_type, adapter_type, max_rel_error, min_retention, force, threads, report,
-    progress))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (request, threads, progress))]
 pub fn convert(
     py: Python<'_>,
-    base: PathBuf,
-    adapter: Option<PathBuf>,
-    quant: String,
-    out: PathBuf,
-    emit: Vec<String>,
-    calib_text: Option<PathBuf>,
-    rounding: Option<String>,
-    budget_kl: Option<f64>,
-    min_gain: Option<f64>,
-    compensate: Option<usize>,
-    tensor_type: Vec<String>,
-    adapter_type: String,
-    max_rel_error: Option<f64>,
-    min_retention: Option<f64>,
-    force: bool,
+    request: Request,
     threads: Option<usize>,
-    report: Option<PathBuf>,
     progress: Option<Bound<'_, PyAny>>,
 ) -> PyResult<String> {
-    let r = Request {
-        base,
-        adapter,
-        quant,
-        out,
-        emit,
-        calib_text,
-        rounding,
-        budget_kl,
-        min_gain,
-        compensate,
-        tensor_type,
-        adapter_type,
-        max_rel_error,
-        min_retention,
-        force,
-        report,
-    };
+    let r = request;
     let cancel = Arc::new(AtomicBool::new(false));
     let (plan, pool, opts) = py
         .detach(|| {

@@ -201,13 +201,7 @@ impl PyModel {
         chat: bool,
     ) -> PyResult<PyGeneration> {
         let session = Py::new(py, self.session(py, None, None)?)?;
-        let sampling = SamplerConfig {
-            temperature,
-            top_k,
-            top_p,
-            repeat_penalty,
-            seed,
-        };
+        let sampling = sampling(temperature, top_k, top_p, repeat_penalty, seed);
         PyGeneration::start(py, session, prompt, max_tokens, sampling, stop, chat, true)
     }
 
@@ -253,6 +247,23 @@ impl PyModel {
                 )),
             }
         })
+    }
+}
+
+/// The sampling options both `generate`s take.
+fn sampling(
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    repeat_penalty: f32,
+    seed: u64,
+) -> SamplerConfig {
+    SamplerConfig {
+        temperature,
+        top_k,
+        top_p,
+        repeat_penalty,
+        seed,
     }
 }
 
@@ -477,13 +488,7 @@ impl PySession {
         stop: Option<Vec<String>>,
         chat: bool,
     ) -> PyResult<PyGeneration> {
-        let sampling = SamplerConfig {
-            temperature,
-            top_k,
-            top_p,
-            repeat_penalty,
-            seed,
-        };
+        let sampling = sampling(temperature, top_k, top_p, repeat_penalty, seed);
         let py = slf.py();
         PyGeneration::start(
             py,

@@ -116,7 +116,8 @@ def test_other_threads_run_while_it_converts(smollm2, tmp_path):
     t.start()
     try:
         before = laps[0]
-        lorafold.convert(smollm2, PIRATE, quant="q8_0", out=tmp_path / "m.gguf")
+        # With a tqdm bar (progress=True) on the way.
+        lorafold.convert(smollm2, PIRATE, quant="q8_0", out=tmp_path / "m.gguf", progress=True)
         during = laps[0] - before
     finally:
         stop.set()
