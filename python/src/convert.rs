@@ -30,7 +30,7 @@ use crate::errors::{guarded, Failure, Fallible, Kind, Raise};
 /// dict keyed by their names.
 #[derive(FromPyObject)]
 #[pyo3(from_item_all)]
-struct Request {
+pub(crate) struct Request {
     base: PathBuf,
     adapter: Option<PathBuf>,
     quant: String,
@@ -337,7 +337,7 @@ fn cancellable<T: Send>(
 /// arguments, given here as a dict): the report as the CLI's JSON.
 #[pyfunction]
 #[pyo3(signature = (request, threads, progress))]
-pub fn convert(
+pub(crate) fn convert(
     py: Python<'_>,
     request: Request,
     threads: Option<usize>,

@@ -410,7 +410,13 @@ impl PySession {
 
     /// Forget the conversation (the cache is kept for reuse).
     fn reset(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.with(|c| Ok(c.session.reset()))).raise(py)
+        py.detach(|| {
+            self.with(|c| {
+                c.session.reset();
+                Ok(())
+            })
+        })
+        .raise(py)
     }
 
     /// Free the KV cache and release the model (attaching adapters needs it
