@@ -44,8 +44,6 @@ fn parse_kv(kv: &str) -> Fallible<KvType> {
 /// A GGUF model on the CPU, weights memory-mapped; adapters attach to it
 /// by slot without reloading it.
 ///
-/// Model(path, threads=None, ctx=None, kv="f16")
-///
 /// threads: CPU threads of its sessions (default: all cores); ctx: the
 /// context of its sessions (default: 2048, or the model's context length
 /// if smaller); kv: the KV cache type, "f16" (as llama.cpp) or "f32".
@@ -287,10 +285,8 @@ fn check_ids(tokens: &[u32], vocab: usize) -> Fallible<()> {
     }
 }
 
-/// A GGUF LoRA adapter (llama.cpp's layout, as `convert(..., emit="separate")`
+/// A GGUF LoRA adapter (llama.cpp's layout, as `convert(..., emit="adapter")`
 /// writes it), loaded once and attachable to any model it fits.
-///
-/// Adapter(path)
 #[pyclass(module = "lorafold", name = "Adapter", frozen)]
 pub struct PyAdapter {
     inner: LoraAdapter,
