@@ -341,58 +341,155 @@ pub fn generate_with(
     stop: &[String],
     on_token: &mut dyn FnMut(&str, usize) -> bool,
 ) -> Result<(Vec<u32>, GenerationStats), RuntimeError> {
-    let start = Instant::now();
-    let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
-    };
-    let mut history = prompt.to_vec();
-    let mut out = Vec::new();
-    let mut text = String::new();
-    // One buffer for every step: the sampler edits the logits in place.
-    let mut logits = session.logits(prompt, false)?.to_vec();
-    stats.prefill = start.elapsed();
-    let decode_start = Instant::now();
-    while out.len() < max_new {
-        let next = sampler.sample(&mut logits, &history);
-        if out.is_empty() {
-            stats.time_to_first_token = start.elapsed();
-        }
-        if tokenizer.stop_ids.contains(&next) {
+    let mut g = Generation::new(prompt, max_new, stop);
+    while let Some(piece) = g.next_piece(session, tokenizer, sampler)? {
+        if !on_token(&piece, session.position()) {
+            g.stats.stopped = true;
             break;
         }
-        out.push(next);
-        history.push(next);
-        // Decode the whole tail so multi-byte characters come out whole.
-        let full = tokenizer.decode(&out).unwrap_or_default();
-        if full.len() > text.len() && full.is_char_boundary(text.len()) {
-            let go_on = on_token(&full[text.len()..], session.position());
-            text = full;
-            if !go_on {
-                stats.stopped = true;
-                break;
+    }
+    Ok(g.finish())
+}
+
+/// One generation pulled a piece at a time (what a host's iterator, such
+/// as Python's, drives; [`generate_with`] pushes the same pieces to a
+/// callback): prefill at the first pull, then a token per step.
+#[derive(Debug)]
+pub struct Generation {
+    history: Vec<u32>,
+    prompt_len: usize,
+    out: Vec<u32>,
+    text: String,
+    logits: Vec<f32>,
+    max_new: usize,
+    stop: Vec<String>,
+    /// The last token is sampled but not yet run (it is run at the next
+    /// pull, so a generation left early costs no step it did not need).
+    pending: Option<u32>,
+    done: bool,
+    start: Option<Instant>,
+    decode_start: Option<Instant>,
+    /// Timings and counts so far.
+    pub stats: GenerationStats,
+}
+
+impl Generation {
+    /// A generation of up to `max_new` tokens after `prompt`, ending at
+    /// end-of-turn ids or when the text ends with one of `stop`.
+    pub fn new(prompt: &[u32], max_new: usize, stop: &[String]) -> Generation {
+        Generation {
+            history: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            out: Vec::new(),
+            text: String::new(),
+            logits: Vec::new(),
+            max_new,
+            stop: stop.to_vec(),
+            pending: None,
+            done: false,
+            start: None,
+            decode_start: None,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The ids generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.out
+    }
+
+    /// The next piece of text (whole characters), or None at the end.
+    pub fn next_piece(
+        &mut self,
+        session: &mut Session<'_>,
+        tokenizer: &Tokenizer,
+        sampler: &mut Sampler,
+    ) -> Result<Option<String>, RuntimeError> {
+        let result = self.step(session, tokenizer, sampler);
+        if !matches!(result, Ok(Some(_))) {
+            self.done = true;
+        }
+        self.stats.generated = self.out.len();
+        if let Some(d) = self.decode_start {
+            self.stats.decode = d.elapsed();
+        }
+        result
+    }
+
+    fn step(
+        &mut self,
+        session: &mut Session<'_>,
+        tokenizer: &Tokenizer,
+        sampler: &mut Sampler,
+    ) -> Result<Option<String>, RuntimeError> {
+        if self.done {
+            return Ok(None);
+        }
+        if self.start.is_none() {
+            let start = Instant::now();
+            self.start = Some(start);
+            // One buffer for every step: the sampler edits the logits in place.
+            self.logits = session
+                .logits(&self.history[..self.prompt_len], false)?
+                .to_vec();
+            self.stats.prefill = start.elapsed();
+            self.decode_start = Some(Instant::now());
+        }
+        loop {
+            if let Some(next) = self.pending.take() {
+                // A full cache is the end of this generation, not an error:
+                // the caller says so and the tokens so far stand.
+                if session.position() >= session.max_tokens() {
+                    self.stats.context_full = true;
+                    return Ok(None);
+                }
+                let fresh = session.logits(&[next], false)?;
+                self.logits.clear();
+                self.logits.extend_from_slice(fresh);
+            }
+            if self.out.len() >= self.max_new {
+                return Ok(None);
+            }
+            let next = sampler.sample(&mut self.logits, &self.history);
+            if self.out.is_empty() {
+                self.stats.time_to_first_token =
+                    self.start.map(|s| s.elapsed()).unwrap_or_default();
+            }
+            if tokenizer.stop_ids.contains(&next) {
+                return Ok(None);
+            }
+            self.out.push(next);
+            self.history.push(next);
+            // Decode the whole tail so multi-byte characters come out whole.
+            let full = tokenizer.decode(&self.out).unwrap_or_default();
+            let piece = (full.len() > self.text.len() && full.is_char_boundary(self.text.len()))
+                .then(|| full[self.text.len()..].to_string());
+            if piece.is_some() {
+                self.text = full;
+            }
+            let stopped = self
+                .stop
+                .iter()
+                .any(|s| !s.is_empty() && self.text.ends_with(s.as_str()));
+            if stopped || self.out.len() == self.max_new {
+                self.done = true;
+                return Ok(piece);
+            }
+            self.pending = Some(next);
+            if piece.is_some() {
+                return Ok(piece);
             }
         }
-        if stop
-            .iter()
-            .any(|s| !s.is_empty() && text.ends_with(s.as_str()))
-            || out.len() == max_new
-        {
-            break;
-        }
-        // A full cache is the end of this generation, not an error: the
-        // caller says so and the tokens so far stand.
-        if session.position() >= session.max_tokens() {
-            stats.context_full = true;
-            break;
-        }
-        let fresh = session.logits(&[next], false)?;
-        logits.clear();
-        logits.extend_from_slice(fresh);
     }
-    stats.generated = out.len();
-    stats.decode = decode_start.elapsed();
-    Ok((out, stats))
+
+    /// The ids generated and the timings.
+    pub fn finish(mut self) -> (Vec<u32>, GenerationStats) {
+        self.stats.generated = self.out.len();
+        (self.out, self.stats)
+    }
 }
 
 /// The greedy continuation of `prompt` (raw text, no chat template): up to

@@ -113,6 +113,9 @@ pub enum ConvertError {
     /// --max-rel-error or --min-retention was broken; nothing was written.
     #[error("{0}; no output written")]
     Budget(String, Box<ConvertReport>),
+    /// [`ConvertOptions::cancel`] was set; nothing was written.
+    #[error("conversion cancelled; no output written")]
+    Cancelled,
 }
 
 /// What to convert and how.
@@ -158,6 +161,10 @@ pub struct ConvertOptions {
     /// Tensors already rounded (by [`predict_ladder`]), taken instead of
     /// rounding again.
     pub rounded: Option<RoundedTensors>,
+    /// Set by another thread to stop the conversion between tensors (a
+    /// host's Ctrl-C): it ends with [`ConvertError::Cancelled`] and the
+    /// partial outputs are removed, as on any error.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Bytes of tensors already rounded, by (name, type): a drift budget's
@@ -268,7 +275,15 @@ impl ConvertOptions {
             budget: None,
             compensate: None,
             rounded: None,
+            cancel: None,
         }
+    }
+
+    /// Whether [`ConvertOptions::cancel`] was set.
+    pub fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -326,6 +341,9 @@ pub fn convert(opts: &ConvertOptions, progress: Progress) -> Result<ConvertRepor
         opts,
     };
     let (reports, pairs) = write_tensors(&inputs, &out, &choices, &mut sinks, progress)?;
+    if opts.cancelled() {
+        return Err(ConvertError::Cancelled);
+    }
 
     let mut report = report_of(opts, &base, &plan, reports, &adapter_file);
     let broken = broken_bounds(opts, &report);
@@ -499,6 +517,11 @@ fn write_tensors(
     let batch = rayon::current_num_threads().max(1) * 2;
     let mut i = 0;
     while i < out.len() {
+        // Between batches: a batch is a few tensors, so a cancel is seen
+        // within seconds even at 7B, and the outputs are dropped unfinished.
+        if opts.cancelled() {
+            return Err(ConvertError::Cancelled);
+        }
         let mut done = Vec::new();
         if making[i] == Making::Whole {
             let mut j = i;

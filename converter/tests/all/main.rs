@@ -6,6 +6,7 @@
 #[path = "../../../tests/common/mod.rs"]
 mod common;
 
+mod cancel;
 mod gguf_writer;
 mod merge_tiny_llama;
 mod quant_reference;
