@@ -222,7 +222,17 @@ fn work(
     let mut windows = None;
     if let Some(text) = &r.calib_text {
         let with_base = target.is_some_and(DriftTarget::needs_base);
-        let c = TextCalibration::over_text(&r.base, r.adapter.as_deref(), text, &r.out, with_base)?;
+        // Layers are calibrated as the conversion reaches them; the
+        // progress callback sees the tensors.
+        let quiet = Box::new(|_: &lorafold_converter::calib::LayerStep| {});
+        let c = TextCalibration::over_text(
+            &r.base,
+            r.adapter.as_deref(),
+            text,
+            &r.out,
+            with_base,
+            quiet,
+        )?;
         opts.calib = Some(Arc::new(c.stats));
         windows = Some((c.reference, c.windows));
     }
