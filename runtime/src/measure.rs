@@ -223,13 +223,7 @@ pub fn layered_logits(model: &Model, windows: &[Vec<u32>]) -> Result<Vec<Vec<f32
         kv: KvType::F32,
         ..SessionOptions::new(ctx)
     })?;
-    let mut hidden = windows
-        .iter()
-        .map(|w| {
-            let mut x = Vec::new();
-            s.embed_rows(w, &mut x).map(|()| x)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut hidden = s.embed_windows(windows)?;
     for layer in 0..model.config.n_layers {
         for x in hidden.iter_mut() {
             s.block_rows(layer, x, None)?;

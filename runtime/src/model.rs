@@ -1011,6 +1011,18 @@ impl<'m> Session<'m> {
             .map_err(|e| m.problem(e.to_string()))
     }
 
+    /// [`Session::embed_rows`] of every window: where a run a layer at a
+    /// time starts.
+    pub fn embed_windows(&mut self, windows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        windows
+            .iter()
+            .map(|w| {
+                let mut x = Vec::new();
+                self.embed_rows(w, &mut x).map(|()| x)
+            })
+            .collect()
+    }
+
     /// Block `layer` over a window's hidden rows `x` in place (from an
     /// empty cache), showing `observer` the rows its linear layers read;
     /// the rows that leave it must be finite.

@@ -219,14 +219,7 @@ fn serve_in_pool(
             }
             let restarted = layer < next;
             if restarted || hidden.is_empty() {
-                hidden = windows
-                    .iter()
-                    .map(|w| {
-                        let mut x = Vec::new();
-                        session.embed_rows(w, &mut x).map(|()| x)
-                    })
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| e.to_string())?;
+                hidden = session.embed_windows(&windows).map_err(|e| e.to_string())?;
                 next = 0;
             }
             let mut made = BTreeMap::new();
