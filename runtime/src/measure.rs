@@ -143,9 +143,12 @@ pub fn drift_from_logits(
     )
 }
 
+/// The logits (`[t, vocab]`) of a window, given it and its index.
+type WindowLogits<'a> = dyn FnMut(&[u32], usize) -> Result<Vec<f32>, RuntimeError> + 'a;
+
 /// Every candidate's drift from the reference logits `reference(window, i)`.
 fn drift_by(
-    reference: &mut dyn FnMut(&[u32], usize) -> Result<Vec<f32>, RuntimeError>,
+    reference: &mut WindowLogits<'_>,
     candidates: &[&Model],
     base_nll: Option<f64>,
     windows: &[Vec<u32>],
