@@ -551,19 +551,25 @@ impl CalibStats {
             }
             stats.tokens += w.len() as u64;
         }
-        stats.flush().map_err(|e| CalibError::Run(e.to_string()))?;
-        // What a statistics file is refused for is not written in the first
-        // place (activations past f32's range give inf).
-        for (&(layer, input), s) in &stats.inputs {
-            let xtx = s.xtx().map_err(|e| CalibError::Run(e.to_string()))?;
+        stats.flush_checked().map_err(CalibError::Run)?;
+        Ok(stats)
+    }
+
+    /// [`CalibStats::flush`], then refuse sums a statistics file would be
+    /// refused for, so that they are not written in the first place
+    /// (activations past f32's range give inf).
+    fn flush_checked(&mut self) -> Result<(), String> {
+        self.flush().map_err(|e| e.to_string())?;
+        for (&(layer, input), s) in &self.inputs {
+            let xtx = s.xtx().map_err(|e| e.to_string())?;
             if let Some(p) = xtx_problem(&xtx, s.k) {
-                return Err(CalibError::Run(format!(
+                return Err(format!(
                     "the statistics of {}: {p}",
                     tensor_name(layer, input)
-                )));
+                ));
             }
         }
-        Ok(stats)
+        Ok(())
     }
 
     /// The statistics of `model` over `windows` (each from an empty cache),
